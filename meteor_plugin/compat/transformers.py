@@ -1,0 +1,256 @@
+"""What differs between the transformers generations we support: 4.37 (LLaVA's pin), 4.44 (EAGLE's
+pin) and 5.x. Everything version-specific lives here; the stages ask this module, never the version.
+
+Differences handled:
+- the version check at ``enable`` (an untested version is an error unless explicitly allowed);
+- decoder-layer call arguments (``past_key_value`` vs ``past_key_values``, ``position_embeddings``
+  and ``cache_position`` present or not, positional calls under gradient checkpointing);
+- rotary embeddings: 4.37 computes them inside attention from a length that a compacted layer
+  understates, so its rotary table gets a floor; later versions pass (cos, sin) per token;
+- attention-mask formats per attention implementation;
+- the causal-LM loss, and LLaVA's forward rejecting ``cache_position`` on 4.38-5.3.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# (low, high) inclusive ranges of transformers versions the test matrix covers.
+SUPPORTED_RANGES = (((4, 37, 2), (4, 37, 2)), ((4, 44, 2), (4, 44, 2)), ((5, 0, 0), (5, 23, 0)))
+SUPPORTED_TEXT = "4.37.2 (LLaVA's pin), 4.44.2 (EAGLE's pin) or 5.0-5.23.0"
+
+
+class UnsupportedVersionError(RuntimeError):
+    pass
+
+
+def _parse(version: str) -> Tuple[int, int, int]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) or "0"
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def transformers_version() -> Tuple[int, int, int]:
+    import transformers
+
+    return _parse(transformers.__version__)
+
+
+def is_supported(version: Tuple[int, int, int]) -> bool:
+    return any(lo <= version <= hi for lo, hi in SUPPORTED_RANGES)
+
+
+def check_version(allow_untested: bool = False) -> None:
+    import transformers
+
+    version = _parse(transformers.__version__)
+    if is_supported(version):
+        return
+    message = (
+        f"meteor-plugin is tested with transformers {SUPPORTED_TEXT}; this environment has "
+        f"transformers {transformers.__version__}."
+    )
+    if not allow_untested:
+        raise UnsupportedVersionError(
+            message + " Install a supported version, or pass enable(..., allow_untested_transformers=True) "
+            "(or set METEOR_ALLOW_UNTESTED_TRANSFORMERS=1) to try it anyway."
+        )
+    warnings.warn(message + " Running anyway because untested versions were explicitly allowed.", stacklevel=3)
+
+
+def generation() -> str:
+    """'4.37' for the 4.3x-4.42 API (rotary inside attention), '4.44' for 4.43-4.5x, '5' for 5.x."""
+    major, minor, _ = transformers_version()
+    if major >= 5:
+        return "5"
+    return "4.37" if minor < 43 else "4.44"
+
+
+# Decoder-layer calls ------------------------------------------------------------------------------
+_SIGNATURES: Dict[type, inspect.Signature] = {}
+
+
+class LayerCall:
+    """The arguments of one decoder-layer call, by name, whatever way they were passed."""
+
+    def __init__(self, layer: torch.nn.Module, args: tuple, kwargs: dict):
+        cls = type(layer)
+        sig = _SIGNATURES.get(cls)
+        if sig is None:
+            sig = _SIGNATURES[cls] = inspect.signature(cls.forward)
+        self._bound = sig.bind(layer, *args, **kwargs)
+        self.cache_name = "past_key_values" if "past_key_values" in sig.parameters else "past_key_value"
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name == "past":
+            name = self.cache_name
+        if name in self._bound.arguments:
+            return self._bound.arguments[name]
+        extra = self._bound.arguments.get("kwargs")
+        if isinstance(extra, dict) and name in extra:
+            return extra[name]
+        return default
+
+    def has(self, name: str) -> bool:
+        return name in self._bound.signature.parameters or name in (self._bound.arguments.get("kwargs") or {})
+
+    def set(self, name: str, value: Any) -> None:
+        if name in self._bound.signature.parameters:
+            self._bound.arguments[name] = value
+        else:
+            self._bound.arguments.setdefault("kwargs", {})[name] = value
+
+    def call_args(self) -> Tuple[tuple, dict]:
+        args = self._bound.args[1:]  # drop self
+        return args, dict(self._bound.kwargs)
+
+
+def past_length(past: Any, layer_idx: int = 0) -> int:
+    """Tokens already cached for one layer: works for None, legacy tuples and Cache objects."""
+    if past is None:
+        return 0
+    if isinstance(past, (tuple, list)):
+        if len(past) <= layer_idx or past[layer_idx] is None or len(past[layer_idx]) == 0:
+            return 0
+        return int(past[layer_idx][0].shape[-2])
+    try:
+        return int(past.get_seq_length(layer_idx))
+    except (IndexError, TypeError):
+        return 0
+
+
+# Rotary embeddings ----------------------------------------------------------------------------------
+def rope_cos_sin(layer: torch.nn.Module, call: LayerCall, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of shape (B, L, d) for the tokens of this layer call, at their real positions."""
+    pe = call.get("position_embeddings")
+    if pe is not None:
+        cos, sin = pe
+        return cos, sin
+    position_ids = call.get("position_ids")
+    attn = layer.self_attn
+    if position_ids is None:
+        raise RuntimeError("meteor-plugin: the decoder layer got neither position_embeddings nor position_ids")
+    rotary = getattr(attn, "rotary_emb", None)
+    if rotary is None:
+        raise RuntimeError(
+            f"meteor-plugin: {type(attn).__name__} has no rotary_emb and the layer got no position_embeddings"
+        )
+    need = int(position_ids.max().item()) + 1
+    cos, sin = rotary(hidden, seq_len=need)  # 4.37: tables indexed by position
+    return cos[position_ids], sin[position_ids]
+
+
+def patch_rotary_floor(registry: Any) -> None:
+    """4.37 only: let a compacted layer ask the rotary table for positions past its own length.
+
+    4.37's attention asks ``rotary_emb(v, seq_len=kv_len)`` and indexes the table by position id; a
+    compacted layer keeps the original (larger) ids with a shorter kv_len. The patched forward returns
+    at least ``_meteor_seq_floor`` rows; with no floor set it behaves exactly like the original.
+    """
+    if generation() != "4.37":
+        return
+    from transformers.models.llama import modeling_llama
+
+    cls = modeling_llama.LlamaRotaryEmbedding
+    if registry.is_patched(cls, "forward"):
+        return
+    original = cls.forward
+
+    def forward(self, x, seq_len=None):
+        floor = getattr(self, "_meteor_seq_floor", 0)
+        if seq_len is not None and floor > seq_len:
+            seq_len = floor
+        return original(self, x, seq_len=seq_len)
+
+    forward.__wrapped__ = original  # type: ignore[attr-defined]
+    registry.patch(cls, "forward", forward)
+
+
+def set_rotary_floor(layer: torch.nn.Module, call: LayerCall) -> None:
+    rotary = getattr(layer.self_attn, "rotary_emb", None)
+    if rotary is None or generation() != "4.37":
+        return
+    position_ids = call.get("position_ids")
+    rotary._meteor_seq_floor = int(position_ids.max().item()) + 1 if position_ids is not None else 0
+
+
+# Attention masks ----------------------------------------------------------------------------------------
+MASK_2D = "2d"
+MASK_BOOL = "bool4d"
+MASK_ADDITIVE = "additive4d"
+_FLASH_PREFIXES = ("flash_attention", "kernels-community/flash", "kernels-community/vllm-flash")
+
+
+def attn_implementation(config: Any) -> str:
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def mask_kind(config: Any, incoming: Optional[torch.Tensor]) -> str:
+    """The mask format the layers expect: the incoming mask's own format when there is one."""
+    if incoming is not None and torch.is_tensor(incoming):
+        if incoming.dim() == 2:
+            return MASK_2D
+        return MASK_BOOL if incoming.dtype == torch.bool else MASK_ADDITIVE
+    impl = attn_implementation(config)
+    if impl.startswith(_FLASH_PREFIXES):
+        return MASK_2D
+    if impl == "sdpa":
+        return MASK_BOOL
+    if impl == "eager":
+        return MASK_ADDITIVE
+    raise NotImplementedError(
+        f"meteor-plugin Stage 3 supports the eager, sdpa and flash_attention_2 attention implementations; "
+        f"this model uses {impl!r}. Load it with attn_implementation='sdpa' or disable the llm stage."
+    )
+
+
+def build_mask(kind: str, query_valid: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A causal mask for a compacted layout.
+
+    query_valid: (B, Q) the queries are the last Q keys; key_valid: (B, K). Key j is visible to query i
+    when it is valid and not after it. A padded query sees only itself, so no row is empty (an empty
+    row would give NaN that then leaks through the padded values).
+    """
+    b, q = query_valid.shape
+    k = key_valid.shape[1]
+    if kind == MASK_2D:
+        return None if bool(key_valid.all()) else key_valid.long()
+    qi = torch.arange(q, device=key_valid.device) + (k - q)
+    kj = torch.arange(k, device=key_valid.device)
+    causal = kj[None, :] <= qi[:, None]  # (Q, K)
+    visible = causal[None] & key_valid[:, None, :] & query_valid[:, :, None]
+    visible = visible | (kj[None, None, :] == qi[None, :, None])
+    visible = visible[:, None]  # (B, 1, Q, K)
+    if kind == MASK_BOOL:
+        return visible
+    out = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return out.masked_fill(~visible, torch.finfo(dtype).min)
+
+
+# Loss and forward signatures ------------------------------------------------------------------------------
+def causal_lm_loss(model: Any, logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """The loss ``LlamaForCausalLM.forward`` would compute for these logits and labels."""
+    if generation() == "5":
+        return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size, **kwargs)
+    shift_logits = logits[..., :-1, :].contiguous().float()
+    shift_labels = labels[..., 1:].contiguous().to(shift_logits.device)
+    return F.cross_entropy(shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1), ignore_index=-100)
+
+
+def accepted_kwargs(fn: Callable) -> Optional[set]:
+    """Names a function accepts, or None if it takes ``**kwargs``."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)

@@ -1,0 +1,182 @@
+"""MeteorConfig: every setting of the three pruning stages, validated on creation.
+
+Budgets (``*_keep``) are a count (``int``, tokens) or a ratio (``float`` in (0, 1], of the tokens
+entering that stage). ``1`` means one token, ``1.0`` means all of them: JSON and YAML keep the
+difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Union
+
+Budget = Union[int, float]
+
+TEXT_QUERIES = ("all", "last")
+METHODS = ("meteor", "random", "avgpool", "fastv", "visionzip", "drop_encoder")
+FUSION_MODES = ("auto", "post_projection", "training_free")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"MeteorConfig.{name}={value!r} is invalid: allowed {allowed}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(name, value, "True or False")
+
+
+def _check_budget(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(name, value, "a token count (int >= 0) or a ratio (float in (0, 1])")
+    if isinstance(value, int) and value < 0:
+        _fail(name, value, "a token count >= 0 or a ratio in (0, 1]")
+    if isinstance(value, float) and not (0.0 < value <= 1.0):
+        _fail(name, value, "a ratio in (0, 1] (write an int for a token count)")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        _fail(name, value, f"an int in [{lo}, {hi if hi is not None else 'inf'})" if hi is None
+              else f"an int in [{lo}, {hi}]")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok:
+        v = float(value)
+        ok = (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        left = "(" if lo_open else "["
+        _fail(name, value, f"a number in {left}{lo}, {hi}]")
+
+
+def _check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+@dataclass
+class MeteorConfig:
+    """Settings of METEOR's three pruning stages (see README, "Configuration")."""
+
+    # Stage switches.
+    encoder: bool = True
+    fusion: bool = True
+    llm: bool = True
+    # Which token scorer every stage uses; "meteor" is the method, the others are baselines.
+    method: str = "meteor"
+
+    # Stage 1: rank-guided per-encoder pruning.
+    encoder_keep: Budget = 0.5
+    encoder_ranks: Optional[Dict[str, float]] = None
+    encoder_shallow_share: float = 0.5
+
+    # Stage 2: cooperative pruning at fusion.
+    fusion_keep: Budget = 0.5
+    fusion_mode: str = "auto"
+
+    # Stage 3: adaptive text-guided pruning inside the LLM.
+    llm_layer: int = 2
+    llm_top_heads: Budget = 0.25
+    llm_lambda: float = 64.0
+    llm_min_keep: Budget = 0.05
+    llm_max_keep: Budget = 0.5
+    text_query: str = "all"
+
+    # Baselines.
+    drop_encoder: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("encoder", "fusion", "llm"):
+            _check_bool(name, getattr(self, name))
+        _check_choice("method", self.method, METHODS)
+        _check_budget("encoder_keep", self.encoder_keep)
+        if self.encoder_ranks is not None:
+            if not isinstance(self.encoder_ranks, dict) or not self.encoder_ranks:
+                _fail("encoder_ranks", self.encoder_ranks, "None or a non-empty dict {encoder name: rank >= 0}")
+            for key, rank in self.encoder_ranks.items():
+                if not isinstance(key, str):
+                    _fail("encoder_ranks", self.encoder_ranks, "string keys (encoder names)")
+                _check_float(f"encoder_ranks[{key!r}]", rank, 0.0)
+            self.encoder_ranks = {k: float(v) for k, v in self.encoder_ranks.items()}
+        _check_float("encoder_shallow_share", self.encoder_shallow_share, 0.0, 1.0)
+        _check_budget("fusion_keep", self.fusion_keep)
+        _check_choice("fusion_mode", self.fusion_mode, FUSION_MODES)
+        _check_int("llm_layer", self.llm_layer, 1)
+        _check_budget("llm_top_heads", self.llm_top_heads)
+        if self.llm_top_heads == 0:
+            _fail("llm_top_heads", 0, "at least one head (an int >= 1 or a ratio in (0, 1])")
+        _check_float("llm_lambda", self.llm_lambda, 0.0, lo_open=True)
+        _check_budget("llm_min_keep", self.llm_min_keep)
+        _check_budget("llm_max_keep", self.llm_max_keep)
+        if type(self.llm_min_keep) is type(self.llm_max_keep) and self.llm_min_keep > self.llm_max_keep:
+            raise ValueError(
+                f"MeteorConfig.llm_min_keep={self.llm_min_keep!r} is larger than "
+                f"llm_max_keep={self.llm_max_keep!r}: allowed llm_min_keep <= llm_max_keep"
+            )
+        _check_choice("text_query", self.text_query, TEXT_QUERIES)
+        if self.drop_encoder is not None:
+            _check_int("drop_encoder", self.drop_encoder, 0)
+        if self.method == "drop_encoder" and self.drop_encoder is None:
+            _fail("drop_encoder", None, "the index of the encoder to drop when method='drop_encoder'")
+        _check_int("seed", self.seed, 0)
+
+    # Serialisation -----------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "MeteorConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a METEOR config must be a mapping of field names to values, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown MeteorConfig field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MeteorConfig":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike]) -> "MeteorConfig":
+        """Load from a .json, .yaml or .yml file."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"METEOR config file not found: {path}")
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        if path.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError as exc:  # pragma: no cover - pyyaml is a dependency
+                raise ImportError("reading a YAML METEOR config needs PyYAML: pip install pyyaml") from exc
+            data = yaml.safe_load(text)
+        elif path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            raise ValueError(f"METEOR config file {path} must end in .json, .yaml or .yml")
+        return cls.from_dict(data if data is not None else {})
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(self.to_json() + "\n")
+
+    def replace(self, **changes: Any) -> "MeteorConfig":
+        """A copy with some fields changed (validated like a new config)."""
+        return self.from_dict({**self.to_dict(), **changes})
+

@@ -1,0 +1,95 @@
+"""Token budgets: count-or-ratio resolution, METEOR's adaptive K, and rank-proportional splits."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+Budget = Union[int, float]
+
+
+def resolve_budget(budget: Budget, available: int) -> int:
+    """Tokens that a count (int) or ratio (float) budget allows out of ``available`` entering tokens."""
+    if isinstance(budget, float):
+        return min(available, int(math.floor(budget * available + 0.5)))
+    return min(available, int(budget))
+
+
+def resolve_budget_per_sample(budget: Budget, available: torch.Tensor) -> torch.Tensor:
+    """Vectorised ``resolve_budget`` for a (B,) tensor of entering token counts."""
+    available = available.long()
+    if isinstance(budget, float):
+        return torch.minimum(torch.floor(available.double() * budget + 0.5).long(), available)
+    return available.clamp(max=int(budget))
+
+
+def adaptive_keep(
+    mass: torch.Tensor,
+    scale: float,
+    available: torch.Tensor,
+    min_keep: Budget,
+    max_keep: Budget,
+) -> torch.Tensor:
+    """METEOR's Stage 3 budget: ``K = scale * mass``, clipped per sample.
+
+    mass: (B,) summed visual attention of the selected heads; available: (B,) visual tokens entering.
+    The clip is ``[min_keep, max_keep]`` resolved against each sample's own count; where a count
+    and a ratio cross for some sample, ``max_keep`` wins (it bounds the cost).
+    """
+    raw = torch.floor(mass.double() * scale + 0.5).long()
+    lo = resolve_budget_per_sample(min_keep, available)
+    hi = resolve_budget_per_sample(max_keep, available)
+    return torch.minimum(torch.maximum(raw, lo), hi).clamp(min=0)
+
+
+def rank_budgets(total: int, ranks: Sequence[Optional[float]]) -> List[int]:
+    """Split ``total`` tokens across encoders in proportion to their ranks: ``k_l = k * r_l / sum(r)``.
+
+    The shares are rounded by largest remainder so they sum exactly to ``total`` (ties go to the
+    lower index). A missing rank (None) means "no calibration": every encoder then gets an equal
+    share. An encoder of rank 0 gets nothing; if every rank is 0 the split is uniform.
+    """
+    n = len(ranks)
+    if n == 0:
+        return []
+    if total < 0:
+        raise ValueError(f"total budget must be >= 0, got {total}")
+    if any(r is None for r in ranks) or sum(float(r) for r in ranks) <= 0:
+        weights = [1.0] * n
+    else:
+        weights = [float(r) for r in ranks]
+    if any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"encoder ranks must be finite and >= 0, got {list(ranks)}")
+    s = sum(weights)
+    exact = [total * w / s for w in weights]
+    shares = [int(math.floor(e)) for e in exact]
+    left = total - sum(shares)
+    order = sorted(range(n), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[:left]:
+        shares[i] += 1
+    return shares
+
+
+def cap_budgets(shares: Sequence[int], capacity: Sequence[int]) -> List[int]:
+    """Move budget that exceeds an encoder's token count to the others, keeping the total.
+
+    Redistribution goes in proportion to each encoder's original share (lower index first on ties).
+    """
+    shares = list(shares)
+    capacity = list(capacity)
+    total = min(sum(shares), sum(capacity))
+    out = [min(s, c) for s, c in zip(shares, capacity)]
+    spare = total - sum(out)
+    while spare > 0:
+        room = [i for i in range(len(out)) if out[i] < capacity[i]]
+        if not room:
+            break
+        weights = [max(shares[i], 1) for i in room]
+        extra = rank_budgets(spare, weights)
+        for i, e in zip(room, extra):
+            take = min(e, capacity[i] - out[i])
+            out[i] += take
+            spare -= take
+    return out

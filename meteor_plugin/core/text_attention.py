@@ -1,0 +1,85 @@
+"""Text-to-visual attention rows and METEOR's head selection by visual attention value (VAV).
+
+Only the score rows of the query tokens are formed (q_text . k_all), never a full attention map, so
+the model itself can run SDPA or FlashAttention. Inputs are already projected and rotated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .select import topk_mask
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama-style rotary embedding. x: (B, H, T, d); cos, sin: (B, T, d)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def mean_query_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_index: torch.Tensor,
+    q_valid: torch.Tensor,
+    key_valid: torch.Tensor,
+    scale: float,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """Attention probabilities of the query tokens, averaged over the valid queries of each sample.
+
+    q: (B, H, Q, d); k: (B, Hkv, L, d) (GQA heads are repeated here); q_index: (B, Q) the position of
+    each query in the sequence (keys after it are causally hidden); q_valid: (B, Q); key_valid:
+    (B, L). Returns (B, H, L) float32: for each head, mean over queries of softmax(q k^T * scale).
+    Samples with no valid query get zeros.
+    """
+    b, h, nq, _ = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    if h % hkv:
+        raise ValueError(f"{h} query heads cannot share {hkv} key heads")
+    k = k.repeat_interleave(h // hkv, dim=1) if hkv != h else k
+    keys = torch.arange(length, device=q.device)
+    total = torch.zeros(b, h, length, dtype=torch.float32, device=q.device)
+    for start in range(0, nq, chunk):
+        qs = q[:, :, start : start + chunk]
+        idx = q_index[:, start : start + chunk]
+        valid = q_valid[:, start : start + chunk]
+        logits = torch.matmul(qs.float(), k.float().transpose(-1, -2)) * scale  # (B, H, c, L)
+        visible = key_valid[:, None, :] & (keys[None, None, :] <= idx[:, :, None])  # (B, c, L)
+        visible = visible | (keys[None, None, :] == idx[:, :, None])  # a query always sees itself
+        logits = logits.masked_fill(~visible[:, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        total += (probs * valid[:, None, :, None]).sum(dim=2)
+    count = q_valid.sum(dim=1).clamp(min=1).float()
+    return total / count[:, None, None]
+
+
+@dataclass
+class VisualRelevance:
+    scores: torch.Tensor  # (B, L): attention of the selected heads on each position
+    mass: torch.Tensor  # (B,): visual attention value summed over the selected heads
+    heads: torch.Tensor  # (B, H) bool: heads selected per sample
+    head_vav: torch.Tensor  # (B, H): visual attention value of every head
+
+
+def select_heads(attn: torch.Tensor, visual: torch.Tensor, top_heads: int) -> VisualRelevance:
+    """Rank heads by VAV (attention mass on visual positions) and score tokens with the top ones.
+
+    attn: (B, H, L) from ``mean_query_attention``; visual: (B, L) bool. Token scores are the mean
+    attention of the selected heads; ``mass`` is the sum of their VAV, as in METEOR's
+    ``K = lambda * sum_h sum_i a_{i,h}``.
+    """
+    b, h, _ = attn.shape
+    vav = (attn * visual[:, None, :]).sum(dim=-1)  # (B, H)
+    top = int(min(max(top_heads, 1), h))
+    heads = topk_mask(vav, torch.full((b,), top, device=attn.device), torch.ones_like(vav, dtype=torch.bool))
+    w = heads.float()
+    scores = (attn * w[:, :, None]).sum(dim=1) / top
+    mass = (vav * w).sum(dim=1)
+    return VisualRelevance(scores=scores, mass=mass, heads=heads, head_vav=vav)

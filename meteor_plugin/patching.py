@@ -1,0 +1,86 @@
+"""enable() and disable(): patch every installed target, and put everything back."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Optional, Union
+
+from . import targets as _targets
+from .compat import transformers as compat
+from .config import MeteorConfig
+from .registry import REGISTRY
+from .runtime import ACTIVE
+
+ConfigLike = Union[MeteorConfig, dict, str, os.PathLike, None]
+
+
+def _as_config(config: ConfigLike) -> Optional[MeteorConfig]:
+    if config is None or isinstance(config, MeteorConfig):
+        return config
+    if isinstance(config, dict):
+        return MeteorConfig.from_dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return MeteorConfig.from_file(config)
+    raise TypeError(f"enable() takes a MeteorConfig, a dict or a path to a .json/.yaml file, not {type(config).__name__}")
+
+
+def enable(
+    config: ConfigLike = None,
+    *,
+    targets: Optional[Iterable[str]] = None,
+    allow_untested_transformers: Optional[bool] = None,
+    **overrides: Any,
+) -> MeteorConfig:
+    """Patch the classes of every installed target (LLaVA, EAGLE) so their models prune visual tokens.
+
+    ``config`` applies to every model; without it each model uses the config saved in its checkpoint
+    (``config.meteor``) or the defaults. ``overrides`` are MeteorConfig fields applied on top.
+    Calling ``enable`` again changes the config without patching twice. Returns the config that
+    applies to models without a saved one.
+    """
+    if allow_untested_transformers is None:
+        allow_untested_transformers = os.environ.get("METEOR_ALLOW_UNTESTED_TRANSFORMERS", "") == "1"
+    compat.check_version(allow_untested_transformers)
+    cfg = _as_config(config)
+    effective = (cfg or MeteorConfig()).replace(**overrides) if overrides else (cfg or MeteorConfig())
+    names = list(targets) if targets is not None else [t.name for t in _targets.ALL]
+    unknown = [n for n in names if n not in _targets.BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown target(s) {unknown}: choose from {sorted(_targets.BY_NAME)}")
+    chosen = [_targets.BY_NAME[n] for n in names if _targets.BY_NAME[n].is_installed()]
+    if not chosen:
+        raise RuntimeError(
+            "meteor-plugin found nothing to patch: install LLaVA (pip install --no-deps llava-torch==1.2.2.post1) "
+            "or put an EAGLE checkout (its `eagle` package) on the Python path"
+        )
+    for target in chosen:
+        target.patch(REGISTRY)
+    compat.patch_rotary_floor(REGISTRY)
+    ACTIVE.enabled = True
+    ACTIVE.config = cfg
+    ACTIVE.overrides = dict(overrides)
+    ACTIVE.generation += 1
+    ACTIVE.targets = [t.name for t in chosen]
+    return effective
+
+
+def disable() -> None:
+    """Restore every patched attribute and remove every hook."""
+    REGISTRY.restore_all()
+    ACTIVE.enabled = False
+    ACTIVE.config = None
+    ACTIVE.overrides = {}
+    ACTIVE.generation += 1
+    ACTIVE.targets = []
+
+
+def is_enabled() -> bool:
+    return ACTIVE.enabled
+
+
+def enable_from_env() -> Optional[MeteorConfig]:
+    """Enable with the config file named by METEOR_CONFIG, if that variable is set."""
+    path = os.environ.get("METEOR_CONFIG")
+    if not path:
+        return None
+    return enable(MeteorConfig.from_file(path))

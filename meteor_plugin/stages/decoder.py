@@ -1,0 +1,311 @@
+"""Stage 3: adaptive text-guided pruning of visual tokens inside the language model.
+
+At decoder layer ``llm_layer`` the instruction tokens' attention to the visual tokens is recomputed
+from that layer's own q/k projections (RoPE at the real positions, GQA heads repeated), so the model
+keeps running SDPA or FlashAttention. The heads with the highest visual attention value score the
+tokens and set the budget ``K = llm_lambda * mass`` per sample. From that layer on, every layer runs on
+the compacted sequence: hidden states, position ids, rotary tables, masks and cache positions are
+gathered per layer, kept tokens keep their original position ids, and the KV cache of those layers
+holds only the kept tokens. Layers before ``llm_layer`` (and so layer 0's cache, which transformers
+uses for length bookkeeping) keep the full sequence.
+
+The stage hooks into any Llama-family ``LlamaModel`` through forward pre-hooks on its decoder layers;
+it knows nothing of LLaVA or EAGLE. The adapters hand it a ``VisualLayout`` before each prefill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+
+from ..compat import transformers as compat
+from ..config import MeteorConfig
+from ..core.budget import adaptive_keep, resolve_budget
+from ..core.select import compaction_index, gather_tokens, topk_mask
+from ..core.text_attention import apply_rope, mean_query_attention, select_heads
+from ..stats import RunStats
+from .layout import IGNORE_INDEX, VisualLayout
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Score with dropout (e.g. LoRA's) off, so the selection is deterministic in training too."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for m, _ in saved:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
+def llm_dims(config: Any) -> Dict[str, int]:
+    heads = int(config.num_attention_heads)
+    return {
+        "layers": int(config.num_hidden_layers),
+        "heads": heads,
+        "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+    }
+
+
+def check_against_model(cfg: MeteorConfig, config: Any) -> int:
+    """Validate Stage 3 settings against the language model; returns the number of heads used."""
+    dims = llm_dims(config)
+    if not 1 <= cfg.llm_layer < dims["layers"]:
+        raise ValueError(
+            f"MeteorConfig.llm_layer={cfg.llm_layer} is invalid for this model: allowed 1..{dims['layers'] - 1} "
+            f"(it has {dims['layers']} decoder layers; layer 0 must keep the full sequence)"
+        )
+    if isinstance(cfg.llm_top_heads, int) and cfg.llm_top_heads > dims["heads"]:
+        raise ValueError(
+            f"MeteorConfig.llm_top_heads={cfg.llm_top_heads} is invalid for this model: allowed 1..{dims['heads']} "
+            f"(its number of attention heads) or a ratio in (0, 1]"
+        )
+    return max(1, resolve_budget(cfg.llm_top_heads, dims["heads"]))
+
+
+class _Prefix:
+    """What decoding steps need to know about a pruned prefill."""
+
+    def __init__(self, layer: int, valid: torch.Tensor, full_len: int):
+        self.layer = layer
+        self.valid = valid  # (B, L') kept-token validity of the compacted prefix
+        self.full_len = full_len  # length of the uncompacted prefill (with padding)
+
+
+class _Plan:
+    """Stage 3 for one forward of the language model."""
+
+    def __init__(self, mode: str, cfg: MeteorConfig, stats: Optional[RunStats], valid: torch.Tensor,
+                 layout: Optional[VisualLayout] = None, prefix: Optional[_Prefix] = None,
+                 raw_mask: Optional[torch.Tensor] = None):
+        self.mode = mode  # "prefill" or "decode"
+        self.cfg = cfg
+        self.layer = cfg.llm_layer
+        self.stats = stats
+        self.valid = valid
+        self.layout = layout
+        self.prefix = prefix
+        self.raw_mask = raw_mask
+        self.prunes = (mode == "decode") or (
+            cfg.llm and layout is not None and bool(layout.visual.any())
+        )
+        self.index: Optional[torch.Tensor] = None  # (B, L') positions kept, in order
+        self.kept_valid: Optional[torch.Tensor] = None  # (B, L') False on re-padding slots
+        self.kept_visual: Optional[torch.Tensor] = None  # (B, L) visual tokens kept
+        self.subs: Optional[Dict[str, Any]] = None
+
+
+class DecoderPruner:
+    """Owns the hooks on one language model's decoder layers and the state between its forwards."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.plan: Optional[_Plan] = None
+        self.prefix: Optional[_Prefix] = None
+        self.heads_used = 0
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module, registry: Any) -> "DecoderPruner":
+        pruner = model.__dict__.get("_meteor_pruner")
+        if pruner is None or not registry.has_hooks(model):
+            layers = getattr(model, "layers", None)
+            if layers is None or len(layers) == 0:
+                raise RuntimeError(
+                    f"meteor-plugin Stage 3: {type(model).__name__} has no decoder `layers`; "
+                    "the llm stage needs a Llama-family model"
+                )
+            for required in ("input_layernorm", "self_attn"):
+                if not hasattr(layers[0], required):
+                    raise RuntimeError(
+                        f"meteor-plugin Stage 3: decoder layer {type(layers[0]).__name__} has no `{required}`; "
+                        "the llm stage needs Llama-style decoder layers"
+                    )
+            for required in ("q_proj", "k_proj"):
+                if not hasattr(layers[0].self_attn, required):
+                    raise RuntimeError(
+                        f"meteor-plugin Stage 3: attention {type(layers[0].self_attn).__name__} has no "
+                        f"`{required}` projection; the llm stage needs Llama-style attention"
+                    )
+            pruner = cls(model)
+            model._meteor_pruner = pruner
+            for idx, layer in enumerate(layers):
+                handle = layer.register_forward_pre_hook(functools.partial(pruner._pre_hook, idx), with_kwargs=True)
+                registry.add_hook(model, handle)
+        return pruner
+
+    # Per forward -------------------------------------------------------------------------------------
+    def begin(self, cfg: MeteorConfig, layout: Optional[VisualLayout], batch: int, length: int,
+              attention_mask: Optional[torch.Tensor], past: Any, device: torch.device) -> None:
+        past_len = compat.past_length(past, 0)
+        if attention_mask is not None and torch.is_tensor(attention_mask) and attention_mask.dim() == 2:
+            raw = attention_mask
+        else:
+            raw = None
+        if past_len == 0:
+            if layout is not None and layout.shape != (batch, length):
+                raise RuntimeError(
+                    f"meteor-plugin: the visual layout {layout.shape} does not match the language model input "
+                    f"{(batch, length)}; was the model called with inputs_embeds built elsewhere?"
+                )
+            if cfg.llm:
+                self.heads_used = check_against_model(cfg, self.model.config)
+            valid = raw[:, -length:].bool() if raw is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+            stats = layout.stats if layout is not None else RunStats(batch)
+            self.plan = _Plan("prefill", cfg, stats, valid, layout=layout)
+            self.prefix = None
+            self.model._meteor_stats = stats
+            return
+        if self.prefix is None:
+            self.plan = None  # the prefill pruned nothing: decoding needs no help
+            return
+        if batch != self.prefix.valid.shape[0]:
+            raise NotImplementedError(
+                f"meteor-plugin Stage 3: a decoding step has batch {batch} but the pruned prefill had "
+                f"{self.prefix.valid.shape[0]}; beam search and batch reshaping are not supported with the llm stage"
+            )
+        self.plan = _Plan("decode", cfg, None, torch.ones(batch, length, dtype=torch.bool, device=device),
+                          prefix=self.prefix, raw_mask=raw)
+
+    # The hook ----------------------------------------------------------------------------------------
+    def _pre_hook(self, idx: int, layer: torch.nn.Module, args: tuple, kwargs: dict):
+        plan = self.plan
+        if plan is None:
+            return None
+        call = compat.LayerCall(layer, args, kwargs)
+        hidden = call.get("hidden_states")
+        if not plan.prunes or idx < plan.layer:
+            if plan.mode == "prefill":
+                plan.stats.record_layer(idx, hidden.shape[1], plan.valid.sum(1).tolist())
+            return None
+        if plan.mode == "prefill":
+            if idx == plan.layer:
+                if plan.index is None:
+                    self._select(plan, layer, call, hidden)
+                hidden = gather_tokens(hidden, plan.index)
+                call.set("hidden_states", hidden)
+            elif hidden.shape[1] != plan.index.shape[1]:
+                raise RuntimeError(
+                    f"meteor-plugin Stage 3: layer {idx} got {hidden.shape[1]} tokens, expected the compacted "
+                    f"{plan.index.shape[1]}"
+                )
+            self._prefill_substitutes(plan, call, hidden)
+            plan.stats.record_layer(idx, hidden.shape[1], plan.kept_valid.sum(1).tolist())
+        else:
+            self._decode_substitutes(plan, idx, call, hidden)
+        for name, value in plan.subs.items():
+            if call.has(name):
+                call.set(name, value)
+        compat.set_rotary_floor(layer, call)
+        return call.call_args()
+
+    # Selection -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _select(self, plan: _Plan, layer: torch.nn.Module, call: compat.LayerCall, hidden: torch.Tensor) -> None:
+        cfg, layout = plan.cfg, plan.layout
+        dims = llm_dims(self.model.config)
+        b, length, _ = hidden.shape
+        attn = layer.self_attn
+        visual = layout.visual & plan.valid
+        q_index, q_valid = compaction_index(layout.query & plan.valid)
+        with _eval_mode(layer.input_layernorm, attn.q_proj, attn.k_proj):
+            normed = layer.input_layernorm(hidden)
+            q = attn.q_proj(gather_tokens(normed, q_index))
+            k = attn.k_proj(normed)
+        q = q.view(b, q_index.shape[1], dims["heads"], dims["head_dim"]).transpose(1, 2)
+        k = k.view(b, length, dims["kv_heads"], dims["head_dim"]).transpose(1, 2)
+        cos, sin = compat.rope_cos_sin(layer, call, hidden)
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+        q = apply_rope(q, gather_tokens(cos, q_index), gather_tokens(sin, q_index))
+        k = apply_rope(k, cos, sin)
+        scale = float(getattr(attn, "scaling", dims["head_dim"] ** -0.5))
+        probs = mean_query_attention(q, k, q_index, q_valid, plan.valid, scale)
+        rel = select_heads(probs, visual, self.heads_used)
+        entered = visual.sum(dim=1)
+        budget = adaptive_keep(rel.mass, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
+        kept_visual = topk_mask(rel.scores, budget, visual)
+        keep = plan.valid & (~visual | kept_visual)
+        left_padded = bool((~plan.valid[:, 0]).any()) and not bool((~plan.valid[:, -1]).any())
+        plan.index, plan.kept_valid = compaction_index(keep, align_right=left_padded)
+        plan.stats.set_stage(
+            "llm", entered, kept_visual.sum(dim=1),
+            mass=rel.mass.float(), query_tokens=q_valid.sum(dim=1),
+            heads=[torch.nonzero(h).flatten() for h in rel.heads],
+        )
+        plan.kept_visual = kept_visual
+        self.prefix = _Prefix(plan.layer, plan.kept_valid, length)
+
+    def _prefill_substitutes(self, plan: _Plan, call: compat.LayerCall, hidden: torch.Tensor) -> None:
+        if plan.subs is not None:
+            return
+        kind = compat.mask_kind(self.model.config, call.get("attention_mask"))
+        subs: Dict[str, Any] = {"attention_mask": compat.build_mask(kind, plan.kept_valid, plan.kept_valid, hidden.dtype)}
+        position_ids = call.get("position_ids")
+        if position_ids is not None:
+            subs["position_ids"] = gather_tokens(position_ids, plan.index)
+        pe = call.get("position_embeddings")
+        if pe is not None:
+            subs["position_embeddings"] = (gather_tokens(pe[0], plan.index), gather_tokens(pe[1], plan.index))
+        if call.get("cache_position") is not None:
+            subs["cache_position"] = torch.arange(plan.index.shape[1], device=hidden.device)
+        plan.subs = subs
+
+    def _decode_substitutes(self, plan: _Plan, idx: int, call: compat.LayerCall, hidden: torch.Tensor) -> None:
+        if plan.subs is not None:
+            return
+        prefix = plan.prefix
+        q = hidden.shape[1]
+        cached = compat.past_length(call.get("past"), idx)
+        width = prefix.valid.shape[1]
+        if plan.raw_mask is not None:
+            new_valid = plan.raw_mask[:, prefix.full_len:].bool()
+        else:
+            new_valid = torch.ones(hidden.shape[0], cached - width + q, dtype=torch.bool, device=hidden.device)
+        if cached != width + new_valid.shape[1] - q:
+            raise RuntimeError(
+                f"meteor-plugin Stage 3: the KV cache of layer {idx} holds {cached} tokens but the pruned prefill "
+                f"kept {width} and {new_valid.shape[1] - q} tokens were generated since; the cache was changed "
+                "outside generate (beam search or cache reuse are not supported with the llm stage)"
+            )
+        key_valid = torch.cat([prefix.valid, new_valid], dim=1)
+        kind = compat.mask_kind(self.model.config, call.get("attention_mask"))
+        subs: Dict[str, Any] = {"attention_mask": compat.build_mask(kind, new_valid[:, -q:], key_valid, hidden.dtype)}
+        if call.get("cache_position") is not None:
+            subs["cache_position"] = torch.arange(cached, cached + q, device=hidden.device)
+        plan.subs = subs
+
+    # Labels ----------------------------------------------------------------------------------------------
+    def compact_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels aligned with the compacted sequence of the last training forward."""
+        plan = self.plan
+        if plan is None or plan.mode != "prefill" or plan.index is None:
+            return labels
+        out = torch.gather(labels, 1, plan.index.to(labels.device))
+        return out.masked_fill(~plan.kept_valid.to(labels.device), IGNORE_INDEX)
+
+
+def wrap_model_forward(original: Any, registry: Any, config_for: Any) -> Any:
+    """A replacement for ``LlamaModel.forward`` (on an adapter's subclass) that runs Stage 3."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        cfg = config_for(self)
+        pruner = DecoderPruner.attach(self, registry)
+        layout = self.__dict__.pop("_meteor_pending", None)
+        embeds = arguments.get("inputs_embeds")
+        ids = arguments.get("input_ids")
+        ref = embeds if embeds is not None else ids
+        pruner.begin(cfg, layout, ref.shape[0], ref.shape[1], arguments.get("attention_mask"),
+                     arguments.get("past_key_values"), ref.device)
+        return original(self, *args, **kwargs)
+
+    return forward

@@ -1,0 +1,68 @@
+"""Where the visual tokens and the instruction sit in the language model's input sequence.
+
+The multimodal adapters (targets/) build a ``VisualLayout`` when they splice image features into the
+text, and hand it to the language model's next forward; Stage 3 reads it there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..stats import RunStats
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VisualLayout:
+    visual: torch.Tensor  # (B, L) bool: visual tokens
+    query: torch.Tensor  # (B, L) bool: instruction tokens whose attention scores the visual tokens
+    valid: torch.Tensor  # (B, L) bool: not padding
+    stats: RunStats
+    labels: Optional[torch.Tensor] = None  # (B, L) labels held back for the loss after compaction
+
+    @property
+    def shape(self):
+        return tuple(self.visual.shape)
+
+
+def query_mask(
+    visual: torch.Tensor,
+    valid: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    text_query: str,
+) -> torch.Tensor:
+    """Instruction tokens used as Stage 3's query, per sample.
+
+    The instruction is the text after the last visual token and before the first answer token
+    (labels != IGNORE_INDEX); answer tokens, and anything after them, never act as the query, so
+    training cannot leak the answer into the choice of tokens. ``text_query='last'`` keeps only the
+    last instruction token. A sample with no instruction text (e.g. an image followed directly by its
+    caption) uses the token that predicts the first answer token, or its last token.
+    """
+    b, length = visual.shape
+    pos = torch.arange(length, device=visual.device).expand(b, length)
+    has_visual = visual.any(dim=1)
+    last_visual = torch.where(visual, pos, torch.full_like(pos, -1)).max(dim=1).values
+    if labels is not None:
+        answer = (labels != IGNORE_INDEX) & valid
+        first_answer = torch.where(answer, pos, torch.full_like(pos, length)).min(dim=1).values
+    else:
+        first_answer = torch.full((b,), length, device=visual.device, dtype=torch.long)
+    query = valid & ~visual & (pos > last_visual[:, None]) & (pos < first_answer[:, None])
+    if text_query == "last":
+        last = torch.where(query, pos, torch.full_like(pos, -1)).max(dim=1).values
+        query = pos == last[:, None]
+        query &= (last >= 0)[:, None]
+    # Fallback: the last valid token before the first answer (or the last valid token).
+    empty = ~query.any(dim=1) & has_visual
+    if bool(empty.any()):
+        before = valid & (pos < first_answer[:, None])
+        last_before = torch.where(before, pos, torch.full_like(pos, -1)).max(dim=1).values
+        last_valid = torch.where(valid, pos, torch.full_like(pos, -1)).max(dim=1).values
+        pick = torch.where(last_before >= 0, last_before, last_valid)
+        query = query | (empty[:, None] & (pos == pick[:, None]))
+    return query & has_visual[:, None]

@@ -1,0 +1,306 @@
+"""The part of the LLaVA and EAGLE adapters that is the same for both.
+
+EAGLE's ``eagle_arch.py`` / ``eagle_llama.py`` are line-for-line copies of LLaVA's ``llava_arch.py`` /
+``llava_llama.py`` with other class names, so one set of wrappers serves both; each adapter module only
+says which classes to wrap. The wrappers:
+
+- ``encode_images``: records how many tokens each image became;
+- ``prepare_inputs_labels_for_multimodal``: after upstream splices the image features into the text,
+  works out where they landed (a ``VisualLayout``) and hands it to the language model's next forward;
+- ``forward``: in training, computes the loss on labels compacted like the hidden states;
+- ``generate``: marks the generate call, refuses beam search with Stage 3;
+- the inner ``LlamaModel.forward``: runs Stage 3 (``stages/decoder.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Any, List, Optional, Sequence
+
+import torch
+
+from ..compat import transformers as compat
+from ..runtime import config_for
+from ..stages.decoder import wrap_model_forward
+from ..stages.layout import VisualLayout, query_mask
+from ..stats import RunStats
+
+IMAGE_TOKEN_INDEX = -200
+_DROPPABLE_KWARGS = ("cache_position", "logits_to_keep", "num_logits_to_keep")
+
+
+class StructureError(RuntimeError):
+    """The model does not look like the codebase the adapter was written for."""
+
+
+def require(obj: Any, names: Sequence[str], what: str) -> None:
+    missing = [n for n in names if not hasattr(obj, n)]
+    if missing:
+        raise StructureError(
+            f"meteor-plugin: {what} has no {', '.join(missing)}; this version of the code is not one the "
+            "plugin recognises, so it cannot prune it (nothing was patched)"
+        )
+
+
+# Where the image tokens landed ---------------------------------------------------------------------------
+def _image_token_counts(model: Any, images: Any, n_features: Optional[int]) -> Optional[List[int]]:
+    """Tokens each image became in the spliced sequence, in the order upstream consumes them."""
+    if n_features is None:
+        return None
+    merge = getattr(model.config, "mm_patch_merge_type", "flat")
+    if torch.is_tensor(images) and images.dim() == 4:
+        return [n_features] * images.shape[0]
+    if torch.is_tensor(images) and images.dim() == 5:
+        crops = [images.shape[1]] * images.shape[0]
+    elif isinstance(images, (list, tuple)):
+        crops = [1 if x.dim() == 3 else x.shape[0] for x in images]
+    else:
+        return None
+    if merge != "flat":
+        return None  # spatial merges add newline tokens and unpad: derive lengths from the output instead
+    return [c * n_features for c in crops]
+
+
+def locate_visual_tokens(model: Any, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                         images: Any, n_features: Optional[int], out_embeds: torch.Tensor,
+                         out_mask: Optional[torch.Tensor]) -> tuple:
+    """(visual, valid) masks of shape (B, L) for the sequence ``prepare_inputs_labels_for_multimodal`` built.
+
+    Follows upstream's documented splice: padding removed, each ``IMAGE_TOKEN_INDEX`` replaced by that
+    image's tokens (a sample without one still consumes an image), truncation at
+    ``tokenizer_model_max_length``, re-padding on ``tokenizer_padding_side``. The result is checked
+    against the lengths upstream produced; a mismatch is an error, never a guess.
+    """
+    b, length = out_embeds.shape[:2]
+    device = out_embeds.device
+    counts = _image_token_counts(model, images, n_features)
+    max_len = getattr(model.config, "tokenizer_model_max_length", None)
+    left = getattr(model.config, "tokenizer_padding_side", "right") == "left"
+    in_mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    visual = torch.zeros(b, length, dtype=torch.bool, device=device)
+    valid = torch.zeros(b, length, dtype=torch.bool, device=device)
+    image_idx = 0
+    for i in range(b):
+        ids = input_ids[i][in_mask[i]]
+        marks = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
+        if not marks:
+            image_idx += 1
+            spans, total = [], ids.shape[0]
+        else:
+            if counts is not None:
+                sizes = counts[image_idx:image_idx + len(marks)]
+            elif len(marks) == 1 and (out_mask is not None or b == 1):
+                produced = int(out_mask[i].sum()) if out_mask is not None else length
+                sizes = [produced - (ids.shape[0] - 1)]
+            else:
+                raise StructureError(
+                    "meteor-plugin cannot tell how many tokens each image became with "
+                    f"mm_patch_merge_type={getattr(model.config, 'mm_patch_merge_type', None)!r} and several "
+                    "images per sample; use one image per sample or the 'flat' merge"
+                )
+            image_idx += len(marks)
+            spans, shift = [], 0
+            for pos, size in zip(marks, sizes):
+                start = pos + shift
+                spans.append((start, start + size))
+                shift += size - 1
+            total = ids.shape[0] + shift
+        if max_len is not None:
+            total = min(total, int(max_len))
+        offset = length - total if left else 0
+        valid[i, offset:offset + total] = True
+        for start, end in spans:
+            end = min(end, total)
+            if end > start:
+                visual[i, offset + start:offset + end] = True
+    expected = valid.sum(dim=1)
+    produced = out_mask.bool().sum(dim=1) if out_mask is not None else None
+    if (produced is not None and not torch.equal(expected.to(produced.device), produced)) or int(expected.max()) != length:
+        raise StructureError(
+            "meteor-plugin could not locate the image tokens: it expected sequence lengths "
+            f"{expected.tolist()} but the model built {produced.tolist() if produced is not None else length}. "
+            "prepare_inputs_labels_for_multimodal does not splice images the way LLaVA/EAGLE do"
+        )
+    return visual, valid
+
+
+# Wrappers ----------------------------------------------------------------------------------------------------
+def wrap_encode_images(original: Any) -> Any:
+    @functools.wraps(original)
+    def encode_images(self, images, *args, **kwargs):
+        features = original(self, images, *args, **kwargs)
+        self._meteor_features = features.shape[1] if torch.is_tensor(features) and features.dim() == 3 else None
+        return features
+
+    return encode_images
+
+
+def wrap_prepare(original: Any) -> Any:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def prepare(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        a = bound.arguments
+        self.__dict__.pop("_meteor_features", None)
+        out = original(self, *args, **kwargs)
+        llm = self.get_model()
+        embeds = out[4]
+        if embeds is None:  # decoding step or no images: nothing spliced
+            llm.__dict__.pop("_meteor_pending", None)
+            return out
+        cfg = config_for(self)
+        visual, valid = locate_visual_tokens(
+            self, a["input_ids"], a.get("attention_mask"), a.get("images"),
+            self.__dict__.pop("_meteor_features", None), embeds, out[2],
+        )
+        labels = out[5]
+        layout = VisualLayout(
+            visual=visual, valid=valid, stats=RunStats(visual.shape[0]),
+            query=query_mask(visual, valid, labels, cfg.text_query),
+        )
+        if self.__dict__.get("_meteor_defer_labels") and labels is not None:
+            layout.labels = labels
+            out = tuple(out[:5]) + (None,)
+        llm._meteor_pending = layout
+        return out
+
+    return prepare
+
+
+def wrap_causal_forward(original: Any) -> Any:
+    signature = inspect.signature(original)
+    accepted = compat.accepted_kwargs(original)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if accepted is not None:  # LLaVA's forward has no **kwargs: newer generate passes these
+            for name in _DROPPABLE_KWARGS:
+                if name not in accepted:
+                    kwargs.pop(name, None)
+        llm = self.get_model()
+        if not self.__dict__.get("_meteor_in_generate"):
+            llm.__dict__.pop("_meteor_pending", None)
+        cfg = config_for(self)
+        bound = signature.bind(self, *args, **kwargs)
+        labels = bound.arguments.get("labels")
+        if not cfg.llm or labels is None:
+            return original(self, *args, **kwargs)
+        # Stage 3 shortens the sequence inside the model: take the loss here, on compacted labels.
+        # With images, prepare_inputs_labels_for_multimodal expands the labels and (deferred) hands them
+        # to the layout instead of the model; with ready-made embeddings the labels are held back here.
+        direct = bound.arguments.get("inputs_embeds") is not None
+        if direct:
+            bound.arguments["labels"] = None
+        self._meteor_defer_labels = True
+        try:
+            out = original(*bound.args, **bound.kwargs)
+        finally:
+            self._meteor_defer_labels = False
+        pruner = llm.__dict__.get("_meteor_pruner")
+        plan = pruner.plan if pruner is not None else None
+        if direct:
+            full = labels
+        elif plan is not None and plan.layout is not None and plan.layout.labels is not None:
+            full = plan.layout.labels
+        else:
+            return out  # no images were spliced: upstream computed the loss on the uncompacted sequence
+        as_tuple = isinstance(out, tuple)
+        logits = out[0] if as_tuple else out.logits
+        compacted = pruner.compact_labels(full) if pruner is not None else full
+        if compacted.shape[1] != logits.shape[1]:
+            raise RuntimeError(
+                f"meteor-plugin: labels of length {compacted.shape[1]} do not match logits of length {logits.shape[1]}"
+            )
+        loss = compat.causal_lm_loss(self, logits, compacted)
+        if as_tuple:
+            return (loss,) + tuple(out)
+        return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
+
+    return forward
+
+
+def wrap_generate(original: Any) -> Any:
+    @functools.wraps(original)
+    def generate(self, *args, **kwargs):
+        cfg = config_for(self)
+        if cfg.llm:
+            gen_cfg = kwargs.get("generation_config") or getattr(self, "generation_config", None)
+            beams = kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1)) or 1
+            if beams > 1:
+                raise NotImplementedError(
+                    f"meteor-plugin Stage 3 does not support beam search (num_beams={beams}); "
+                    "use num_beams=1 or enable(..., llm=False)"
+                )
+        mask = kwargs.get("attention_mask")
+        if (mask is not None and mask.shape[0] > 1 and not bool(mask.bool().all())
+                and getattr(self.config, "tokenizer_padding_side", "right") != "left"):
+            warnings.warn(
+                "batched generate with padding needs config.tokenizer_padding_side='left': LLaVA/EAGLE re-pad "
+                "the spliced sequence on that side, and right padding makes generate read logits of padding",
+                stacklevel=2,
+            )
+        llm = self.get_model()
+        llm.__dict__.pop("_meteor_pending", None)
+        self._meteor_in_generate = True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self._meteor_in_generate = False
+            llm.__dict__.pop("_meteor_pending", None)
+
+    return generate
+
+
+def patch_family(registry: Any, causal_cls: type, llm_cls: type) -> None:
+    """Wrap the methods of one LLaVA-family model (its CausalLM class and inner LlamaModel class)."""
+    require(causal_cls, ("get_model", "encode_images", "prepare_inputs_labels_for_multimodal", "forward", "generate"),
+            causal_cls.__name__)
+    require(llm_cls, ("forward",), llm_cls.__name__)
+    wrappers = (
+        (causal_cls, "encode_images", wrap_encode_images),
+        (causal_cls, "prepare_inputs_labels_for_multimodal", wrap_prepare),
+        (causal_cls, "forward", wrap_causal_forward),
+        (causal_cls, "generate", wrap_generate),
+    )
+    for owner, name, make in wrappers:
+        if not registry.is_patched(owner, name):
+            registry.patch(owner, name, make(getattr(owner, name)))
+    if not registry.is_patched(llm_cls, "forward"):
+        registry.patch(llm_cls, "forward", wrap_model_forward(llm_cls.forward, registry, config_for))
+
+
+class FamilyTarget:
+    """One LLaVA-family codebase: where its model module is and what its classes are called."""
+
+    def __init__(self, name: str, module: str, causal: str, llm: str):
+        self.name = name
+        self.module = module
+        self.causal = causal
+        self.llm = llm
+
+    def is_installed(self) -> bool:
+        """True if the package holds this codebase's model file (found without importing it)."""
+        import importlib.util
+        import os
+
+        package = self.module.split(".")[0]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        relative = os.path.join(*self.module.split(".")[1:]) + ".py"
+        return any(os.path.isfile(os.path.join(p, relative)) for p in spec.submodule_search_locations)
+
+    def classes(self) -> tuple:
+        import importlib
+
+        # Import the model module itself: LLaVA's model/__init__.py hides import errors behind a bare except.
+        module = importlib.import_module(self.module)
+        require(module, (self.causal, self.llm), self.module)
+        return getattr(module, self.causal), getattr(module, self.llm)
+
+    def patch(self, registry: Any) -> None:
+        causal, llm = self.classes()
+        patch_family(registry, causal, llm)

@@ -1,0 +1,10 @@
+"""LLaVA (haotian-liu/LLaVA at c121f04, PyPI ``llava-torch`` 1.2.2): the classes to wrap."""
+
+from .common import FamilyTarget
+
+TARGET = FamilyTarget(
+    name="llava",
+    module="llava.model.language_model.llava_llama",
+    causal="LlavaLlamaForCausalLM",
+    llm="LlavaLlamaModel",
+)

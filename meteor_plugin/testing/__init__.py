@@ -1,0 +1,1 @@
+"""Tiny random models built in code, for tests, the demo and the benchmarks (no downloads)."""

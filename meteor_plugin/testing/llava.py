@@ -1,0 +1,120 @@
+"""A tiny LLaVA (CLIP tower + projector + Llama) with random weights, built without the model hub.
+
+LLaVA's CLIP tower loads from a path, so the tiny CLIP is saved to a folder first (as in stack.md).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+IMAGE_TOKEN_INDEX = -200
+
+
+@dataclass
+class TinyLlavaSpec:
+    image_size: int = 32
+    patch_size: int = 4  # (32 / 4)^2 = 64 visual tokens
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    vision_heads: int = 2
+    llm_hidden: int = 64
+    llm_layers: int = 4
+    llm_heads: int = 4
+    llm_kv_heads: int = 2  # GQA on purpose
+    llm_intermediate: int = 128
+    vocab_size: int = 256
+    max_positions: int = 2048
+    attn_implementation: str = "sdpa"
+    padding_side: str = "right"
+    seed: int = 0
+
+    @property
+    def visual_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def save_tiny_clip(folder: str, spec: TinyLlavaSpec) -> str:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(spec.seed)
+    config = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
+        num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden,
+    )
+    CLIPVisionModel(config).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size}
+    ).save_pretrained(folder)
+    return folder
+
+
+def tiny_llava_config(vision_folder: str, spec: TinyLlavaSpec):
+    from llava.model.language_model.llava_llama import LlavaConfig
+
+    config = LlavaConfig(
+        vocab_size=spec.vocab_size, hidden_size=spec.llm_hidden, intermediate_size=spec.llm_intermediate,
+        num_hidden_layers=spec.llm_layers, num_attention_heads=spec.llm_heads,
+        num_key_value_heads=spec.llm_kv_heads, max_position_embeddings=spec.max_positions, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+        mm_vision_tower=vision_folder, mm_hidden_size=spec.vision_hidden, mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
+        image_aspect_ratio="square", use_mm_proj=True, tokenizer_padding_side=spec.padding_side,
+    )
+    config._attn_implementation = spec.attn_implementation
+    return config
+
+
+def build_tiny_llava(spec: Optional[TinyLlavaSpec] = None, folder: Optional[str] = None):
+    """A LlavaLlamaForCausalLM in eval mode with seeded random weights."""
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    spec = spec or TinyLlavaSpec()
+    folder = folder or tempfile.mkdtemp(prefix="meteor-tiny-clip-")
+    vision = os.path.join(folder, "clip")
+    if not os.path.isdir(vision):
+        save_tiny_clip(vision, spec)
+    config = tiny_llava_config(vision, spec)
+    torch.manual_seed(spec.seed + 1)
+    model = LlavaLlamaForCausalLM(config)
+    model.get_vision_tower().load_model()
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def make_batch(
+    text_lengths: Sequence[Tuple[int, int]],
+    with_image: Sequence[bool],
+    pad_side: str = "right",
+    vocab_size: int = 256,
+    image_size: int = 32,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids (with IMAGE_TOKEN_INDEX), attention_mask and images for a padded batch.
+
+    text_lengths[i] = (tokens before the image, tokens after it). Token ids avoid 0-2 (pad, bos, eos).
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows: List[torch.Tensor] = []
+    for (before, after), image in zip(text_lengths, with_image):
+        ids = torch.randint(3, vocab_size, (before + after,), generator=g)
+        if image:
+            ids = torch.cat([ids[:before], torch.tensor([IMAGE_TOKEN_INDEX]), ids[before:]])
+        rows.append(ids)
+    width = max(r.shape[0] for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if pad_side == "left":
+            input_ids[i, width - r.shape[0]:] = r
+            mask[i, width - r.shape[0]:] = 1
+        else:
+            input_ids[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = 1
+    images = torch.randn(len(rows), 3, image_size, image_size, generator=g)
+    return input_ids, mask, images
