@@ -38,17 +38,23 @@ def stored_config(model_config: Any) -> Optional[MeteorConfig]:
 
 
 def config_for(model: Any) -> MeteorConfig:
-    """The config that applies to ``model`` now (``model`` is any module with a ``config``)."""
+    """The config that applies to ``model`` now (``model`` is any module with a ``config``).
+
+    The config found in ``model.config.meteor`` the first time (from the checkpoint, or set with
+    ``attach``) is the model's own; what this function writes back there afterwards is not, so a
+    later ``enable`` does not inherit the settings of an earlier one.
+    """
     model_config = model.config
-    cache = getattr(model, "_meteor_config_cache", None)
-    key = (ACTIVE.generation, repr(getattr(model_config, "meteor", None)))
-    if cache is not None and cache[0] == key:
-        return cache[1]
-    base = ACTIVE.config or stored_config(model_config) or MeteorConfig()
+    current = getattr(model_config, "meteor", None)
+    cache = model.__dict__.get("_meteor_config_cache")
+    if cache is not None and cache[0] == ACTIVE.generation and cache[1] == current:
+        return cache[2]
+    if cache is None or cache[1] != current:
+        model._meteor_own_config = stored_config(model_config)
+    base = ACTIVE.config or model.__dict__.get("_meteor_own_config") or MeteorConfig()
     cfg = base.replace(**ACTIVE.overrides) if ACTIVE.overrides else base
     model_config.meteor = cfg.to_dict()
-    key = (ACTIVE.generation, repr(model_config.meteor))
-    model._meteor_config_cache = (key, cfg)
+    model._meteor_config_cache = (ACTIVE.generation, model_config.meteor, cfg)
     return cfg
 
 

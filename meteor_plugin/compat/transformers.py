@@ -203,6 +203,9 @@ def mask_kind(config: Any, incoming: Optional[torch.Tensor]) -> str:
             return MASK_2D
         return MASK_BOOL if incoming.dtype == torch.bool else MASK_ADDITIVE
     impl = attn_implementation(config)
+    registered = _registered_mask_kind(impl)
+    if registered is not None:
+        return registered
     if impl.startswith(_FLASH_PREFIXES):
         return MASK_2D
     if impl == "sdpa":
@@ -215,6 +218,17 @@ def mask_kind(config: Any, incoming: Optional[torch.Tensor]) -> str:
     )
 
 
+def _registered_mask_kind(impl: str) -> Optional[str]:
+    """transformers 5 maps each attention implementation (custom ones too) to a mask builder."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return None
+    builder = getattr(masking_utils, "ALL_MASK_ATTENTION_FUNCTIONS", {}).get(impl) if impl else None
+    kinds = {"flash_attention_mask": MASK_2D, "sdpa_mask": MASK_BOOL, "eager_mask": MASK_ADDITIVE}
+    return kinds.get(getattr(builder, "__name__", None))
+
+
 def build_mask(kind: str, query_valid: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """A causal mask for a compacted layout.
 
@@ -225,7 +239,8 @@ def build_mask(kind: str, query_valid: torch.Tensor, key_valid: torch.Tensor, dt
     b, q = query_valid.shape
     k = key_valid.shape[1]
     if kind == MASK_2D:
-        return None if bool(key_valid.all()) else key_valid.long()
+        # Always a mask: with none, FlashAttention reads gaps in the kept position ids as packed sequences.
+        return key_valid.long()
     qi = torch.arange(q, device=key_valid.device) + (k - q)
     kj = torch.arange(k, device=key_valid.device)
     causal = kj[None, :] <= qi[:, None]  # (Q, K)

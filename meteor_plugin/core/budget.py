@@ -56,12 +56,12 @@ def rank_budgets(total: int, ranks: Sequence[Optional[float]]) -> List[int]:
         return []
     if total < 0:
         raise ValueError(f"total budget must be >= 0, got {total}")
+    if any(r is not None and (not math.isfinite(float(r)) or float(r) < 0) for r in ranks):
+        raise ValueError(f"encoder ranks must be finite and >= 0, got {list(ranks)}")
     if any(r is None for r in ranks) or sum(float(r) for r in ranks) <= 0:
         weights = [1.0] * n
     else:
         weights = [float(r) for r in ranks]
-    if any(w < 0 or not math.isfinite(w) for w in weights):
-        raise ValueError(f"encoder ranks must be finite and >= 0, got {list(ranks)}")
     s = sum(weights)
     exact = [total * w / s for w in weights]
     shares = [int(math.floor(e)) for e in exact]

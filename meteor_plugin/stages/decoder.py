@@ -70,6 +70,32 @@ def check_against_model(cfg: MeteorConfig, config: Any) -> int:
     return max(1, resolve_budget(cfg.llm_top_heads, dims["heads"]))
 
 
+def query_attention(layer: torch.nn.Module, call: compat.LayerCall, hidden: torch.Tensor,
+                    query: torch.Tensor, valid: torch.Tensor, dims: Dict[str, int]) -> torch.Tensor:
+    """Attention of the query tokens at this layer, from its own norm and q/k projections.
+
+    hidden: (B, L, D) the layer's input; query, valid: (B, L) bool. Returns (B, H, L): per head, the
+    attention of the valid query tokens averaged over them, exactly what the layer's softmax gives
+    those rows, without forming the full L x L map. Modules are called (never their ``.weight``), so
+    ZeRO-3 partitioned, LoRA-wrapped and quantised projections all work.
+    """
+    b, length, _ = hidden.shape
+    attn = layer.self_attn
+    q_index, q_valid = compaction_index(query)
+    with _eval_mode(layer.input_layernorm, attn.q_proj, attn.k_proj):
+        normed = layer.input_layernorm(hidden)
+        q = attn.q_proj(gather_tokens(normed, q_index))
+        k = attn.k_proj(normed)
+    q = q.view(b, q_index.shape[1], dims["heads"], dims["head_dim"]).transpose(1, 2)
+    k = k.view(b, length, dims["kv_heads"], dims["head_dim"]).transpose(1, 2)
+    cos, sin = compat.rope_cos_sin(layer, call, hidden)
+    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+    q = apply_rope(q, gather_tokens(cos, q_index), gather_tokens(sin, q_index))
+    k = apply_rope(k, cos, sin)
+    scale = float(getattr(attn, "scaling", dims["head_dim"] ** -0.5))
+    return mean_query_attention(q, k, q_index, q_valid, valid, scale)
+
+
 class _Prefix:
     """What decoding steps need to know about a pruned prefill."""
 
@@ -209,23 +235,9 @@ class DecoderPruner:
     @torch.no_grad()
     def _select(self, plan: _Plan, layer: torch.nn.Module, call: compat.LayerCall, hidden: torch.Tensor) -> None:
         cfg, layout = plan.cfg, plan.layout
-        dims = llm_dims(self.model.config)
-        b, length, _ = hidden.shape
-        attn = layer.self_attn
         visual = layout.visual & plan.valid
-        q_index, q_valid = compaction_index(layout.query & plan.valid)
-        with _eval_mode(layer.input_layernorm, attn.q_proj, attn.k_proj):
-            normed = layer.input_layernorm(hidden)
-            q = attn.q_proj(gather_tokens(normed, q_index))
-            k = attn.k_proj(normed)
-        q = q.view(b, q_index.shape[1], dims["heads"], dims["head_dim"]).transpose(1, 2)
-        k = k.view(b, length, dims["kv_heads"], dims["head_dim"]).transpose(1, 2)
-        cos, sin = compat.rope_cos_sin(layer, call, hidden)
-        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-        q = apply_rope(q, gather_tokens(cos, q_index), gather_tokens(sin, q_index))
-        k = apply_rope(k, cos, sin)
-        scale = float(getattr(attn, "scaling", dims["head_dim"] ** -0.5))
-        probs = mean_query_attention(q, k, q_index, q_valid, plan.valid, scale)
+        query = layout.query & plan.valid
+        probs = query_attention(layer, call, hidden, query, plan.valid, llm_dims(self.model.config))
         rel = select_heads(probs, visual, self.heads_used)
         entered = visual.sum(dim=1)
         budget = adaptive_keep(rel.mass, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
@@ -233,13 +245,14 @@ class DecoderPruner:
         keep = plan.valid & (~visual | kept_visual)
         left_padded = bool((~plan.valid[:, 0]).any()) and not bool((~plan.valid[:, -1]).any())
         plan.index, plan.kept_valid = compaction_index(keep, align_right=left_padded)
+        plan.kept_visual = kept_visual
         plan.stats.set_stage(
             "llm", entered, kept_visual.sum(dim=1),
-            mass=rel.mass.float(), query_tokens=q_valid.sum(dim=1),
+            mass=rel.mass.float(), query_tokens=query.sum(dim=1),
             heads=[torch.nonzero(h).flatten() for h in rel.heads],
+            kept=[torch.nonzero(k[v]).flatten() for k, v in zip(kept_visual, visual)],
         )
-        plan.kept_visual = kept_visual
-        self.prefix = _Prefix(plan.layer, plan.kept_valid, length)
+        self.prefix = _Prefix(plan.layer, plan.kept_valid, hidden.shape[1])
 
     def _prefill_substitutes(self, plan: _Plan, call: compat.LayerCall, hidden: torch.Tensor) -> None:
         if plan.subs is not None:

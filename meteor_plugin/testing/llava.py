@@ -76,7 +76,8 @@ def build_tiny_llava(spec: Optional[TinyLlavaSpec] = None, folder: Optional[str]
 
     spec = spec or TinyLlavaSpec()
     folder = folder or tempfile.mkdtemp(prefix="meteor-tiny-clip-")
-    vision = os.path.join(folder, "clip")
+    vision = os.path.join(folder, "clip-{}-{}-{}-{}-{}-{}".format(
+        spec.image_size, spec.patch_size, spec.vision_hidden, spec.vision_layers, spec.vision_heads, spec.seed))
     if not os.path.isdir(vision):
         save_tiny_clip(vision, spec)
     config = tiny_llava_config(vision, spec)

@@ -1,0 +1,36 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import meteor_plugin  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _plugin_off():
+    """Every test starts and ends with nothing patched."""
+    meteor_plugin.disable()
+    yield
+    meteor_plugin.disable()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture
+def tiny_llava(model_dir):
+    """Factory: tiny_llava(**TinyLlavaSpec fields) -> LlavaLlamaForCausalLM (eval, seeded)."""
+    from meteor_plugin.testing.llava import TinyLlavaSpec, build_tiny_llava
+
+    def make(**fields):
+        return build_tiny_llava(TinyLlavaSpec(**fields), folder=model_dir)
+
+    return make

@@ -1,0 +1,150 @@
+"""enable/disable, version and structure checks, config persistence, the import hook and the runner."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import meteor_plugin
+from meteor_plugin import MeteorConfig
+from meteor_plugin.compat import transformers as compat
+from meteor_plugin.entry import enable_from_argv
+from meteor_plugin.targets.common import FamilyTarget, StructureError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_untested_transformers_version_is_refused_with_the_supported_range(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.40.0")
+    monkeypatch.delenv("METEOR_ALLOW_UNTESTED_TRANSFORMERS", raising=False)
+    with pytest.raises(compat.UnsupportedVersionError, match=r"4\.37\.2 .*4\.44\.2 .*5\.0-5\.23\.0.*has transformers 4\.40\.0"):
+        meteor_plugin.enable()
+    assert not meteor_plugin.is_enabled()
+    with pytest.warns(UserWarning, match="untested versions were explicitly allowed"):
+        meteor_plugin.enable(allow_untested_transformers=True)
+    assert meteor_plugin.is_enabled()
+
+
+@pytest.mark.parametrize("version,ok", [("4.37.2", True), ("4.44.2", True), ("5.0.0", True), ("5.23.0", True),
+                                        ("5.24.0", False), ("4.36.2", False), ("4.45.0", False), ("5.23.0.dev0", True)])
+def test_supported_version_ranges(version, ok):
+    assert compat.is_supported(compat._parse(version)) is ok
+
+
+def test_nothing_to_patch_is_an_error(monkeypatch):
+    monkeypatch.setattr(FamilyTarget, "is_installed", lambda self: False)
+    with pytest.raises(RuntimeError, match="found nothing to patch: install LLaVA"):
+        meteor_plugin.enable()
+
+
+def test_unrecognised_model_structure_names_what_is_missing(tmp_path, monkeypatch):
+    pkg = tmp_path / "oddllava" / "model" / "language_model"
+    pkg.mkdir(parents=True)
+    for d in (tmp_path / "oddllava", tmp_path / "oddllava" / "model", pkg):
+        (d / "__init__.py").write_text("")
+    (pkg / "odd_llama.py").write_text(textwrap.dedent("""
+        class OddForCausalLM:
+            def get_model(self): pass
+            def encode_images(self, images): pass
+            def forward(self): pass
+            def generate(self): pass
+        class OddModel:
+            def forward(self): pass
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    target = FamilyTarget("odd", "oddllava.model.language_model.odd_llama", "OddForCausalLM", "OddModel")
+    assert target.is_installed()
+    from meteor_plugin.registry import PatchRegistry
+
+    with pytest.raises(StructureError, match="OddForCausalLM has no prepare_inputs_labels_for_multimodal"):
+        target.patch(PatchRegistry())
+    missing = FamilyTarget("odd", "oddllava.model.language_model.odd_llama", "OddForCausalLM", "NoSuchModel")
+    with pytest.raises(StructureError, match="odd_llama has no NoSuchModel"):
+        missing.patch(PatchRegistry())
+
+
+def test_language_model_without_llama_layers_fails_at_first_forward():
+    from meteor_plugin.registry import PatchRegistry
+    from meteor_plugin.stages.decoder import DecoderPruner
+
+    with pytest.raises(RuntimeError, match="has no decoder `layers`"):
+        DecoderPruner.attach(torch.nn.Linear(2, 2), PatchRegistry())
+
+
+def test_config_is_stored_in_the_model_and_reloads_from_a_saved_checkpoint(tiny_llava, tmp_path):
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    from meteor_plugin.runtime import config_for
+    from meteor_plugin.testing.llava import make_batch
+
+    model = tiny_llava()
+    chosen = MeteorConfig(encoder=False, fusion=False, llm_layer=3, llm_max_keep=20, llm_lambda=11.0)
+    meteor_plugin.enable(chosen)
+    ids, mask, images = make_batch([(2, 4)], [True])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, images=images)
+    assert model.config.meteor == chosen.to_dict()
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["meteor"] == chosen.to_dict()
+    meteor_plugin.disable()
+    meteor_plugin.enable()  # no config: each model uses its own
+    reloaded = LlavaLlamaForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert config_for(reloaded) == chosen
+    # Overrides apply on top of the checkpoint's config; a later enable does not inherit them.
+    meteor_plugin.enable(llm_max_keep=5)
+    assert config_for(reloaded) == chosen.replace(llm_max_keep=5)
+    meteor_plugin.enable(llm_lambda=2.0)
+    assert config_for(reloaded) == chosen.replace(llm_lambda=2.0)
+
+
+def test_enable_from_argv_takes_its_options_out_of_argv(tmp_path):
+    path = tmp_path / "cfg.json"
+    MeteorConfig(llm_layer=3).save(path)
+    argv = ["script.py", "--model-path", "x", "--meteor-config", str(path), "--meteor-set", "llm_max_keep=12",
+            "--meteor-set=text_query=last", "--temperature", "0"]
+    cfg = enable_from_argv(argv)
+    assert argv == ["script.py", "--model-path", "x", "--temperature", "0"]
+    assert cfg == MeteorConfig(llm_layer=3, llm_max_keep=12, text_query="last")
+    assert meteor_plugin.is_enabled()
+
+
+def _run(code_or_args, env_extra, cwd):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + str(cwd), **env_extra}
+    return subprocess.run([sys.executable, *code_or_args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_meteor_config_variable_makes_the_import_enable_the_plugin(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("llm_layer: 3\nllm_max_keep: 16\n")
+    code = ("import meteor_plugin, json; from meteor_plugin.runtime import ACTIVE; "
+            "print(json.dumps([meteor_plugin.is_enabled(), ACTIVE.config.llm_max_keep]))")
+    out = _run(["-c", code], {"METEOR_CONFIG": str(path)}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, 16]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"llm_layer": 0}))
+    out = _run(["-c", "import meteor_plugin"], {"METEOR_CONFIG": str(bad)}, tmp_path)
+    assert out.returncode != 0 and "llm_layer=0 is invalid" in out.stderr
+
+
+def test_runner_runs_a_module_as_main_with_the_plugin_enabled(tmp_path):
+    (tmp_path / "probe_script.py").write_text(textwrap.dedent("""
+        import sys, json, meteor_plugin
+        from meteor_plugin.runtime import ACTIVE
+        if __name__ == "__main__":
+            print(json.dumps([meteor_plugin.is_enabled(), sys.argv[1:], ACTIVE.config.llm_layer if ACTIVE.config else None]))
+    """))
+    cfg = tmp_path / "c.json"
+    MeteorConfig(llm_layer=3).save(cfg)
+    out = _run(["-m", "meteor_plugin.run", "--meteor-config", str(cfg), "probe_script", "--flag", "1"], {}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, ["--flag", "1"], 3]
+    out = _run(["-m", "meteor_plugin.run"], {}, tmp_path)
+    assert out.returncode != 0 and "usage: python -m meteor_plugin.run" in out.stderr
