@@ -28,7 +28,7 @@ CELL = IMAGE_SIZE // GRID  # 16 px
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-# Base colours far apart (>= 70 on some channel) so that +-20 jitter never makes two meet, and all far
+# Base colours far apart (>= 85 on some channel) so that +-20 jitter never makes two meet, and all far
 # from the grey background.
 COLOUR_RGB = {
     "red": (215, 40, 40),
