@@ -61,15 +61,13 @@ def build_llava_batch(tokenizer: WordTokenizer, conversations: Sequence[Sequence
         raise ValueError("conversations is empty: a batch needs at least one conversation")
     rows = [conversation_ids(tokenizer, turns, image_token_index) for turns in conversations]
     length = max(len(r[0]) for r in rows)
-    shape = (len(rows), length)
-    input_ids = torch.full(shape, tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
-    label_kinds = torch.full(shape, -1, dtype=torch.long)
-    for b, (ids, lab, kinds) in enumerate(rows):
-        n = len(ids)
-        input_ids[b, :n] = torch.tensor(ids)
-        labels[b, :n] = torch.tensor(lab)
-        attention_mask[b, :n] = 1
-        label_kinds[b, :n] = torch.tensor(kinds)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "label_kinds": label_kinds}
+
+    def padded(column: int, fill: int) -> torch.Tensor:  # one tensor call per field: fast
+        return torch.tensor([r[column] + [fill] * (length - len(r[column])) for r in rows], dtype=torch.long)
+
+    return {
+        "input_ids": padded(0, tokenizer.pad_token_id),
+        "labels": padded(1, IGNORE_INDEX),
+        "attention_mask": torch.tensor([[1] * len(r[0]) + [0] * (length - len(r[0])) for r in rows]),
+        "label_kinds": padded(2, -1),
+    }

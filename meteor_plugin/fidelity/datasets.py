@@ -1,10 +1,14 @@
 """Splits of the fidelity testbed: seeded samples, a Dataset per split, and a fast batch generator.
 
 Sample ``index`` of split ``split`` under ``seed`` is drawn from its own generator,
-``random.Random(f"fidelity/{seed}/{split}/{index}")`` (a string seed is hashed with SHA-512, the same
-in every Python version), so samples are independent, reproducible one by one (same arguments, same
-bytes), and the three splits come from disjoint seed streams. Python's ``random`` is used rather than
-numpy's for speed: scalar draws cost about 0.3 us against about 1 us. The train split is unbounded; take as many indices as the budget allows.
+``random.Random(f"fidelity/{seed}/{split}/{index}")`` (a string seed is hashed with SHA-512), so
+samples are independent, reproducible one by one (same arguments and library versions, same bytes),
+and the three splits come from disjoint seed streams. Python's ``random`` is used rather than numpy's
+for speed: a scalar draw costs about 0.3 us against about 1 us. The train split is unbounded: take as
+many indices as the budget allows.
+
+Speed: about 7 ms of CPU time per batch of 32 multi-turn samples (6.3 ms single-turn), measured on
+the 2-core CPU machine with torch 2.13; the shared note's generator took about 9 ms.
 
 The kind of sample ``index`` is ``kinds[index % len(kinds)]`` and its answer cycles through that
 kind's answers, so any run of indices is balanced over kinds and answers (chance is exact).
@@ -95,6 +99,8 @@ class FidelityDataset:
         self.split, self.size, self.seed, self.start = split, size, seed, start
         self.kinds = _check_kinds(kinds)
         self.max_turns, self.label_grid = max_turns, label_grid
+        if size:
+            self[0]  # one sample (0.2 ms) checks seed, max_turns and label_grid now, not mid-training
 
     def __len__(self) -> int:
         return self.size
@@ -110,6 +116,8 @@ def collate(samples: Sequence[Sample], tokenizer: WordTokenizer) -> Dict[str, ob
     """A batch: ``images`` uint8 (B, 3, 64, 64), ``cell_<name>`` label maps (B, grid, grid), the
     LLaVA tensors of `build_llava_batch` over each sample's turns, ``kinds`` (primary kind per row),
     and the samples themselves."""
+    if not samples:
+        raise ValueError("samples is empty: a batch needs at least one sample")
     batch: Dict[str, object] = {"images": torch.stack([s.image for s in samples])}
     for name in samples[0].cell_labels:
         batch["cell_" + name] = torch.stack([s.cell_labels[name] for s in samples])

@@ -93,6 +93,12 @@ def test_dataset_indexing():
     assert torch.equal(ds[3].image, make_sample("val", 8).image)
     with pytest.raises(IndexError):
         ds[10]
+    digits = FidelityDataset("test", 20, kinds=("digit",), max_turns=1)
+    assert [s.question.answer for s in digits] == [str(i % 10) for i in range(20)]
+    sizes = [len(b["kinds"]) for b in iter_batches("val", 8, start=3, stop=21)]
+    assert sizes == [8, 8, 2]
+    with pytest.raises(ValueError, match="max_turns=0"):
+        FidelityDataset("val", 4, max_turns=0)
 
 
 # ---- answers are right ---------------------------------------------------------------------------------
@@ -141,8 +147,20 @@ def test_digit_pixels_lie_in_the_digit_cell(val_samples):
         assert (rows // CELL == d.row).all() and (cols // CELL == d.col).all()
         x0, y0, x1, y1 = d.box
         assert rows.min() >= y0 and rows.max() < y1 and cols.min() >= x0 and cols.max() < x1
-        # ink is dark: the darkest changed pixel is far below the background
-        assert s.image.numpy()[:, rows, cols].min() < BACKGROUND[0] - 80
+        # the pixels draw the digit the scene names, in the default font: the ink coverage read back
+        # from the image (background -> 0, ink -> 1) is the glyph's, up to noise
+        glyph = _glyph(d.value)
+        coverage = (s.scene.background - s.image.numpy()[:, y0:y1, x0:x1].astype(float)) / (s.scene.background - d.ink)
+        assert coverage.shape[1:] == glyph.shape
+        assert np.abs(coverage - glyph).max() < (NOISE + 1) / (s.scene.background - d.ink) + 0.01
+
+
+def _glyph(value):
+    """Pillow's default font's coverage of ``value`` in [0, 1], cropped to the ink."""
+    from PIL import Image, ImageDraw, ImageFont
+    canvas = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(canvas).text((8, 8), str(value), fill=255, font=ImageFont.load_default())
+    return np.asarray(canvas.crop(canvas.getbbox()), dtype=float) / 255
 
 
 def test_answers_and_kinds_are_balanced(val_samples):
