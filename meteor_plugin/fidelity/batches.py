@@ -14,10 +14,11 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 
+from ..stages.layout import IGNORE_INDEX
+from ..targets.common import IMAGE_TOKEN_INDEX
 from .questions import KINDS, Question
-from .tokenizer import IMAGE_TOKEN_INDEX, WordTokenizer
+from .tokenizer import WordTokenizer
 
-IGNORE_INDEX = -100
 Turn = Union[Question, Tuple[str, str]]  # a Question, or (question text, answer word)
 
 

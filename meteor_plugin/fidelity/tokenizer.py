@@ -15,10 +15,10 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
+from ..targets.common import IMAGE_TOKEN_INDEX  # LLaVA's placeholder id for the image in input_ids
 from .questions import vocabulary
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<image>")
-IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id for the image inside input_ids
 _FORMAT = "meteor_plugin.fidelity.WordTokenizer"
 
 
