@@ -26,6 +26,7 @@ from ..runtime import config_for
 from ..stages.decoder import wrap_model_forward
 from ..stages.layout import VisualLayout, query_mask
 from ..stats import RunStats
+from .vision import STAGE1_TOWERS, EncoderRequest, VisionRecord
 
 IMAGE_TOKEN_INDEX = -200
 _DROPPABLE_KWARGS = ("cache_position", "logits_to_keep", "num_logits_to_keep")
@@ -66,7 +67,8 @@ def _image_token_counts(model: Any, images: Any, n_features: Optional[int]) -> O
 def locate_visual_tokens(model: Any, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                          images: Any, n_features: Optional[int], out_embeds: torch.Tensor,
                          out_mask: Optional[torch.Tensor]) -> tuple:
-    """(visual, valid) masks of shape (B, L) for the sequence ``prepare_inputs_labels_for_multimodal`` built.
+    """(visual, valid, owners): masks of shape (B, L), and the sample that used each image (None for the
+    dummy image a text-only sample consumes) for the sequence ``prepare_inputs_labels_for_multimodal`` built.
 
     Follows upstream's documented splice: padding removed, each ``IMAGE_TOKEN_INDEX`` replaced by that
     image's tokens (a sample without one still consumes an image), truncation at
@@ -82,11 +84,13 @@ def locate_visual_tokens(model: Any, input_ids: torch.Tensor, attention_mask: Op
     visual = torch.zeros(b, length, dtype=torch.bool, device=device)
     valid = torch.zeros(b, length, dtype=torch.bool, device=device)
     image_idx = 0
+    owners: List[Optional[int]] = []
     for i in range(b):
         ids = input_ids[i][in_mask[i]]
         marks = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
         if not marks:
             image_idx += 1
+            owners.append(None)
             spans, total = [], ids.shape[0]
         else:
             if counts is not None:
@@ -101,6 +105,7 @@ def locate_visual_tokens(model: Any, input_ids: torch.Tensor, attention_mask: Op
                     "images per sample; use one image per sample or the 'flat' merge"
                 )
             image_idx += len(marks)
+            owners.extend([i] * len(marks))
             spans, shift = [], 0
             for pos, size in zip(marks, sizes):
                 start = pos + shift
@@ -123,14 +128,48 @@ def locate_visual_tokens(model: Any, input_ids: torch.Tensor, attention_mask: Op
             f"{expected.tolist()} but the model built {produced.tolist() if produced is not None else length}. "
             "prepare_inputs_labels_for_multimodal does not splice images the way LLaVA/EAGLE do"
         )
-    return visual, valid
+    return visual, valid, owners
+
+
+def vision_stats(record: Optional[VisionRecord], owners: List[Optional[int]], batch: int) -> RunStats:
+    """Per-sample stats from the per-image records of Stages 1 and 2."""
+    stats = RunStats(batch)
+    if record is None:
+        return stats
+    for name, rec in record.stages.items():
+        entered = torch.zeros(batch, dtype=torch.long)
+        left = torch.zeros(batch, dtype=torch.long)
+        kept: List[Any] = [None] * batch
+        for image, owner in enumerate(owners[:len(rec.entered)]):
+            if owner is None:
+                continue
+            entered[owner] += rec.entered[image]
+            left[owner] += rec.left[image]
+            kept[owner] = rec.kept[image] if kept[owner] is None else kept[owner] + rec.kept[image]
+        stats.set_stage(name, entered, left, kept=kept)
+    return stats
 
 
 # Wrappers ----------------------------------------------------------------------------------------------------
 def wrap_encode_images(original: Any) -> Any:
     @functools.wraps(original)
     def encode_images(self, images, *args, **kwargs):
-        features = original(self, images, *args, **kwargs)
+        cfg = config_for(self)
+        record = VisionRecord()
+        self._meteor_vision = record
+        if cfg.encoder:
+            tower = self.get_model().get_vision_tower()
+            if type(tower) not in STAGE1_TOWERS:
+                raise NotImplementedError(
+                    f"meteor-plugin Stage 1 does not know the vision tower {type(tower).__name__}; "
+                    "set encoder=False to run without it"
+                )
+            tower._meteor_request = EncoderRequest(cfg, record)
+        try:
+            features = original(self, images, *args, **kwargs)
+        finally:
+            if cfg.encoder:
+                tower.__dict__.pop("_meteor_request", None)
         self._meteor_features = features.shape[1] if torch.is_tensor(features) and features.dim() == 3 else None
         return features
 
@@ -145,6 +184,7 @@ def wrap_prepare(original: Any) -> Any:
         bound = signature.bind(self, *args, **kwargs)
         a = bound.arguments
         self.__dict__.pop("_meteor_features", None)
+        self.__dict__.pop("_meteor_vision", None)
         out = original(self, *args, **kwargs)
         llm = self.get_model()
         embeds = out[4]
@@ -152,13 +192,13 @@ def wrap_prepare(original: Any) -> Any:
             llm.__dict__.pop("_meteor_pending", None)
             return out
         cfg = config_for(self)
-        visual, valid = locate_visual_tokens(
+        visual, valid, owners = locate_visual_tokens(
             self, a["input_ids"], a.get("attention_mask"), a.get("images"),
             self.__dict__.pop("_meteor_features", None), embeds, out[2],
         )
         labels = out[5]
         layout = VisualLayout(
-            visual=visual, valid=valid, stats=RunStats(visual.shape[0]),
+            visual=visual, valid=valid, stats=vision_stats(self.__dict__.pop("_meteor_vision", None), owners, visual.shape[0]),
             query=query_mask(visual, valid, labels, cfg.text_query),
         )
         if self.__dict__.get("_meteor_defer_labels") and labels is not None:
@@ -275,11 +315,12 @@ def patch_family(registry: Any, causal_cls: type, llm_cls: type) -> None:
 class FamilyTarget:
     """One LLaVA-family codebase: where its model module is and what its classes are called."""
 
-    def __init__(self, name: str, module: str, causal: str, llm: str):
+    def __init__(self, name: str, module: str, causal: str, llm: str, vision: Sequence[Any] = ()):
         self.name = name
         self.module = module
         self.causal = causal
         self.llm = llm
+        self.vision = tuple(vision)  # functions(registry) that patch this codebase's vision towers
 
     def is_installed(self) -> bool:
         """True if the package holds this codebase's model file (found without importing it)."""
@@ -304,3 +345,5 @@ class FamilyTarget:
     def patch(self, registry: Any) -> None:
         causal, llm = self.classes()
         patch_family(registry, causal, llm)
+        for patch_vision in self.vision:
+            patch_vision(registry)

@@ -20,7 +20,7 @@ class TinyLlavaSpec:
     image_size: int = 32
     patch_size: int = 4  # (32 / 4)^2 = 64 visual tokens
     vision_hidden: int = 32
-    vision_layers: int = 3
+    vision_layers: int = 4  # select layer -2 leaves 3 blocks: one per Stage 1 segment
     vision_heads: int = 2
     llm_hidden: int = 64
     llm_layers: int = 4

@@ -1,0 +1,153 @@
+"""Stage 1: rank-guided token assignment inside each vision encoder.
+
+A ViT's blocks are split into three segments of equal depth; tokens are dropped at the two
+boundaries, before the block that starts the next segment:
+- shallow boundary: drop the tokens most cosine-similar to the mean token (shallow attention is
+  neither sparse nor stable, so similarity is the better redundancy signal);
+- deep boundary: keep the tokens with the highest CLS-to-patch attention, computed from that block's
+  own q/k (never by asking the model for attention maps); without a CLS token, the mean attention
+  each token receives.
+All images of an encoder keep the same number of tokens (the encoder's budget), so tensors stay
+rectangular. Encoders that cannot lose tokens inside (CNNs, windowed attention) are pruned at their
+output with the similarity score instead (``prune_output``).
+
+The stage works on any block with a pre-attention norm and q/k projections (``VitBlock``); the
+adapters say where an encoder's blocks are.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..core.select import bottomk_mask, compaction_index, gather_tokens, topk_mask
+from ..core.token_scores import cls_attention, received_attention, similarity_to_mean
+
+
+@dataclass
+class VitBlock:
+    """How to read the attention inputs of one kind of ViT block."""
+
+    norm: Callable[[torch.nn.Module], torch.nn.Module]
+    attn: Callable[[torch.nn.Module], torch.nn.Module]
+
+    def qk(self, layer: torch.nn.Module, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        attn = self.attn(layer)
+        normed = self.norm(layer)(hidden)
+        heads = int(getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads"))
+        b, t, _ = hidden.shape
+        q = attn.q_proj(normed).view(b, t, heads, -1).transpose(1, 2)
+        k = attn.k_proj(normed).view(b, t, heads, -1).transpose(1, 2)
+        scale = float(getattr(attn, "scale", None) or getattr(attn, "scaling", None) or q.shape[-1] ** -0.5)
+        return q, k, scale
+
+
+HF_CLIP_BLOCK = VitBlock(norm=lambda layer: layer.layer_norm1, attn=lambda layer: layer.self_attn)
+
+
+def boundaries(depth: int) -> Tuple[int, int]:
+    """Indices of the blocks that start the 2nd and 3rd of three equal-depth segments."""
+    if depth < 2:
+        raise ValueError(f"Stage 1 needs an encoder of at least 2 blocks before its output, this one has {depth}")
+    shallow = max(1, round(depth / 3))
+    deep = min(depth - 1, max(shallow, round(2 * depth / 3)))
+    return shallow, deep
+
+
+def split_drop(tokens: int, keep: int, shallow_share: float) -> Tuple[int, int]:
+    """Tokens left after the shallow boundary and after the deep one."""
+    drop = tokens - keep
+    first = int(round(drop * shallow_share))
+    return tokens - first, keep
+
+
+@dataclass
+class VitPlan:
+    """Stage 1 for one forward of one ViT encoder."""
+
+    patches: int  # patch tokens entering
+    keep: int  # patch tokens leaving
+    shallow: int
+    deep: int
+    after_shallow: int
+    has_cls: bool
+    positions: Optional[torch.Tensor] = None  # (B, n) original patch index of each surviving token
+    cache: Dict[int, torch.Tensor] = field(default_factory=dict)  # boundary -> gather index
+
+
+class VitPruner:
+    """Hooks on one ViT encoder's blocks; the owner sets ``plan`` before each forward."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module], block: VitBlock):
+        self.layers = layers
+        self.block = block
+        self.plan: Optional[VitPlan] = None
+
+    @classmethod
+    def attach(cls, owner: torch.nn.Module, layers: Sequence[torch.nn.Module], block: VitBlock, registry: Any) -> "VitPruner":
+        pruner = owner.__dict__.get("_meteor_vit_pruner")
+        if pruner is None or not registry.has_hooks(owner):
+            pruner = cls(layers, block)
+            owner._meteor_vit_pruner = pruner
+            for idx, layer in enumerate(layers):
+                handle = layer.register_forward_pre_hook(functools.partial(pruner._pre_hook, idx), with_kwargs=True)
+                registry.add_hook(owner, handle)
+        return pruner
+
+    def start(self, patches: int, keep: int, depth: int, shallow_share: float, has_cls: bool) -> VitPlan:
+        shallow, deep = boundaries(depth)
+        after_shallow, keep = split_drop(patches, keep, shallow_share)
+        self.plan = VitPlan(patches, keep, shallow, deep, after_shallow, has_cls)
+        return self.plan
+
+    def _pre_hook(self, idx: int, layer: torch.nn.Module, args: tuple, kwargs: dict):
+        plan = self.plan
+        if plan is None or idx not in (plan.shallow, plan.deep):
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if idx not in plan.cache:
+            plan.cache[idx] = self._select(idx, layer, hidden)
+        hidden = gather_tokens(hidden, plan.cache[idx])
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    @torch.no_grad()
+    def _select(self, idx: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Gather index over the block's input (CLS first, if any) for this boundary."""
+        plan = self.plan
+        start = 1 if plan.has_cls else 0
+        b, t, _ = hidden.shape
+        patches = t - start
+        if plan.positions is None or plan.positions.shape[1] != patches:
+            plan.positions = torch.arange(patches, device=hidden.device).expand(b, patches)
+        keep = torch.ones(b, patches, dtype=torch.bool, device=hidden.device)
+        if idx == plan.shallow:
+            count = torch.full((b,), min(plan.after_shallow, patches), device=hidden.device)
+            keep = bottomk_mask(similarity_to_mean(hidden[:, start:]), count, keep)
+        if idx == plan.deep:  # also the shallow block in encoders too shallow for two boundaries
+            q, k, scale = self.block.qk(layer, hidden)
+            scores = cls_attention(q, k, scale) if plan.has_cls else received_attention(q, k, scale)[:, start:]
+            count = torch.full((b,), min(plan.keep, patches), device=hidden.device)
+            keep = topk_mask(scores, count, keep)
+        index, _ = compaction_index(keep)
+        plan.positions = torch.gather(plan.positions, 1, index)
+        if start:
+            index = torch.cat([torch.zeros(b, 1, dtype=index.dtype, device=index.device), index + 1], dim=1)
+        return index
+
+
+def prune_output(features: torch.Tensor, keep: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Output-level Stage 1 for encoders that cannot lose tokens inside: drop the tokens most similar
+    to the mean token. features: (B, N, C). Returns (kept features (B, keep, C), positions (B, keep))."""
+    b, n, _ = features.shape
+    if keep >= n:
+        return features, torch.arange(n, device=features.device).expand(b, n)
+    with torch.no_grad():
+        mask = bottomk_mask(similarity_to_mean(features), torch.full((b,), keep, device=features.device),
+                            torch.ones(b, n, dtype=torch.bool, device=features.device))
+        index, _ = compaction_index(mask)
+    return gather_tokens(features, index), index

@@ -1,0 +1,120 @@
+"""Stage 1 inside LLaVA's CLIP tower, and the record that carries vision-side stats to the LLM forward.
+
+``CLIPVisionTower.forward`` (llava/model/multimodal_encoder/clip_encoder.py) runs the HF CLIP with
+``output_hidden_states=True`` and takes ``hidden_states[mm_vision_select_layer]``. The wrapper here
+prunes between CLIP's blocks (``stages/encoder.py``) so that the selected layer already holds only the
+kept patches; the three equal-depth segments count the blocks up to that selected layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..core.budget import resolve_budget
+from ..stages.encoder import HF_CLIP_BLOCK, VitPruner
+
+
+@dataclass
+class StageRecord:
+    """Per image: visual tokens entering and leaving a stage, and which positions were kept."""
+
+    entered: List[int] = field(default_factory=list)
+    left: List[int] = field(default_factory=list)
+    kept: List[Optional[List[int]]] = field(default_factory=list)
+
+    def add(self, entered: int, left: int, kept: Optional[torch.Tensor]) -> None:
+        for i in range(kept.shape[0] if kept is not None else 1):
+            self.entered.append(int(entered))
+            self.left.append(int(left))
+            self.kept.append(kept[i].tolist() if kept is not None else None)
+
+
+@dataclass
+class VisionRecord:
+    """What the vision side did during one ``encode_images`` call, stage by stage."""
+
+    stages: Dict[str, StageRecord] = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageRecord:
+        return self.stages.setdefault(name, StageRecord())
+
+
+@dataclass
+class EncoderRequest:
+    """Handed by the model's ``encode_images`` wrapper to its vision tower for one call."""
+
+    config: Any
+    record: VisionRecord
+
+
+def clip_layers(clip: torch.nn.Module):
+    """CLIP's encoder blocks: ``vision_model.encoder.layers`` in transformers 4.x, ``encoder.layers`` in 5.x."""
+    inner = getattr(clip, "vision_model", clip)
+    return inner.encoder.layers
+
+
+def selected_depth(layers: int, select_layer: int) -> int:
+    """Blocks that feed ``hidden_states[select_layer]`` (index 0 is the embeddings)."""
+    depth = layers + 1 + select_layer if select_layer < 0 else select_layer
+    if not 0 < depth <= layers:
+        raise ValueError(f"mm_vision_select_layer={select_layer} is outside a CLIP of {layers} layers")
+    return depth
+
+
+def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
+    @functools.wraps(original)
+    def forward(self, images):
+        request: Optional[EncoderRequest] = self.__dict__.pop("_meteor_request", None)
+        if request is None or not request.config.encoder:
+            return original(self, images)
+        if isinstance(images, list):
+            return [forward_one(self, image.unsqueeze(0), request) for image in images]
+        return forward_one(self, images, request)
+
+    def forward_one(tower, images, request):
+        cfg = request.config
+        layers = clip_layers(tower.vision_tower)
+        depth = selected_depth(len(layers), tower.select_layer)
+        patches = tower.num_patches
+        keep = resolve_budget(cfg.encoder_keep, patches)
+        if keep < 1:
+            raise ValueError(f"MeteorConfig.encoder_keep={cfg.encoder_keep!r} keeps no token of {patches}: allowed >= 1 token")
+        pruner = VitPruner.attach(tower, layers, HF_CLIP_BLOCK, registry)
+        plan = pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True)
+        try:
+            features = original(tower, images)
+        finally:
+            pruner.plan = None
+        request.record.stage("encoder").add(patches, keep, plan.positions)
+        return features
+
+    return forward
+
+
+def patch_llava_clip(registry: Any) -> None:
+    """Stage 1 for LLaVA's CLIP tower (class-level)."""
+    from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
+
+    from .common import require
+
+    require(CLIPVisionTower, ("forward", "num_patches", "feature_select"), "LLaVA's CLIPVisionTower")
+    if not registry.is_patched(CLIPVisionTower, "forward"):
+        registry.patch(CLIPVisionTower, "forward", wrap_clip_tower_forward(CLIPVisionTower.forward, registry))
+    STAGE1_TOWERS.add(CLIPVisionTower)
+
+
+# Vision tower classes whose forward runs Stage 1 when handed an EncoderRequest.
+STAGE1_TOWERS: set = set()
+
+
+def warn_uncalibrated(names: List[str]) -> None:
+    warnings.warn(
+        f"meteor-plugin Stage 1: no encoder_ranks for {', '.join(names)}; the token budget is split uniformly "
+        "across encoders. Run `meteor-plugin calibrate` to split it by rank as METEOR does.",
+        stacklevel=3,
+    )

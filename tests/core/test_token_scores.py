@@ -1,0 +1,37 @@
+import torch
+
+from meteor_plugin.core.rank import numerical_rank
+from meteor_plugin.core.select import bottomk_mask
+from meteor_plugin.core.token_scores import cooperative_redundancy, similarity_to_mean
+
+
+def test_similarity_to_mean_is_cosine_to_the_average_token():
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    mean = x.mean(dim=1)[0]
+    expected = torch.stack([torch.nn.functional.cosine_similarity(t, mean, dim=0) for t in x[0]])
+    torch.testing.assert_close(similarity_to_mean(x)[0], expected)
+
+
+def test_cooperative_redundancy_matches_brute_force_and_selection_keeps_the_lowest():
+    torch.manual_seed(0)
+    b, counts, d = 2, [5, 3, 4], 6
+    z = torch.randn(b, sum(counts), d)
+    owner = torch.cat([torch.full((n,), j) for j, n in enumerate(counts)])
+    alive = torch.rand(b, sum(counts)) > 0.2
+    r = cooperative_redundancy(z, owner, alive)
+    for s in range(b):
+        for i in range(sum(counts)):
+            ref = sum(torch.nn.functional.cosine_similarity(z[s, i], z[s, m], dim=0)
+                      for m in range(sum(counts)) if owner[m] != owner[i] and alive[s, m])
+            torch.testing.assert_close(r[s, i], torch.as_tensor(ref, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+    keep = bottomk_mask(r, torch.tensor([4, 4]), torch.ones_like(alive))
+    for s in range(b):
+        brute = sorted(range(sum(counts)), key=lambda i: (float(r[s, i]), i))[:4]
+        assert sorted(torch.nonzero(keep[s]).flatten().tolist()) == sorted(brute)
+
+
+def test_numerical_rank_counts_independent_directions():
+    basis = torch.randn(3, 8)
+    low_rank = torch.randn(2, 10, 3) @ basis  # rank 3
+    assert numerical_rank(low_rank).tolist() == [3.0, 3.0]
+    assert numerical_rank(torch.randn(12, 5)).tolist() == [5.0]
