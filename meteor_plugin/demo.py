@@ -16,7 +16,7 @@ import torch
 import meteor_plugin
 from meteor_plugin.testing.llava import IMAGE_TOKEN_INDEX, TinyLlavaSpec, build_tiny_llava
 
-DEMO_SPEC = TinyLlavaSpec(image_size=336, patch_size=14, vision_hidden=128, vision_layers=2, vision_heads=2,
+DEMO_SPEC = TinyLlavaSpec(image_size=336, patch_size=14, vision_hidden=128, vision_layers=4, vision_heads=2,
                           llm_hidden=512, llm_layers=8, llm_heads=8, llm_kv_heads=8, llm_intermediate=1408,
                           vocab_size=4096)
 DEFAULT_PROMPT = "What is drawn in the top left corner of this picture?"

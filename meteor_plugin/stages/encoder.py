@@ -51,7 +51,10 @@ HF_CLIP_BLOCK = VitBlock(norm=lambda layer: layer.layer_norm1, attn=lambda layer
 def boundaries(depth: int) -> Tuple[int, int]:
     """Indices of the blocks that start the 2nd and 3rd of three equal-depth segments."""
     if depth < 2:
-        raise ValueError(f"Stage 1 needs an encoder of at least 2 blocks before its output, this one has {depth}")
+        raise ValueError(
+            f"Stage 1 (encoder=True) needs at least 2 encoder blocks before the selected layer, this encoder has "
+            f"{depth}: set encoder=False for it"
+        )
     shallow = max(1, round(depth / 3))
     deep = min(depth - 1, max(shallow, round(2 * depth / 3)))
     return shallow, deep
