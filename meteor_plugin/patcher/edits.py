@@ -90,7 +90,7 @@ def plan(spec: FileSpec, original: str) -> List[Tuple[int, List[str], str]]:
         try:
             spot: Optional[Spot] = edit.anchor.locate(module, lines)
         except NotFound as exc:
-            raise Unrecognised(f"{exc} (the {edit.name!r} edit goes at the {edit.anchor.description})") from None
+            raise Unrecognised(f"{exc}; the {edit.name!r} edit goes at the {edit.anchor.description}") from None
         if spot is None:
             continue
         before = lines[spot.index - 1] if spot.index > 0 else ""
