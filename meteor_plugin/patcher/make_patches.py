@@ -28,9 +28,16 @@ from .codebases import EAGLE, LLAVA, Codebase, Layout, layout_of
 from .tree import patch_text
 
 COMMITS = {"c121f04": "c121f0432da27facab705978f83c4ada465e46fd", "fef95f1": "fef95f103b5e9899acbbe2c237e5b99147ab7e8e"}
+WHERE = {  # where the user runs git apply, per layout
+    "c121f04": "the root of the checkout",
+    "fef95f1": "the root of the checkout",
+    "llava-torch-1.2.2": "the folder that holds llava/ (e.g. site-packages)",
+}
 
 
-def header(layout: Layout, where: str) -> str:
+def header(layout: Layout) -> str:
+    """The text before the first diff: git apply skips it."""
+    where = WHERE[layout.name]
     return (
         f"METEOR patch for {layout.title}, written by `python -m meteor_plugin.patcher.make_patches`.\n"
         "It only inserts lines, each carrying a `# [METEOR]` comment, and holds no upstream line, so its hunks\n"
@@ -63,21 +70,21 @@ def export_from_git(git_dir: str, commit: str, codebase: Codebase, dest: str) ->
             fh.write(result.stdout)
 
 
-def _write_patch(root: str, codebase: Codebase, layout: Layout, where: str, out_dir: str) -> str:
+def _write_patch(root: str, codebase: Codebase, layout: Layout, out_dir: str) -> str:
     found = layout_of(root, codebase)
     if found != layout:
         raise SystemExit(f"{root} looks like {found.title if found else 'no known layout'}, not {layout.title}")
     target = os.path.join(out_dir, layout.patch_file)
     with open(target, "w", encoding="utf-8", newline="") as fh:
-        fh.write(patch_text(root, header(layout, where)))
+        fh.write(patch_text(root, header(layout)))
     return target
 
 
-def _from_git(git_dir: str, codebase: Codebase, layout: Layout, where: str, out_dir: str) -> str:
+def _from_git(git_dir: str, codebase: Codebase, layout: Layout, out_dir: str) -> str:
     tmp = tempfile.mkdtemp(prefix=f"meteor-{layout.name}-")
     try:
         export_from_git(git_dir, COMMITS[layout.name], codebase, tmp)
-        return _write_patch(tmp, codebase, layout, where, out_dir)
+        return _write_patch(tmp, codebase, layout, out_dir)
     finally:
         shutil.rmtree(tmp)
 
@@ -101,13 +108,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.makedirs(args.out, exist_ok=True)
     written = []
     if args.llava:
-        written.append(_from_git(args.llava, LLAVA, LLAVA.layouts[0], "the root of the checkout", args.out))
+        written.append(_from_git(args.llava, LLAVA, LLAVA.layouts[0], args.out))
     if args.eagle:
-        written.append(_from_git(args.eagle, EAGLE, EAGLE.layouts[0], "the root of the checkout", args.out))
+        written.append(_from_git(args.eagle, EAGLE, EAGLE.layouts[0], args.out))
     if args.llava_torch:
         _check_llava_torch_version(args.llava_torch)
-        written.append(_write_patch(args.llava_torch, LLAVA, LLAVA.layouts[1],
-                                    "the folder that holds llava/ (e.g. site-packages)", args.out))
+        written.append(_write_patch(args.llava_torch, LLAVA, LLAVA.layouts[1], args.out))
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
 

@@ -15,9 +15,17 @@ show the two tree fixes work.
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, List, Optional
+
+from meteor_plugin.patcher.codebases import EAGLE, LLAVA
+from meteor_plugin.patcher.edits import plan
 
 LAYOUTS = ("c121f04", "llava-torch-1.2.2", "fef95f1")
+
+# Where filler lines may go: one slot before each landmark, in file order. Without positions the slots
+# are dropped; with positions they are filled so each landmark sits on its upstream line.
+PAD = "# <pad>\n"
+FILLER = "# (synthetic filler line)\n"
 
 
 def _script(pkg: str, func: str, call: str, define: str = "") -> str:
@@ -31,6 +39,7 @@ def _script(pkg: str, func: str, call: str, define: str = "") -> str:
         "def split_list(items, n):\n"
         "    return [items[i::n] for i in range(n)]\n\n\n"
         f"{body}\n\n"
+        f"{PAD}"
         'if __name__ == "__main__":\n'
         "    parser = argparse.ArgumentParser()\n"
         '    parser.add_argument("--model-path", type=str, default="model")\n'
@@ -50,7 +59,7 @@ def _worker_script(pkg: str) -> str:
 
 
 def _train_launcher(module: str, call: str) -> str:
-    return f"from {module} import train\n\nif __name__ == \"__main__\":\n    {call}\n"
+    return f"from {module} import train\n\n{PAD}if __name__ == \"__main__\":\n    {call}\n"
 
 
 # train(): the --bits branch builds from_pretrained kwargs with load_in_*bit beside quantization_config.
@@ -67,6 +76,7 @@ def load_model(**kwargs):
     return dict(kwargs)
 
 
+# <pad>
 def train(attn_implementation=None):
     training_args = parse_arguments()
     bnb_model_from_pretrained_args = {}
@@ -84,6 +94,7 @@ def train(attn_implementation=None):
     return model
 
 
+# <pad>
 if __name__ == "__main__":
     train()
 '''
@@ -92,6 +103,7 @@ EAGLE_LLAMA = '''"""Synthetic stand-in (filler) for eagle_llama.py: the config c
 from transformers import LlamaConfig
 
 
+# <pad>
 class EagleConfig(LlamaConfig):
     model_type = "synthetic_eagle_llama"
 
@@ -137,6 +149,7 @@ try:
 except ImportError:
     eval_logger.error("eagle is not importable")
 
+# <pad>
 from typing import List, Optional
 
 
@@ -157,6 +170,7 @@ PREDICT_DEMO = '''"""Synthetic stand-in (filler) for predict_demo.py: loads the 
 import os
 
 from eagle.model.builder import load_pretrained_model
+# <pad>
 from eagle.mm_utils import get_model_name_from_path
 
 model_path = os.environ.get("MODEL", "model")
@@ -168,6 +182,7 @@ print(model)
 GRADIO_DEMO = '''"""Synthetic stand-in (filler) for gradio_demo.py: parses arguments at module level."""
 import argparse
 
+# <pad>
 from eagle.model.builder import load_pretrained_model
 
 # a comment between the imports and the first statement
@@ -223,9 +238,33 @@ def files_for(layout: str) -> Dict[str, str]:
     return eagle_files() if layout == "fef95f1" else llava_files(layout)
 
 
-def build_tree(root: str, layout: str) -> str:
-    """Write the synthetic tree for ``layout`` under ``root``; returns ``root``."""
+def _place(spec, text: str, targets: List[int]) -> str:
+    """Fill the pad slots so that the patcher's insertion points fall after the ``targets`` lines."""
+    parts = text.split(PAD)
+    if len(parts) - 1 != len(targets):
+        raise ValueError(f"{spec.path}: {len(parts) - 1} pad slots for {len(targets)} upstream positions")
+    fills = [0] * len(targets)
+    for slot, target in enumerate(targets):
+        current = "".join(p + FILLER * n for p, n in zip(parts, fills)) + "".join(parts[len(fills):])
+        where = [index for index, _, _ in plan(spec, current)][slot]
+        if where > target:
+            raise ValueError(f"{spec.path}: the synthetic file is too long to put landmark {slot} on line {target}")
+        fills[slot] = target - where
+    return "".join(p + FILLER * n for p, n in zip(parts, fills + [0]))
+
+
+def build_tree(root: str, layout: str, positions: Optional[Dict[str, List[int]]] = None) -> str:
+    """Write the synthetic tree for ``layout`` under ``root``; returns ``root``.
+
+    ``positions`` (path -> the lines after which the patcher inserts, as upstream has them) puts each
+    landmark on its upstream line, so that zero-context patches made from the upstream files apply.
+    """
+    codebase = EAGLE if layout == "fef95f1" else LLAVA
     for path, text in files_for(layout).items():
+        if positions is not None and path in positions:
+            text = _place(codebase.spec(path), text, positions[path])
+        else:
+            text = text.replace(PAD, "")
         full = os.path.join(root, *path.split("/"))
         os.makedirs(os.path.dirname(full), exist_ok=True)
         with open(full, "w", encoding="utf-8", newline="") as fh:
