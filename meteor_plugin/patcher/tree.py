@@ -116,7 +116,7 @@ def inspect_file(root: str, spec: FileSpec) -> FileState:
     else:
         first = _first_difference(current, state.patched)
         state.problem = (f"its {MARKER} lines differ from what the patcher inserts (first difference at line {first}): "
-                         "edited by hand, or patched by another version")
+                         "edited by hand, patched twice, or patched by another version")
     return state
 
 
@@ -164,7 +164,9 @@ def revert(root: str, dry_run: bool = False, force: bool = False) -> Outcome:
     s = survey(root)
     bad = [f for f in s.with_status(REFUSED) if f.has_markers]
     if bad and not force:
-        raise _refusal("patch revert", s, bad)
+        error = _refusal("patch revert", s, bad)
+        raise PatchError(f"{error}\nWith --force (force=True), revert removes every {MARKER} line anyway and keeps "
+                         "all other changes.")
     todo = [f for f in s.files if f.has_markers]
     diff = "".join(file_diff(f.path, f.current, f.original) for f in todo)
     if not dry_run:

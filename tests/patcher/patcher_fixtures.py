@@ -8,6 +8,10 @@ else is filler of our own; no upstream code is copied. Indentation matches upstr
 take theirs from it (4 spaces in ``__main__`` blocks, 8 in ``train()``'s ``--bits`` branch), so the
 ``+`` lines of a patch made from these trees are the ones in ``patches/``.
 
+``build_tree(..., positions)`` also puts each landmark on the line where upstream has it (the lines
+named by the hunks of ``patches/*.patch``), padding with comment lines, so that the committed
+zero-context patches apply to these trees as they do to the upstream ones.
+
 The filler of ``train.py``, ``eagle_llama.py`` and EAGLE's ``builder.py`` runs, so that tests can
 show the two tree fixes work.
 """

@@ -2,8 +2,9 @@
 
 The patched entry points run in a subprocess on a tiny LLaVA checkpoint saved to disk; the harness
 (``patcher_entry_harness.py``) never imports the plugin, so pruning in the stats can only come from the
-[METEOR] lines of the patched script. Also: the installed package regenerates the committed
-``patches/llava-torch-1.2.2.patch`` byte for byte, and that patch applies to a copy of it with git.
+[METEOR] lines of the patched script (or, for the unpatched copy, from ``python -m meteor_plugin.run``).
+Also: the installed package regenerates the committed ``patches/llava-torch-1.2.2.patch`` byte for
+byte, and that patch applies to a copy of it with git.
 """
 
 import importlib.metadata
@@ -105,13 +106,32 @@ def test_patched_cli_demo_prunes_with_meteor_config_env(setup):
     _assert_pruned(done, report, setup["tree"])
 
 
-def test_unpatched_entry_point_rejects_the_flag(setup):
-    tree = _copy_llava(os.path.join(setup["work"], "unpatched"))
+@pytest.fixture(scope="module")
+def unpatched(setup):
+    return _copy_llava(os.path.join(setup["work"], "unpatched"))
+
+
+def test_unpatched_entry_point_rejects_the_flag(setup, unpatched):
+    tree = unpatched
     args = ["--model-path", setup["checkpoint"], "--image-file", "x.png", "--query", "q",
             "--meteor-config", setup["config"]]
     done, report = _run(tree, setup["work"], "unpatched", "llava.eval.run_llava", args)
     assert done.returncode == 2 and "unrecognized arguments: --meteor-config" in done.stderr
     assert report["loads"] == []
+
+
+def test_meteor_plugin_run_drives_the_unpatched_model_vqa_loader(setup, unpatched):
+    # python -m meteor_plugin.run MODULE: runs the module as __main__, where model_vqa_loader sets the
+    # module-global `args` its dataset reads.
+    answers = os.path.join(setup["work"], "answers", "run.jsonl")
+    args = ["--meteor-config", setup["config"], "llava.eval.model_vqa_loader", "--model-path", setup["checkpoint"],
+            "--image-folder", os.path.join(setup["work"], "images"),
+            "--question-file", os.path.join(setup["work"], "questions.jsonl"), "--answers-file", answers,
+            "--temperature", "0", "--max_new_tokens", "3"]
+    done, report = _run(unpatched, setup["work"], "run", "meteor_plugin.run", args)
+    _assert_pruned(done, report, unpatched)
+    with open(answers) as fh:
+        assert [json.loads(line)["question_id"] for line in fh] == [7]
 
 
 def _llava_torch_version():
