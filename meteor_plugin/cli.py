@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny model: checks the benchmark runs, numbers mean little")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
+
+    from meteor_plugin.patcher.cli import add_subparser as add_patch
+
+    add_patch(sub)
     return parser
 
 

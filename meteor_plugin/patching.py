@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Iterable, Optional, Union
 
 from . import targets as _targets
@@ -79,8 +80,12 @@ def is_enabled() -> bool:
 
 
 def enable_from_env() -> Optional[MeteorConfig]:
-    """Enable with the config file named by METEOR_CONFIG, if that variable is set."""
+    """Enable with the config file named by METEOR_CONFIG, if that variable is set.
+
+    Not in the ``meteor-plugin`` tool itself: its subcommands take explicit configs, and ``patch`` must
+    work on a machine where the codebase it patches is not installed yet.
+    """
     path = os.environ.get("METEOR_CONFIG")
-    if not path:
+    if not path or os.path.basename(sys.argv[0] if sys.argv else "") == "meteor-plugin":
         return None
     return enable(MeteorConfig.from_file(path))

@@ -1,8 +1,10 @@
-"""python -m meteor_plugin.run [--meteor-config PATH] MODULE [ARGS...]
+"""python -m meteor_plugin.run [--meteor-config PATH] [--meteor-set FIELD=VALUE ...] MODULE [ARGS...]
 
 Runs MODULE as ``__main__`` (as ``python -m MODULE ARGS...`` would) with the plugin enabled: with the
-given config, else METEOR_CONFIG, else each checkpoint's saved config or the defaults. Running as
-``__main__`` matters: LLaVA's ``model_vqa_loader`` reads a module-global ``args`` set only there.
+given config and overrides, else METEOR_CONFIG, else each checkpoint's saved config or the defaults.
+Running as ``__main__`` matters: LLaVA's ``model_vqa_loader`` reads a module-global ``args`` set only
+there. Options before MODULE are the runner's; a ``--local_rank`` put there by the ``deepspeed``
+launcher is handed on to the module.
 """
 
 from __future__ import annotations
@@ -11,28 +13,34 @@ import runpy
 import sys
 from typing import List, Optional
 
-USAGE = "usage: python -m meteor_plugin.run [--meteor-config PATH] MODULE [ARGS...]"
+USAGE = "usage: python -m meteor_plugin.run [--meteor-config PATH] [--meteor-set FIELD=VALUE] MODULE [ARGS...]"
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    config = None
-    if argv[:1] == ["--meteor-config"]:
-        if len(argv) < 2:
-            raise SystemExit(USAGE)
-        config, argv = argv[1], argv[2:]
-    elif argv and argv[0].startswith("--meteor-config="):
-        config, argv = argv[0].split("=", 1)[1], argv[1:]
-    if not argv or argv[0].startswith("-"):
+    # The runner's own options are the ones before MODULE.
+    head: List[str] = []
+    while argv and argv[0].startswith("-"):
+        takes_value = argv[0] in ("--meteor-config", "--meteor-set", "--local_rank")
+        head.extend(argv[: 2 if takes_value else 1])
+        argv = argv[2 if takes_value else 1:]
+    if not argv:
         raise SystemExit(USAGE)
+    from meteor_plugin.entry import pop_meteor_args
+
+    passed_on = list(head)
+    path, overrides = pop_meteor_args(passed_on)
+    unknown = [a for a in passed_on if not a.startswith("--local_rank")]
+    if any(not a.isdigit() for a in unknown):
+        raise SystemExit(f"unknown option(s) before MODULE: {' '.join(unknown)}\n{USAGE}")
     import meteor_plugin
 
-    if config is not None:
-        meteor_plugin.enable(config)
+    if path is not None or overrides:
+        meteor_plugin.enable(path, **overrides)
     elif not meteor_plugin.is_enabled():
         meteor_plugin.enable()
     module = argv[0]
-    sys.argv = [module] + argv[1:]
+    sys.argv = [module] + passed_on + argv[1:]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

@@ -146,5 +146,11 @@ def test_runner_runs_a_module_as_main_with_the_plugin_enabled(tmp_path):
     out = _run(["-m", "meteor_plugin.run", "--meteor-config", str(cfg), "probe_script", "--flag", "1"], {}, tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, ["--flag", "1"], 3]
+    out = _run(["-m", "meteor_plugin.run", "--meteor-set", "llm_layer=3", "--local_rank=1", "probe_script", "x"],
+               {}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, ["--local_rank=1", "x"], None]
     out = _run(["-m", "meteor_plugin.run"], {}, tmp_path)
     assert out.returncode != 0 and "usage: python -m meteor_plugin.run" in out.stderr
+    out = _run(["-m", "meteor_plugin.run", "--verbose", "probe_script"], {}, tmp_path)
+    assert out.returncode != 0 and "unknown option(s) before MODULE: --verbose" in out.stderr
