@@ -44,6 +44,17 @@ def adaptive_keep(
     return torch.minimum(torch.maximum(raw, lo), hi).clamp(min=0)
 
 
+def rank_weights(ranks: Sequence[Optional[float]]) -> List[float]:
+    """Normalised weights ``r_l / sum(r)``; uniform if any rank is missing (None) or all are 0."""
+    if any(r is not None and (not math.isfinite(float(r)) or float(r) < 0) for r in ranks):
+        raise ValueError(f"encoder ranks must be finite and >= 0, got {list(ranks)}")
+    n = len(ranks)
+    if any(r is None for r in ranks) or sum(float(r) for r in ranks) <= 0:
+        return [1.0 / n] * n
+    s = sum(float(r) for r in ranks)
+    return [float(r) / s for r in ranks]
+
+
 def rank_budgets(total: int, ranks: Sequence[Optional[float]]) -> List[int]:
     """Split ``total`` tokens across encoders in proportion to their ranks: ``k_l = k * r_l / sum(r)``.
 
@@ -51,22 +62,14 @@ def rank_budgets(total: int, ranks: Sequence[Optional[float]]) -> List[int]:
     lower index). A missing rank (None) means "no calibration": every encoder then gets an equal
     share. An encoder of rank 0 gets nothing; if every rank is 0 the split is uniform.
     """
-    n = len(ranks)
-    if n == 0:
-        return []
     if total < 0:
         raise ValueError(f"total budget must be >= 0, got {total}")
-    if any(r is not None and (not math.isfinite(float(r)) or float(r) < 0) for r in ranks):
-        raise ValueError(f"encoder ranks must be finite and >= 0, got {list(ranks)}")
-    if any(r is None for r in ranks) or sum(float(r) for r in ranks) <= 0:
-        weights = [1.0] * n
-    else:
-        weights = [float(r) for r in ranks]
-    s = sum(weights)
-    exact = [total * w / s for w in weights]
+    if not ranks:
+        return []
+    exact = [total * w for w in rank_weights(ranks)]
     shares = [int(math.floor(e)) for e in exact]
     left = total - sum(shares)
-    order = sorted(range(n), key=lambda i: (-(exact[i] - shares[i]), i))
+    order = sorted(range(len(shares)), key=lambda i: (-(exact[i] - shares[i]), i))
     for i in order[:left]:
         shares[i] += 1
     return shares

@@ -82,19 +82,27 @@ class VitPlan:
 
 
 class VitPruner:
-    """Hooks on one ViT encoder's blocks; the owner sets ``plan`` before each forward."""
+    """Hooks on one ViT encoder's blocks; the owner calls ``start`` before each forward it wants pruned.
+
+    A plan lives from one forward of ``root`` (the module that runs the blocks) to the next: it must
+    outlive the forward itself, because checkpointed blocks run again during backward. A forward of
+    ``root`` that no ``start`` prepared runs unpruned.
+    """
 
     def __init__(self, layers: Sequence[torch.nn.Module], block: VitBlock):
         self.layers = layers
         self.block = block
         self.plan: Optional[VitPlan] = None
+        self._fresh = False
 
     @classmethod
-    def attach(cls, owner: torch.nn.Module, layers: Sequence[torch.nn.Module], block: VitBlock, registry: Any) -> "VitPruner":
+    def attach(cls, owner: torch.nn.Module, root: torch.nn.Module, layers: Sequence[torch.nn.Module],
+               block: VitBlock, registry: Any) -> "VitPruner":
         pruner = owner.__dict__.get("_meteor_vit_pruner")
         if pruner is None or not registry.has_hooks(owner):
             pruner = cls(layers, block)
             owner._meteor_vit_pruner = pruner
+            registry.add_hook(owner, root.register_forward_pre_hook(pruner._root_hook))
             for idx, layer in enumerate(layers):
                 handle = layer.register_forward_pre_hook(functools.partial(pruner._pre_hook, idx), with_kwargs=True)
                 registry.add_hook(owner, handle)
@@ -104,7 +112,13 @@ class VitPruner:
         shallow, deep = boundaries(depth)
         after_shallow, keep = split_drop(patches, keep, shallow_share)
         self.plan = VitPlan(patches, keep, shallow, deep, after_shallow, has_cls)
+        self._fresh = True
         return self.plan
+
+    def _root_hook(self, module: torch.nn.Module, args: tuple) -> None:
+        if not self._fresh:
+            self.plan = None  # a forward nobody prepared: no pruning
+        self._fresh = False
 
     def _pre_hook(self, idx: int, layer: torch.nn.Module, args: tuple, kwargs: dict):
         plan = self.plan

@@ -25,8 +25,8 @@ from ..compat import transformers as compat
 from ..runtime import config_for
 from ..stages.decoder import wrap_model_forward
 from ..stages.layout import VisualLayout, query_mask
-from ..stats import RunStats
-from .vision import STAGE1_TOWERS, EncoderRequest, VisionRecord
+from ..stats import RunStats, StageCount
+from .vision import VISION_HANDLERS, VisionRecord
 
 IMAGE_TOKEN_INDEX = -200
 _DROPPABLE_KWARGS = ("cache_position", "logits_to_keep", "num_logits_to_keep")
@@ -132,21 +132,22 @@ def locate_visual_tokens(model: Any, input_ids: torch.Tensor, attention_mask: Op
 
 
 def vision_stats(record: Optional[VisionRecord], owners: List[Optional[int]], batch: int) -> RunStats:
-    """Per-sample stats from the per-image records of Stages 1 and 2."""
+    """Per-sample stats from the per-image records of Stages 1 and 2 (summed over a sample's images)."""
     stats = RunStats(batch)
     if record is None:
         return stats
     for name, rec in record.stages.items():
-        entered = torch.zeros(batch, dtype=torch.long)
-        left = torch.zeros(batch, dtype=torch.long)
-        kept: List[Any] = [None] * batch
         for image, owner in enumerate(owners[:len(rec.entered)]):
             if owner is None:
-                continue
-            entered[owner] += rec.entered[image]
-            left[owner] += rec.left[image]
-            kept[owner] = rec.kept[image] if kept[owner] is None else kept[owner] + rec.kept[image]
-        stats.set_stage(name, entered, left, kept=kept)
+                continue  # the dummy image a text-only sample consumes
+            count = stats.stages[owner].get(name)
+            if count is None:
+                stats.stages[owner][name] = StageCount(rec.entered[image], rec.left[image],
+                                                       {"kept": rec.kept[image], **rec.detail[image]})
+            else:
+                count.entered += rec.entered[image]
+                count.left += rec.left[image]
+                count.detail.setdefault("more_images", []).append({"kept": rec.kept[image], **rec.detail[image]})
     return stats
 
 
@@ -157,23 +158,25 @@ def wrap_encode_images(original: Any) -> Any:
         cfg = config_for(self)
         record = VisionRecord()
         self._meteor_vision = record
-        if cfg.encoder:
-            tower = self.get_model().get_vision_tower()
-            if type(tower) not in STAGE1_TOWERS:
-                raise NotImplementedError(
-                    f"meteor-plugin Stage 1 does not know the vision tower {type(tower).__name__}; "
-                    "set encoder=False to run without it"
-                )
-            tower._meteor_request = EncoderRequest(cfg, record)
-        try:
+        tower = self.get_model().get_vision_tower()
+        handler = VISION_HANDLERS.get(type(tower))
+        if handler is not None:
+            features = handler(self, images, cfg, record, original)
+        elif cfg.encoder or (cfg.fusion and _multi_encoder(tower)):
+            raise NotImplementedError(
+                f"meteor-plugin Stages 1-2 do not know the vision tower {type(tower).__name__}; "
+                "set encoder=False (and fusion=False) to run without them"
+            )
+        else:
             features = original(self, images, *args, **kwargs)
-        finally:
-            if cfg.encoder:
-                tower.__dict__.pop("_meteor_request", None)
         self._meteor_features = features.shape[1] if torch.is_tensor(features) and features.dim() == 3 else None
         return features
 
     return encode_images
+
+
+def _multi_encoder(tower: Any) -> bool:
+    return hasattr(tower, "vision_towers")
 
 
 def wrap_prepare(original: Any) -> Any:

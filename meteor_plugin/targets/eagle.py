@@ -4,10 +4,12 @@ PyPI's ``eagle`` is an unrelated GUI library, so EAGLE is recognised by its mode
 """
 
 from .common import FamilyTarget
+from .eagle_vision import patch_eagle_vision
 
 TARGET = FamilyTarget(
     name="eagle",
     module="eagle.model.language_model.eagle_llama",
     causal="EagleLlamaForCausalLM",
     llm="EagleLlamaModel",
+    vision=(patch_eagle_vision,),
 )

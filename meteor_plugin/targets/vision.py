@@ -21,17 +21,22 @@ from ..stages.encoder import HF_CLIP_BLOCK, VitPruner
 
 @dataclass
 class StageRecord:
-    """Per image: visual tokens entering and leaving a stage, and which positions were kept."""
+    """Per image: visual tokens entering and leaving a stage, the kept positions, and details."""
 
     entered: List[int] = field(default_factory=list)
     left: List[int] = field(default_factory=list)
     kept: List[Optional[List[int]]] = field(default_factory=list)
+    detail: List[Dict[str, Any]] = field(default_factory=list)
 
-    def add(self, entered: int, left: int, kept: Optional[torch.Tensor]) -> None:
-        for i in range(kept.shape[0] if kept is not None else 1):
+    def add(self, entered: int, left: int, kept: Optional[torch.Tensor] = None, images: Optional[int] = None,
+            per_image: Optional[List[Dict[str, Any]]] = None, **shared: Any) -> None:
+        """One call per batch of images: ``kept`` is (images, n) or None (then give ``images``)."""
+        count = kept.shape[0] if kept is not None else int(images)
+        for i in range(count):
             self.entered.append(int(entered))
             self.left.append(int(left))
             self.kept.append(kept[i].tolist() if kept is not None else None)
+            self.detail.append({**shared, **(per_image[i] if per_image else {})})
 
 
 @dataclass
@@ -84,16 +89,25 @@ def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
         keep = resolve_budget(cfg.encoder_keep, patches)
         if keep < 1:
             raise ValueError(f"MeteorConfig.encoder_keep={cfg.encoder_keep!r} keeps no token of {patches}: allowed >= 1 token")
-        pruner = VitPruner.attach(tower, layers, HF_CLIP_BLOCK, registry)
+        pruner = VitPruner.attach(tower, tower.vision_tower, layers, HF_CLIP_BLOCK, registry)
         plan = pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True)
-        try:
-            features = original(tower, images)
-        finally:
-            pruner.plan = None
+        features = original(tower, images)
         request.record.stage("encoder").add(patches, keep, plan.positions)
         return features
 
     return forward
+
+
+def llava_clip_encode(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any):
+    """``encode_images`` of a LLaVA model: the CLIP tower runs Stage 1 when handed a request."""
+    if not cfg.encoder:
+        return original(model, images)
+    tower = model.get_model().get_vision_tower()
+    tower._meteor_request = EncoderRequest(cfg, record)
+    try:
+        return original(model, images)
+    finally:
+        tower.__dict__.pop("_meteor_request", None)
 
 
 def patch_llava_clip(registry: Any) -> None:
@@ -105,11 +119,11 @@ def patch_llava_clip(registry: Any) -> None:
     require(CLIPVisionTower, ("forward", "num_patches", "feature_select"), "LLaVA's CLIPVisionTower")
     if not registry.is_patched(CLIPVisionTower, "forward"):
         registry.patch(CLIPVisionTower, "forward", wrap_clip_tower_forward(CLIPVisionTower.forward, registry))
-    STAGE1_TOWERS.add(CLIPVisionTower)
+    VISION_HANDLERS[CLIPVisionTower] = llava_clip_encode
 
 
-# Vision tower classes whose forward runs Stage 1 when handed an EncoderRequest.
-STAGE1_TOWERS: set = set()
+# Vision tower class -> encode_images(model, images, config, record, original) running Stages 1 and 2.
+VISION_HANDLERS: Dict[type, Any] = {}
 
 
 def warn_uncalibrated(names: List[str]) -> None:

@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
         fh.write(json.dumps({"question_id": 7, "image": "red.png", "text": "what is in this image ?"}) + "\n")
     config = os.path.join(work, "meteor.json")
     with open(config, "w") as fh:
-        json.dump({"llm_layer": 2, "llm_max_keep": 0.25}, fh)
+        json.dump({"encoder_keep": 32, "llm_layer": 2, "llm_max_keep": 0.25}, fh)
     return {"work": work, "tree": tree, "checkpoint": checkpoint, "config": config}
 
 
@@ -79,10 +79,11 @@ def _assert_pruned(done, report, tree):
     assert report["llava_file"].startswith(tree)  # the patched copy ran, not the installed package
     assert report["loads"] == [{"plugin_enabled": True}]  # enabled before the model was loaded
     stats = report["stats"]
-    llm = stats["samples"][0]["llm"]
-    assert llm["in"] == 64 and llm["out"] == 16  # 8x8 patches; llm_max_keep=0.25
+    encoder, llm = stats["samples"][0]["encoder"], stats["samples"][0]["llm"]
+    assert encoder["in"] == 64 and encoder["out"] == 32  # 8x8 patches; encoder_keep=32 inside CLIP
+    assert llm["in"] == 32 and llm["out"] == 8  # llm_max_keep=0.25
     full = stats["layer_seq_len"][0]
-    assert stats["layer_seq_len"] == [full, full, full - 48, full - 48]  # layers from llm_layer=2 on are shorter
+    assert stats["layer_seq_len"] == [full, full, full - 24, full - 24]  # layers from llm_layer=2 on are shorter
 
 
 def test_patched_model_vqa_loader_prunes_with_meteor_config(setup):

@@ -141,17 +141,30 @@ def test_bits_fix_is_skipped_where_the_kwargs_are_already_right(tmp_path):
     assert "load_in_4bit" not in _read(root, "train.py")
 
 
-def test_eagle_config_alias_makes_the_lora_loader_import_work(tmp_path, monkeypatch):
+@pytest.fixture
+def own_eagle_modules():
+    """The synthetic tree's ``eagle`` must not leak into other tests (the EAGLE stand-in is one too)."""
+    def eagle_modules():
+        return {m: mod for m, mod in sys.modules.items() if m == "eagle" or m.startswith("eagle.")}
+
+    saved = eagle_modules()
+    for name in saved:
+        del sys.modules[name]
+    yield
+    for name in eagle_modules():
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def test_eagle_config_alias_makes_the_lora_loader_import_work(tmp_path, monkeypatch, own_eagle_modules):
     root = _tree(tmp_path, "fef95f1")
     monkeypatch.syspath_prepend(root)
-    for name in [m for m in sys.modules if m == "eagle" or m.startswith("eagle.")]:
-        monkeypatch.delitem(sys.modules, name)
     import eagle.model.builder as builder
 
     with pytest.raises(ImportError, match="eagleConfig"):
         builder.load_pretrained_model("ckpt", "base", "eagle-x5-lora")
     patcher.apply(root)
-    monkeypatch.delitem(sys.modules, "eagle.model.language_model.eagle_llama")
+    del sys.modules["eagle.model.language_model.eagle_llama"]
     import eagle.model.language_model.eagle_llama as eagle_llama
 
     assert builder.load_pretrained_model("ckpt", "base", "eagle-x5-lora") is eagle_llama.EagleConfig

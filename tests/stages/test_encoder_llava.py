@@ -17,7 +17,7 @@ def test_boundaries_split_the_depth_into_three_segments():
     assert boundaries(3) == (1, 2)
     assert boundaries(2) == (1, 1)
     assert split_drop(576, 144, 0.5) == (360, 144)
-    with pytest.raises(ValueError, match="at least 2 blocks"):
+    with pytest.raises(ValueError, match="at least 2 encoder blocks"):
         boundaries(1)
 
 

@@ -1,0 +1,229 @@
+"""Stages 1 and 2 for EAGLE's multi-encoder tower (``MultiBackboneChannelConcatenationVisionTower``).
+
+Two ways to run, chosen by ``fusion_mode`` (``auto`` picks by whether the model has been converted):
+
+- ``post_projection`` (converted checkpoints, METEOR's architecture): each encoder runs, Stage 1 keeps
+  a rank-guided budget of its tokens (inside the CLIP ViT between blocks; at the output of ConvNeXt,
+  SAM/EVA and Pix2Struct, which cannot lose tokens inside), each encoder's own projector (``mm_projectors``)
+  maps them to the LLM width, the tokens are joined along the sequence and Stage 2 keeps the
+  ``fusion_keep`` least redundant across encoders. EAGLE's channel concatenation is bypassed.
+- ``training_free`` (unconverted checkpoints): EAGLE's tower runs as is (channel concatenation on the
+  32x32 grid); the fusion stage keeps the ``fusion_keep`` grid positions with the best rank-weighted sum of
+  each encoder's score, then the shared projector runs on them. Nothing is dropped inside an encoder
+  here (all encoders must describe the same positions), so the encoder stage only scores.
+
+Which EAGLE encoder is pruned where, and why: ``clip-448`` (HRCLIP) between its blocks, by received
+attention at the deep boundary since EAGLE drops its CLS before the blocks; ``convnext-1024`` (a CNN:
+dropping tokens saves nothing), ``sam-1024`` and ``det-1024`` (windowed attention and full-grid relative
+positions / RoPE) and ``pix2struct-1024`` (its post-processing hard-codes its grid) at their output.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..core.budget import cap_budgets, rank_budgets, resolve_budget
+from ..core.select import gather_tokens
+from ..registry import REGISTRY
+from ..stages.encoder import HF_CLIP_BLOCK, VitPruner, prune_output
+from ..stages.fusion import cooperative_prune, empty_projectors, rank_weighted_positions, split_projector
+from .vision import VisionRecord, clip_layers
+
+KNOWN_ENCODERS = ("clip-448", "convnext-1024", "sam-1024", "det-1024", "pix2struct-1024")
+PRUNED_INSIDE = ("HRCLIPVisionTower",)  # ViT towers whose block loop runs Stage 1 between blocks
+FUSION_KEY = "meteor_fusion"  # model config entry written by the conversion
+
+
+class FusionConfigError(ValueError):
+    pass
+
+
+def encoder_names(model: Any) -> List[str]:
+    """Encoder names in tower order (EAGLE skips unknown names when it builds the towers)."""
+    towers = model.get_model().get_vision_tower().vision_towers
+    names = [n for n in str(getattr(model.config, "mm_vision_tower", "")).split(";") if n in KNOWN_ENCODERS]
+    return names if len(names) == len(towers) else [type(t).__name__ for t in towers]
+
+
+def is_converted(model: Any) -> bool:
+    return getattr(model.get_model(), "mm_projectors", None) is not None
+
+
+def resolve_mode(model: Any, cfg: Any) -> str:
+    converted = is_converted(model)
+    if getattr(model.config, FUSION_KEY, None) and not converted:
+        raise FusionConfigError(
+            "this checkpoint was converted to METEOR's post-projection fusion, but its per-encoder projectors "
+            "(mm_projectors) were not built: enable meteor-plugin before loading the model"
+        )
+    if cfg.fusion_mode == "auto":
+        return "post_projection" if converted else "training_free"
+    if cfg.fusion_mode == "post_projection" and not converted:
+        raise FusionConfigError(
+            "MeteorConfig.fusion_mode='post_projection' needs per-encoder projectors: convert the checkpoint "
+            "(meteor-plugin convert) or call meteor_plugin.targets.eagle_vision.convert_to_post_projection(model); "
+            "allowed for an unconverted model: 'training_free' or 'auto'"
+        )
+    if cfg.fusion_mode == "training_free" and converted:
+        raise FusionConfigError(
+            "MeteorConfig.fusion_mode='training_free' keeps EAGLE's channel concatenation, but this model was "
+            "converted to per-encoder projectors: allowed here 'post_projection' or 'auto'"
+        )
+    return cfg.fusion_mode
+
+
+def _tower_input(mbcc: Any, tower: Any, images: torch.Tensor) -> torch.Tensor:
+    """The resize EAGLE's tower applies when an encoder's input size differs from the fused input."""
+    size = getattr(tower, "input_image_size", None)
+    if size is None or size == images.shape[-1]:
+        return images
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=True).to(images.dtype)
+
+
+def _tokens(feature: torch.Tensor) -> torch.Tensor:
+    """An encoder output as (B, N, C): maps (B, C, H, W) are flattened row by row."""
+    return feature if feature.dim() == 3 else feature.flatten(2).transpose(1, 2)
+
+
+def _ranks(cfg: Any, names: Sequence[str], model: Any) -> List[Optional[float]]:
+    ranks = [cfg.encoder_ranks.get(n) if cfg.encoder_ranks else None for n in names]
+    missing = [n for n, r in zip(names, ranks) if r is None]
+    if missing and not model.__dict__.get("_meteor_warned_ranks"):
+        model._meteor_warned_ranks = True
+        warnings.warn(
+            f"meteor-plugin Stage 1: no encoder_ranks for {', '.join(missing)}; the token budget is split "
+            "uniformly across encoders. Run `meteor-plugin calibrate` to split it by rank as METEOR does.",
+            stacklevel=4,
+        )
+    return ranks
+
+
+def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: VisionRecord) -> torch.Tensor:
+    llm = model.get_model()
+    mbcc = llm.get_vision_tower()
+    towers = list(mbcc.vision_towers)
+    names = encoder_names(model)
+    # Encoders pruned at their output run first: their token counts are only known from the output.
+    outputs: Dict[int, torch.Tensor] = {}
+    for i, tower in enumerate(towers):
+        if type(tower).__name__ not in PRUNED_INSIDE:
+            outputs[i] = _tokens(tower(_tower_input(mbcc, tower, images)))
+    counts = [outputs[i].shape[1] if i in outputs else int(t.num_patches) for i, t in enumerate(towers)]
+    if cfg.encoder:
+        total = resolve_budget(cfg.encoder_keep, sum(counts))
+        budgets = cap_budgets(rank_budgets(total, _ranks(cfg, names, model)), counts)
+    else:
+        budgets = list(counts)
+    features, owners = [], []
+    b = images.shape[0]
+    for i, tower in enumerate(towers):
+        if budgets[i] == 0:
+            continue  # an encoder without budget is not run at all
+        if i in outputs:
+            kept, _ = prune_output(outputs[i], budgets[i])
+        else:
+            layers = clip_layers(tower.vision_tower)
+            pruner = VitPruner.attach(tower, tower, layers, HF_CLIP_BLOCK, REGISTRY)
+            pruner.start(counts[i], budgets[i], len(layers), cfg.encoder_shallow_share, has_cls=False)
+            kept = _tokens(tower(_tower_input(mbcc, tower, images)))
+        features.append(llm.mm_projectors[i](kept))
+        owners.append(torch.full((kept.shape[1],), i, dtype=torch.long))
+    z = torch.cat(features, dim=1)
+    owner = torch.cat(owners)
+    per_encoder = {n: [c, k] for n, c, k in zip(names, counts, budgets)}
+    record.stage("encoder").add(sum(counts), z.shape[1], None, images=b, per_encoder=per_encoder)
+    if cfg.fusion:
+        keep = resolve_budget(cfg.fusion_keep, z.shape[1])
+        entering = z.shape[1]
+        z, index = cooperative_prune(z, owner, keep)
+        survivors = owner.to(index.device)[index]  # (B, keep)
+        record.stage("fusion").add(entering, z.shape[1], index, per_image=[
+            {"per_encoder": {n: int((s == i).sum()) for i, n in enumerate(names)}} for s in survivors])
+    return z
+
+
+def encode_training_free(model: Any, images: torch.Tensor, cfg: Any, record: VisionRecord) -> torch.Tensor:
+    llm = model.get_model()
+    mbcc = llm.get_vision_tower()
+    fused = mbcc(images)  # (B, 1024, sum of channels): EAGLE's own fusion, untouched
+    b, n, _ = fused.shape
+    names = encoder_names(model)
+    record.stage("encoder").add(n, n, None, images=b, mode="training_free: encoders score, the fusion stage selects")
+    if cfg.fusion:
+        keep = resolve_budget(cfg.fusion_keep, n)
+        slices, start = [], 0
+        for tower in mbcc.vision_towers:
+            slices.append(fused[..., start:start + tower.hidden_size])
+            start += tower.hidden_size
+        index = rank_weighted_positions(slices, _ranks(cfg, names, model), keep)
+        fused = gather_tokens(fused, index)
+        record.stage("fusion").add(n, keep, index)
+    return llm.mm_projector(fused)
+
+
+def encode_images(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any) -> torch.Tensor:
+    """``encode_images`` of an EAGLE model while the plugin is enabled."""
+    mode = resolve_mode(model, cfg)
+    if not torch.is_tensor(images) or images.dim() != 4:
+        raise NotImplementedError("meteor-plugin's EAGLE stages take a (B, 3, H, W) image batch")
+    if mode == "post_projection":
+        return encode_post_projection(model, images, cfg, record)
+    if cfg.encoder or cfg.fusion:
+        return encode_training_free(model, images, cfg, record)
+    return original(model, images)
+
+
+# Conversion to post-projection fusion -------------------------------------------------------------------
+def tower_channels(model: Any) -> List[int]:
+    return [int(t.hidden_size) for t in model.get_model().get_vision_tower().vision_towers]
+
+
+def convert_to_post_projection(model: Any) -> None:
+    """Give a loaded EAGLE model per-encoder projectors split from its shared one (in place).
+
+    Records the conversion in ``model.config.meteor_fusion`` so that a saved checkpoint rebuilds them
+    when it is loaded with the plugin enabled.
+    """
+    llm = model.get_model()
+    if is_converted(model):
+        raise FusionConfigError("this model already has per-encoder projectors (mm_projectors): it was converted")
+    channels = tower_channels(model)
+    llm.mm_projectors = split_projector(llm.mm_projector, channels)
+    setattr(model.config, FUSION_KEY, {
+        "mode": "post_projection", "encoders": encoder_names(model), "channels": channels,
+        "projector_type": getattr(model.config, "mm_projector_type", "linear"),
+    })
+
+
+def wrap_llm_init(original: Any) -> Any:
+    """``EagleLlamaModel.__init__``: build the per-encoder projectors of a converted checkpoint, so that
+    ``from_pretrained`` fills them from the saved weights like any other module."""
+    import functools
+
+    @functools.wraps(original)
+    def __init__(self, config, *args, **kwargs):
+        original(self, config, *args, **kwargs)
+        spec = getattr(config, FUSION_KEY, None)
+        if spec and getattr(self, "mm_projector", None) is not None:
+            self.mm_projectors = empty_projectors(spec["channels"], config.hidden_size, spec["projector_type"])
+
+    return __init__
+
+
+def patch_eagle_vision(registry: Any) -> None:
+    from eagle.model.language_model.eagle_llama import EagleLlamaModel
+    from eagle.model.multimodal_encoder.multi_backbone_channel_concatenation_encoder import (
+        MultiBackboneChannelConcatenationVisionTower,
+    )
+
+    from .common import require
+    from .vision import VISION_HANDLERS
+
+    require(MultiBackboneChannelConcatenationVisionTower, ("forward",), "EAGLE's MultiBackboneChannelConcatenationVisionTower")
+    if not registry.is_patched(EagleLlamaModel, "__init__"):
+        registry.patch(EagleLlamaModel, "__init__", wrap_llm_init(EagleLlamaModel.__init__))
+    VISION_HANDLERS[MultiBackboneChannelConcatenationVisionTower] = encode_images
