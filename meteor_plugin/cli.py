@@ -18,14 +18,30 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from meteor_plugin.bench import llava_prefill
+    from meteor_plugin.bench import eagle_prefill, llava_prefill
 
-    settings = llava_prefill.PrefillBench(repeats=args.repeats, device=args.device, dtype=args.dtype)
-    spec = llava_prefill.QUICK if args.quick else llava_prefill.LLAVA15_SCALED
-    if args.quick:
-        settings.keep, settings.text_before, settings.text_after = 36, 5, 5
-    result = llava_prefill.run(settings, spec)
-    print(json.dumps(result, indent=2) if args.json else llava_prefill.report(result))
+    results, reports = [], []
+    if args.which in ("llava", "all"):
+        settings = llava_prefill.PrefillBench(repeats=args.repeats, device=args.device, dtype=args.dtype)
+        spec = llava_prefill.LLAVA15_SCALED
+        if args.quick:
+            settings.keep, settings.text_before, settings.text_after = 36, 5, 5
+            spec = llava_prefill.QUICK
+        results.append(llava_prefill.run(settings, spec))
+        reports.append(llava_prefill.report(results[-1]))
+    if args.which in ("eagle", "all"):
+        from meteor_plugin.testing.eagle_like import install
+
+        install()
+        settings = eagle_prefill.EagleBench(repeats=args.repeats, device=args.device, dtype=args.dtype)
+        spec = eagle_prefill.X4_SCALED
+        if args.quick:
+            settings.fusion_keep, settings.llm_keep, settings.text_before, settings.text_after = 300, 100, 5, 5
+            settings.encoder_keep = 1200
+            spec = eagle_prefill.QUICK
+        results.append(eagle_prefill.run(settings, spec))
+        reports.append(eagle_prefill.report(results[-1]))
+    print(json.dumps(results, indent=2) if args.json else "\n\n".join(reports))
     return 0
 
 
@@ -42,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="prefill latency and memory, unpruned against pruned, side by side")
+    p.add_argument("which", nargs="?", default="all", choices=["llava", "eagle", "all"],
+                   help="llava: Stage 3 on a LLaVA-1.5-shaped model; eagle: all stages on an EAGLE-X4-shaped one")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each variant (median reported)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -49,13 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
 
+    from meteor_plugin.calibrate import add_subparser as add_calibrate
     from meteor_plugin.patcher.cli import add_subparser as add_patch
 
+    add_calibrate(sub)
     add_patch(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        # DeepSpeed (imported by transformers' integrations) otherwise prints a notice on stdout.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     args = build_parser().parse_args(argv)
     if getattr(args, "prompt", "unset") is None:
         from meteor_plugin.demo import DEFAULT_PROMPT

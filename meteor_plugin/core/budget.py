@@ -17,6 +17,23 @@ def resolve_budget(budget: Budget, available: int) -> int:
     return min(available, int(budget))
 
 
+def resolve_stage_budget(field: str, budget: Budget, available: int) -> int:
+    """Like ``resolve_budget`` for a fixed stage budget, but a count larger than the tokens entering
+    the stage, or a budget that keeps nothing, is an error naming the field and the allowed range."""
+    if isinstance(budget, int) and budget > available:
+        raise ValueError(
+            f"MeteorConfig.{field}={budget} is invalid for this model: {available} visual tokens enter that "
+            f"stage, allowed 1..{available} or a ratio in (0, 1]"
+        )
+    keep = resolve_budget(budget, available)
+    if keep < 1 and available > 0:
+        raise ValueError(
+            f"MeteorConfig.{field}={budget!r} keeps no token of the {available} entering that stage: allowed "
+            f"1..{available} or a ratio of at least {1 / (2 * available):.4f}"
+        )
+    return keep
+
+
 def resolve_budget_per_sample(budget: Budget, available: torch.Tensor) -> torch.Tensor:
     """Vectorised ``resolve_budget`` for a (B,) tensor of entering token counts."""
     available = available.long()

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..core.budget import cap_budgets, rank_budgets, resolve_budget
+from ..core.budget import cap_budgets, rank_budgets, resolve_stage_budget
 from ..core.select import gather_tokens
 from ..registry import REGISTRY
 from ..stages.encoder import HF_CLIP_BLOCK, VitPruner, prune_output
@@ -114,7 +114,7 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
             outputs[i] = _tokens(tower(_tower_input(mbcc, tower, images)))
     counts = [outputs[i].shape[1] if i in outputs else int(t.num_patches) for i, t in enumerate(towers)]
     if cfg.encoder:
-        total = resolve_budget(cfg.encoder_keep, sum(counts))
+        total = resolve_stage_budget("encoder_keep", cfg.encoder_keep, sum(counts))
         budgets = cap_budgets(rank_budgets(total, _ranks(cfg, names, model)), counts)
     else:
         budgets = list(counts)
@@ -137,7 +137,7 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
     per_encoder = {n: [c, k] for n, c, k in zip(names, counts, budgets)}
     record.stage("encoder").add(sum(counts), z.shape[1], None, images=b, per_encoder=per_encoder)
     if cfg.fusion:
-        keep = resolve_budget(cfg.fusion_keep, z.shape[1])
+        keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, z.shape[1])
         entering = z.shape[1]
         z, index = cooperative_prune(z, owner, keep)
         survivors = owner.to(index.device)[index]  # (B, keep)
@@ -154,7 +154,7 @@ def encode_training_free(model: Any, images: torch.Tensor, cfg: Any, record: Vis
     names = encoder_names(model)
     record.stage("encoder").add(n, n, None, images=b, mode="training_free: encoders score, the fusion stage selects")
     if cfg.fusion:
-        keep = resolve_budget(cfg.fusion_keep, n)
+        keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, n)
         slices, start = [], 0
         for tower in mbcc.vision_towers:
             slices.append(fused[..., start:start + tower.hidden_size])

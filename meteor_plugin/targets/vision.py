@@ -9,13 +9,12 @@ kept patches; the three equal-depth segments count the blocks up to that selecte
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..core.budget import resolve_budget
+from ..core.budget import resolve_stage_budget
 from ..stages.encoder import HF_CLIP_BLOCK, VitPruner
 
 
@@ -86,9 +85,7 @@ def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
         layers = clip_layers(tower.vision_tower)
         depth = selected_depth(len(layers), tower.select_layer)
         patches = tower.num_patches
-        keep = resolve_budget(cfg.encoder_keep, patches)
-        if keep < 1:
-            raise ValueError(f"MeteorConfig.encoder_keep={cfg.encoder_keep!r} keeps no token of {patches}: allowed >= 1 token")
+        keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
         pruner = VitPruner.attach(tower, tower.vision_tower, layers, HF_CLIP_BLOCK, registry)
         plan = pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True)
         features = original(tower, images)
@@ -124,11 +121,3 @@ def patch_llava_clip(registry: Any) -> None:
 
 # Vision tower class -> encode_images(model, images, config, record, original) running Stages 1 and 2.
 VISION_HANDLERS: Dict[type, Any] = {}
-
-
-def warn_uncalibrated(names: List[str]) -> None:
-    warnings.warn(
-        f"meteor-plugin Stage 1: no encoder_ranks for {', '.join(names)}; the token budget is split uniformly "
-        "across encoders. Run `meteor-plugin calibrate` to split it by rank as METEOR does.",
-        stacklevel=3,
-    )

@@ -1,0 +1,68 @@
+"""Running variants of one prefill side by side: interleaved timings, counted FLOPs, peak memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List
+
+import torch
+
+from .flops import count_flops
+from .memory import peak_memory_bytes
+
+
+@dataclass
+class Variant:
+    name: str
+    switch: Callable[[], None]  # puts the model in this variant (enables or disables the plugin)
+
+
+def compare(prefill: Callable[[], Any], variants: List[Variant], repeats: int, warmup: int,
+            device: torch.device, inspect: Callable[[str], Dict[str, Any]] = lambda name: {}) -> Dict[str, Dict[str, Any]]:
+    """Times every variant ``repeats`` times, interleaved so that drift hits all alike; then, per variant,
+    one plain run whose results ``inspect`` reads (e.g. token counts), and separate runs that count its
+    FLOPs and peak memory (those instruments slow a run down)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def once(variant: Variant) -> float:
+        variant.switch()
+        sync()
+        start = time.perf_counter()
+        prefill()
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        for v in variants:
+            once(v)
+    runs: Dict[str, List[float]] = {v.name: [] for v in variants}
+    for _ in range(repeats):
+        for v in variants:
+            runs[v.name].append(once(v))
+    results: Dict[str, Dict[str, Any]] = {}
+    for v in variants:
+        v.switch()
+        prefill()
+        extra = inspect(v.name)
+        results[v.name] = {
+            **extra,
+            "seconds": statistics.median(runs[v.name]),
+            "runs": runs[v.name],
+            "gflops": count_flops(prefill) / 1e9,
+            "peak_memory_mib": peak_memory_bytes(prefill, device) / 2 ** 20,
+        }
+    return results
+
+
+def runs_text(values: List[int]) -> str:
+    """[616, 616, 184, 184] -> '616x2 184x2'."""
+    out, i = [], 0
+    while i < len(values):
+        j = i
+        while j < len(values) and values[j] == values[i]:
+            j += 1
+        out.append(f"{values[i]}x{j - i}")
+        i = j
+    return " ".join(out)

@@ -1,0 +1,174 @@
+"""meteor-plugin calibrate: the numbers METEOR measures once and then reuses.
+
+- ``encoder_ranks``: the numerical rank of each encoder's token-by-channel features, averaged over a
+  few images (METEOR found it barely varies from image to image). Stage 1 splits its budget in
+  proportion to them.
+- ``llm_lambda``: Stage 3 keeps ``K = llm_lambda * mass`` tokens; given a target average (a count or a
+  ratio of the visual tokens entering Stage 3), lambda is set so that the mean K over the calibration
+  prompts hits it (before the per-sample clips).
+
+Images come from a folder, or are generated (the fidelity task's scenes) when none is given. The result
+is deterministic for the same images and model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .config import MeteorConfig
+from .core.budget import Budget
+from .core.rank import numerical_rank
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+PROMPTS = (
+    "What is in this image?",
+    "Describe the picture in detail.",
+    "What colour is the object on the left?",
+    "Read the text in the image.",
+)
+
+
+def load_images(folder: Optional[str], count: int, seed: int = 0) -> List[Any]:
+    """``count`` PIL images: the first ones of ``folder`` in name order, or generated scenes."""
+    from PIL import Image
+
+    if count < 1:
+        raise ValueError(f"count={count} is invalid: allowed >= 1 image")
+    if folder is not None:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"calibration image folder not found: {folder}")
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not names:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+        return [Image.open(os.path.join(folder, n)).convert("RGB") for n in names[:count]]
+    from .fidelity import make_sample
+
+    return [Image.fromarray(make_sample("val", i, seed=seed).image.permute(1, 2, 0).numpy()) for i in range(count)]
+
+
+def image_processor(model: Any) -> Any:
+    tower = model.get_model().get_vision_tower()
+    processor = getattr(tower, "image_processor", None)
+    if processor is None:
+        raise ValueError(f"the vision tower {type(tower).__name__} has no image_processor to prepare images with")
+    return processor
+
+
+def pixels(model: Any, images: Sequence[Any]) -> torch.Tensor:
+    values = image_processor(model)(images=list(images), return_tensors="pt")["pixel_values"]
+    param = next(model.parameters())
+    return values.to(device=param.device, dtype=param.dtype)
+
+
+@torch.no_grad()
+def encoder_ranks(model: Any, images: torch.Tensor, rtol: Optional[float] = None) -> Dict[str, float]:
+    """Mean numerical rank of each encoder's output features (before any pruning)."""
+    tower = model.get_model().get_vision_tower()
+    if hasattr(tower, "vision_towers"):  # EAGLE
+        from .targets.eagle_vision import _tokens, _tower_input, encoder_names
+
+        names = encoder_names(model)
+        return {name: float(numerical_rank(_tokens(sub(_tower_input(tower, sub, images))), rtol).mean())
+                for name, sub in zip(names, tower.vision_towers)}
+    return {"clip": float(numerical_rank(tower(images), rtol).mean())}
+
+
+@torch.no_grad()
+def stage3_mass(model: Any, tokenizer: Any, images: torch.Tensor, config: MeteorConfig,
+                prompts: Sequence[str] = PROMPTS) -> Dict[str, float]:
+    """Mean visual attention mass of Stage 3's top heads, and mean visual tokens entering Stage 3."""
+    import meteor_plugin
+
+    from .testing.llava import IMAGE_TOKEN_INDEX
+
+    probe = config.replace(llm=True, llm_min_keep=1.0, llm_max_keep=1.0)
+    was = meteor_plugin.is_enabled()
+    meteor_plugin.enable(probe)
+    masses, entering = [], []
+    try:
+        for i in range(images.shape[0]):
+            text = f"USER: <image>\n{prompts[i % len(prompts)]} ASSISTANT:"
+            before, after = text.split("<image>")
+            ids = tokenizer(before).input_ids + [IMAGE_TOKEN_INDEX] + tokenizer(after, add_special_tokens=False).input_ids
+            model(input_ids=torch.tensor([ids], device=images.device), images=images[i:i + 1])
+            llm = meteor_plugin.stats(model).stages[0]["llm"]
+            masses.append(float(llm.detail["mass"]))
+            entering.append(llm.entered)
+    finally:
+        meteor_plugin.disable()
+        if was:
+            meteor_plugin.enable()
+    return {"mass": sum(masses) / len(masses), "visual_tokens": sum(entering) / len(entering)}
+
+
+def lambda_for(target: Budget, mass: float, visual_tokens: float) -> float:
+    tokens = target * visual_tokens if isinstance(target, float) else float(target)
+    if mass <= 0:
+        raise ValueError("the calibration prompts gave no visual attention mass: cannot set llm_lambda")
+    return tokens / mass
+
+
+def calibrate(model: Any, images: torch.Tensor, base: Optional[MeteorConfig] = None, tokenizer: Any = None,
+              target_keep: Optional[Budget] = None) -> MeteorConfig:
+    base = base or MeteorConfig()
+    ranks = encoder_ranks(model, images)
+    config = base.replace(encoder_ranks=ranks)
+    if target_keep is not None:
+        if tokenizer is None:
+            raise ValueError("--target-keep needs the checkpoint's tokenizer to build calibration prompts")
+        measured = stage3_mass(model, tokenizer, images, config)
+        config = config.replace(llm_lambda=lambda_for(target_keep, measured["mass"], measured["visual_tokens"]))
+    return config
+
+
+def load_checkpoint(model_path: str):
+    """(tokenizer, model) through the codebase's own loader, in float32 on the CPU."""
+    import json
+
+    with open(os.path.join(model_path, "config.json")) as fh:
+        model_type = json.load(fh).get("model_type")
+    if model_type == "eagle_llama":
+        from eagle.model.builder import load_pretrained_model
+        from eagle.mm_utils import get_model_name_from_path
+    elif model_type == "llava_llama":
+        from llava.mm_utils import get_model_name_from_path
+        from llava.model.builder import load_pretrained_model
+    else:
+        raise ValueError(f"{model_path} holds a {model_type!r} model: calibrate takes LLaVA or EAGLE checkpoints")
+    tokenizer, model, _, _ = load_pretrained_model(model_path, None, get_model_name_from_path(model_path),
+                                                   device_map="cpu", device="cpu")
+    return tokenizer, model.float().eval()
+
+
+def add_subparser(subparsers: Any) -> None:
+    p = subparsers.add_parser("calibrate", help="measure encoder ranks (and Stage 3's lambda) for a checkpoint")
+    p.add_argument("--model-path", required=True, help="a LLaVA or EAGLE checkpoint folder")
+    p.add_argument("--images", help="a folder of images (default: generated scenes)")
+    p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    p.add_argument("--config", help="a MeteorConfig to start from (default: the checkpoint's, or the defaults)")
+    p.add_argument("--target-keep", type=float, help="also set llm_lambda: mean tokens Stage 3 keeps "
+                   "(a ratio < 1 of the tokens entering it, or a count)")
+    p.add_argument("--out", required=True, help="where to write the calibrated config (.json)")
+    p.set_defaults(func=_main)
+
+
+def _main(args: Any) -> int:
+    from .runtime import stored_config
+
+    tokenizer, model = load_checkpoint(args.model_path)
+    base = MeteorConfig.from_file(args.config) if args.config else (stored_config(model.config) or MeteorConfig())
+    target = None
+    if args.target_keep is not None:
+        target = args.target_keep if args.target_keep < 1 else int(args.target_keep)
+    config = calibrate(model, pixels(model, load_images(args.images, args.num_images, args.seed)), base,
+                       tokenizer, target)
+    config.save(args.out)
+    print(f"encoder ranks: {config.encoder_ranks}")
+    if target is not None:
+        print(f"llm_lambda: {config.llm_lambda:.3f} (target {target} visual tokens kept on average)")
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,22 @@
+"""The benchmarks run and report what they measured consistently (no timing is asserted here)."""
+
+import json
+
+from meteor_plugin.cli import main
+
+
+def test_quick_benchmarks_report_token_counts_and_counted_flops(capsys):
+    assert main(["bench", "all", "--quick", "--repeats", "1", "--json"]) == 0
+    llava, eagle = json.loads(capsys.readouterr().out)
+    stage3 = llava["variants"]["stage3"]
+    assert stage3["visual_tokens"] == 36 and llava["variants"]["unpruned"]["visual_tokens"] == 144
+    assert stage3["layer_tokens"][:2] == llava["variants"]["unpruned"]["layer_tokens"][:2]
+    assert stage3["layer_tokens"][2] == stage3["layer_tokens"][1] - (144 - 36)
+    assert llava["flops_ratio"] > 1 and 0 < llava["scoring_share_of_pruned_prefill"] < 1
+    meteor = eagle["variants"]["meteor"]
+    assert meteor["stages"] == {"encoders": 3648, "after stage 1": 1200, "after stage 2": 300, "after stage 3": 100}
+    assert sum(k for _, k in meteor["per_encoder"].values()) == 1200
+    assert eagle["flops_ratio"] > 1 and abs(eagle["visual_tokens_reduction"] - (1 - 100 / 1024)) < 1e-9
+    for result in (llava, eagle):
+        for variant in result["variants"].values():
+            assert variant["seconds"] > 0 and variant["peak_memory_mib"] > 0 and len(variant["runs"]) == 1

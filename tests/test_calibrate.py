@@ -1,0 +1,83 @@
+"""meteor-plugin calibrate: encoder ranks and Stage 3's lambda, and budget validation against real counts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import meteor_plugin
+from meteor_plugin.calibrate import calibrate, encoder_ranks, load_images, pixels
+from meteor_plugin.testing.eagle_like import TinyEagleSpec, build_tiny_eagle, build_tiny_tokenizer, save_tiny_eagle
+from meteor_plugin.testing.llava import make_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_ranks_are_deterministic_and_bounded_by_the_feature_matrix():
+    model = build_tiny_eagle()
+    images = pixels(model, load_images(None, 3, seed=1))
+    first = encoder_ranks(model, images)
+    assert list(first) == ["clip-448", "convnext-1024", "sam-1024", "pix2struct-1024"]
+    assert first == encoder_ranks(model, pixels(model, load_images(None, 3, seed=1)))
+    channels = TinyEagleSpec().tower_channels
+    for name, rank in first.items():
+        assert 1 <= rank <= channels[name]
+
+
+def test_lambda_hits_the_target_average_before_clipping():
+    model = build_tiny_eagle()
+    tokenizer = build_tiny_tokenizer()
+    images = pixels(model, load_images(None, 4))
+    base = meteor_plugin.MeteorConfig(encoder=False, fusion=False)
+    config = calibrate(model, images, base, tokenizer, target_keep=0.25)
+    assert set(config.encoder_ranks) == {"clip-448", "convnext-1024", "sam-1024", "pix2struct-1024"}
+    meteor_plugin.enable(config.replace(llm_min_keep=0, llm_max_keep=1.0))
+    kept = []
+    for i, prompt in enumerate(["what is in this image ?"] * 4):
+        ids = torch.tensor([tokenizer("w5 w6").input_ids + [-200] + tokenizer("w7 w8", add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            model(input_ids=ids, images=images[i:i + 1])
+        kept.append(meteor_plugin.stats(model).stages[0]["llm"].left)
+    # the calibration prompts differ from these, so the mean is near, not at, 25% of 1024
+    assert 0.1 * 1024 < sum(kept) / len(kept) < 0.5 * 1024
+
+
+def test_calibrate_command_writes_ranks_and_lambda(tmp_path):
+    folder = save_tiny_eagle(str(tmp_path / "tiny-eagle"))
+    out = tmp_path / "calibrated.json"
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+    code = ("import sys; from meteor_plugin.testing.eagle_like import install; install(); "
+            "from meteor_plugin.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "calibrate", "--model-path", folder, "--num-images", "2",
+                           "--target-keep", "0.25", "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads(out.read_text())
+    assert set(written["encoder_ranks"]) == {"clip-448", "convnext-1024", "sam-1024", "pix2struct-1024"}
+    assert written["llm_lambda"] > 0 and "llm_lambda" in done.stdout
+    assert meteor_plugin.MeteorConfig.from_file(out).encoder_ranks == written["encoder_ranks"]
+
+
+def test_stage_budgets_are_validated_against_the_real_token_counts(tiny_llava):
+    from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+
+    model = build_tiny_eagle()
+    convert_to_post_projection(model)
+    ids, mask, images = make_batch([(2, 3)], [True], image_size=128)
+    meteor_plugin.enable(encoder_keep=5000, llm=False)
+    with pytest.raises(ValueError, match=r"encoder_keep=5000 is invalid for this model: 3648 visual tokens .*1\.\.3648"):
+        model(input_ids=ids, attention_mask=mask, images=images)
+    meteor_plugin.enable(encoder_keep=0.5, fusion_keep=2000, llm=False)
+    with pytest.raises(ValueError, match=r"fusion_keep=2000 is invalid for this model: 1824 visual tokens"):
+        model(input_ids=ids, attention_mask=mask, images=images)
+    llava = tiny_llava()
+    ids, mask, images = make_batch([(2, 3)], [True])
+    meteor_plugin.enable(encoder_keep=100, llm=False)
+    with pytest.raises(ValueError, match=r"encoder_keep=100 is invalid for this model: 64 visual tokens"):
+        llava(input_ids=ids, attention_mask=mask, images=images)
+    meteor_plugin.enable(encoder_keep=0.001, llm=False)
+    with pytest.raises(ValueError, match="keeps no token of the 64"):
+        llava(input_ids=ids, attention_mask=mask, images=images)
