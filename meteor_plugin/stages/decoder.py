@@ -24,7 +24,7 @@ import torch
 
 from ..compat import transformers as compat
 from ..config import MeteorConfig
-from ..core.budget import adaptive_keep, resolve_budget
+from ..core.budget import adaptive_keep, resolve_budget, resolve_budget_per_sample
 from ..core.select import compaction_index, gather_tokens, topk_mask
 from ..core.text_attention import apply_rope, mean_query_attention, select_heads
 from ..stats import RunStats
@@ -237,10 +237,18 @@ class DecoderPruner:
         cfg, layout = plan.cfg, plan.layout
         visual = layout.visual & plan.valid
         query = layout.query & plan.valid
-        probs = query_attention(layer, call, hidden, query, plan.valid, llm_dims(self.model.config))
-        rel = select_heads(probs, visual, self.heads_used)
         entered = visual.sum(dim=1)
-        budget = adaptive_keep(rel.mass, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
+        dims = llm_dims(self.model.config)
+        if cfg.method == "fastv":
+            # FastV: the last instruction token's attention, all heads, a fixed budget.
+            pos = torch.arange(query.shape[1], device=query.device)
+            last = torch.where(query, pos, torch.full_like(pos, -1)).max(dim=1).values
+            query = (pos == last[:, None]) & (last >= 0)[:, None]
+            rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims), visual, dims["heads"])
+            budget = resolve_budget_per_sample(cfg.llm_max_keep, entered)
+        else:
+            rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims), visual, self.heads_used)
+            budget = adaptive_keep(rel.mass, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
         kept_visual = topk_mask(rel.scores, budget, visual)
         keep = plan.valid & (~visual | kept_visual)
         left_padded = bool((~plan.valid[:, 0]).any()) and not bool((~plan.valid[:, -1]).any())

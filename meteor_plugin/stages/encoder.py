@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -168,3 +168,26 @@ def prune_output(features: torch.Tensor, keep: int) -> Tuple[torch.Tensor, torch
                             torch.ones(b, n, dtype=torch.bool, device=features.device))
         index, _ = compaction_index(mask)
     return gather_tokens(features, index), index
+
+
+T = TypeVar("T")
+
+
+def attention_importance(layers: Sequence[torch.nn.Module], block: VitBlock, index: int, run: Callable[[], T],
+                         has_cls: bool) -> Tuple[T, torch.Tensor]:
+    """Run ``run()`` and return its result with the attention importance of block ``index``'s tokens
+    (CLS attention, or mean received attention without a CLS token), from that block's own q/k."""
+    captured: Dict[str, torch.Tensor] = {}
+
+    def grab(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = layers[index].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        out = run()
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        q, k, scale = block.qk(layers[index], captured["hidden"])
+        importance = cls_attention(q, k, scale) if has_cls else received_attention(q, k, scale)
+    return out, importance

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from ..core.budget import cap_budgets, rank_budgets, resolve_stage_budget
 from ..core.select import gather_tokens
 from ..registry import REGISTRY
-from ..stages.encoder import HF_CLIP_BLOCK, VitPruner, prune_output
+from ..stages import baselines
+from ..stages.encoder import HF_CLIP_BLOCK, VitPruner, attention_importance, prune_output
 from ..stages.fusion import cooperative_prune, empty_projectors, rank_weighted_positions, split_projector
 from .vision import VisionRecord, clip_layers
 
@@ -165,11 +166,42 @@ def encode_training_free(model: Any, images: torch.Tensor, cfg: Any, record: Vis
     return llm.mm_projector(fused)
 
 
+def encode_baseline(model: Any, images: torch.Tensor, cfg: Any, record: VisionRecord, mode: str) -> torch.Tensor:
+    """A pre-LLM baseline: every encoder unpruned, then ``fusion_keep`` of the projected tokens."""
+    llm = model.get_model()
+    mbcc = llm.get_vision_tower()
+    if mode == "post_projection":
+        encoders = []
+        for i, tower in enumerate(mbcc.vision_towers):
+            run = lambda tower=tower: tower(_tower_input(mbcc, tower, images))  # noqa: E731
+            importance = None
+            if type(tower).__name__ in PRUNED_INSIDE:
+                layers = clip_layers(tower.vision_tower)
+                out, importance = attention_importance(layers, HF_CLIP_BLOCK, len(layers) - 1, run, has_cls=False)
+            else:
+                out = run()
+            tokens = _tokens(out)
+            encoders.append(baselines.EncoderTokens(llm.mm_projectors[i](tokens), grid=int(tokens.shape[1] ** 0.5),
+                                                    importance=importance))
+    else:
+        if cfg.method == "drop_encoder":
+            raise FusionConfigError("method='drop_encoder' needs per-encoder projectors: convert the checkpoint first")
+        fused = llm.mm_projector(mbcc(images))
+        encoders = [baselines.EncoderTokens(fused, grid=int(fused.shape[1] ** 0.5))]
+    total = sum(e.tokens.shape[1] for e in encoders)
+    keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, total)
+    kept = baselines.select(cfg.method, encoders, keep, cfg.seed, cfg.drop_encoder)
+    record.stage("baseline").add(total, kept.shape[1], None, images=images.shape[0], method=cfg.method)
+    return kept
+
+
 def encode_images(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any) -> torch.Tensor:
     """``encode_images`` of an EAGLE model while the plugin is enabled."""
     mode = resolve_mode(model, cfg)
     if not torch.is_tensor(images) or images.dim() != 4:
         raise NotImplementedError("meteor-plugin's EAGLE stages take a (B, 3, H, W) image batch")
+    if cfg.method in baselines.PRE_LLM:
+        return encode_baseline(model, images, cfg, record, mode)
     if mode == "post_projection":
         return encode_post_projection(model, images, cfg, record)
     if cfg.encoder or cfg.fusion:

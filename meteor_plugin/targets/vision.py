@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..core.budget import resolve_stage_budget
-from ..stages.encoder import HF_CLIP_BLOCK, VitPruner
+from ..stages import baselines
+from ..stages.encoder import HF_CLIP_BLOCK, VitPruner, attention_importance
 
 
 @dataclass
@@ -97,6 +98,8 @@ def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
 
 def llava_clip_encode(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any):
     """``encode_images`` of a LLaVA model: the CLIP tower runs Stage 1 when handed a request."""
+    if cfg.method in baselines.PRE_LLM:
+        return llava_baseline(model, images, cfg, record, original)
     if not cfg.encoder:
         return original(model, images)
     tower = model.get_model().get_vision_tower()
@@ -105,6 +108,22 @@ def llava_clip_encode(model: Any, images: Any, cfg: Any, record: VisionRecord, o
         return original(model, images)
     finally:
         tower.__dict__.pop("_meteor_request", None)
+
+
+def llava_baseline(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any):
+    """A pre-LLM baseline on LLaVA: CLIP unpruned, then ``fusion_keep`` of its projected tokens."""
+    tower = model.get_model().get_vision_tower()
+    layers = clip_layers(tower.vision_tower)
+    depth = selected_depth(len(layers), tower.select_layer)
+    features, importance = attention_importance(layers, HF_CLIP_BLOCK, depth - 1, lambda: original(model, images),
+                                                has_cls=True)
+    if features.shape[1] == importance.shape[1] + 1:  # 'cls_patch' features: CLS ranks first
+        importance = torch.cat([torch.ones_like(importance[:, :1]), importance], dim=1)
+    keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, features.shape[1])
+    kept = baselines.select(cfg.method, [baselines.EncoderTokens(features, importance=importance)], keep, cfg.seed,
+                            cfg.drop_encoder)
+    record.stage("baseline").add(features.shape[1], kept.shape[1], None, images=features.shape[0], method=cfg.method)
+    return kept
 
 
 def patch_llava_clip(registry: Any) -> None:

@@ -1,0 +1,130 @@
+"""Baseline token selections, as plugin methods, for comparisons at equal budgets.
+
+They act where the visual tokens enter the language model, on the projected tokens of every encoder
+joined along the sequence, and keep exactly ``keep`` tokens per image (``fastv`` instead replaces Stage
+3's scoring, in ``stages/decoder.py``):
+
+- ``random``: a seeded uniform draw per image;
+- ``avgpool``: each encoder's grid average-pooled to the smallest square grid with enough cells, then
+  an even subsample of those cells (spatial coverage, like a lower-resolution encoder);
+- ``visionzip``: VisionZip-style: the dominant tokens by the encoder's own attention importance, plus
+  a few contextual tokens, each the mean of the remaining tokens closest to it;
+- ``drop_encoder``: one encoder's tokens removed, the others evenly subsampled to the budget.
+
+The budget is split across encoders in proportion to their token counts where a method works per
+encoder (``avgpool``, ``drop_encoder``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..core.budget import rank_budgets
+from ..core.select import compaction_index, gather_tokens, topk_mask
+
+PRE_LLM = ("random", "avgpool", "visionzip", "drop_encoder")
+CONTEXT_SHARE = 10 / 64  # VisionZip's default on LLaVA-1.5: 54 dominant + 10 contextual of 64 kept
+
+
+@dataclass
+class EncoderTokens:
+    """One encoder's projected tokens entering the language model."""
+
+    tokens: torch.Tensor  # (B, N, D)
+    grid: Optional[int] = None  # side of its square token grid, when it has one
+    importance: Optional[torch.Tensor] = None  # (B, N), for visionzip
+
+
+def _even(n: int, k: int, device) -> torch.Tensor:
+    """k indices spread evenly over range(n)."""
+    if k >= n:
+        return torch.arange(n, device=device)
+    return torch.floor(torch.arange(k, device=device, dtype=torch.float64) * n / k).long()
+
+
+def random_keep(tokens: torch.Tensor, keep: int, seed: int) -> torch.Tensor:
+    b, n, _ = tokens.shape
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    index = torch.stack([torch.randperm(n, generator=g)[:keep].sort().values for _ in range(b)])
+    return gather_tokens(tokens, index.to(tokens.device))
+
+
+def _pool(enc: EncoderTokens, keep: int) -> torch.Tensor:
+    b, n, d = enc.tokens.shape
+    if keep >= n:
+        return enc.tokens
+    side = enc.grid or int(math.isqrt(n))
+    if side * side != n:
+        raise ValueError(f"avgpool needs a square token grid per encoder, got {n} tokens")
+    out = math.ceil(math.sqrt(keep))
+    grid = enc.tokens.transpose(1, 2).reshape(b, d, side, side)
+    pooled = F.adaptive_avg_pool2d(grid.float(), out).to(enc.tokens.dtype).flatten(2).transpose(1, 2)
+    return pooled[:, _even(out * out, keep, pooled.device)]
+
+
+def avgpool_keep(encoders: Sequence[EncoderTokens], keep: int) -> torch.Tensor:
+    shares = rank_budgets(keep, [e.tokens.shape[1] for e in encoders])
+    return torch.cat([_pool(e, k) for e, k in zip(encoders, shares) if k > 0], dim=1)
+
+
+def visionzip_keep(encoders: Sequence[EncoderTokens], keep: int) -> torch.Tensor:
+    tokens = torch.cat([e.tokens for e in encoders], dim=1)
+    importance = torch.cat([_normalised(e) for e in encoders], dim=1)
+    b, n, _ = tokens.shape
+    if keep >= n:
+        return tokens
+    contextual = min(keep - 1, max(1, round(keep * CONTEXT_SHARE))) if keep > 1 else 0
+    dominant = keep - contextual
+    valid = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
+    top = topk_mask(importance, torch.full((b,), dominant, device=tokens.device), valid)
+    index, _ = compaction_index(top)
+    kept = gather_tokens(tokens, index)
+    if contextual == 0:
+        return kept
+    rest_index, _ = compaction_index(~top)
+    rest = gather_tokens(tokens, rest_index)  # (B, n - dominant, D)
+    targets = rest[:, _even(rest.shape[1], contextual, rest.device)]
+    sim = F.normalize(rest.float(), dim=-1) @ F.normalize(targets.float(), dim=-1).transpose(1, 2)
+    assign = F.one_hot(sim.argmax(dim=-1), contextual).to(rest.dtype)  # (B, R, C)
+    merged = assign.transpose(1, 2) @ rest / assign.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    return torch.cat([kept, merged], dim=1)
+
+
+def _normalised(enc: EncoderTokens) -> torch.Tensor:
+    """Per-image importance in [0, 1]: the encoder's attention score, or the feature norm of a CNN."""
+    s = enc.importance if enc.importance is not None else enc.tokens.float().norm(dim=-1)
+    lo, hi = s.min(dim=1, keepdim=True).values, s.max(dim=1, keepdim=True).values
+    return (s - lo) / (hi - lo).clamp(min=1e-12)
+
+
+def drop_encoder_keep(encoders: Sequence[EncoderTokens], keep: int, drop: int) -> torch.Tensor:
+    if not 0 <= drop < len(encoders):
+        raise ValueError(f"MeteorConfig.drop_encoder={drop} is invalid: allowed 0..{len(encoders) - 1} (the encoders)")
+    rest = [e for i, e in enumerate(encoders) if i != drop]
+    available = sum(e.tokens.shape[1] for e in rest)
+    if keep > available:
+        raise ValueError(
+            f"drop_encoder keeps {keep} tokens but only {available} remain without encoder {drop}: lower fusion_keep"
+        )
+    shares = rank_budgets(keep, [e.tokens.shape[1] for e in rest])
+    return torch.cat([e.tokens[:, _even(e.tokens.shape[1], k, e.tokens.device)] for e, k in zip(rest, shares) if k > 0],
+                     dim=1)
+
+
+def select(method: str, encoders: Sequence[EncoderTokens], keep: int, seed: int = 0,
+           drop: Optional[int] = None) -> torch.Tensor:
+    """Apply a pre-LLM baseline; returns (B, keep, D)."""
+    if method == "random":
+        return random_keep(torch.cat([e.tokens for e in encoders], dim=1), keep, seed)
+    if method == "avgpool":
+        return avgpool_keep(encoders, keep)
+    if method == "visionzip":
+        return visionzip_keep(encoders, keep)
+    if method == "drop_encoder":
+        return drop_encoder_keep(encoders, keep, drop if drop is not None else -1)
+    raise ValueError(f"{method!r} is not a pre-LLM baseline: allowed {', '.join(PRE_LLM)}")

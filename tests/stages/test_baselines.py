@@ -1,0 +1,83 @@
+"""Baselines as plugin methods: exact budgets per sample, and what each keeps."""
+
+import pytest
+import torch
+
+import meteor_plugin
+from meteor_plugin.stages.baselines import EncoderTokens, avgpool_keep, drop_encoder_keep, random_keep, visionzip_keep
+from meteor_plugin.testing.eagle_like import build_tiny_eagle
+from meteor_plugin.testing.llava import make_batch
+
+
+def test_avgpool_pools_each_grid_and_splits_the_budget_by_token_count():
+    a = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid
+    b = torch.zeros(1, 4, 1)  # a 2x2 grid
+    out = avgpool_keep([EncoderTokens(a, grid=4), EncoderTokens(b, grid=2)], keep=5)
+    assert out.shape == (1, 5, 1)
+    assert out[0, :4, 0].tolist() == [2.5, 4.5, 10.5, 12.5]  # 2x2 means of the 4x4 grid
+    assert out[0, 4, 0].item() == 0.0
+
+
+def test_random_is_seeded_and_differs_per_image():
+    x = torch.arange(40.0).view(2, 20, 1)
+    one, two = random_keep(x, 5, seed=3), random_keep(x, 5, seed=3)
+    assert torch.equal(one, two) and one.shape == (2, 5, 1)
+    assert not torch.equal(one[0], one[1] - 20)  # each image draws its own positions
+    assert not torch.equal(random_keep(x, 5, seed=4), one)
+
+
+def test_visionzip_keeps_the_most_important_and_merges_the_rest():
+    tokens = torch.randn(1, 64, 8)
+    importance = torch.arange(64.0).unsqueeze(0)
+    out = visionzip_keep([EncoderTokens(tokens, importance=importance)], keep=16)
+    assert out.shape == (1, 16, 8)
+    dominant = 16 - round(16 * 10 / 64)
+    torch.testing.assert_close(out[0, :dominant], tokens[0, 64 - dominant:])
+    merged_mean = out[0, dominant:].mean()
+    assert torch.isfinite(merged_mean)
+
+
+def test_drop_encoder_removes_one_encoder_and_refuses_an_impossible_budget():
+    a, b = torch.zeros(1, 9, 1), torch.ones(1, 16, 1)
+    out = drop_encoder_keep([EncoderTokens(a), EncoderTokens(b)], keep=8, drop=0)
+    assert out.shape == (1, 8, 1) and bool((out == 1).all())
+    with pytest.raises(ValueError, match="only 9 remain without encoder 1"):
+        drop_encoder_keep([EncoderTokens(a), EncoderTokens(b)], keep=12, drop=1)
+    with pytest.raises(ValueError, match="drop_encoder=5 is invalid: allowed 0..1"):
+        drop_encoder_keep([EncoderTokens(a), EncoderTokens(b)], keep=4, drop=5)
+
+
+@pytest.mark.parametrize("method", ["random", "avgpool", "visionzip", "drop_encoder"])
+def test_every_pre_llm_method_returns_exactly_its_budget_per_sample(method):
+    from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+
+    model = build_tiny_eagle()
+    convert_to_post_projection(model)
+    ids, mask, images = make_batch([(3, 5), (2, 9)], [True, True], image_size=128, seed=1)
+    lengths = []
+    model.get_model().layers[0].register_forward_pre_hook(
+        lambda m, a, kw: lengths.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    meteor_plugin.enable(method=method, drop_encoder=1, fusion_keep=100, llm=False)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, images=images)
+    assert lengths == [int(mask.sum(1).max()) - 1 + 100]
+    for sample in meteor_plugin.stats(model).stages:
+        assert (sample["baseline"].entered, sample["baseline"].left) == (3648, 100)
+        assert sample["baseline"].detail["method"] == method
+
+
+def test_pre_llm_baselines_on_llava_and_fastv_in_the_llm(tiny_llava):
+    model = tiny_llava()
+    ids, mask, images = make_batch([(3, 5), (2, 9)], [True, True], seed=2)
+    for method in ("random", "avgpool", "visionzip"):
+        meteor_plugin.enable(method=method, fusion_keep=16, llm=False)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, images=images)
+        assert [(s["baseline"].entered, s["baseline"].left) for s in meteor_plugin.stats(model).stages] == [(64, 16)] * 2
+    meteor_plugin.enable(method="fastv", encoder=False, llm=True, llm_max_keep=20, llm_lambda=1000.0)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, images=images)
+    run = meteor_plugin.stats(model)
+    assert [s["llm"].left for s in run.stages] == [20, 20]
+    assert all(len(s["llm"].detail["heads"]) == 4 for s in run.stages)  # every head
+    assert all(s["llm"].detail["query_tokens"] == 1 for s in run.stages)  # the last instruction token
