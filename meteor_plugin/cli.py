@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny model: checks the benchmark runs, numbers mean little")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
+
+    from meteor_plugin.training.convert import add_subparser as add_convert
+    from meteor_plugin.training.merge import add_subparser as add_merge_lora
+
+    add_convert(sub)
+    add_merge_lora(sub)
     return parser
 
 

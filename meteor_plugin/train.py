@@ -58,6 +58,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         # Without --meteor-config each model uses the config stored in its checkpoint (or the defaults).
         meteor_plugin.enable(options.config, **options.overrides)
+    from meteor_plugin.training.compat import translate_flags
+
+    argv = translate_flags(argv, module.TrainingArguments)
     sys.argv = [getattr(module, "__file__", codebase.train_module)] + argv
     module.train(attn_implementation=attn)
     publish_final(session, barrier, save)

@@ -9,6 +9,10 @@ transformers 5.x they break in four places, each repaired here without touching 
 - ``_get_train_sampler`` gained a ``train_dataset`` argument that their override does not take;
 - ``_save_checkpoint(model, trial)`` lost ``metrics``, which their override passes on positionally.
 
+Upstream launch scripts pass flags that some generations renamed: ``--evaluation_strategy`` (4.37) is
+``--eval_strategy`` (4.41+, the only one in 5.x) and ``--warmup_ratio`` became a fractional
+``--warmup_steps`` in 5.x. ``translate_flags`` rewrites them for the installed version.
+
 And one between transformers 4.x and current DeepSpeed: 4.x fills ``stage3_prefetch_bucket_size: "auto"``
 with ``0.9 * hidden * hidden``, a float that DeepSpeed >= 0.15's config validation rejects
 (``int_from_float``); 5.x rounds it. ``round_zero3_bucket_sizes`` rounds it on 4.x too.
@@ -84,3 +88,30 @@ def round_zero3_bucket_sizes() -> None:
         return out
 
     REGISTRY.patch(cls, "trainer_config_finalize", trainer_config_finalize)
+
+
+# (flag in upstream scripts, the same flag in other generations). A float warmup_steps < 1 is a ratio in 5.x.
+_RENAMED_FLAGS = (("warmup_ratio", "warmup_steps"), ("evaluation_strategy", "eval_strategy"),
+                  ("eval_strategy", "evaluation_strategy"))
+
+
+def translate_flags(argv: list, training_arguments: type) -> list:
+    """Rename flags this transformers' ``TrainingArguments`` does not know to the names it does."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(training_arguments)}
+    out = list(argv)
+    for old, new in _RENAMED_FLAGS:
+        if old in known or new not in known:
+            continue
+        for i, arg in enumerate(out):
+            flag, sep, value = arg.partition("=")
+            if flag in (f"--{old}", f"--{old.replace('_', '-')}"):
+                if any(a.split("=")[0] in (f"--{new}", f"--{new.replace('_', '-')}") for a in out):
+                    raise SystemExit(f"--{old} and --{new} both given: this transformers only has --{new}")
+                if old == "warmup_ratio":
+                    ratio = float(value if sep else out[i + 1])
+                    if not 0 <= ratio < 1:
+                        raise SystemExit(f"--warmup_ratio {ratio}: must be in [0, 1)")
+                out[i] = f"--{new}" + (sep + value if sep else "")
+    return out

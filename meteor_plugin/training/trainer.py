@@ -82,6 +82,8 @@ class MeteorTrainerMixin:
             resume_from_checkpoint = save.last_resumable(self.args.output_dir)
         elif isinstance(resume_from_checkpoint, str):
             save.require_loadable(resume_from_checkpoint, "the checkpoint to resume from")
+        if isinstance(resume_from_checkpoint, str):
+            check_same_kind(resume_from_checkpoint, is_peft_model(self.model))
         session = type(self).meteor_session
         session.resumed_from = resume_from_checkpoint
         if resume_from_checkpoint and self.args.should_save:
@@ -118,6 +120,18 @@ class MeteorTrainerMixin:
                 print(f"meteor-plugin: training with {session.engine}, pruning "
                       f"{'on' if run is not None else 'off or not reached'}", flush=True)
         return super().log(logs, *args, **kwargs)
+
+
+def check_same_kind(checkpoint: str, lora_run: bool) -> None:
+    """Upstream resumes from any ``checkpoint-*`` in the output folder: refuse one of the other kind."""
+    has_adapter = os.path.isfile(os.path.join(checkpoint, "adapter_config.json"))
+    if has_adapter != lora_run:
+        kinds = ("a LoRA run", "a full fine-tuning run")
+        raise SystemExit(
+            f"{checkpoint} was saved by {kinds[0] if has_adapter else kinds[1]}, but this is "
+            f"{kinds[0] if lora_run else kinds[1]}: upstream train() resumes from the checkpoints in --output_dir, "
+            "so give this run its own --output_dir"
+        )
 
 
 def make_trainer(base: type, session: Any) -> type:
