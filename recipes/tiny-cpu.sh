@@ -38,8 +38,8 @@ if [ -n "${BITS:-}" ]; then
   extra+=(--bits "$BITS")
 fi
 
-# shellcheck disable=SC2086  # ENTRY is two words by default
-"$DEEPSPEED" --num_gpus 2 $ENTRY \
+# shellcheck disable=SC2086  # DEEPSPEED and ENTRY may be several words
+$DEEPSPEED --num_gpus 2 $ENTRY \
   --deepspeed "$here/tiny/zero$ZERO.json" \
   --model_name_or_path "$MODEL" --version v1 \
   --data_path "$WORK/data/data.json" --image_folder "$WORK/data/images" \

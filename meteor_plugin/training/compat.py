@@ -9,6 +9,10 @@ transformers 5.x they break in four places, each repaired here without touching 
 - ``_get_train_sampler`` gained a ``train_dataset`` argument that their override does not take;
 - ``_save_checkpoint(model, trial)`` lost ``metrics``, which their override passes on positionally.
 
+Resuming on 4.37/4.44 with torch >= 2.6 fails in the Trainer itself: ``_load_rng_state`` calls
+``torch.load`` on the numpy RNG state, which the new ``weights_only=True`` default refuses;
+``numpy_rng_globals`` allows exactly the numpy types that file holds (what transformers 5 does).
+
 Upstream launch scripts pass flags that some generations renamed: ``--evaluation_strategy`` (4.37) is
 ``--eval_strategy`` (4.41+, the only one in 5.x) and ``--warmup_ratio`` became a fractional
 ``--warmup_steps`` in 5.x. ``translate_flags`` rewrites them for the installed version.
@@ -115,3 +119,17 @@ def translate_flags(argv: list, training_arguments: type) -> list:
                         raise SystemExit(f"--warmup_ratio {ratio}: must be in [0, 1)")
                 out[i] = f"--{new}" + (sep + value if sep else "")
     return out
+
+
+def numpy_rng_globals():
+    """A context in which ``torch.load(weights_only=True)`` accepts the numpy arrays of an RNG state file."""
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    if not hasattr(torch.serialization, "safe_globals"):
+        return contextlib.nullcontext()
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return torch.serialization.safe_globals(allowed)

@@ -77,6 +77,10 @@ class MeteorTrainerMixin:
         if os.path.isfile(path) and is_peft_model(target) and not getattr(self, "is_deepspeed_enabled", False):
             lora.load_non_lora(bare_model(target), resume_from_checkpoint)
 
+    def _load_rng_state(self, checkpoint: Any) -> None:
+        with compat.numpy_rng_globals():
+            return super()._load_rng_state(checkpoint)
+
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = save.last_resumable(self.args.output_dir)
