@@ -6,9 +6,9 @@ BitsAndBytesConfig(..., llm_int8_skip_modules=["mm_projector"]))``. Two things g
 - transformers 4.44 (EAGLE's pin) and 5.x refuse ``load_in_4bit``/``load_in_8bit`` next to a
   ``quantization_config`` (ValueError), so ``--bits 4`` does not run at all; the config already carries
   them, so they are dropped here;
-- which modules ``llm_int8_skip_modules`` protects depends on the version: 4.x looks for ``name + "."``
-  inside the module path, 5.x matches a regex from the start of the path (or a suffix), so
-  ``"mm_projector"`` no longer protects ``model.mm_projector.0`` there. Passing a list replaces the
+- which modules ``llm_int8_skip_modules`` protects depends on the version: 4.37 looks for the name
+  anywhere in the module path, 4.44 for ``name + "."`` in it, 5.x matches a regex from the start of the
+  path (or a suffix), so ``"mm_projector"`` no longer protects ``model.mm_projector.0`` there. Passing a list replaces the
   default that keeps ``lm_head`` too. ``skip_modules`` gives patterns for both readings that keep every
   vision tower, resampler, ``*mm_projector*`` module and ``lm_head`` unquantised (EAGLE builds its towers
   inside ``from_pretrained``, so they would be quantised otherwise).
@@ -29,9 +29,9 @@ KEEP_UNQUANTISED = ("mm_projector", "vision_tower", "vision_resampler")
 def skip_modules(extra: Iterable[str] = ()) -> List[str]:
     """``llm_int8_skip_modules`` that work under the 4.x and the 5.x matching rules at once.
 
-    Each keyword appears twice: as itself (4.x: found as ``keyword.`` inside the path, or as the leaf name)
-    and as a regex ``.*keyword[^.]*`` (5.x: matched from the start up to a module boundary). Under the other
-    version's rule each form matches nothing it should not.
+    Each keyword appears twice: as itself (4.x: found inside the path, 4.44 followed by a dot) and as a
+    regex ``.*keyword[^.]*`` (5.x: matched from the start up to a module boundary). Under the other
+    generations' rules each form matches nothing it should not.
     """
     words = list(KEEP_UNQUANTISED) + [w for w in extra if w not in KEEP_UNQUANTISED]
     return words + [rf".*{w}[^.]*" for w in words] + ["lm_head"]
@@ -52,11 +52,14 @@ def fix_from_pretrained_kwargs(kwargs: Dict[str, Any], extra_skip: Iterable[str]
 
 
 def quantized_modules(model: torch.nn.Module) -> List[str]:
-    """Names of the bitsandbytes-quantised linear layers (found by class, without importing bitsandbytes)."""
+    """Names of the bitsandbytes-quantised linear layers (found by class, without importing bitsandbytes).
+
+    peft's LoRA wrappers of such layers share their class names; they hold the real one as ``base_layer``
+    and are reported under their own name, once."""
     names = []
     for name, module in model.named_modules():
-        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-            names.append(name)
+        if type(module).__name__ in ("Linear4bit", "Linear8bitLt") and not hasattr(module, "base_layer"):
+            names.append(name[: -len(".base_layer")] if name.endswith(".base_layer") else name)
     return names
 
 

@@ -51,6 +51,16 @@ class MeteorTrainerMixin:
         if getattr(self.args, "bits", 16) in (4, 8):
             session.quantized = quant.check_quantization(model)
 
+    def create_optimizer(self):
+        # Upstream builds four groups when --mm_projector_lr is set; in a LoRA run the no-decay group of
+        # the LLM is empty. ZeRO-3 drops empty groups while transformers 4.x sizes the LR scheduler from
+        # the optimizer it built ("zip() argument 2 is longer than argument 1"): drop them here.
+        optimizer = super().create_optimizer()
+        kept = [group for group in optimizer.param_groups if len(group["params"]) > 0]
+        if len(kept) != len(optimizer.param_groups):
+            optimizer.param_groups[:] = kept
+        return optimizer
+
     # transformers 5 passes the dataset; upstream's override takes none.
     def _get_train_sampler(self, *args: Any, **kwargs: Any):
         return super()._get_train_sampler()
