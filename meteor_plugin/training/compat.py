@@ -32,10 +32,12 @@ def make_trainer_importable() -> None:
     """Let ``from transformers.trainer import ALL_LAYERNORM_LAYERS`` work again (transformers 5)."""
     import transformers.trainer as trainer_module
 
+    from ..registry import REGISTRY
+
     if not hasattr(trainer_module, "ALL_LAYERNORM_LAYERS"):
         from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 
-        trainer_module.ALL_LAYERNORM_LAYERS = ALL_LAYERNORM_LAYERS
+        REGISTRY.patch(trainer_module, "ALL_LAYERNORM_LAYERS", ALL_LAYERNORM_LAYERS)
 
 
 def trainer_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:

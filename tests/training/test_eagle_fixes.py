@@ -93,6 +93,7 @@ class _Trainer:
         self.saved.append(output_dir)
 
 
+@pytest.mark.filterwarnings("ignore:Could not find a config file")  # peft, on a model built in memory
 def test_the_lora_save_keeps_projectors_and_other_trained_weights(tiny_llava, tmp_path):
     from peft import LoraConfig, get_peft_model
 
