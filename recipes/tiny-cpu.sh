@@ -8,7 +8,7 @@
 #           (Stage 1 in CLIP, Stage 3 in the LLM, settings from the converted checkpoint's config.json).
 # Usage:    bash recipes/tiny-cpu.sh [WORKDIR] [more train.py flags...]
 # Env:      ZERO=2|3 (default 3)   OUT=folder (default WORKDIR/out-zeroN)
-#           LORA=1 (LoRA r 8 on the LLM)   BITS=4 (QLoRA; needs transformers >= 4.45 for CPU quantisation)
+#           LORA=1 (LoRA r 8 on the LLM)   BITS=4 (QLoRA; CPU quantisation needs transformers 5.x here)
 #           ENTRY (default "--module meteor_plugin.train"; tests put a wrapper script here)
 set -euo pipefail
 WORK=${1:-/tmp/meteor-tiny}
