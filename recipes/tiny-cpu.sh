@@ -9,16 +9,22 @@
 # Usage:    bash recipes/tiny-cpu.sh [WORKDIR] [more train.py flags...]
 # Env:      ZERO=2|3 (default 3)   OUT=folder (default WORKDIR/out-zeroN)
 #           LORA=1 (LoRA r 8 on the LLM)   BITS=4 (QLoRA; CPU quantisation needs transformers 5.x here)
-#           ENTRY (default "--module meteor_plugin.train"; tests put a wrapper script here)
+#           LAUNCHER=deepspeed (default) | torchrun | accelerate
+#           ENTRY (default: the launcher's way to run meteor_plugin.train; tests put a wrapper script here)
 set -euo pipefail
 WORK=${1:-/tmp/meteor-tiny}
 shift || true
 ZERO=${ZERO:-3}
 OUT=${OUT:-$WORK/out-zero$ZERO}
-ENTRY=${ENTRY:---module meteor_plugin.train}
 here=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python}
-DEEPSPEED=${DEEPSPEED:-deepspeed}
+case "${LAUNCHER:-deepspeed}" in
+  deepspeed)  launcher="${DEEPSPEED:-deepspeed} --num_gpus 2"; ENTRY=${ENTRY:---module meteor_plugin.train} ;;
+  torchrun)   launcher="${TORCHRUN:-torchrun} --standalone --nproc_per_node 2"; ENTRY=${ENTRY:--m meteor_plugin.train} ;;
+  accelerate) launcher="${ACCELERATE:-accelerate} launch --use_deepspeed --zero_stage $ZERO --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+              ENTRY=${ENTRY:--m meteor_plugin.train} ;;
+  *) echo "LAUNCHER must be deepspeed, torchrun or accelerate" >&2; exit 2 ;;
+esac
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 MODEL=$WORK/models/tiny-llava-v1-meteor
@@ -38,8 +44,8 @@ if [ -n "${BITS:-}" ]; then
   extra+=(--bits "$BITS")
 fi
 
-# shellcheck disable=SC2086  # DEEPSPEED and ENTRY may be several words
-$DEEPSPEED --num_gpus 2 $ENTRY \
+# shellcheck disable=SC2086  # the launcher and ENTRY are several words
+$launcher $ENTRY \
   --deepspeed "$here/tiny/zero$ZERO.json" \
   --model_name_or_path "$MODEL" --version v1 \
   --data_path "$WORK/data/data.json" --image_folder "$WORK/data/images" \

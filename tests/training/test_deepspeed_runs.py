@@ -80,3 +80,15 @@ def test_the_saved_model_reloads_with_the_trained_logits(workspace, stage):
     original = load_trained(workspace.model, tower_dtype(run.probe))
     before, _ = probe_forward(original, run.probe)
     assert (before - logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_same_entry_runs_under_torchrun_and_accelerate_launch(workspace, launcher):
+    run = workspace.launch(f"launcher-{launcher}", os.path.join(workspace.root, f"launcher-{launcher}"), probe=False,
+                           args=("--max_steps", "2", "--save_strategy", "no"), LAUNCHER=launcher, ZERO="3")
+    run.require_success()
+    assert "meteor-plugin: training with DeepSpeedEngine, pruning on" in run.log
+    steps = [e for e in run.log_history() if "loss" in e]
+    assert len(steps) == 2 and all(e["meteor/encoder_tokens_kept"] == ENCODER_KEPT for e in steps)
+    # the same first step as under the deepspeed launcher
+    assert steps[0]["loss"] == pytest.approx(workspace.zero3().require_success().losses()[0], rel=1e-3)

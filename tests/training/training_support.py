@@ -60,9 +60,10 @@ class Run:
         return [entry["loss"] for entry in self.log_history() if "loss" in entry]
 
 
-def _deepspeed_command() -> str:
-    script = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return script if os.path.isfile(script) else f"{sys.executable} -m deepspeed.launcher.runner"
+def _launcher_command(script: str, module: str) -> str:
+    """This interpreter's launcher script, or its module form where the script is missing."""
+    path = os.path.join(os.path.dirname(sys.executable), script)
+    return path if os.path.isfile(path) else f"{sys.executable} -m {module}"
 
 
 @dataclass
@@ -81,7 +82,10 @@ class Workspace:
     def env(self, **extra: str) -> Dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        env.update(PYTHON=sys.executable, DEEPSPEED=_deepspeed_command(), ENTRY=HARNESS, DS_ACCELERATOR="cpu",
+        env.update(PYTHON=sys.executable, DEEPSPEED=_launcher_command("deepspeed", "deepspeed.launcher.runner"),
+                   TORCHRUN=_launcher_command("torchrun", "torch.distributed.run"),
+                   ACCELERATE=_launcher_command("accelerate", "accelerate.commands.accelerate_cli"), ENTRY=HARNESS,
+                   DS_ACCELERATOR="cpu",
                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         env.update(extra)
         return env
