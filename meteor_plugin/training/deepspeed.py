@@ -35,7 +35,10 @@ def skip_shm_op_build() -> bool:
         module = importlib.import_module("deepspeed.comm.torch")
     except ImportError:
         return False
-    module.build_shm_op = lambda: None
+    from ..registry import REGISTRY
+
+    if not REGISTRY.is_patched(module, "build_shm_op"):
+        REGISTRY.patch(module, "build_shm_op", lambda: None)
     return True
 
 

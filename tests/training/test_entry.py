@@ -128,3 +128,45 @@ def test_checkpoints_are_matched_to_their_codebase():
     assert codebases.for_checkpoint({"architectures": ["EagleLlamaForCausalLM"]}) is codebases.EAGLE
     with pytest.raises(ValueError, match="not a checkpoint of a codebase meteor-plugin knows"):
         codebases.for_checkpoint({"model_type": "llama"}, "vicuna-7b")
+
+
+def test_main_enables_the_plugin_with_the_flags_and_hands_the_rest_to_upstream(monkeypatch, tmp_path):
+    """The entry up to upstream's train(), with a stand-in for LLaVA's train module."""
+    import types
+
+    import transformers
+
+    from meteor_plugin.runtime import ACTIVE
+    from meteor_plugin.train import main
+
+    config = tmp_path / "m.json"
+    config.write_text('{"encoder_keep": 12}')
+    seen = {}
+
+    def train(attn_implementation=None):
+        seen.update(argv=list(sys.argv[1:]), attn=attn_implementation, enabled=ACTIVE.enabled,
+                    config=ACTIVE.config, overrides=dict(ACTIVE.overrides))
+
+    module = types.ModuleType("llava_train_stand_in")
+    module.__file__ = "train.py"
+    module.train = train
+    module.ModelArguments = type("ModelArguments", (), {})
+    module.TrainingArguments = transformers.TrainingArguments
+    module.find_all_linear_names = lambda model: []
+    module.safe_save_model_for_hf_trainer = lambda trainer, output_dir: None
+    module.LLaVATrainer = transformers.Trainer
+    module.LlavaLlamaForCausalLM = object
+    monkeypatch.setattr(codebases.LLAVA, "import_train_module", lambda: module)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() hands upstream its own sys.argv
+    monkeypatch.setattr(hooks, "install", lambda module, codebase: hooks.Session(codebase))
+
+    assert main(["--meteor-config", str(config), "--meteor-llm", "false", "--meteor-set", "encoder_shallow_share=1.0",
+                 "--meteor-attn", "eager", "--warmup_ratio", "0.1", "--output_dir", "out"]) == 0
+    assert seen["enabled"] and seen["attn"] == "eager"
+    assert seen["config"].encoder_keep == 12 and seen["overrides"] == {"llm": False, "encoder_shallow_share": 1.0}
+    assert seen["argv"] == (["--warmup_steps", "0.1"] if transformers_major() >= 5 else ["--warmup_ratio", "0.1"]) + \
+        ["--output_dir", "out"]
+
+    meteor_plugin.disable()
+    assert main(["--meteor-off", "--output_dir", "out"]) == 0
+    assert not seen["enabled"]
