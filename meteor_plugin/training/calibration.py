@@ -7,8 +7,9 @@ Calibration measures, on a few images, each encoder's numerical rank (Stage 1's 
     from meteor_plugin.training import calibration
     calibration.set_calibrator(fn)   # fn(model_path: str, images_dir: str, config: MeteorConfig) -> MeteorConfig
 
+or names it in ``DEFAULT`` (``"module:function"``, imported only when a conversion asks for calibration).
 ``convert`` then calls it on the copied checkpoint and stores the config it returns. Until one is
-registered, asking for calibration is an error: an uncalibrated config is never presented as calibrated.
+available, asking for calibration is an error: an uncalibrated config is never presented as calibrated.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..config import MeteorConfig
 
 Calibrator = Callable[[str, str, MeteorConfig], MeteorConfig]
 _CALIBRATOR: Optional[Calibrator] = None
+DEFAULT: Optional[str] = None  # "module:function" of the Stage 1 calibrator, once it exists
 
 
 class CalibrationUnavailable(RuntimeError):
@@ -32,17 +34,22 @@ def set_calibrator(fn: Optional[Calibrator]) -> None:
 
 
 def calibrator() -> Optional[Calibrator]:
-    return _CALIBRATOR
+    if _CALIBRATOR is not None or DEFAULT is None:
+        return _CALIBRATOR
+    from .codebases import resolve
+
+    return resolve(DEFAULT)
 
 
 def calibrate(model_path: str, images_dir: str, config: MeteorConfig) -> MeteorConfig:
-    if _CALIBRATOR is None:
+    fn = calibrator()
+    if fn is None:
         raise CalibrationUnavailable(
             "--calibration-images: no calibrator is available in this installation (the Stage 1 code registers "
             "one with meteor_plugin.training.calibration.set_calibrator). Convert without --calibration-images: "
             "the budget is then split uniformly across encoders (a warning says so at run time)"
         )
-    result = _CALIBRATOR(model_path, images_dir, config)
+    result = fn(model_path, images_dir, config)
     if not isinstance(result, MeteorConfig):
         raise TypeError(f"the calibrator returned {type(result).__name__}, not a MeteorConfig")
     return result

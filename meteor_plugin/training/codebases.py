@@ -9,7 +9,11 @@ Hooks a codebase fills in:
   ``eagleConfig`` alias its LoRA loader imports);
 - ``convert_weights``: ``fn(job)`` that rewrites a copied checkpoint's weights during ``meteor-plugin
   convert`` (EAGLE: per-encoder projectors); ``None`` means the conversion only stores the METEOR config,
-  which is all LLaVA needs. ``weights_required=True`` makes a missing ``convert_weights`` an error;
+  which is all LLaVA needs. ``weights_required=True`` makes a missing ``convert_weights`` an error.
+  A ``"module:function"`` string is imported when a conversion needs it (no import cost otherwise);
+- ``before_training``: ``fn(model, training_args)`` run when upstream ``train()`` builds its Trainer (the
+  model is loaded, LoRA applied, the optimizer not yet built): where modules a checkpoint lacks are made
+  and set trainable. Same string form;
 - ``after_load``: what a loaded model still needs before it runs (LLaVA: load the delayed CLIP tower);
 - ``fully_trained``: name fragments of parameters LoRA training must keep trainable next to the adapters.
 """
@@ -36,9 +40,10 @@ class Codebase:
     model_global: str  # the name train() calls .from_pretrained on
     available: Callable[[], bool]
     runtime_fixes: Tuple[Callable[[Any], None], ...] = ()
-    convert_weights: Optional[Callable[[Any], None]] = None
+    convert_weights: Any = None  # callable(job), "module:function" or None
     weights_required: bool = False
     weights_missing_reason: str = ""
+    before_training: Any = None  # callable(model, training_args), "module:function" or None
     after_load: Callable[[Any], None] = lambda model: None
     fully_trained: Tuple[str, ...] = ("mm_projector",)
     notes: Dict[str, str] = field(default_factory=dict)
@@ -50,6 +55,19 @@ class Codebase:
 
     def import_train_module(self):
         return importlib.import_module(self.train_module)
+
+    def hook(self, name: str) -> Optional[Callable]:
+        """The hook ``name`` as a callable (imported if given as ``"module:function"``), or None."""
+        return resolve(getattr(self, name))
+
+
+def resolve(hook: Any) -> Optional[Callable]:
+    if hook is None or callable(hook):
+        return hook
+    module, sep, attr = str(hook).partition(":")
+    if not sep:
+        raise ValueError(f"a hook must be a callable or 'module:function', not {hook!r}")
+    return getattr(importlib.import_module(module), attr)
 
 
 REGISTRY: Dict[str, Codebase] = {}

@@ -132,7 +132,8 @@ def convert(model_path: str, out: str, config: Any = None, calibration_images: O
     cb = codebases.get(codebase) if codebase else codebases.for_checkpoint(model_config, model_path)
     check_destination(out, model_path)
     check_model_name(out, cb.keyword, "--out")
-    if cb.weights_required and cb.convert_weights is None:
+    convert_weights = cb.hook("convert_weights")
+    if cb.weights_required and convert_weights is None:
         raise ConversionError(f"cannot convert {model_path}: {cb.weights_missing_reason}")
     if calibration_images is not None and not os.path.isdir(calibration_images):
         raise ConversionError(f"--calibration-images {calibration_images} is not a folder")
@@ -148,8 +149,8 @@ def convert(model_path: str, out: str, config: Any = None, calibration_images: O
     try:
         shutil.copytree(model_path, staging, ignore=lambda _d, names: [n for n in names if LEFTOVERS.match(n)])
         job = ConvertJob(source=model_path, folder=staging, config=meteor, model_config=read_model_config(staging))
-        if cb.convert_weights is not None:
-            cb.convert_weights(job)
+        if convert_weights is not None:
+            convert_weights(job)
         if calibration_images is not None:
             write_model_config(staging, job.model_config)
             job.config = calibration.calibrate(staging, calibration_images, job.config)

@@ -44,6 +44,9 @@ class MeteorTrainerMixin:
         session = type(self).meteor_session
         session.trainer = self
         model = self.model
+        prepare = session.codebase.hook("before_training")
+        if prepare is not None:  # e.g. modules the checkpoint lacks, made before the optimizer exists
+            prepare(model, self.args)
         if getattr(self.args, "lora_enable", False):
             session.adapted = lora.check_placement(model)
             if not getattr(self.args, "freeze_mm_mlp_adapter", False) and not getattr(self.args, "tune_mm_mlp_adapter", False):

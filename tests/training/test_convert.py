@@ -142,3 +142,27 @@ def test_the_converted_checkpoint_runs_in_llavas_loader_with_the_stored_settings
     run = meteor_plugin.stats(model)
     assert run.stages[0]["encoder"].entered == 64 and run.stages[0]["encoder"].left == 20
     assert run.stages[0]["llm"].entered == 20 and run.stages[0]["llm"].left <= 5
+
+
+def _fake_eagle_conversion(job):
+    """Stands in for the Stage 2 conversion (per-encoder projectors) that the EAGLE code will register."""
+    with open(os.path.join(job.folder, "per_encoder_projectors.safetensors"), "wb") as fh:
+        fh.write(b"weights")
+    job.model_config["mm_projector_layout"] = "per_encoder"
+
+
+def test_a_codebase_conversion_hook_given_as_module_function_runs_on_the_copy(tmp_path, monkeypatch):
+    from meteor_plugin.training import codebases
+
+    eagle = tmp_path / "eagle-x4"
+    eagle.mkdir()
+    (eagle / "config.json").write_text(json.dumps({"model_type": "eagle_llama"}))
+    monkeypatch.setattr(codebases.EAGLE, "convert_weights", f"{__name__}:_fake_eagle_conversion")
+    with pytest.raises(ConversionError, match="lacks 'eagle'"):
+        convert(str(eagle), str(tmp_path / "x4-meteor"))
+    out = convert(str(eagle), str(tmp_path / "eagle-x4-meteor"), MeteorConfig(fusion_keep=0.25))
+    with open(os.path.join(out, "config.json")) as fh:
+        stored = json.load(fh)
+    assert stored["mm_projector_layout"] == "per_encoder" and stored["meteor"]["fusion_keep"] == 0.25
+    assert os.path.isfile(os.path.join(out, "per_encoder_projectors.safetensors"))
+    assert sorted(os.listdir(eagle)) == ["config.json"]
