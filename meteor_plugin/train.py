@@ -47,7 +47,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = arguments.pop_options(argv)
     if options.off and (options.config or options.overrides):
         raise SystemExit("--meteor-off trains without pruning: it cannot be combined with other METEOR flags")
-    codebase = codebases.for_training(options.codebase)
+    try:
+        codebase = codebases.for_training(options.codebase)
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"meteor_plugin.train: {exc}") from None
     attn = attention_implementation(options.attn)
     skip_shm_op_build()
     hooks.prepare_imports()

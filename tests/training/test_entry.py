@@ -37,11 +37,13 @@ def test_bad_meteor_flags_say_what_is_wrong(argv, message):
         arguments.pop_options(argv)
 
 
-def test_meteor_off_cannot_be_combined_with_settings():
+def test_meteor_off_cannot_be_combined_with_settings_and_codebases_are_checked():
     from meteor_plugin.train import main
 
     with pytest.raises(SystemExit, match="meteor-off trains without pruning"):
         main(["--meteor-off", "--meteor-llm", "false"])
+    with pytest.raises(SystemExit, match="unknown codebase 'llava2': choose from eagle, llava"):
+        main(["--meteor-codebase", "llava2"])
 
 
 def test_help_lists_the_meteor_flags_with_upstreams():
