@@ -40,13 +40,15 @@ class MeteorTrainerMixin:
     meteor_session: Any = None  # set by make_trainer
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **compat.trainer_kwargs(kwargs))
         session = type(self).meteor_session
+        prepare = session.codebase.hook("before_training")
+        if prepare is not None:
+            # Before Trainer.__init__, which moves the model to its device: modules the checkpoint lacks
+            # are made here, and exist before the optimizer and DeepSpeed see the parameters.
+            prepare(kwargs["model"] if "model" in kwargs else args[0], kwargs["args"] if "args" in kwargs else args[1])
+        super().__init__(*args, **compat.trainer_kwargs(kwargs))
         session.trainer = self
         model = self.model
-        prepare = session.codebase.hook("before_training")
-        if prepare is not None:  # e.g. modules the checkpoint lacks, made before the optimizer exists
-            prepare(model, self.args)
         if getattr(self.args, "lora_enable", False):
             session.adapted = lora.check_placement(model)
             if not getattr(self.args, "freeze_mm_mlp_adapter", False) and not getattr(self.args, "tune_mm_mlp_adapter", False):
