@@ -15,7 +15,10 @@ Hooks a codebase fills in:
   model is loaded, LoRA applied, the optimizer not yet built): where modules a checkpoint lacks are made
   and set trainable. Same string form;
 - ``after_load``: what a loaded model still needs before it runs (LLaVA: load the delayed CLIP tower);
-- ``fully_trained``: name fragments of parameters LoRA training must keep trainable next to the adapters.
+- ``fully_trained``: name fragments of parameters LoRA training must keep trainable next to the adapters;
+- ``keep_unquantised``: more module-name fragments 4-bit loading must leave alone (``quant.skip_modules``;
+  vision towers, ``*mm_projector*`` and ``lm_head`` always are, but transformers 4.44 only recognises a
+  fragment followed by a dot: a projector called ``mm_projector_clip`` must be listed here).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Codebase:
     before_training: Any = None  # callable(model, training_args), "module:function" or None
     after_load: Callable[[Any], None] = lambda model: None
     fully_trained: Tuple[str, ...] = ("mm_projector",)
+    keep_unquantised: Tuple[str, ...] = ()
     notes: Dict[str, str] = field(default_factory=dict)
 
     def classes(self) -> Tuple[type, type]:

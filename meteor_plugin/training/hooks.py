@@ -101,7 +101,7 @@ def install(module: Any, codebase: Codebase) -> Session:
     _set(module, "find_all_linear_names", lora.target_regex)
     _set(module, codebase.trainer_class, make_trainer(_original(module, codebase.trainer_class), session))
     replace_final_save(module)
-    fix_quantized_loading(module, codebase.model_global)
+    fix_quantized_loading(module, codebase.model_global, codebase.keep_unquantised)
     for fix in codebase.runtime_fixes:
         fix(module)
     return session
