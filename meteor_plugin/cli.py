@@ -69,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from meteor_plugin.calibrate import add_subparser as add_calibrate
     from meteor_plugin.patcher.cli import add_subparser as add_patch
+    from meteor_plugin.training.convert import add_subparser as add_convert
+    from meteor_plugin.training.merge import add_subparser as add_merge_lora
 
     add_calibrate(sub)
+    add_convert(sub)
+    add_merge_lora(sub)
     add_patch(sub)
     return parser
 

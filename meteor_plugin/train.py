@@ -1,0 +1,97 @@
+"""python -m meteor_plugin.train [METEOR flags] [the flags of LLaVA's or EAGLE's train.py]
+
+Fine-tunes a LLaVA or EAGLE model with METEOR's pruning active, through the upstream training code:
+``llava.train.train.train`` or, when run from the root of an EAGLE checkout, EAGLE's ``train.train``.
+Launch it the way the upstream scripts are launched:
+
+    deepspeed --module meteor_plugin.train --deepspeed recipes/deepspeed/zero3.json ...
+    torchrun --nproc_per_node 8 -m meteor_plugin.train --deepspeed recipes/deepspeed/zero2.json ...
+    accelerate launch -m meteor_plugin.train ...
+
+METEOR flags (``--meteor-x`` or ``--meteor_x``; ``--help`` lists them with upstream's):
+    --meteor-config PATH          a MeteorConfig .json/.yaml (default: the checkpoint's stored config)
+    --meteor-encoder/--meteor-fusion/--meteor-llm true|false     stage switches
+    --meteor-set FIELD=VALUE      any MeteorConfig field, repeatable
+    --meteor-attn sdpa|flash_attention_2|eager                   the LLM's attention (default sdpa)
+    --meteor-codebase auto|llava|eagle
+    --meteor-off                  train without pruning (baseline)
+
+What it adds to upstream training is described in ``meteor_plugin/training/hooks.py``.
+"""
+
+import os
+import sys
+
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    # Run as a file from inside the package: its folder must not shadow top-level modules (EAGLE's train).
+    sys.path.pop(0)
+
+from typing import List, Optional  # noqa: E402
+
+
+def attention_implementation(requested: str) -> str:
+    if requested == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise SystemExit("--meteor-attn flash_attention_2: FlashAttention-2 is not usable here (it needs the "
+                             "flash-attn package and a CUDA GPU); use --meteor-attn sdpa")
+    return requested
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from meteor_plugin.training import arguments, codebases, hooks, save
+    from meteor_plugin.training.deepspeed import barrier, skip_shm_op_build
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = arguments.pop_options(argv)
+    if options.off and (options.config or options.overrides):
+        raise SystemExit("--meteor-off trains without pruning: it cannot be combined with other METEOR flags")
+    try:
+        codebase = codebases.for_training(options.codebase)
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"meteor_plugin.train: {exc}") from None
+    attn = attention_implementation(options.attn)
+    skip_shm_op_build()
+    hooks.prepare_imports()
+    module = codebase.import_train_module()
+    session = hooks.install(module, codebase)
+    if not options.off:
+        import meteor_plugin
+
+        # Without --meteor-config each model uses the config stored in its checkpoint (or the defaults).
+        meteor_plugin.enable(options.config, **options.overrides)
+    from meteor_plugin.training.compat import translate_flags
+
+    argv = translate_flags(argv, module.TrainingArguments)
+    sys.argv = [getattr(module, "__file__", codebase.train_module)] + argv
+    module.train(attn_implementation=attn)
+    publish_final(session, barrier, save)
+    shutdown_distributed()
+    return 0
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down before interpreter exit: left to atexit, gloo ranks sometimes abort
+    (SIGABRT) after a run that finished and saved, which launchers report as a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def publish_final(session, barrier, save) -> None:
+    """Move the staged final save into the output folder once every rank has written its part."""
+    trainer = session.trainer
+    if trainer is None or session.staging is None:
+        return
+    barrier()
+    if trainer.args.should_save and os.path.isdir(session.staging):
+        save.publish(session.staging, session.final_dir)
+    trainer.args.output_dir = session.final_dir
+    barrier()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

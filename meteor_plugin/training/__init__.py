@@ -1,0 +1,17 @@
+"""Training METEOR models: conversion, the training entry, DeepSpeed, LoRA/QLoRA, saving and merging.
+
+    meteor-plugin convert --model-path SRC --out DST [--config cfg.json] [--calibration-images DIR]
+    deepspeed --module meteor_plugin.train [--meteor-...] <LLaVA's or EAGLE's train.py flags>
+    meteor-plugin merge-lora --model-path LORA_RUN --out MERGED [--model-base BASE]
+
+Modules:
+- ``codebases.py``  what differs between LLaVA and EAGLE (a registry keyed by name, with per-codebase hooks)
+- ``convert.py``    ``meteor-plugin convert``; ``calibration.py``: the hook the calibrator fills
+- ``hooks.py``      what the entry replaces in upstream's train module (``install``); ``arguments.py``: flags
+- ``trainer.py``    the Trainer mixin: checks, markers, resume, staging, stats, transformers 5.x
+- ``save.py``       completeness markers and staged publishing: a crashed save never looks whole
+- ``lora.py``       adapter placement and the adapter + ``non_lora_trainables.bin`` layout; ``merge.py``
+- ``quant.py``      QLoRA loading that keeps vision towers, projectors and ``lm_head`` unquantised
+- ``deepspeed.py``  DeepSpeed on GPU and on CPU (gloo), ZeRO-3 gathers; ``compat.py``: Trainer API drift
+- ``eagle.py``      EAGLE's run-time fixes; ``tiny.py``: the tiny workspace of the CPU recipe and tests
+"""

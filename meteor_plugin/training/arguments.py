@@ -1,0 +1,152 @@
+"""METEOR's training options: taken out of argv before upstream's parser runs, and shown in its --help.
+
+Upstream ``train()`` parses ``sys.argv`` with ``HfArgumentParser((ModelArguments, DataArguments,
+TrainingArguments))``, which rejects unknown flags. ``pop_options`` removes METEOR's flags first (both
+``--meteor-x`` and ``--meteor_x`` spellings); ``with_meteor_fields`` gives upstream's ``ModelArguments``
+the same fields so that ``--help`` lists them. ``with_cpu_setup`` extends ``TrainingArguments`` with what a
+CPU run needs right after parsing (``deepspeed.py``).
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+@dataclass
+class MeteorOptions:
+    """What the METEOR flags say (None: not given)."""
+
+    config: Optional[str] = None
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    attn: str = "sdpa"
+    codebase: str = "auto"
+    off: bool = False
+
+
+# name, takes a value, help (the help is what upstream's --help shows)
+OPTIONS: Tuple[Tuple[str, bool, str], ...] = (
+    ("config", True, "METEOR config (.json/.yaml). Default: the 'meteor' entry of the checkpoint's config.json "
+                     "(written by `meteor-plugin convert`), else MeteorConfig's defaults"),
+    ("encoder", True, "Stage 1 (pruning inside each vision encoder): true or false, overrides the config"),
+    ("fusion", True, "Stage 2 (cooperative pruning at the fusion of encoders): true or false"),
+    ("llm", True, "Stage 3 (text-guided pruning inside the language model): true or false"),
+    ("set", True, "FIELD=VALUE: set any MeteorConfig field (repeatable), e.g. --meteor-set llm_max_keep=0.25"),
+    ("attn", True, "attention implementation of the language model: sdpa (default), flash_attention_2 or eager"),
+    ("codebase", True, "whose train() to run: auto (EAGLE from an EAGLE checkout, else LLaVA), llava or eagle"),
+    ("off", False, "train without pruning (the plugin stays disabled): a baseline with the same entry"),
+)
+_SPELLINGS = {}
+for _name, _value, _ in OPTIONS:
+    _SPELLINGS[f"--meteor-{_name}"] = (_name, _value)
+    _SPELLINGS[f"--meteor_{_name}"] = (_name, _value)
+
+
+def _bool(flag: str, text: str) -> bool:
+    try:
+        return _BOOL[text.strip().lower()]
+    except KeyError:
+        raise SystemExit(f"{flag} takes true or false, got {text!r}") from None
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def pop_options(argv: List[str]) -> MeteorOptions:
+    """Remove the METEOR flags from ``argv`` (in place) and return what they say."""
+    opts = MeteorOptions()
+    i = 0
+    while i < len(argv):
+        flag, has_inline, inline = argv[i].partition("=")
+        spec = _SPELLINGS.get(flag)
+        if spec is None:
+            i += 1
+            continue
+        name, takes_value = spec
+        if not takes_value:
+            if has_inline:
+                raise SystemExit(f"{flag} takes no value")
+            del argv[i]
+            value = None
+        elif has_inline:
+            value = inline
+            del argv[i]
+        else:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"{flag} needs a value")
+            value = argv[i + 1]
+            del argv[i:i + 2]
+        if name == "config":
+            opts.config = value
+        elif name in ("encoder", "fusion", "llm"):
+            opts.overrides[name] = _bool(flag, value)
+        elif name == "set":
+            key, sep, raw = value.partition("=")
+            if not sep or not key.strip():
+                raise SystemExit(f"{flag} takes FIELD=VALUE, got {value!r}")
+            opts.overrides[key.strip()] = _value(raw)
+        elif name == "attn":
+            if value not in ATTENTION:
+                raise SystemExit(f"{flag} takes one of {', '.join(ATTENTION)}, got {value!r}")
+            opts.attn = value
+        elif name == "codebase":
+            opts.codebase = value
+        elif name == "off":
+            opts.off = True
+    return opts
+
+
+def meteor_fields() -> List[Tuple[str, Any, Any]]:
+    """(name, type, field) triples for ``dataclasses.make_dataclass``: the flags, for --help only."""
+    out = []
+    for name, takes_value, text in OPTIONS:
+        kind = Optional[str] if takes_value else bool
+        default = None if takes_value else False
+        out.append((f"meteor_{name}", kind, field(default=default, metadata={
+            "help": f"[METEOR, taken by meteor_plugin.train; also --meteor-{name}] {text}"})))
+    return out
+
+
+def with_meteor_fields(model_arguments: type) -> type:
+    """Upstream's ``ModelArguments`` with METEOR's flags as fields (so ``--help`` lists them)."""
+    if getattr(model_arguments, "_meteor_fields", False):
+        return model_arguments
+    cls = dataclasses.make_dataclass(model_arguments.__name__, meteor_fields(), bases=(model_arguments,))
+    cls.__module__ = model_arguments.__module__
+    cls._meteor_fields = True
+    return cls
+
+
+def with_cpu_setup(training_arguments: type, after_parse: Sequence = ()) -> type:
+    """Upstream's ``TrainingArguments`` that, right after parsing, applies the CPU flags this transformers
+    generation needs and runs ``after_parse`` hooks (``fn(args)``), before ``train()`` builds the model."""
+    from .deepspeed import cpu_training_flags, init_distributed_early, on_cpu
+
+    if getattr(training_arguments, "_meteor_cpu_setup", False):
+        return training_arguments
+
+    def __post_init__(self):
+        flags = cpu_training_flags()
+        for key, value in flags.items():
+            setattr(self, key, value)
+        if on_cpu() and not flags and getattr(self, "deepspeed", None) and getattr(self, "use_cpu", False):
+            # transformers 4.x: use_cpu turns DeepSpeed into DDP without a word; say so instead.
+            raise SystemExit("--use_cpu True with --deepspeed on transformers 4.x trains with DDP, not DeepSpeed: "
+                             "drop --use_cpu (meteor_plugin.train sets up DeepSpeed on CPU itself)")
+        training_arguments.__post_init__(self)
+        init_distributed_early(self)
+        for hook in after_parse:
+            hook(self)
+
+    cls = dataclasses.make_dataclass(training_arguments.__name__, [], bases=(training_arguments,),
+                                     namespace={"__post_init__": __post_init__})
+    cls.__module__ = training_arguments.__module__
+    cls._meteor_cpu_setup = True
+    return cls

@@ -1,0 +1,186 @@
+"""The Trainer that upstream ``train()`` builds, with METEOR's additions mixed in.
+
+``make_trainer(LLaVATrainer or EagleTrainer, session)`` returns a subclass of upstream's own Trainer (its
+optimizer groups, samplers and adapter-only saving stay as they are) that also:
+
+- runs on transformers 4.37, 4.44 and 5.x (``compat.py``);
+- checks where LoRA adapters and 4-bit layers landed, and keeps projectors trainable next to adapters;
+- brackets every ``checkpoint-N`` save with the completeness marker (``save.py``), writes the fully
+  trained weights of a LoRA run beside the adapter there too, and resumes only from a whole checkpoint;
+- sends the final save into a staging folder that the entry publishes once every rank is done;
+- logs how many visual tokens each stage kept in the last step (``meteor/<stage>_tokens_kept``), so a
+  run shows in its logs that pruning was active, and prints the engine it trains with once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from . import compat, lora, quant, save
+from .deepspeed import barrier
+
+
+def is_peft_model(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+
+
+def bare_model(model: Any) -> Any:
+    """The LLaVA/EAGLE model inside a DeepSpeed engine and/or a PeftModel."""
+    model = getattr(model, "module", model)
+    if is_peft_model(model):
+        model = model.base_model.model
+    return model
+
+
+class MeteorTrainerMixin:
+    meteor_session: Any = None  # set by make_trainer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        session = type(self).meteor_session
+        prepare = session.codebase.hook("before_training")
+        if prepare is not None:
+            # Before Trainer.__init__, which moves the model to its device: modules the checkpoint lacks
+            # are made here, and exist before the optimizer and DeepSpeed see the parameters.
+            prepare(kwargs["model"] if "model" in kwargs else args[0], kwargs["args"] if "args" in kwargs else args[1])
+        super().__init__(*args, **compat.trainer_kwargs(kwargs))
+        session.trainer = self
+        model = self.model
+        if getattr(self.args, "lora_enable", False):
+            session.adapted = lora.check_placement(model)
+            if not getattr(self.args, "freeze_mm_mlp_adapter", False) and not getattr(self.args, "tune_mm_mlp_adapter", False):
+                session.fully_trained = lora.train_fully(model, session.codebase.fully_trained)
+        if getattr(self.args, "bits", 16) in (4, 8):
+            session.quantized = quant.check_quantization(model)
+
+    def create_optimizer(self):
+        # Upstream builds four groups when --mm_projector_lr is set; in a LoRA run the no-decay group of
+        # the LLM is empty. ZeRO-3 drops empty groups while transformers 4.x sizes the LR scheduler from
+        # the optimizer it built ("zip() argument 2 is longer than argument 1"): drop them here.
+        optimizer = super().create_optimizer()
+        kept = [group for group in optimizer.param_groups if len(group["params"]) > 0]
+        if len(kept) != len(optimizer.param_groups):
+            optimizer.param_groups[:] = kept
+        return optimizer
+
+    # transformers 5 passes the dataset; upstream's override takes none.
+    def _get_train_sampler(self, *args: Any, **kwargs: Any):
+        return super()._get_train_sampler()
+
+    def _save_checkpoint(self, model: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+        folder = compat.checkpoint_folder(self, trial)
+        with save.marked_save(folder, self.args.should_save, barrier):
+            if getattr(self.args, "tune_mm_mlp_adapter", False):
+                super()._save_checkpoint(model, trial, *args, **kwargs)  # upstream's projector-only save
+            else:
+                # Upstream's override only defers to Trainer here, passing ``metrics`` that 5.x no longer takes.
+                compat.base_save_checkpoint(self, model, trial, *args, **kwargs)
+                if is_peft_model(self.model):  # Trainer keeps only the adapter of a PeftModel
+                    others = lora.non_lora_state(self.model)
+                    if self.args.should_save:
+                        torch.save(others, os.path.join(folder, lora.NON_LORA_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # Without DeepSpeed the Trainer restores only the adapter of a PeftModel; the engine's own
+        # checkpoint (global_stepN) already holds every weight.
+        path = os.path.join(resume_from_checkpoint, lora.NON_LORA_FILE)
+        target = model if model is not None else self.model
+        if os.path.isfile(path) and is_peft_model(target) and not getattr(self, "is_deepspeed_enabled", False):
+            lora.load_non_lora(bare_model(target), resume_from_checkpoint)
+
+    def _load_rng_state(self, checkpoint: Any) -> None:
+        with compat.numpy_rng_globals():
+            return super()._load_rng_state(checkpoint)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = save.last_resumable(self.args.output_dir)
+        elif isinstance(resume_from_checkpoint, str):
+            save.require_loadable(resume_from_checkpoint, "the checkpoint to resume from")
+        if isinstance(resume_from_checkpoint, str):
+            check_same_kind(resume_from_checkpoint, is_peft_model(self.model))
+        session = type(self).meteor_session
+        session.resumed_from = resume_from_checkpoint
+        if resume_from_checkpoint and self.args.should_save:
+            print(f"meteor-plugin: resuming from {resume_from_checkpoint}", flush=True)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_state(self) -> None:
+        super().save_state()
+        # Upstream saves the final model right after this, into args.output_dir: send it to a staging
+        # folder; the entry publishes it into the real output folder when every rank has finished.
+        session = type(self).meteor_session
+        if session.staging is None:
+            session.final_dir = self.args.output_dir
+            session.staging = save.staging_dir(self.args.output_dir)
+            if self.args.should_save:
+                shutil.rmtree(session.staging, ignore_errors=True)
+                os.makedirs(session.staging)
+            barrier()
+            self.args.output_dir = session.staging
+
+    def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+        from ..stats import stats
+
+        run = stats(self.model)
+        if run is not None and "loss" in logs:
+            for stage in ("encoder", "fusion", "llm"):
+                kept = [n for n in run.visual_tokens(stage) if n is not None]
+                if kept:
+                    logs[f"meteor/{stage}_tokens_kept"] = sum(kept) / len(kept)
+        session = type(self).meteor_session
+        if session.engine is None:
+            session.engine = type(getattr(self, "model_wrapped", self.model)).__name__
+            if self.args.should_save:
+                print(f"meteor-plugin: training with {session.engine}, pruning "
+                      f"{'on' if run is not None else 'off or not reached'}", flush=True)
+        return super().log(logs, *args, **kwargs)
+
+
+def check_same_kind(checkpoint: str, lora_run: bool) -> None:
+    """Upstream resumes from any ``checkpoint-*`` in the output folder: refuse one of the other kind."""
+    has_adapter = os.path.isfile(os.path.join(checkpoint, "adapter_config.json"))
+    if has_adapter != lora_run:
+        kinds = ("a LoRA run", "a full fine-tuning run")
+        raise SystemExit(
+            f"{checkpoint} was saved by {kinds[0] if has_adapter else kinds[1]}, but this is "
+            f"{kinds[0] if lora_run else kinds[1]}: upstream train() resumes from the checkpoints in --output_dir, "
+            "so give this run its own --output_dir"
+        )
+
+
+def make_trainer(base: type, session: Any) -> type:
+    if issubclass(base, MeteorTrainerMixin):
+        base = base.__mro__[2]
+    return type(f"Meteor{base.__name__}", (MeteorTrainerMixin, base), {"meteor_session": session,
+                                                                        "__module__": __name__})
+
+
+def save_final_model(original: Any):
+    """A replacement for upstream's ``safe_save_model_for_hf_trainer`` (called at the end of ``train()``).
+
+    - LoRA (a ``PeftModel``): the adapter *and* ``non_lora_trainables.bin`` (EAGLE's train.py would keep
+      only the adapter; LLaVA's never gets here, it saves LoRA inline the same way);
+    - DeepSpeed: ``trainer.save_model`` (upstream first calls ``torch.cuda.synchronize()``, which fails
+      without CUDA);
+    - otherwise upstream's own function (projector-only saves, plain saves).
+    """
+
+    def safe_save_model_for_hf_trainer(trainer: Any, output_dir: str) -> None:
+        args = trainer.args
+        if getattr(args, "tune_mm_mlp_adapter", False):
+            return original(trainer=trainer, output_dir=output_dir)
+        if is_peft_model(trainer.model):
+            return lora.save_adapter(trainer.model, output_dir, getattr(args, "lora_bias", "none"), args.should_save)
+        if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "deepspeed", None) is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return trainer.save_model(output_dir)
+        return original(trainer=trainer, output_dir=output_dir)
+
+    safe_save_model_for_hf_trainer.meteor_original = original
+    return safe_save_model_for_hf_trainer

@@ -1,0 +1,21 @@
+"""Fixtures of the training tests (helpers are in training_support.py)."""
+
+import os
+
+import pytest
+
+from training_support import STORED, Workspace
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    from meteor_plugin import MeteorConfig
+    from meteor_plugin.training import convert, tiny
+
+    root = str(tmp_path_factory.mktemp("meteor-train"))
+    tiny.prepare(root)
+    config = os.path.join(root, "meteor.json")
+    MeteorConfig(**STORED).save(config)
+    convert.convert(os.path.join(root, "models", "tiny-llava-v1"), os.path.join(root, "models", "tiny-llava-v1-meteor"),
+                    config)
+    return Workspace(root)
