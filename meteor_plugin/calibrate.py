@@ -172,3 +172,9 @@ def _main(args: Any) -> int:
         print(f"llm_lambda: {config.llm_lambda:.3f} (target {target} visual tokens kept on average)")
     print(f"wrote {args.out}")
     return 0
+
+
+def calibrate_checkpoint(model_path: str, images_dir: str, config: MeteorConfig) -> MeteorConfig:
+    """The hook ``meteor-plugin convert --calibration-images DIR`` calls: encoder ranks on those images."""
+    _, model = load_checkpoint(model_path)
+    return config.replace(encoder_ranks=encoder_ranks(model, pixels(model, load_images(images_dir, 8))))

@@ -20,7 +20,7 @@ from ..config import MeteorConfig
 
 Calibrator = Callable[[str, str, MeteorConfig], MeteorConfig]
 _CALIBRATOR: Optional[Calibrator] = None
-DEFAULT: Optional[str] = None  # "module:function" of the Stage 1 calibrator, once it exists
+DEFAULT: Optional[str] = "meteor_plugin.calibrate:calibrate_checkpoint"  # the Stage 1 calibrator
 
 
 class CalibrationUnavailable(RuntimeError):

@@ -86,8 +86,9 @@ def test_other_bad_input_is_refused_with_the_reason(source, tmp_path):
     (adapter / "adapter_config.json").write_text("{}")
     with pytest.raises(ConversionError, match="LoRA adapter.*merge-lora"):
         convert(str(adapter), str(tmp_path / "y-llava"))
-    with pytest.raises(calibration.CalibrationUnavailable, match="no calibrator"):
-        convert(source, str(tmp_path / "z-llava"), calibration_images=str(tmp_path))
+    (tmp_path / "no-images").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        convert(source, str(tmp_path / "z-llava"), calibration_images=str(tmp_path / "no-images"))
     assert not os.path.exists(tmp_path / "z-llava")
 
 
@@ -97,6 +98,19 @@ def test_an_eagle_checkpoint_is_refused_until_stage_2_provides_its_conversion(tm
     (eagle / "config.json").write_text(json.dumps({"model_type": "eagle_llama", "architectures": ["EagleLlamaForCausalLM"]}))
     with pytest.raises(ConversionError, match="per-encoder projectors"):
         convert(str(eagle), str(tmp_path / "eagle-x4-meteor"))
+
+
+def test_the_default_calibrator_stores_the_measured_encoder_rank(source, tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "calibration-images"
+    images.mkdir()
+    for i, colour in enumerate([(200, 30, 60), (20, 160, 40), (30, 40, 200)]):
+        Image.new("RGB", (40, 30), colour).save(images / f"{i}.png")
+    out = convert(source, str(tmp_path / "calibrated-llava"), calibration_images=str(images))
+    with open(os.path.join(out, "config.json")) as fh:
+        stored = json.load(fh)["meteor"]
+    assert set(stored["encoder_ranks"]) == {"clip"} and stored["encoder_ranks"]["clip"] >= 1
 
 
 def test_calibration_hook_gets_the_copy_and_its_config_is_stored(source, tmp_path):
