@@ -113,6 +113,14 @@ def left_padded(model):
         model.config.tokenizer_padding_side = before
 
 
+def forward(model, rows: Sequence[Sequence[int]], images: torch.Tensor):
+    """One forward of prompts ``rows`` (unpadded ids) and their uint8 images, right-padded with a mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return model(input_ids=ids, attention_mask=mask, images=pixels(images), use_cache=False)
+
+
 @torch.no_grad()
 def evaluate(model, data: EvalSet, config, batch_size: int = 100,
              progress: Optional[Callable[[int], None]] = None) -> EvalResult:
@@ -128,11 +136,7 @@ def evaluate(model, data: EvalSet, config, batch_size: int = 100,
     with left_padded(model):
         for start in range(0, len(data), batch_size):
             rows = data.ids[start:start + batch_size]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-            logits = model(input_ids=ids, attention_mask=mask, images=pixels(data.images[start:start + len(rows)]),
-                           use_cache=False).logits
+            logits = forward(model, rows, data.images[start:start + len(rows)]).logits
             guess = logits[:, -1].argmax(-1)
             predictions += guess.tolist()
             correct += (guess == data.answers[start:start + len(rows)]).tolist()
