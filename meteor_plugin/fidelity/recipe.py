@@ -51,6 +51,8 @@ class RecipeSettings:
     per_kind: int = 1  # questions of each kind packed per image (``pack_turns``)
     logging_steps: int = 50
     meteor_config: Optional[str] = None  # a MeteorConfig file: fine-tune with those stages active
+    budget_seconds: Optional[float] = None  # wall clock of both phases: sets the step counts (see `plan_budget`)
+    pretrain_share: float = 0.2  # of budget_seconds
     python: str = sys.executable
     log: List[Dict[str, Any]] = field(default_factory=list)
 
@@ -72,14 +74,16 @@ def pretrain(settings: RecipeSettings, echo=print) -> str:
     model = build(settings.seed)
     enable_unpruned()
     began, load = time.perf_counter(), _loadavg()
+    seconds = settings.pretrain_share * settings.budget_seconds if settings.budget_seconds else None
     history = run_pretrain(model, PretrainSettings(steps=settings.pretrain_steps, batch_size=settings.pretrain_batch,
-                                                   lr=settings.pretrain_lr, seed=settings.seed,
+                                                   lr=settings.pretrain_lr, seed=settings.seed, seconds=seconds,
                                                    log_every=settings.pretrain_log_every,
                                                    warmup=max(1, min(30, settings.pretrain_steps // 10))), log=echo)
     seconds = time.perf_counter() - began
     model.save_pretrained(folder)
     llava_format.save_hf_tokenizer(folder)
-    settings.log.append({"phase": "pretrain", "steps": settings.pretrain_steps, "batch": settings.pretrain_batch,
+    settings.log.append({"phase": "pretrain", "steps": history[-1]["step"] if history else 0,
+                         "batch": settings.pretrain_batch,
                          "seconds": round(seconds, 1), "loadavg_before": load, "loadavg_after": _loadavg(),
                          "last": history[-1] if history else None})
     return folder
@@ -206,7 +210,7 @@ def finish(settings: RecipeSettings, trained: str, dest: Optional[str] = None, e
     for name in keep:
         src = os.path.join(trained, name)
         if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(dest, name))
+            shutil.copyfile(src, os.path.join(dest, name))  # not copy2: the Trainer writes weights 0600
     model, tokenizer = load(dest)
     accuracy = fixed_accuracy(model, tokenizer)
     meteor_config(model, tokenizer, log=echo).save(os.path.join(dest, "meteor-24.json"))
@@ -222,11 +226,66 @@ def finish(settings: RecipeSettings, trained: str, dest: Optional[str] = None, e
     return dest
 
 
+STARTUP_SECONDS = 25.0  # the entry's imports, model load and Trainer set-up before the first step
+
+
+def step_seconds(settings: RecipeSettings, repeats: int = 3) -> float:
+    """Seconds of one fine-tuning step (batch of packed conversations, forward, backward, AdamW) on this
+    machine now, measured on a fresh model in this process: what `plan_budget` divides by."""
+    from .datasets import make_sample
+    from .llava_format import build_hf_tokenizer, prompt_ids
+    from .model import build, enable_unpruned, pixels
+
+    torch.set_num_threads(settings.threads)
+    model = build(settings.seed)
+    enable_unpruned()
+    tokenizer = build_hf_tokenizer()
+    samples = [make_sample("train", i, seed=settings.seed, per_kind=settings.per_kind) for i in range(settings.batch_size)]
+    rows = []
+    for s in samples:  # the packed conversation's ids: "... ASSISTANT: answer </s> USER: ..." per turn
+        ids = prompt_ids(tokenizer, s.turns[0].text)
+        for q in s.turns[1:]:
+            ids += [5, 2] + tokenizer(f"USER: {q.text} ASSISTANT:", add_special_tokens=False).input_ids
+        rows.append(ids + [5, 2])
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=ids.ne(0), images=pixels(torch.stack([s.image for s in samples])),
+                    labels=ids.masked_fill(ids < 0, -100))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    import meteor_plugin
+
+    meteor_plugin.disable()
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def plan_budget(settings: RecipeSettings, echo=print) -> None:
+    """Fine-tuning steps that fit the wall-clock budget after pretraining (``pretrain_share`` of it), at
+    the step time measured now plus 10% for the Trainer and data loading."""
+    per_step = step_seconds(settings)
+    left = settings.budget_seconds * (1 - settings.pretrain_share) - STARTUP_SECONDS
+    settings.finetune_steps = max(1, int(left / (1.1 * per_step)))
+    settings.pretrain_steps = 100_000  # the pretraining stops on its share of the time
+    settings.log.append({"phase": "plan", "budget_seconds": settings.budget_seconds, "step_seconds": round(per_step, 3),
+                         "finetune_steps": settings.finetune_steps, "loadavg": _loadavg()})
+    echo(f"budget {settings.budget_seconds:.0f} s: {per_step:.3f} s per fine-tuning step now -> "
+         f"{settings.finetune_steps} steps after {settings.pretrain_share:.0%} of the time on pretraining")
+
+
 def run(settings: RecipeSettings, dest: Optional[str] = None, echo=print) -> str:
-    began = time.perf_counter()
-    pretrained = pretrain(settings, echo)
+    if settings.budget_seconds:
+        plan_budget(settings, echo)
     samples = settings.finetune_steps * settings.batch_size
     data = write_data(settings, min(samples, settings.images or samples), echo)
+    began = time.perf_counter()
+    pretrained = pretrain(settings, echo)
     trained = finetune(settings, pretrained, data, echo)
     settings.log.append({"phase": "total", "seconds": round(time.perf_counter() - began, 1),
                          "training_seconds": round(sum(p["seconds"] for p in settings.log
@@ -242,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("pretrain_steps", "pretrain_batch", "finetune_steps", "batch_size", "images", "threads", "seed",
                  "per_kind", "logging_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("pretrain_lr", "lr", "vision_lr"):
+    for name in ("pretrain_lr", "lr", "vision_lr", "budget_seconds", "pretrain_share"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--meteor-config", help="a MeteorConfig file: fine-tune with those stages active")
     parser.add_argument("--out", help="where the trained model goes (default: WORKDIR/fidelity-model)")
