@@ -82,26 +82,52 @@ def pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def load(path: str, config: Optional[Any] = None):
-    """(model, tokenizer) of a saved fidelity checkpoint, in float32 eval mode.
+    """(model, tokenizer) of a saved fidelity checkpoint, in float32 eval mode, on any supported
+    transformers version.
 
-    Enables meteor-plugin (with ``config``, or unpruned) before loading: a converted checkpoint's
-    per-encoder projectors are only built with the plugin enabled.
+    Enables meteor-plugin (with ``config``, or unpruned) first: a converted checkpoint's per-encoder
+    projectors are only built with the plugin enabled. The weights are read here rather than by
+    ``from_pretrained`` because the CLIP tower's parameter names differ across transformers versions
+    (5.x's ``CLIPVisionModel`` has no ``vision_model`` level), and a checkpoint saved by one version would
+    otherwise leave another version's CLIP tower at its random initialisation, with only a warning.
     """
+    import os
+
+    from safetensors.torch import load_file
+
     import meteor_plugin
     from ..testing.eagle_like import install
 
     install()
-    from eagle.model.language_model.eagle_llama import EagleLlamaForCausalLM
+    from eagle.model.language_model.eagle_llama import EagleConfig, EagleLlamaForCausalLM
 
     meteor_plugin.enable(config or unpruned_config())
-    model = EagleLlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32) if _v4() else \
-        EagleLlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if getattr(model.get_model(), "mm_projectors", None) is None:
+    model_config = EagleConfig.from_pretrained(path)
+    if not getattr(model_config, "meteor_fusion", None):
         raise ValueError(f"{path} is not a converted fidelity checkpoint: it has no per-encoder projectors")
-    return model.eval(), llava_format.load_hf_tokenizer(path)
+    model_config._attn_implementation = "sdpa"
+    model = EagleLlamaForCausalLM(model_config)
+    state = load_file(os.path.join(path, "model.safetensors"))
+    expected = model.state_dict()
+    state = {_rename(k, expected): v for k, v in state.items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the fidelity model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.generation_config.eos_token_id = 2
+    return model.float().eval(), llava_format.load_hf_tokenizer(path)
 
 
-def _v4() -> bool:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0]) < 5
+def _rename(key: str, expected) -> str:
+    """A CLIP tower key of one transformers version's layout in the layout of the running one."""
+    if key in expected:
+        return key
+    marker = ".vision_tower.vision_model."
+    if marker in key:
+        alt = key.replace(marker, ".vision_tower.", 1)
+    else:
+        head, sep, tail = key.partition(".vision_towers.")
+        index, _, rest = tail.partition(".vision_tower.")
+        alt = f"{head}{sep}{index}.vision_tower.vision_model.{rest}" if sep and rest else key
+    return alt if alt in expected else key

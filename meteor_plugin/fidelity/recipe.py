@@ -200,17 +200,17 @@ def finish(settings: RecipeSettings, trained: str, dest: Optional[str] = None, e
 
     import meteor_plugin
 
+    from . import llava_format
     from .calibration import meteor_config
     from .model import load
 
     dest = dest or os.path.join(settings.workdir, "fidelity-model")
     os.makedirs(dest, exist_ok=True)
-    keep = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json")
-    for name in keep:
-        src = os.path.join(trained, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(dest, name))  # not copy2: the Trainer writes weights 0600
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copyfile(os.path.join(trained, name), os.path.join(dest, name))  # not copy2: the Trainer writes 0600
+    # The tokenizer written afresh, not the Trainer's copy: transformers 5 names its own backend class
+    # there, which 4.37 and 4.44 cannot load.
+    llava_format.save_hf_tokenizer(dest)
     model, tokenizer = load(dest)
     accuracy = fixed_accuracy(model, tokenizer)
     meteor_config(model, tokenizer, log=echo).save(os.path.join(dest, "meteor-24.json"))
