@@ -30,9 +30,8 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
         from meteor_plugin.fidelity import recipe
 
         workdir = args.train_dir or os.path.join(os.getcwd(), "fidelity-train")
-        settings = recipe.RecipeSettings(workdir=workdir, threads=args.threads or 2)
-        if args.train_minutes is not None:
-            settings.budget_seconds = 60.0 * args.train_minutes
+        settings = recipe.RecipeSettings(workdir=workdir, threads=args.threads or 2,
+                                         budget_seconds=60.0 * args.train_minutes)
         model_path = recipe.run(settings, echo=lambda *a: print(*a, file=sys.stderr))
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(methods.BUDGETS)
     settings = fidelity.FidelityBench(
@@ -106,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("fidelity")
     f.add_argument("--model-path", help="a trained fidelity checkpoint (default: the one shipped in the package)")
     f.add_argument("--train", action="store_true", help="train a fidelity model first (about 20 minutes on 2 cores)")
-    f.add_argument("--train-minutes", type=float, help="wall-clock budget of --train (default: fixed step counts)")
+    f.add_argument("--train-minutes", type=float, default=20.0, help="wall-clock budget of both training phases")
     f.add_argument("--train-dir", help="work folder of --train (default: ./fidelity-train)")
     f.add_argument("--per-kind", type=int, default=500, help="test questions per question kind")
     f.add_argument("--val-per-kind", type=int, default=100, help="validation questions per kind, for calibration")

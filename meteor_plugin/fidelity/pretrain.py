@@ -32,7 +32,8 @@ LABELS = (("what", len(WHAT_CLASSES)), ("colour", len(COLOUR_CLASSES)), ("digit"
 
 @dataclass
 class PretrainSettings:
-    steps: int = 600
+    steps: int = 600  # at most; fewer when ``seconds`` runs out first
+    seconds: Optional[float] = None  # wall-clock budget: the schedule follows whichever ends first
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -62,8 +63,9 @@ def vision_parameters(model) -> List[nn.Parameter]:
 def aux_loss(model, heads: CellHeads, batch: Dict[str, object], encoders: int) -> Dict[str, torch.Tensor]:
     """Cross-entropy of every projected token's cell labels, and per-label accuracy.
 
-    Factorised so that rare classes are learned: ``what`` on every token, ``colour`` only on tokens of
-    an object's cell, ``digit`` only on tokens of the digit's cell. Unmasked, "nothing here" is 95% of
+    Factorised so that rare classes are learned: ``what`` on every token and again on the tokens of
+    non-empty cells (three quarters of the tokens are empty), ``colour`` only on tokens of an object's
+    cell, ``digit`` only on tokens of the digit's cell. Unmasked, "nothing here" is 95% of
     the digit targets and a 300-step run never learned a digit value (accuracy stayed at the share of
     empty tokens).
     """
@@ -85,15 +87,23 @@ def aux_loss(model, heads: CellHeads, batch: Dict[str, object], encoders: int) -
         picked, wanted = logits[name][mask], target[mask]
         total = total + F.cross_entropy(picked, wanted)
         out[name + "_acc"] = (picked.argmax(-1) == wanted).float().mean().detach()
+    # "what" again on the tokens of non-empty cells (a quarter of them): which shape, or the digit
+    occupied = what > 0
+    if bool(occupied.any()):
+        picked = logits["what"][occupied]
+        total = total + F.cross_entropy(picked, what[occupied])
+        out["object_what_acc"] = (picked.argmax(-1) == what[occupied]).float().mean().detach()
     out["loss"] = total
     return out
 
 
-def lr_at(step: int, settings: PretrainSettings) -> float:
-    """Linear warmup, then cosine to 10% of the peak."""
+def lr_at(step: int, settings: PretrainSettings, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine to 10% of the peak over the steps or the seconds, whichever ends first."""
     if step < settings.warmup:
         return settings.lr * (step + 1) / settings.warmup
     progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    if settings.seconds:
+        progress = max(progress, elapsed / settings.seconds)
     return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -118,14 +128,19 @@ def pretrain(model, settings: Optional[PretrainSettings] = None,
                            stop=settings.start + settings.steps * settings.batch_size, max_turns=1, label_grid=GRID)
     began = time.perf_counter()
     for step, batch in enumerate(batches):
+        elapsed = time.perf_counter() - began
+        if settings.seconds is not None and elapsed >= settings.seconds:
+            break
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, settings)
+            group["lr"] = lr_at(step, settings, elapsed)
         out = aux_loss(model, heads, batch, len(ENCODERS))
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if step == 0 or (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+        last = step + 1 == settings.steps or (settings.seconds is not None
+                                              and time.perf_counter() - began >= settings.seconds)
+        if step == 0 or (step + 1) % settings.log_every == 0 or last:
             record = {"step": step + 1, "seconds": round(time.perf_counter() - began, 1),
                       **{k: round(float(v.detach()), 4) for k, v in out.items()}}
             history.append(record)

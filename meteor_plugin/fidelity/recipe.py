@@ -44,15 +44,16 @@ class RecipeSettings:
     finetune_steps: int = 1500
     batch_size: int = 32
     lr: float = 1.5e-3
-    vision_lr: Optional[float] = None  # EAGLE's --vision_tower_lr (None: the same as lr)
+    vision_lr: Optional[float] = 2e-4  # EAGLE's --vision_tower_lr: pretrained encoders adapt, not relearn
     images: Optional[int] = None  # distinct training images (None: one per sample seen)
     threads: int = 2
     seed: int = 0
-    per_kind: int = 1  # questions of each kind packed per image (``pack_turns``)
+    per_kind: int = 3  # questions of each kind packed per image (``pack_turns``): 5.6 turns on average
     logging_steps: int = 50
     meteor_config: Optional[str] = None  # a MeteorConfig file: fine-tune with those stages active
+    pretrained: Optional[str] = None  # skip phase 1: fine-tune this pretrained checkpoint (e.g. another run's)
     budget_seconds: Optional[float] = None  # wall clock of both phases: sets the step counts (see `plan_budget`)
-    pretrain_share: float = 0.2  # of budget_seconds
+    pretrain_share: float = 0.22  # of budget_seconds
     python: str = sys.executable
     log: List[Dict[str, Any]] = field(default_factory=list)
 
@@ -285,7 +286,7 @@ def run(settings: RecipeSettings, dest: Optional[str] = None, echo=print) -> str
     samples = settings.finetune_steps * settings.batch_size
     data = write_data(settings, min(samples, settings.images or samples), echo)
     began = time.perf_counter()
-    pretrained = pretrain(settings, echo)
+    pretrained = settings.pretrained or pretrain(settings, echo)
     trained = finetune(settings, pretrained, data, echo)
     settings.log.append({"phase": "total", "seconds": round(time.perf_counter() - began, 1),
                          "training_seconds": round(sum(p["seconds"] for p in settings.log
@@ -304,6 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("pretrain_lr", "lr", "vision_lr", "budget_seconds", "pretrain_share"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--meteor-config", help="a MeteorConfig file: fine-tune with those stages active")
+    parser.add_argument("--pretrained", help="skip phase 1 and fine-tune this pretrained checkpoint")
     parser.add_argument("--out", help="where the trained model goes (default: WORKDIR/fidelity-model)")
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
