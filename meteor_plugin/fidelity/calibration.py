@@ -57,7 +57,7 @@ def solve(model, val: ev.EvalSet, cal: mt.Calibration, pairs, batch_size: int = 
                 rows = val.ids[start:start + batch_size]
                 ev.forward(model, rows, val.images[start:start + len(rows)])
                 masses += mt.masses_from_stats(meteor_plugin.stats(model))
-        mt.with_lambda(cal, method, k, mt.solve_lambda(masses, k, mt._entering(method, k)))
+        mt.with_lambda(cal, method, k, mt.solve_lambda(masses, k, mt.entering_tokens(method, k)))
 
 
 def meteor_config(model, tokenizer, ratio: float = mt.METEOR_TARGET, val_per_kind: int = 100, log=print):

@@ -116,19 +116,20 @@ def stage3_key(method: str, k: int) -> str:
     return f"{method}@{k}"
 
 
-def _entering(method: str, k: int) -> int:
+def entering_tokens(method: str, k: int) -> int:
+    """Visual tokens that reach Stage 3 in ``method`` at an average of ``k`` after it."""
     return fusion_share(k)[1] if method == "meteor" else VISUAL_TOKENS
 
 
 def _clip_fields(method: str, k: int) -> dict:
-    lo, hi = llm_clip(k, _entering(method, k))
+    lo, hi = llm_clip(k, entering_tokens(method, k))
     return {"llm_min_keep": lo, "llm_max_keep": hi}
 
 
 def stage3_probe(method: str, k: int, cal: Calibration):
     """The Stage 3 config with every visual token kept: its forwards record the attention mass."""
     b = base()
-    fields = stage3_fields(k, _entering(method, k), cal.meteor_layer, 1.0)
+    fields = stage3_fields(k, entering_tokens(method, k), cal.meteor_layer, 1.0)
     fields.update(llm_min_keep=1.0, llm_max_keep=1.0)
     if method == "meteor":
         e, f = fusion_share(k)
@@ -195,10 +196,3 @@ def check_methods(methods: Sequence[str]) -> List[str]:
 def with_lambda(cal: Calibration, method: str, k: int, lam: float) -> Calibration:
     cal.lambdas[stage3_key(method, k)] = lam
     return cal
-
-
-def describe(method: str, k: int, cal: Optional[Calibration] = None) -> str:
-    if method == "meteor":
-        e, f = fusion_share(k)
-        return f"S1 {VISUAL_TOKENS}->{e}, S2 ->{f}, S3 ->~{k}"
-    return ""

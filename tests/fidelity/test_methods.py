@@ -63,7 +63,7 @@ def test_adaptive_stage3_keeps_its_per_sample_budget_and_the_calibrated_mean(set
     k = 32
     probe, _ = _run(model, data, methods.stage3_probe(method, k, cal))
     masses = methods.masses_from_stats(probe)
-    entering = methods._entering(method, k)
+    entering = methods.entering_tokens(method, k)
     lam = methods.solve_lambda(masses, k, entering)
     methods.with_lambda(cal, method, k, lam)
     config = methods.config_for(method, k, cal)

@@ -5,7 +5,6 @@ the EAGLE stand-in's ``train.py``), and multi-turn v1 data is masked right with 
 import os
 
 import pytest
-import torch
 
 from meteor_plugin.fidelity import llava_format, make_sample, recipe
 from meteor_plugin.fidelity.questions import Question
