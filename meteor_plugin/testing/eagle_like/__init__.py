@@ -45,6 +45,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from ..llm import TinyLlm, llm_config_kwargs
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 _EAGLE_DIR = os.path.join(ROOT, "eagle")
 _TINY_CONFIGS = os.path.join(_EAGLE_DIR, "model", "multimodal_encoder", "tiny_configs.py")
@@ -104,21 +106,11 @@ def default_input_image_size() -> int:
 
 
 @dataclass
-class TinyEagleSpec:
+class TinyEagleSpec(TinyLlm):
     vision_tower: str = EAGLE_X5_LIKE  # EAGLE's encoder list, fused in this order
     image_size: int = field(default_factory=default_input_image_size)  # stands for EAGLE's 1024
     towers: Dict[str, Dict[str, Any]] = field(default_factory=default_tower_configs)  # per encoder name
     projector_type: str = "mlp2x_gelu"
-    llm_hidden: int = 64
-    llm_layers: int = 4
-    llm_heads: int = 4
-    llm_kv_heads: int = 2  # GQA on purpose
-    llm_intermediate: int = 128
-    vocab_size: int = 256
-    max_positions: int = 2048
-    attn_implementation: str = "sdpa"
-    padding_side: str = "right"
-    seed: int = 0
 
     @property
     def visual_tokens(self) -> int:
@@ -155,14 +147,11 @@ def tiny_eagle_config(spec: Optional[TinyEagleSpec] = None):
     from eagle.model.language_model.eagle_llama import EagleConfig
 
     config = EagleConfig(
-        vocab_size=spec.vocab_size, hidden_size=spec.llm_hidden, intermediate_size=spec.llm_intermediate,
-        num_hidden_layers=spec.llm_layers, num_attention_heads=spec.llm_heads,
-        num_key_value_heads=spec.llm_kv_heads, max_position_embeddings=spec.max_positions, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2,
+        **llm_config_kwargs(spec),
         mm_vision_tower=spec.vision_tower, mm_hidden_size=spec.mm_hidden_size,
         mm_projector_type=spec.projector_type, mm_vision_select_layer=-2, mm_vision_select_feature="patch",
         mm_patch_merge_type="flat", mm_use_im_start_end=False, mm_use_im_patch_token=False,
-        image_aspect_ratio="pad", use_mm_proj=True, tokenizer_padding_side=spec.padding_side,
+        image_aspect_ratio="pad", use_mm_proj=True,
         eagle_like_input_image_size=spec.image_size, eagle_like_towers=copy.deepcopy(spec.towers),
     )
     config._attn_implementation = spec.attn_implementation
