@@ -90,6 +90,14 @@ def _tokens(feature: torch.Tensor) -> torch.Tensor:
     return feature if feature.dim() == 3 else feature.flatten(2).transpose(1, 2)
 
 
+def _project(projector: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """An encoder's tokens through its projector, in the projector's dtype: upstream training casts the
+    towers to float16 without --bf16 while the projectors stay float32 (EAGLE's channel concatenation
+    promotes the dtypes; one encoder's output alone is not promoted)."""
+    dtype = next(projector.parameters()).dtype
+    return projector(tokens if tokens.dtype == dtype else tokens.to(dtype))
+
+
 def _ranks(cfg: Any, names: Sequence[str], model: Any) -> List[Optional[float]]:
     ranks = [cfg.encoder_ranks.get(n) if cfg.encoder_ranks else None for n in names]
     missing = [n for n, r in zip(names, ranks) if r is None]
@@ -131,7 +139,7 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
             pruner = VitPruner.attach(tower, tower, layers, HF_CLIP_BLOCK, REGISTRY)
             pruner.start(counts[i], budgets[i], len(layers), cfg.encoder_shallow_share, has_cls=False)
             kept = _tokens(tower(_tower_input(mbcc, tower, images)))
-        features.append(llm.mm_projectors[i](kept))
+        features.append(_project(llm.mm_projectors[i], kept))
         owners.append(torch.full((kept.shape[1],), i, dtype=torch.long))
     z = torch.cat(features, dim=1)
     owner = torch.cat(owners)
@@ -181,7 +189,7 @@ def encode_baseline(model: Any, images: torch.Tensor, cfg: Any, record: VisionRe
             else:
                 out = run()
             tokens = _tokens(out)
-            encoders.append(baselines.EncoderTokens(llm.mm_projectors[i](tokens), grid=int(tokens.shape[1] ** 0.5),
+            encoders.append(baselines.EncoderTokens(_project(llm.mm_projectors[i], tokens), grid=int(tokens.shape[1] ** 0.5),
                                                     importance=importance))
     else:
         if cfg.method == "drop_encoder":
@@ -214,21 +222,26 @@ def tower_channels(model: Any) -> List[int]:
     return [int(t.hidden_size) for t in model.get_model().get_vision_tower().vision_towers]
 
 
-def convert_to_post_projection(model: Any) -> None:
+def fusion_record(encoders: Sequence[str], channels: Sequence[int], projector_type: str) -> Dict[str, Any]:
+    """What ``config.meteor_fusion`` holds for a converted model (``wrap_llm_init`` rebuilds from it)."""
+    return {"mode": "post_projection", "encoders": list(encoders), "channels": [int(c) for c in channels],
+            "projector_type": projector_type}
+
+
+def convert_to_post_projection(model: Any, source: Any = None) -> None:
     """Give a loaded EAGLE model per-encoder projectors split from its shared one (in place).
 
     Records the conversion in ``model.config.meteor_fusion`` so that a saved checkpoint rebuilds them
-    when it is loaded with the plugin enabled.
+    when it is loaded with the plugin enabled. ``source`` is the module to split when it is not the
+    model's own ``mm_projector`` (training passes a gathered copy of a ZeRO-3-partitioned one).
     """
     llm = model.get_model()
     if is_converted(model):
         raise FusionConfigError("this model already has per-encoder projectors (mm_projectors): it was converted")
     channels = tower_channels(model)
-    llm.mm_projectors = split_projector(llm.mm_projector, channels)
-    setattr(model.config, FUSION_KEY, {
-        "mode": "post_projection", "encoders": encoder_names(model), "channels": channels,
-        "projector_type": getattr(model.config, "mm_projector_type", "linear"),
-    })
+    llm.mm_projectors = split_projector(llm.mm_projector if source is None else source, channels)
+    setattr(model.config, FUSION_KEY, fusion_record(
+        encoder_names(model), channels, getattr(model.config, "mm_projector_type", "linear")))
 
 
 def wrap_llm_init(original: Any) -> Any:

@@ -186,11 +186,14 @@ EAGLE = register(Codebase(
     config_class="EagleConfig", model_types=("eagle_llama",),
     train_module="train", trainer_class="EagleTrainer", model_global="EagleLlamaForCausalLM",
     available=_eagle_available, runtime_fixes=_eagle_fixes(),
+    # Stage 2's per-encoder projectors (eagle_projectors.py): added by convert, or split before training.
+    convert_weights="meteor_plugin.training.eagle_projectors:convert_weights",
     weights_required=True,
-    weights_missing_reason=(
-        "converting an EAGLE checkpoint needs the per-encoder projectors of METEOR's Stage 2, which this "
-        "installation does not provide yet (meteor_plugin.training.codebases.EAGLE.convert_weights is unset)"
-    ),
+    weights_missing_reason="converting an EAGLE checkpoint needs the per-encoder projectors of METEOR's Stage 2",
+    before_training="meteor_plugin.training.eagle_projectors:before_training",
+    # EAGLE trains every encoder (freeze_vision=False) and the projector: so do its LoRA runs, beside the adapters.
     fully_trained=("mm_projector", "vision_tower"),
+    # transformers 4.44 skips a module only if "<name>." is in its path: "mm_projector" misses mm_projectors.N.
+    keep_unquantised=("mm_projectors",),
     notes={"unavailable": "run from the root of an EAGLE checkout: its train.py and eagle/ must be importable"},
 ))

@@ -39,6 +39,7 @@ class Session:
     adapted: List[str] = field(default_factory=list)
     fully_trained: List[str] = field(default_factory=list)
     quantized: List[str] = field(default_factory=list)
+    cast_to_half: List[str] = field(default_factory=list)
 
 
 class QuantizationSafeLoader:

@@ -5,7 +5,9 @@
 LORA_DIR is what a LoRA run saved (``config.json``, the adapter, ``non_lora_trainables.bin``), or one of
 its ``checkpoint-N`` folders. BASE is the model the run started from (default: the one peft recorded in
 ``adapter_config.json``). The merged folder opens with ``LlavaLlamaForCausalLM.from_pretrained`` and with
-LLaVA's ``load_pretrained_model`` (no ``--model-base``), and keeps the METEOR config of the run.
+LLaVA's ``load_pretrained_model`` (no ``--model-base``), or EAGLE's, and keeps the METEOR config of the run.
+A converted EAGLE model is loaded with the plugin enabled (it builds the per-encoder projectors), and its
+merged folder keeps them.
 
 This is our own loader rather than LLaVA's ``load_pretrained_model(lora_dir, base, ...)`` because EAGLE's
 copy of it cannot run (it imports ``eagleConfig``), it loads ``non_lora_trainables.bin`` with
@@ -26,6 +28,7 @@ import torch
 
 from . import codebases, lora, save
 from .convert import ConversionError, check_destination, check_model_name, read_model_config
+from .eagle_projectors import projectors_on_load
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt")
@@ -78,7 +81,8 @@ def load_adapted(lora_dir: str, model_base: Optional[str] = None, dtype: Any = t
     base_vocab = read_model_config(base).get("vocab_size", config.vocab_size)
     vocab = config.vocab_size
     config.vocab_size = base_vocab  # load the base as it is, then grow to the run's vocabulary
-    model = causal_lm.from_pretrained(base, config=config, **_dtype_kwargs(dtype))
+    with projectors_on_load(trained_config):  # a converted EAGLE model's per-encoder projectors
+        model = causal_lm.from_pretrained(base, config=config, **_dtype_kwargs(dtype))
     if vocab != base_vocab:
         model.resize_token_embeddings(vocab)
     cb.after_load(model)

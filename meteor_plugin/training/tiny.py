@@ -1,8 +1,12 @@
-"""A tiny training workspace: a tiny LLaVA checkpoint, images and a conversation JSON.
+"""A tiny training workspace: a tiny LLaVA (or EAGLE-like) checkpoint, images and a conversation JSON.
 
 What the tiny CPU recipe (``recipes/tiny-cpu.sh``) and the training tests run on:
 
-    python -m meteor_plugin.training.tiny WORKDIR      # prints the paths as JSON
+    python -m meteor_plugin.training.tiny WORKDIR [--codebase eagle]     # prints the paths as JSON
+
+The EAGLE checkpoint is one of the test stand-in (``meteor_plugin.testing.eagle_like``) with three
+encoders, ``clip-448;convnext-1024;pix2struct-1024``: CLIP is pruned inside (between its blocks), the
+others at their output, and SAM's tiny tower (4096 tokens) would triple the step time on CPU.
 
 Samples are single-turn v1 conversations in LLaVA's format (``{"id", "image", "conversations": [{"from":
 "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}``) about generated images: a coloured
@@ -78,14 +82,33 @@ def prepare(workdir: str, samples: int = 16, seed: int = 0, spec=None) -> Dict[s
     return {"model_name_or_path": checkpoint, "vision_tower": vision_tower_path(checkpoint), **paths}
 
 
+EAGLE_TOWERS = "clip-448;convnext-1024;pix2struct-1024"
+
+
+def prepare_eagle(workdir: str, samples: int = 16, seed: int = 0, spec=None) -> Dict[str, str]:
+    """A tiny EAGLE-like checkpoint (``workdir/models/tiny-eagle-x3``, not converted) and data."""
+    from ..testing.checkpoint import save_tiny_tokenizer
+    from ..testing.eagle_like import TinyEagleSpec, install, save_tiny_eagle
+
+    install()
+    spec = spec or TinyEagleSpec(vision_tower=EAGLE_TOWERS)
+    checkpoint = os.path.join(workdir, "models", "tiny-eagle-x3")
+    save_tiny_eagle(checkpoint, spec, tokenizer=False)
+    save_tiny_tokenizer(checkpoint, spec.vocab_size)  # knows the words of LLaVA's v1 template and the data
+    paths = write_images_and_data(os.path.join(workdir, "data"), samples, 64, seed)
+    return {"model_name_or_path": checkpoint, "vision_tower": spec.vision_tower, **paths}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meteor_plugin.training.tiny", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--codebase", choices=("llava", "eagle"), default="llava")
     args = parser.parse_args(argv)
-    print(json.dumps(prepare(args.workdir, args.samples, args.seed), indent=2))
+    make = prepare_eagle if args.codebase == "eagle" else prepare
+    print(json.dumps(make(args.workdir, args.samples, args.seed), indent=2))
     return 0
 
 

@@ -5,6 +5,7 @@ optimizer groups, samplers and adapter-only saving stay as they are) that also:
 
 - runs on transformers 4.37, 4.44 and 5.x (``compat.py``);
 - checks where LoRA adapters and 4-bit layers landed, and keeps projectors trainable next to adapters;
+- gives every trainable weight one dtype under DeepSpeed with --bf16/--fp16 (``one_half_dtype``);
 - brackets every ``checkpoint-N`` save with the completeness marker (``save.py``), writes the fully
   trained weights of a LoRA run beside the adapter there too, and resumes only from a whole checkpoint;
 - sends the final save into a staging folder that the entry publishes once every rank is done;
@@ -55,6 +56,7 @@ class MeteorTrainerMixin:
                 session.fully_trained = lora.train_fully(model, session.codebase.fully_trained)
         if getattr(self.args, "bits", 16) in (4, 8):
             session.quantized = quant.check_quantization(model)
+        session.cast_to_half = one_half_dtype(model, self.args)
 
     def create_optimizer(self):
         # Upstream builds four groups when --mm_projector_lr is set; in a LoRA run the no-decay group of
@@ -139,6 +141,28 @@ class MeteorTrainerMixin:
                 print(f"meteor-plugin: training with {session.engine}, pruning "
                       f"{'on' if run is not None else 'off or not reached'}", flush=True)
         return super().log(logs, *args, **kwargs)
+
+
+def one_half_dtype(model: Any, args: Any) -> list:
+    """Under DeepSpeed with --bf16/--fp16, give every trainable weight that dtype; returns their names.
+
+    peft >= 0.12 keeps LoRA adapters in float32 on a bfloat16 model (``autocast_adapter_dtype``) while the
+    projectors (and EAGLE's towers) trained beside them are bfloat16, and DeepSpeed's ZeRO-3 optimizer
+    flattens a group's weights into one buffer ("assert len(set(t.dtype for t in tensors)) == 1"). The
+    peft of LLaVA's time made adapters in the model's dtype; DeepSpeed keeps float32 master copies of them
+    either way. Weights already partitioned by ZeRO-3 keep their dtype (their data is a placeholder).
+    """
+    if not getattr(args, "deepspeed", None):
+        return []
+    half = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+    if half is None:
+        return []
+    cast = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != half and not hasattr(param, "ds_id"):
+            param.data = param.data.to(half)
+            cast.append(name)
+    return cast
 
 
 def check_same_kind(checkpoint: str, lora_run: bool) -> None:

@@ -185,3 +185,15 @@ def test_fusion_mode_errors_name_the_fix(eagle):
     meteor_plugin.enable(fusion_mode="post_projection", llm=False)
     with pytest.raises(ValueError, match="fusion_mode='post_projection' needs per-encoder projectors"):
         forward(model, *batch())
+
+
+def test_post_projection_runs_with_float16_towers_and_float32_projectors(eagle):
+    """What upstream train() makes without --bf16: the towers cast to float16, everything else float32
+    (EAGLE's channel concatenation promotes the dtypes; one encoder's output alone is not promoted)."""
+    model = eagle(converted=True, vision_tower="clip-448;convnext-1024;pix2struct-1024")
+    model.get_vision_tower().to(torch.float16)
+    ids, mask, images = batch()
+    meteor_plugin.enable(encoder=True, fusion=True, llm=False, encoder_keep=192, fusion_keep=48, encoder_ranks=RANKS)
+    logits = forward(model, ids, mask, images)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert [s["fusion"].left for s in meteor_plugin.stats(model).stages] == [48, 48]

@@ -92,12 +92,156 @@ def test_other_bad_input_is_refused_with_the_reason(source, tmp_path):
     assert not os.path.exists(tmp_path / "z-llava")
 
 
-def test_an_eagle_checkpoint_is_refused_until_stage_2_provides_its_conversion(tmp_path):
-    eagle = tmp_path / "eagle-x4"
-    eagle.mkdir()
-    (eagle / "config.json").write_text(json.dumps({"model_type": "eagle_llama", "architectures": ["EagleLlamaForCausalLM"]}))
-    with pytest.raises(ConversionError, match="per-encoder projectors"):
-        convert(str(eagle), str(tmp_path / "eagle-x4-meteor"))
+EAGLE_TOWERS = "clip-448;convnext-1024;pix2struct-1024"
+
+
+@pytest.fixture(scope="module")
+def eagle_source(tmp_path_factory):
+    """A tiny EAGLE-like checkpoint (three encoders, the test stand-in) with a tokenizer that knows the
+    words of LLaVA's v1 template."""
+    from meteor_plugin.testing.checkpoint import save_tiny_tokenizer
+    from meteor_plugin.testing.eagle_like import TinyEagleSpec, install, save_tiny_eagle
+
+    install()
+    folder = str(tmp_path_factory.mktemp("convert-eagle") / "tiny-eagle-x3")
+    save_tiny_eagle(folder, TinyEagleSpec(vision_tower=EAGLE_TOWERS), tokenizer=False)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+def _restored(source, folder, storage):
+    """``source`` rewritten as ``storage``: one safetensors file, safetensors shards, or one .bin file."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    if storage == "sharded":
+        os.remove(os.path.join(folder, "model.safetensors"))
+        keys = sorted(state)
+        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+        for name, part in shards.items():
+            save_file({k: state[k] for k in part}, os.path.join(folder, name), metadata={"format": "pt"})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: name for name, part in shards.items() for k in part}}
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
+            json.dump(index, fh)
+    elif storage == "bin":
+        os.remove(os.path.join(folder, "model.safetensors"))
+        torch.save(state, os.path.join(folder, "pytorch_model.bin"))
+    return folder
+
+
+@pytest.mark.parametrize("storage", ["single", "sharded", "bin"])
+def test_an_eagle_checkpoint_gets_per_encoder_projectors_split_from_its_shared_one(eagle_source, tmp_path, storage):
+    from eagle.model.language_model.eagle_llama import EagleLlamaForCausalLM
+
+    from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+    from meteor_plugin.training import checkpoint_files
+
+    source = _restored(eagle_source, str(tmp_path / "tiny-eagle-x3"), storage)
+    before = _snapshot(source)
+    out = convert(source, str(tmp_path / "tiny-eagle-x3-meteor"), MeteorConfig(fusion_keep=64))
+    assert _snapshot(source) == before
+
+    # Only projector tensors were added; every tensor of the source is there, unchanged.
+    original, converted = checkpoint_files.weight_files(source), checkpoint_files.weight_files(out)
+    added = sorted(set(converted.weight_map) - set(original.weight_map))
+    assert set(original.weight_map) <= set(converted.weight_map) and len(added) == 3 * 4
+    assert all(k.startswith("model.mm_projectors.") for k in added)
+    old = checkpoint_files.read_tensors(original, list(original.weight_map))
+    new = checkpoint_files.read_tensors(converted, list(converted.weight_map))
+    assert all(torch.equal(old[k], new[k]) for k in old)
+
+    # They are what the in-memory conversion of the loaded model makes, and load as the model's projectors.
+    reference = EagleLlamaForCausalLM.from_pretrained(source)
+    convert_to_post_projection(reference)
+    with open(os.path.join(out, "config.json")) as fh:
+        stored = json.load(fh)
+    assert stored["meteor_fusion"] == reference.config.meteor_fusion
+    assert stored["meteor"]["fusion_keep"] == 64
+    meteor_plugin.enable()
+    model = EagleLlamaForCausalLM.from_pretrained(out)
+    for (name, ours), (_, theirs) in zip(model.get_model().mm_projectors.named_parameters(),
+                                         reference.get_model().mm_projectors.named_parameters()):
+        assert torch.equal(ours, theirs) and torch.equal(new["model.mm_projectors." + name], theirs), name
+
+
+def test_a_converted_tiny_eagle_generates_through_eagles_loader_with_all_stages_and_is_not_converted_twice(
+        eagle_source, tmp_path, capsys):
+    from PIL import Image
+
+    from eagle.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+    from eagle.conversation import conv_templates
+    from eagle.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
+    from eagle.model.builder import load_pretrained_model
+
+    config = tmp_path / "meteor.json"
+    MeteorConfig(encoder_keep=96, fusion_keep=32, llm_max_keep=8, llm_min_keep=2,
+                 encoder_ranks={"clip-448": 1.0, "convnext-1024": 2.0, "pix2struct-1024": 1.0}).save(str(config))
+    out = str(tmp_path / "tiny-eagle-x3-meteor")
+    assert main(["convert", "--model-path", eagle_source, "--out", out, "--config", str(config)]) == 0
+    meteor_plugin.enable()  # no config given: the checkpoint's own
+    tokenizer, model, processor, _ = load_pretrained_model(out, None, get_model_name_from_path(out),
+                                                           device="cpu", device_map="cpu")
+    assert model.get_model().mm_projectors is not None and processor is not None
+    conv = conv_templates["vicuna_v1"].copy()
+    conv.append_message(conv.roles[0], DEFAULT_IMAGE_TOKEN + "\nwhat is the colour of the square in this image ?")
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
+    pixels = process_images([Image.new("RGB", (40, 32), (200, 30, 30))], processor, model.config).to(torch.float16)
+    with torch.no_grad():
+        generated = model.generate(ids, images=pixels, max_new_tokens=3, do_sample=False)
+    assert generated.shape[-1] >= 1
+    first = meteor_plugin.stats(model).stages[0]
+    assert (first["encoder"].entered, first["encoder"].left) == (576 + 1024 + 1024, 96)  # CLIP's 24x24, two 32x32
+    assert first["encoder"].detail["per_encoder"] == {"clip-448": [576, 24], "convnext-1024": [1024, 48],
+                                                      "pix2struct-1024": [1024, 24]}
+    assert (first["fusion"].entered, first["fusion"].left) == (96, 32)
+    assert first["llm"].entered == 32 and 2 <= first["llm"].left <= 8
+
+    capsys.readouterr()
+    assert main(["convert", "--model-path", out, "--out", str(tmp_path / "again-eagle")]) == 2
+    assert "already a METEOR checkpoint" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "again-eagle")
+
+
+def test_eagles_own_encoders_are_split_by_their_known_widths_without_building_them(monkeypatch):
+    import sys
+
+    from meteor_plugin.training.eagle_projectors import encoders_and_channels
+
+    monkeypatch.setitem(sys.modules, "eagle.model.multimodal_encoder.builder", None)  # building would fail
+    x5 = "clip-448;convnext-1024;sam-1024;det-1024;pix2struct-1024"
+    assert encoders_and_channels({"mm_vision_tower": x5, "mm_hidden_size": 7680}) == (
+        x5.split(";"), [1024, 3072, 1024, 1024, 1536])
+    x4 = "clip-448;convnext-1024;det-1024;pix2struct-1024"
+    assert encoders_and_channels({"mm_vision_tower": x4, "mm_hidden_size": 6656})[1] == [1024, 3072, 1024, 1536]
+    with pytest.raises(ValueError, match="needs the towers built"):
+        encoders_and_channels({"mm_vision_tower": x4, "mm_hidden_size": 6000}, "eagle-custom")
+    with pytest.raises(ValueError, match="names none of EAGLE's encoders"):
+        encoders_and_channels({"mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": 1024})
+
+
+def test_eagle_conversions_it_cannot_do_are_refused_and_leave_nothing(eagle_source, tmp_path):
+    import shutil
+
+    no_weights = tmp_path / "projector-only-eagle"  # what a pretraining run with --tune_mm_mlp_adapter leaves
+    no_weights.mkdir()
+    shutil.copy2(os.path.join(eagle_source, "config.json"), no_weights / "config.json")
+    with pytest.raises(ValueError, match="no model weights"):
+        convert(str(no_weights), str(tmp_path / "a-eagle"))
+    recorded = tmp_path / "recorded-eagle"  # per-encoder projectors recorded, METEOR config removed by hand
+    shutil.copytree(eagle_source, recorded)
+    with open(recorded / "config.json") as fh:
+        config = json.load(fh)
+    config["meteor_fusion"] = {"mode": "post_projection"}
+    with open(recorded / "config.json", "w") as fh:
+        json.dump(config, fh)
+    with pytest.raises(ValueError, match="already records per-encoder projectors"):
+        convert(str(recorded), str(tmp_path / "b-eagle"))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith((".a-eagle", ".b-eagle", "a-eagle", "b-eagle"))]
 
 
 def test_the_default_calibrator_stores_the_measured_encoder_rank(source, tmp_path):

@@ -103,6 +103,12 @@ def test_install_replaces_llavas_train_globals_and_disable_restores_them():
 
 
 def test_the_codebase_is_llava_here_and_eagle_from_an_eagle_checkout(tmp_path, monkeypatch):
+    from meteor_plugin.testing import eagle_like
+
+    # Other tests put the EAGLE stand-in (an eagle package and a train.py) on sys.path: take it away.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not eagle_like._same_dir(p or ".", eagle_like.ROOT)])
+    for name in [m for m in sys.modules if m == "eagle" or m.startswith("eagle.") or m == "train"]:
+        monkeypatch.delitem(sys.modules, name)
     assert codebases.for_training("auto") is codebases.LLAVA
     with pytest.raises(RuntimeError, match="root of an EAGLE checkout"):
         codebases.for_training("eagle")
@@ -117,8 +123,6 @@ def test_the_codebase_is_llava_here_and_eagle_from_an_eagle_checkout(tmp_path, m
                                    "def safe_save_model_for_hf_trainer(trainer, output_dir): ...\n"
                                    "def train(attn_implementation=None): ...\n")
     monkeypatch.syspath_prepend(str(root))
-    for name in [m for m in sys.modules if m == "eagle" or m.startswith("eagle.") or m == "train"]:
-        monkeypatch.delitem(sys.modules, name)
     assert codebases.eagle_train_script() == str(root / "train.py")
     assert codebases.for_training("auto") is codebases.EAGLE
     (root / "train.py").write_text("def train(): ...\n")  # another project's train.py
@@ -162,13 +166,15 @@ def test_main_enables_the_plugin_with_the_flags_and_hands_the_rest_to_upstream(m
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() hands upstream its own sys.argv
     monkeypatch.setattr(hooks, "install", lambda module, codebase: hooks.Session(codebase))
 
+    # --meteor-codebase llava: "auto" would pick EAGLE's stand-in where other tests have put it on sys.path
     assert main(["--meteor-config", str(config), "--meteor-llm", "false", "--meteor-set", "encoder_shallow_share=1.0",
-                 "--meteor-attn", "eager", "--warmup_ratio", "0.1", "--output_dir", "out"]) == 0
+                 "--meteor-attn", "eager", "--meteor-codebase", "llava", "--warmup_ratio", "0.1",
+                 "--output_dir", "out"]) == 0
     assert seen["enabled"] and seen["attn"] == "eager"
     assert seen["config"].encoder_keep == 12 and seen["overrides"] == {"llm": False, "encoder_shallow_share": 1.0}
     assert seen["argv"] == (["--warmup_steps", "0.1"] if transformers_major() >= 5 else ["--warmup_ratio", "0.1"]) + \
         ["--output_dir", "out"]
 
     meteor_plugin.disable()
-    assert main(["--meteor-off", "--output_dir", "out"]) == 0
+    assert main(["--meteor-off", "--meteor-codebase", "llava", "--output_dir", "out"]) == 0
     assert not seen["enabled"]

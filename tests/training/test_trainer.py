@@ -47,3 +47,29 @@ def test_lora_runs_keep_the_projector_trainable(tiny_llava, tmp_path):
     assert session.fully_trained and all("mm_projector" in n for n in session.fully_trained)
     assert all(p.requires_grad for n, p in model.named_parameters() if "mm_projector" in n)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
+
+
+def test_trainable_weights_get_one_half_dtype_under_deepspeed_as_zero_needs(tiny_llava, tmp_path):
+    """peft keeps adapters in float32 on a bfloat16 model; ZeRO-3 flattens a group's weights into one buffer
+    and refuses mixed dtypes (what --bf16 --lora_enable with zero3.json, the LoRA recipes, would meet)."""
+    import types
+
+    import torch
+    from deepspeed.runtime.zero.utils import defragment
+    from peft import LoraConfig, get_peft_model
+
+    from meteor_plugin.training.trainer import one_half_dtype
+
+    model = tiny_llava().to(torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=lora.target_regex(model)))
+    lora.train_fully(model)
+    trainable = lambda: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+    assert {p.dtype for p in trainable()} == {torch.float32, torch.bfloat16}
+    with pytest.raises(AssertionError):
+        defragment([p.data.flatten().clone() for p in trainable()])
+    assert one_half_dtype(model, types.SimpleNamespace(deepspeed=None, bf16=True)) == []  # no DeepSpeed: as is
+    assert one_half_dtype(model, types.SimpleNamespace(deepspeed="z3.json", bf16=False, fp16=False)) == []
+    cast = one_half_dtype(model, types.SimpleNamespace(deepspeed="z3.json", bf16=True, fp16=False))
+    assert cast and all("lora_" in n for n in cast)
+    assert {p.dtype for p in trainable()} == {torch.bfloat16}
+    defragment([p.data.flatten().clone() for p in trainable()])

@@ -7,7 +7,8 @@ with random weights, so the plugin (which finds EAGLE by ``eagle/model/language_
 and its tests treat it exactly like EAGLE. It was written from the interfaces documented in
 ``notes/llava-eagle-anatomy.md``; no EAGLE source is copied.
 
-It is not importable as ``eagle`` until ``install()`` puts this directory on ``sys.path``.
+It is not importable as ``eagle`` (nor its ``train.py`` as ``train``) until ``install()`` puts this directory
+on ``sys.path``; in another process, put ``ROOT`` on ``PYTHONPATH``.
 
 What it reproduces (per module, see their docstrings):
 - ``eagle.model.language_model.eagle_llama``: ``EagleConfig`` (``model_type="eagle_llama"``, registered with
@@ -17,8 +18,13 @@ What it reproduces (per module, see their docstrings):
   (``vision_towers`` in string order, 32x32 = 1024 grid positions, channel concatenation, its fragile
   spots) over the encoders of ``clip-448;convnext-1024;sam-1024;pix2struct-1024`` (EAGLE-X5 without EVA),
   each reaching the grid as the real one does.
-- ``eagle.model.builder.load_pretrained_model`` with EAGLE's naming rules; ``eagle.mm_utils``;
-  ``eagle.constants``; ``eagle.model.multimodal_projector.builder``.
+- ``eagle.model.builder.load_pretrained_model`` with EAGLE's naming rules (and its LoRA branch, which
+  imports the misspelt ``eagleConfig``); ``eagle.mm_utils``; ``eagle.constants``; ``eagle.conversation``;
+  ``eagle.model.multimodal_projector.builder``.
+- ``train.py`` next to the package, as at the root of an EAGLE checkout: EAGLE's training script
+  (``ModelArguments``, ``TrainingArguments`` with ``vision_tower_lr``, ``EagleTrainer``, ``train()``), built
+  at import time from LLaVA's ``llava.train.train`` (see its docstring). ``meteor_plugin.train`` finds
+  and drives it as it would EAGLE's.
 - Checkpoints: the towers are built from the config and their weights saved in and loaded from the
   checkpoint (keys ``model.vision_tower.vision_towers.{i}.…``, ``model.mm_projector.{0,2}.…``).
 

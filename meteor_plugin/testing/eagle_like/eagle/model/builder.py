@@ -2,7 +2,9 @@
 
 Reproduces: the branch is chosen from ``model_name`` (the folder name, see
 ``mm_utils.get_model_name_from_path``): with "eagle" in it, the LoRA branch (needs "lora" and a base;
-it imports ``eagleConfig``, a name EAGLE's module does not have, so it raises ImportError as upstream),
+it imports ``eagleConfig``, a name EAGLE's module does not have, so it raises ImportError as upstream;
+with the name provided, it loads the base with the adapter folder's config, then
+``non_lora_trainables.bin`` with ``strict=False``, then the adapter, and merges it),
 the projector-only branch (a base plus ``mm_projector.bin``) or the full checkpoint; without "eagle",
 ``EagleLlamaForCausalLM`` is still loaded but ``image_processor`` is None. ``device != "cuda"`` gives
 ``device_map={"": device}``; fp16 unless 8/4-bit; ``use_flash_attn`` asks for FlashAttention-2;
@@ -10,7 +12,9 @@ the tower is cast to fp16 on ``device_map`` only when ``device_map != "auto"``; 
 ``max_sequence_length`` or 2048.
 Differs: the tokenizer is loaded only when one is saved in the folder (None otherwise, and then no
 tokens are added and the embeddings are not resized; EAGLE would fail); ``low_cpu_mem_usage`` is passed
-only where transformers still accepts it.
+only where transformers still accepts it; the LoRA branch expects the adapter run's vocabulary to be the
+base's (upstream swaps in empty ``lm_head``/``embed_tokens`` of the new size first) and reads
+``non_lora_trainables.bin`` from the folder only (upstream also tries the hub).
 """
 
 import os
@@ -29,6 +33,17 @@ def _saved_tokenizer(path):
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         return AutoTokenizer.from_pretrained(path, use_fast=False)
     return None
+
+
+def _non_lora_trainables(model_path):
+    """``non_lora_trainables.bin`` of a LoRA run, with the names of the bare model: ``base_model.`` is cut
+    off, then one ``model.`` when the names start with ``model.model.`` (a PeftModel's names)."""
+    path = os.path.join(model_path, "non_lora_trainables.bin")
+    weights = torch.load(path, map_location="cpu")
+    weights = {(k[len("base_model."):] if k.startswith("base_model.") else k): v for k, v in weights.items()}
+    if any(k.startswith("model.model.") for k in weights):
+        weights = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in weights.items()}
+    return weights
 
 
 def _loading_kwargs(kwargs):
@@ -69,9 +84,16 @@ def load_pretrained_model(model_path, model_base, model_name, load_8bit=False, l
             warnings.warn("There is `lora` in model name but no `model_base` is provided. If you are loading a "
                           "LoRA model, please provide the `model_base` argument.")
         if is_lora and model_base is not None:
-            from eagle.model.language_model.eagle_llama import eagleConfig  # noqa: F401  (EAGLE's typo: ImportError)
+            # EAGLE's typo: ImportError unless something provides the alias (meteor-plugin's training fixes do).
+            from eagle.model.language_model.eagle_llama import eagleConfig
 
-            raise AssertionError("unreachable: EAGLE's LoRA branch fails on the import above")
+            tokenizer = _saved_tokenizer(model_base)
+            lora_cfg = eagleConfig.from_pretrained(model_path)
+            model = EagleLlamaForCausalLM.from_pretrained(model_base, config=lora_cfg, **_loading_kwargs(kwargs))
+            model.load_state_dict(_non_lora_trainables(model_path), strict=False)
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, model_path).merge_and_unload()
         elif model_base is not None:
             # Projector-only checkpoint over a base LLM.
             tokenizer = _saved_tokenizer(model_base)
