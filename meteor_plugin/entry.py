@@ -1,60 +1,107 @@
 """Enabling the plugin from a script's command line: what patched LLaVA/EAGLE entry points call.
 
-``enable_from_argv()`` takes ``--meteor-config PATH`` and ``--meteor-set FIELD=VALUE`` (repeatable) out of
-``sys.argv`` before the script's own parser sees them, and enables the plugin with them; without either
-it falls back to ``METEOR_CONFIG``; with neither it does nothing and the script runs unpruned.
+``enable_from_argv()`` takes the METEOR options out of ``sys.argv`` before the script's own parser (argparse
+or ``HfArgumentParser``, which reject unknown flags) sees them, and enables the plugin with them; without
+any it falls back to ``METEOR_CONFIG``; with neither it does nothing and the script runs unpruned.
+
+Options (``--meteor-x`` or ``--meteor_x``, value as the next word or after ``=``):
+``--meteor-config PATH``, ``--meteor-encoder|fusion|llm true|false``, ``--meteor-set FIELD=VALUE``
+(repeatable; VALUE is read as JSON when it parses, e.g. ``0.25``, ``true``, ``{"clip": 3}``).
+The training entry adds a few of its own (``training/arguments.py``).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .config import MeteorConfig
 from .patching import enable, enable_from_env
 
+# name, takes a value, help
+Option = Tuple[str, bool, str]
+OPTIONS: Tuple[Option, ...] = (
+    ("config", True, "METEOR config (.json/.yaml). Default: the 'meteor' entry of the checkpoint's config.json "
+                     "(written by `meteor-plugin convert`), else MeteorConfig's defaults"),
+    ("encoder", True, "Stage 1 (pruning inside each vision encoder): true or false, overrides the config"),
+    ("fusion", True, "Stage 2 (cooperative pruning at the fusion of encoders): true or false"),
+    ("llm", True, "Stage 3 (text-guided pruning inside the language model): true or false"),
+    ("set", True, "FIELD=VALUE: set any MeteorConfig field (repeatable), e.g. --meteor-set llm_max_keep=0.25"),
+)
+_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
-def _parse_value(text: str) -> Any:
+
+@dataclass
+class ParsedOptions:
+    config: Optional[str] = None
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)  # values of options beyond OPTIONS, as given
+
+    @property
+    def given(self) -> bool:
+        return self.config is not None or bool(self.overrides)
+
+
+def parse_value(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
 
 
-def pop_meteor_args(argv: List[str]) -> tuple:
-    """Remove the METEOR options from argv in place; returns (config path or None, overrides)."""
-    path: Optional[str] = None
-    overrides: Dict[str, Any] = {}
+def _bool(flag: str, text: str) -> bool:
+    try:
+        return _BOOL[text.strip().lower()]
+    except KeyError:
+        raise SystemExit(f"{flag} takes true or false, got {text!r}") from None
+
+
+def pop_options(argv: List[str], extra: Sequence[Option] = ()) -> ParsedOptions:
+    """Remove the METEOR options (and ``extra`` ones) from ``argv`` in place and return what they say."""
+    spellings = {}
+    for name, takes_value, _ in tuple(OPTIONS) + tuple(extra):
+        spellings[f"--meteor-{name}"] = spellings[f"--meteor_{name}"] = (name, takes_value)
+    out = ParsedOptions()
     i = 0
     while i < len(argv):
-        arg = argv[i]
-        for flag in ("--meteor-config", "--meteor-set"):
-            if arg == flag or arg.startswith(flag + "="):
-                if arg == flag:
-                    if i + 1 >= len(argv):
-                        raise SystemExit(f"{flag} needs a value")
-                    value = argv[i + 1]
-                    del argv[i:i + 2]
-                else:
-                    value = arg.split("=", 1)[1]
-                    del argv[i]
-                if flag == "--meteor-config":
-                    path = value
-                else:
-                    if "=" not in value:
-                        raise SystemExit(f"--meteor-set takes FIELD=VALUE, got {value!r}")
-                    key, raw = value.split("=", 1)
-                    overrides[key.strip()] = _parse_value(raw)
-                break
-        else:
+        flag, has_inline, inline = argv[i].partition("=")
+        spec = spellings.get(flag)
+        if spec is None:
             i += 1
-    return path, overrides
+            continue
+        name, takes_value = spec
+        if not takes_value:
+            if has_inline:
+                raise SystemExit(f"{flag} takes no value")
+            del argv[i]
+            value: Any = True
+        elif has_inline:
+            value = inline
+            del argv[i]
+        else:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"{flag} needs a value")
+            value = argv[i + 1]
+            del argv[i:i + 2]
+        if name == "config":
+            out.config = value
+        elif name in ("encoder", "fusion", "llm"):
+            out.overrides[name] = _bool(flag, value)
+        elif name == "set":
+            key, sep, raw = value.partition("=")
+            if not sep or not key.strip():
+                raise SystemExit(f"{flag} takes FIELD=VALUE, got {value!r}")
+            out.overrides[key.strip()] = parse_value(raw)
+        else:
+            out.extra[name] = value
+    return out
 
 
 def enable_from_argv(argv: Optional[List[str]] = None) -> Optional[MeteorConfig]:
     argv = sys.argv if argv is None else argv
-    path, overrides = pop_meteor_args(argv)
-    if path is not None or overrides:
-        return enable(path, **overrides)
+    options = pop_options(argv)
+    if options.given:
+        return enable(options.config, **options.overrides)
     return enable_from_env()

@@ -21,22 +21,23 @@ def main(argv: Optional[List[str]] = None) -> None:
     # The runner's own options are the ones before MODULE.
     head: List[str] = []
     while argv and argv[0].startswith("-"):
-        takes_value = argv[0] in ("--meteor-config", "--meteor-set", "--local_rank")
+        takes_value = argv[0].replace("_", "-") in ("--meteor-config", "--meteor-set", "--meteor-encoder",
+                                                   "--meteor-fusion", "--meteor-llm", "--local-rank")
         head.extend(argv[: 2 if takes_value else 1])
         argv = argv[2 if takes_value else 1:]
     if not argv:
         raise SystemExit(USAGE)
-    from meteor_plugin.entry import pop_meteor_args
+    from meteor_plugin.entry import pop_options
 
     passed_on = list(head)
-    path, overrides = pop_meteor_args(passed_on)
+    options = pop_options(passed_on)
     unknown = [a for a in passed_on if not a.startswith("--local_rank")]
     if any(not a.isdigit() for a in unknown):
         raise SystemExit(f"unknown option(s) before MODULE: {' '.join(unknown)}\n{USAGE}")
     import meteor_plugin
 
-    if path is not None or overrides:
-        meteor_plugin.enable(path, **overrides)
+    if options.given:
+        meteor_plugin.enable(options.config, **options.overrides)
     elif not meteor_plugin.is_enabled():
         meteor_plugin.enable()
     module = argv[0]

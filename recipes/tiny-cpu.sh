@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Tiny METEOR fine-tuning on CPU: the same entry and flags as the real recipes, on a random tiny LLaVA.
+# Tiny METEOR fine-tuning on CPU: the same entry and flags as the real recipes, on a random tiny LLaVA
+# (or, with CODEBASE=eagle, a random tiny EAGLE-like model trained through EAGLE's train.py structure).
 #
 # Hardware: any x86-64 Linux machine, no GPU; 2 processes (DeepSpeed's CPU accelerator, gloo backend);
 #           about 30-60 s on 2 cores. Nothing is downloaded.
-# What it does: (once per WORKDIR) builds a tiny LLaVA checkpoint with a tokenizer and 16 generated images,
+# What it does: (once per WORKDIR) builds a tiny checkpoint with a tokenizer and 16 generated images,
 #           converts it with `meteor-plugin convert`, then fine-tunes it for 4 steps with pruning active
-#           (Stage 1 in CLIP, Stage 3 in the LLM, settings from the converted checkpoint's config.json).
+#           (LLaVA: Stage 1 in CLIP, Stage 3 in the LLM; EAGLE: Stages 1 and 2 with per-encoder projectors,
+#           and Stage 3; settings from the converted checkpoint's config.json).
 # Usage:    bash recipes/tiny-cpu.sh [WORKDIR] [more train.py flags...]
 # Env:      ZERO=2|3 (default 3)   OUT=folder (default WORKDIR/out-zeroN)
 #           LORA=1 (LoRA r 8 on the LLM)   BITS=4 (QLoRA; CPU quantisation needs transformers 5.x here)
 #           LAUNCHER=deepspeed (default) | torchrun | accelerate
+#           CODEBASE=llava (default) | eagle: EAGLE's code is the test stand-in of
+#           meteor_plugin.testing.eagle_like (an eagle package and a train.py laid out like EAGLE's; only it
+#           builds the tiny encoders), whose folder is put on PYTHONPATH as an EAGLE checkout's root would be
+#           METEOR_CONFIG_FILE: the MeteorConfig `convert` stores (first run in a WORKDIR only)
 #           ENTRY (default: the launcher's way to run meteor_plugin.train; tests put a wrapper script here)
 set -euo pipefail
 WORK=${1:-/tmp/meteor-tiny}
@@ -26,17 +32,28 @@ case "${LAUNCHER:-deepspeed}" in
   *) echo "LAUNCHER must be deepspeed, torchrun or accelerate" >&2; exit 2 ;;
 esac
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# One thread per process (torchrun sets this, the deepspeed launcher does not): two processes with a thread
+# per core each oversubscribe a small CPU, which made a tiny EAGLE step 15x slower.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-MODEL=$WORK/models/tiny-llava-v1-meteor
+extra=()
+case "${CODEBASE:-llava}" in
+  llava) ORIGINAL=$WORK/models/tiny-llava-v1 ;;
+  eagle) ORIGINAL=$WORK/models/tiny-eagle-x3
+         EAGLE_ROOT=$("$PYTHON" -c "from meteor_plugin.testing.eagle_like import ROOT; print(ROOT)")
+         export PYTHONPATH="$EAGLE_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+         extra+=(--meteor-codebase eagle) ;;
+  *) echo "CODEBASE must be llava or eagle" >&2; exit 2 ;;
+esac
+MODEL=$ORIGINAL-meteor
 if [ ! -f "$MODEL/config.json" ]; then
   mkdir -p "$WORK"
-  "$PYTHON" -m meteor_plugin.training.tiny "$WORK" > "$WORK/prepared.json"
-  "$PYTHON" -m meteor_plugin.cli convert --model-path "$WORK/models/tiny-llava-v1" --out "$MODEL" \
+  "$PYTHON" -m meteor_plugin.training.tiny "$WORK" --codebase "${CODEBASE:-llava}" > "$WORK/prepared.json"
+  "$PYTHON" -m meteor_plugin.cli convert --model-path "$ORIGINAL" --out "$MODEL" \
     ${METEOR_CONFIG_FILE:+--config "$METEOR_CONFIG_FILE"}
 fi
 TOWER=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['mm_vision_tower'])" "$MODEL/config.json")
 
-extra=()
 if [ "${LORA:-0}" = 1 ] || [ -n "${BITS:-}" ]; then
   extra+=(--lora_enable True --lora_r 8 --lora_alpha 16 --mm_projector_lr 1e-3)
 fi

@@ -108,10 +108,12 @@ def test_enable_from_argv_takes_its_options_out_of_argv(tmp_path):
     path = tmp_path / "cfg.json"
     MeteorConfig(llm_layer=3).save(path)
     argv = ["script.py", "--model-path", "x", "--meteor-config", str(path), "--meteor-set", "llm_max_keep=12",
-            "--meteor-set=text_query=last", "--temperature", "0"]
+            "--meteor-set=text_query=last", "--meteor_encoder", "false", "--temperature", "0"]
     cfg = enable_from_argv(argv)
     assert argv == ["script.py", "--model-path", "x", "--temperature", "0"]
-    assert cfg == MeteorConfig(llm_layer=3, llm_max_keep=12, text_query="last")
+    assert cfg == MeteorConfig(llm_layer=3, llm_max_keep=12, text_query="last", encoder=False)
+    with pytest.raises(SystemExit, match="--meteor-llm takes true or false, got 'maybe'"):
+        enable_from_argv(["s.py", "--meteor-llm", "maybe"])
     assert meteor_plugin.is_enabled()
 
 

@@ -113,7 +113,7 @@ class _Plan:
                  raw_mask: Optional[torch.Tensor] = None):
         self.mode = mode  # "prefill" or "decode"
         self.cfg = cfg
-        self.layer = cfg.llm_layer
+        self.layer = prefix.layer if prefix is not None else cfg.llm_layer  # decoding follows its prefill
         self.stats = stats
         self.valid = valid
         self.layout = layout

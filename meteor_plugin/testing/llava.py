@@ -12,26 +12,18 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .llm import TinyLlm, llm_config_kwargs
+
 IMAGE_TOKEN_INDEX = -200
 
 
 @dataclass
-class TinyLlavaSpec:
+class TinyLlavaSpec(TinyLlm):
     image_size: int = 32
     patch_size: int = 4  # (32 / 4)^2 = 64 visual tokens
     vision_hidden: int = 32
     vision_layers: int = 4  # select layer -2 leaves 3 blocks: one per Stage 1 segment
     vision_heads: int = 2
-    llm_hidden: int = 64
-    llm_layers: int = 4
-    llm_heads: int = 4
-    llm_kv_heads: int = 2  # GQA on purpose
-    llm_intermediate: int = 128
-    vocab_size: int = 256
-    max_positions: int = 2048
-    attn_implementation: str = "sdpa"
-    padding_side: str = "right"
-    seed: int = 0
 
     @property
     def visual_tokens(self) -> int:
@@ -58,13 +50,10 @@ def tiny_llava_config(vision_folder: str, spec: TinyLlavaSpec):
     from llava.model.language_model.llava_llama import LlavaConfig
 
     config = LlavaConfig(
-        vocab_size=spec.vocab_size, hidden_size=spec.llm_hidden, intermediate_size=spec.llm_intermediate,
-        num_hidden_layers=spec.llm_layers, num_attention_heads=spec.llm_heads,
-        num_key_value_heads=spec.llm_kv_heads, max_position_embeddings=spec.max_positions, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2,
+        **llm_config_kwargs(spec),
         mm_vision_tower=vision_folder, mm_hidden_size=spec.vision_hidden, mm_projector_type="mlp2x_gelu",
         mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
-        image_aspect_ratio="square", use_mm_proj=True, tokenizer_padding_side=spec.padding_side,
+        image_aspect_ratio="square", use_mm_proj=True,
     )
     config._attn_implementation = spec.attn_implementation
     return config

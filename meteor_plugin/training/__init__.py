@@ -7,8 +7,10 @@
 Modules:
 - ``codebases.py``  what differs between LLaVA and EAGLE (a registry keyed by name, with per-codebase hooks)
 - ``convert.py``    ``meteor-plugin convert``; ``calibration.py``: the hook the calibrator fills
+- ``eagle_projectors.py``  EAGLE's per-encoder projectors: on disk for convert, split before training
+  (ZeRO-3 gathered), on load for merge; ``checkpoint_files.py``: read and add tensors without the model
 - ``hooks.py``      what the entry replaces in upstream's train module (``install``); ``arguments.py``: flags
-- ``trainer.py``    the Trainer mixin: checks, markers, resume, staging, stats, transformers 5.x
+- ``trainer.py``    the Trainer mixin: checks, markers, resume, staging, stats, one half dtype, transformers 5.x
 - ``save.py``       completeness markers and staged publishing: a crashed save never looks whole
 - ``lora.py``       adapter placement and the adapter + ``non_lora_trainables.bin`` layout; ``merge.py``
 - ``quant.py``      QLoRA loading that keeps vision towers, projectors and ``lm_head`` unquantised

@@ -8,12 +8,13 @@ CPU run needs right after parsing (``deepspeed.py``).
 """
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..entry import OPTIONS as ENABLE_OPTIONS
+from ..entry import pop_options as pop_enable_options
+
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
-_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass
@@ -27,79 +28,25 @@ class MeteorOptions:
     off: bool = False
 
 
-# name, takes a value, help (the help is what upstream's --help shows)
-OPTIONS: Tuple[Tuple[str, bool, str], ...] = (
-    ("config", True, "METEOR config (.json/.yaml). Default: the 'meteor' entry of the checkpoint's config.json "
-                     "(written by `meteor-plugin convert`), else MeteorConfig's defaults"),
-    ("encoder", True, "Stage 1 (pruning inside each vision encoder): true or false, overrides the config"),
-    ("fusion", True, "Stage 2 (cooperative pruning at the fusion of encoders): true or false"),
-    ("llm", True, "Stage 3 (text-guided pruning inside the language model): true or false"),
-    ("set", True, "FIELD=VALUE: set any MeteorConfig field (repeatable), e.g. --meteor-set llm_max_keep=0.25"),
+# The options every patched entry point takes (entry.py), plus the training entry's own.
+TRAINING_OPTIONS: Tuple[Tuple[str, bool, str], ...] = (
     ("attn", True, "attention implementation of the language model: sdpa (default), flash_attention_2 or eager"),
     ("codebase", True, "whose train() to run: auto (EAGLE from an EAGLE checkout, else LLaVA), llava or eagle"),
     ("off", False, "train without pruning (the plugin stays disabled): a baseline with the same entry"),
 )
-_SPELLINGS = {}
-for _name, _value, _ in OPTIONS:
-    _SPELLINGS[f"--meteor-{_name}"] = (_name, _value)
-    _SPELLINGS[f"--meteor_{_name}"] = (_name, _value)
-
-
-def _bool(flag: str, text: str) -> bool:
-    try:
-        return _BOOL[text.strip().lower()]
-    except KeyError:
-        raise SystemExit(f"{flag} takes true or false, got {text!r}") from None
-
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+OPTIONS = tuple(ENABLE_OPTIONS) + TRAINING_OPTIONS
 
 
 def pop_options(argv: List[str]) -> MeteorOptions:
     """Remove the METEOR flags from ``argv`` (in place) and return what they say."""
-    opts = MeteorOptions()
-    i = 0
-    while i < len(argv):
-        flag, has_inline, inline = argv[i].partition("=")
-        spec = _SPELLINGS.get(flag)
-        if spec is None:
-            i += 1
-            continue
-        name, takes_value = spec
-        if not takes_value:
-            if has_inline:
-                raise SystemExit(f"{flag} takes no value")
-            del argv[i]
-            value = None
-        elif has_inline:
-            value = inline
-            del argv[i]
-        else:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"{flag} needs a value")
-            value = argv[i + 1]
-            del argv[i:i + 2]
-        if name == "config":
-            opts.config = value
-        elif name in ("encoder", "fusion", "llm"):
-            opts.overrides[name] = _bool(flag, value)
-        elif name == "set":
-            key, sep, raw = value.partition("=")
-            if not sep or not key.strip():
-                raise SystemExit(f"{flag} takes FIELD=VALUE, got {value!r}")
-            opts.overrides[key.strip()] = _value(raw)
-        elif name == "attn":
-            if value not in ATTENTION:
-                raise SystemExit(f"{flag} takes one of {', '.join(ATTENTION)}, got {value!r}")
-            opts.attn = value
-        elif name == "codebase":
-            opts.codebase = value
-        elif name == "off":
-            opts.off = True
+    parsed = pop_enable_options(argv, TRAINING_OPTIONS)
+    opts = MeteorOptions(config=parsed.config, overrides=parsed.overrides)
+    if "attn" in parsed.extra:
+        if parsed.extra["attn"] not in ATTENTION:
+            raise SystemExit(f"--meteor-attn takes one of {', '.join(ATTENTION)}, got {parsed.extra['attn']!r}")
+        opts.attn = parsed.extra["attn"]
+    opts.codebase = parsed.extra.get("codebase", opts.codebase)
+    opts.off = bool(parsed.extra.get("off", False))
     return opts
 
 

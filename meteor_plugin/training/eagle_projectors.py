@@ -127,8 +127,16 @@ def _gathered_copy(shared: torch.nn.Module, projector_type: str) -> torch.nn.Mod
         state = {k: v.detach().clone() for k, v in shared.state_dict().items()}
         device = next(shared.parameters()).device
     first = state.get("weight", state.get("0.weight"))
-    copy = shared_projector(state, projector_type, first.shape[1], first.shape[0])
-    return copy.to(device)
+    plain = shared_projector(state, projector_type, first.shape[1], first.shape[0])
+    return plain.to(device)
+
+
+def _trained_like_the_shared_one(llm: Any) -> None:
+    """Per-encoder projectors train exactly when upstream train() trains the shared one (LoRA re-enables it,
+    --tune_mm_mlp_adapter makes it the only trained module, --freeze_mm_mlp_adapter freezes it)."""
+    trained = any(p.requires_grad for p in llm.mm_projector.parameters())
+    for p in llm.mm_projectors.parameters():
+        p.requires_grad_(trained)
 
 
 def split_for_training(model: Any) -> Dict[str, int]:
@@ -139,9 +147,7 @@ def split_for_training(model: Any) -> Dict[str, int]:
     projector_type = getattr(model.config, "mm_projector_type", "linear")
     eagle_vision.convert_to_post_projection(model, source=_gathered_copy(shared, projector_type))
     new = list(llm.mm_projectors.parameters())
-    trained = any(p.requires_grad for p in shared.parameters())
-    for p in new:
-        p.requires_grad_(trained)
+    _trained_like_the_shared_one(llm)
     if partitioned:
         # As DeepSpeed's engine does with parameters created after zero.Init: partition them the same way
         # (rank 0's values are broadcast first; every rank computed the same split).
@@ -166,20 +172,18 @@ def before_training(model: Any, training_args: Any) -> None:
             )
         return
     if eagle_vision.is_converted(bare):
-        trained = any(p.requires_grad for p in bare.get_model().mm_projector.parameters())
-        for p in bare.get_model().mm_projectors.parameters():
-            p.requires_grad_(trained)
+        _trained_like_the_shared_one(bare.get_model())
         return
     if recorded:
         eagle_vision.resolve_mode(bare, config_for(bare))  # raises: recorded but not built
     if config_for(bare).fusion_mode == "training_free":
         return  # the user asked for EAGLE's channel concatenation
     done = split_for_training(bare)
-    bare._meteor_split_in_training = done
+    bare._meteor_split_in_training = done  # what the tests' probe reports
     if rank() == 0:
         zero = f", ZeRO-3: {done['gathered']} gathered, {done['partitioned']} partitioned" if done["gathered"] else ""
-        print(f"meteor-plugin: {getattr(training_args, 'output_dir', '')}: the checkpoint has no per-encoder "
-              f"projectors; split {done['created']} tensors from the shared projector for training{zero}", flush=True)
+        print(f"meteor-plugin: the checkpoint has no per-encoder projectors: split {done['created']} tensors from "
+              f"the shared projector for training (the saved model records them){zero}", flush=True)
 
 
 # meteor-plugin merge-lora -----------------------------------------------------------------------------------

@@ -5,7 +5,9 @@
 LORA_DIR is what a LoRA run saved (``config.json``, the adapter, ``non_lora_trainables.bin``), or one of
 its ``checkpoint-N`` folders. BASE is the model the run started from (default: the one peft recorded in
 ``adapter_config.json``). The merged folder opens with ``LlavaLlamaForCausalLM.from_pretrained`` and with
-LLaVA's ``load_pretrained_model`` (no ``--model-base``), and keeps the METEOR config of the run.
+LLaVA's ``load_pretrained_model`` (no ``--model-base``), or EAGLE's, and keeps the METEOR config of the run.
+A converted EAGLE model is loaded with the plugin enabled (it builds the per-encoder projectors), and its
+merged folder keeps them.
 
 This is our own loader rather than LLaVA's ``load_pretrained_model(lora_dir, base, ...)`` because EAGLE's
 copy of it cannot run (it imports ``eagleConfig``), it loads ``non_lora_trainables.bin`` with

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from training_support import STORED, Workspace
+from training_support import STORED, STORED_EAGLE, EagleWorkspace, Workspace
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +19,18 @@ def workspace(tmp_path_factory) -> Workspace:
     convert.convert(os.path.join(root, "models", "tiny-llava-v1"), os.path.join(root, "models", "tiny-llava-v1-meteor"),
                     config)
     return Workspace(root)
+
+
+@pytest.fixture(scope="session")
+def eagle_workspace(tmp_path_factory) -> EagleWorkspace:
+    """A tiny EAGLE-like checkpoint (three encoders), its converted copy, data, and the config file the run
+    from the unconverted checkpoint is given."""
+    from meteor_plugin import MeteorConfig
+    from meteor_plugin.training import convert, tiny
+
+    root = str(tmp_path_factory.mktemp("meteor-train-eagle"))
+    tiny.prepare_eagle(root)
+    workspace = EagleWorkspace(root)
+    MeteorConfig(**STORED_EAGLE).save(workspace.config_file)
+    convert.convert(workspace.original, workspace.model, workspace.config_file)
+    return workspace

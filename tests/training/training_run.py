@@ -3,7 +3,8 @@
 It runs the same entry, with two test-only additions driven by the environment:
 - ``METEOR_TEST_PROBE=PATH``: when training ends (before the final save), every rank runs the trained model
   on the first two training samples; rank 0 writes the inputs, logits, kept visual positions, the
-  projector weights and what the run's session recorded to PATH;
+  projector weights (every ``*mm_projector*``), in a LoRA run every other trained weight, and what the
+  run's session recorded to PATH;
 - ``METEOR_TEST_CRASH_STEP=N``: every rank dies (``os._exit``) in the middle of saving ``checkpoint-N``:
   the model files are written, the optimizer state is not. This is what a killed job leaves behind.
 """
@@ -28,24 +29,39 @@ def install_probe(path: str) -> None:
         with torch.no_grad():
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], images=batch["images"])
         run = meteor_plugin.stats(model)
-        projector = gathered_cpu((n, p) for n, p in bare_model(model).named_parameters() if "mm_projector" in n)
+        bare = bare_model(model)
+        projector = gathered_cpu((n, p) for n, p in bare.named_parameters() if "mm_projector" in n)
+        trained = {}
+        if session_is_lora(self):  # the weights non_lora_trainables.bin must hold
+            trained = gathered_cpu((n, p) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
         session = type(self).meteor_session
         if rank() == 0:
             torch.save({
                 "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "images": batch["images"],
                 "logits": out.logits.detach().float().cpu(),
                 "kept": {stage: [s[stage].detail.get("kept") if stage in s else None for s in run.stages]
-                         for stage in ("encoder", "llm")},
-                "projector": projector,
+                         for stage in STAGES},
+                "projector": projector, "trained": trained,
                 "engine": type(self.model_wrapped).__name__,
                 "adapted": list(session.adapted), "quantized": list(session.quantized),
                 "fully_trained": list(session.fully_trained), "resumed_from": session.resumed_from,
-                "tower_dtype": str(bare_model(model).get_vision_tower().dtype),
+                # EAGLE's fusion tower has no working .dtype (it reads a missing attribute): ask a parameter
+                "tower_dtype": str(next(bare.get_vision_tower().parameters()).dtype),
+                "split_in_training": bare.__dict__.get("_meteor_split_in_training"),
             }, path)
         model.train()
         return original(self)
 
     MeteorTrainerMixin.save_state = save_state
+
+
+STAGES = ("encoder", "fusion", "llm")
+
+
+def session_is_lora(trainer) -> bool:
+    from meteor_plugin.training.trainer import is_peft_model
+
+    return is_peft_model(trainer.model)
 
 
 def install_crash(step: int) -> None:

@@ -2,7 +2,9 @@
 
 The workspace is what ``recipes/tiny-cpu.sh`` prepares (a tiny LLaVA, 16 generated images), converted
 with a non-default METEOR config, so the runs show that training reads the config stored by ``convert``:
-Stage 1 keeps 24 of 64 CLIP patches (the default would keep 32).
+Stage 1 keeps 24 of 64 CLIP patches (the default would keep 32). ``EagleWorkspace`` is the same with
+``CODEBASE=eagle``: a tiny EAGLE-like model of three encoders (the test stand-in), whose stored config
+keeps 192 encoder tokens split 1:2:1 by rank, 48 after fusion and at most 24 in the LLM.
 """
 
 import json
@@ -20,6 +22,9 @@ RECIPE = os.path.join(REPO, "recipes", "tiny-cpu.sh")
 HARNESS = os.path.join(REPO, "tests", "training", "training_run.py")
 STORED = {"encoder_keep": 24, "llm_max_keep": 0.5, "llm_layer": 2}
 ENCODER_KEPT = 24
+STORED_EAGLE = {"encoder_keep": 192, "fusion_keep": 48, "llm_max_keep": 0.5, "llm_layer": 2,
+                "encoder_ranks": {"clip-448": 1.0, "convnext-1024": 2.0, "pix2struct-1024": 1.0}}
+EAGLE_KEPT = {"encoder": 192, "fusion": 48}
 
 
 def transformers_major() -> int:
@@ -133,6 +138,74 @@ class Workspace:
 
 
 
+class EagleWorkspace(Workspace):
+    """The tiny recipe with CODEBASE=eagle: the EAGLE stand-in's train.py driven by the same entry."""
+
+    @property
+    def model(self) -> str:
+        return os.path.join(self.root, "models", "tiny-eagle-x3-meteor")
+
+    @property
+    def original(self) -> str:
+        return os.path.join(self.root, "models", "tiny-eagle-x3")
+
+    @property
+    def config_file(self) -> str:
+        return os.path.join(self.root, "meteor.json")
+
+    def launch(self, name: str, out: str, probe: bool = True, args: tuple = (), **env: str) -> Run:
+        return super().launch(name, out, probe, args, CODEBASE="eagle", **env)
+
+    # Only the final model is examined: intermediate saves are left out (time).
+    def zero2(self) -> Run:
+        """ZeRO-2 from the converted checkpoint (per-encoder projectors made by `meteor-plugin convert`)."""
+        return self.launch("eagle-zero2", os.path.join(self.root, "zero2"), ZERO="2", args=("--save_strategy", "no"))
+
+    def zero3(self) -> Run:
+        """ZeRO-3 from the original checkpoint: the projectors are split in training, from a partitioned one."""
+        return self.launch("eagle-zero3", os.path.join(self.root, "zero3"), ZERO="3",
+                           args=("--save_strategy", "no", "--model_name_or_path", self.original,
+                                 "--meteor-config", self.config_file))
+
+    def lora(self) -> Run:
+        # "eagle" and "lora" in the name: what EAGLE's own loader needs to take its LoRA branch.
+        return self.launch("eagle-lora", os.path.join(self.root, "tiny-eagle-x3-lora"), ZERO="3", LORA="1",
+                           args=("--save_strategy", "no"))
+
+
+def converted_by_transformers(model, skip, monkeypatch):
+    """The linear layers this transformers' own bitsandbytes code would quantise given ``skip`` (each
+    generation matches differently: 4.37 substring, 4.44 ``key + "."`` inside the path, 5.x regex from the
+    start or suffix)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if transformers_major() >= 5:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return [n for n in linears if should_convert_module(n, skip)]
+    # 4.x matches inside _replace_with_bnb_linear; run it with stand-in bnb layers (no bitsandbytes needed).
+    import types
+
+    import transformers.integrations.bitsandbytes as hf_bnb
+
+    class Linear8bitLt(torch.nn.Module):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+
+    monkeypatch.setattr(hf_bnb, "bnb", types.SimpleNamespace(nn=types.SimpleNamespace(Linear8bitLt=Linear8bitLt)),
+                        raising=False)
+    # 4.37 imports these only when bitsandbytes is installed
+    from accelerate import init_empty_weights
+    from transformers.pytorch_utils import Conv1D
+
+    for name, value in (("nn", torch.nn), ("Conv1D", Conv1D), ("init_empty_weights", init_empty_weights)):
+        if not hasattr(hf_bnb, name):
+            monkeypatch.setattr(hf_bnb, name, value, raising=False)
+    config = types.SimpleNamespace(quantization_method=lambda: "llm_int8", llm_int8_has_fp16_weight=False,
+                                   llm_int8_threshold=6.0, llm_int8_skip_modules=skip)
+    hf_bnb._replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)
+    return [n for n, m in model.named_modules() if isinstance(m, Linear8bitLt)]
+
+
 def tower_dtype(probe: dict) -> torch.dtype:
     """The CLIP dtype during training: train() casts it to float16 without --bf16, which ZeRO-3 on
     transformers 4.x does not apply to its partitioned parameters."""
@@ -152,12 +225,31 @@ def load_trained(folder: str, tower_dtype=torch.float16):
 
 
 def probe_forward(model, probe: dict):
-    """Logits and kept positions of ``model`` on the probe's inputs, with the plugin as the run had it."""
+    """Logits and kept positions of ``model`` on the probe's inputs, with the plugin as the run had it.
+
+    One thread, as the recipe's processes (OMP_NUM_THREADS=1): sums then add up in the same order, so
+    tokens whose scores tie up to rounding (the generated images have many identical patches) are
+    chosen the same way."""
     import meteor_plugin
 
-    with torch.no_grad():
-        out = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"], images=probe["images"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"], images=probe["images"])
+    finally:
+        torch.set_num_threads(threads)
     run = meteor_plugin.stats(model)
     kept = {stage: [s[stage].detail.get("kept") if stage in s else None for s in run.stages]
-            for stage in ("encoder", "llm")}
+            for stage in ("encoder", "fusion", "llm")}
     return out.logits.float(), kept
+
+
+def load_trained_eagle(folder: str, tower_dtype=torch.float16):
+    """A saved EAGLE model as training left it (enable the plugin first: it builds the per-encoder
+    projectors of a converted checkpoint at load time)."""
+    from eagle.model.language_model.eagle_llama import EagleLlamaForCausalLM
+
+    model = EagleLlamaForCausalLM.from_pretrained(folder)
+    model.get_vision_tower().to(dtype=tower_dtype)
+    return model.eval()

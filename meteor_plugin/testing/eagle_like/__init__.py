@@ -7,7 +7,8 @@ with random weights, so the plugin (which finds EAGLE by ``eagle/model/language_
 and its tests treat it exactly like EAGLE. It was written from the interfaces documented in
 ``notes/llava-eagle-anatomy.md``; no EAGLE source is copied.
 
-It is not importable as ``eagle`` until ``install()`` puts this directory on ``sys.path``.
+It is not importable as ``eagle`` (nor its ``train.py`` as ``train``) until ``install()`` puts this directory
+on ``sys.path``; in another process, put ``ROOT`` on ``PYTHONPATH``.
 
 What it reproduces (per module, see their docstrings):
 - ``eagle.model.language_model.eagle_llama``: ``EagleConfig`` (``model_type="eagle_llama"``, registered with
@@ -17,8 +18,13 @@ What it reproduces (per module, see their docstrings):
   (``vision_towers`` in string order, 32x32 = 1024 grid positions, channel concatenation, its fragile
   spots) over the encoders of ``clip-448;convnext-1024;sam-1024;pix2struct-1024`` (EAGLE-X5 without EVA),
   each reaching the grid as the real one does.
-- ``eagle.model.builder.load_pretrained_model`` with EAGLE's naming rules; ``eagle.mm_utils``;
-  ``eagle.constants``; ``eagle.model.multimodal_projector.builder``.
+- ``eagle.model.builder.load_pretrained_model`` with EAGLE's naming rules (and its LoRA branch, which
+  imports the misspelt ``eagleConfig``); ``eagle.mm_utils``; ``eagle.constants``; ``eagle.conversation``;
+  ``eagle.model.multimodal_projector.builder``.
+- ``train.py`` next to the package, as at the root of an EAGLE checkout: EAGLE's training script
+  (``ModelArguments``, ``TrainingArguments`` with ``vision_tower_lr``, ``EagleTrainer``, ``train()``), built
+  at import time from LLaVA's ``llava.train.train`` (see its docstring). ``meteor_plugin.train`` finds
+  and drives it as it would EAGLE's.
 - Checkpoints: the towers are built from the config and their weights saved in and loaded from the
   checkpoint (keys ``model.vision_tower.vision_towers.{i}.…``, ``model.mm_projector.{0,2}.…``).
 
@@ -44,6 +50,8 @@ import runpy
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
+
+from ..llm import TinyLlm, llm_config_kwargs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 _EAGLE_DIR = os.path.join(ROOT, "eagle")
@@ -104,21 +112,11 @@ def default_input_image_size() -> int:
 
 
 @dataclass
-class TinyEagleSpec:
+class TinyEagleSpec(TinyLlm):
     vision_tower: str = EAGLE_X5_LIKE  # EAGLE's encoder list, fused in this order
     image_size: int = field(default_factory=default_input_image_size)  # stands for EAGLE's 1024
     towers: Dict[str, Dict[str, Any]] = field(default_factory=default_tower_configs)  # per encoder name
     projector_type: str = "mlp2x_gelu"
-    llm_hidden: int = 64
-    llm_layers: int = 4
-    llm_heads: int = 4
-    llm_kv_heads: int = 2  # GQA on purpose
-    llm_intermediate: int = 128
-    vocab_size: int = 256
-    max_positions: int = 2048
-    attn_implementation: str = "sdpa"
-    padding_side: str = "right"
-    seed: int = 0
 
     @property
     def visual_tokens(self) -> int:
@@ -155,14 +153,11 @@ def tiny_eagle_config(spec: Optional[TinyEagleSpec] = None):
     from eagle.model.language_model.eagle_llama import EagleConfig
 
     config = EagleConfig(
-        vocab_size=spec.vocab_size, hidden_size=spec.llm_hidden, intermediate_size=spec.llm_intermediate,
-        num_hidden_layers=spec.llm_layers, num_attention_heads=spec.llm_heads,
-        num_key_value_heads=spec.llm_kv_heads, max_position_embeddings=spec.max_positions, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2,
+        **llm_config_kwargs(spec),
         mm_vision_tower=spec.vision_tower, mm_hidden_size=spec.mm_hidden_size,
         mm_projector_type=spec.projector_type, mm_vision_select_layer=-2, mm_vision_select_feature="patch",
         mm_patch_merge_type="flat", mm_use_im_start_end=False, mm_use_im_patch_token=False,
-        image_aspect_ratio="pad", use_mm_proj=True, tokenizer_padding_side=spec.padding_side,
+        image_aspect_ratio="pad", use_mm_proj=True,
         eagle_like_input_image_size=spec.image_size, eagle_like_towers=copy.deepcopy(spec.towers),
     )
     config._attn_implementation = spec.attn_implementation
