@@ -67,18 +67,40 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.argv = [getattr(module, "__file__", codebase.train_module)] + argv
     module.train(attn_implementation=attn)
     publish_final(session, barrier, save)
-    shutdown_distributed()
     return 0
 
 
-def shutdown_distributed() -> None:
-    """Tear the process group down before interpreter exit: left to atexit, gloo ranks sometimes abort
-    (SIGABRT) after a run that finished and saved, which launchers report as a failure."""
+def shutdown_distributed() -> bool:
+    """Tear the process group down before interpreter exit; True when there was one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def exit_program(code: int, distributed: bool) -> None:
+    """End the process after a distributed run without interpreter finalization.
+
+    A gloo rank that finished, saved and destroyed its process group can still abort (SIGABRT) while
+    the interpreter tears down: communication buffers freed then need the GIL of a dying interpreter
+    (pytorch/pytorch#179291), and launchers report the finished job as failed. So the atexit handlers
+    run now, while everything is alive (loggers flush, temporary files go), then the process exits.
+    Set METEOR_NATURAL_EXIT=1 to let Python finish normally instead.
+    """
+    if not distributed or os.environ.get("METEOR_NATURAL_EXIT") == "1":
+        sys.exit(code)
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def publish_final(session, barrier, save) -> None:
@@ -93,5 +115,11 @@ def publish_final(session, barrier, save) -> None:
     barrier()
 
 
+def run_program(argv: Optional[List[str]] = None) -> None:
+    """The command: `main`, then an exit that a finished distributed run cannot turn into a crash."""
+    code = main(argv)
+    exit_program(code, shutdown_distributed())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_program()

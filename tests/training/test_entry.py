@@ -178,3 +178,31 @@ def test_main_enables_the_plugin_with_the_flags_and_hands_the_rest_to_upstream(m
     meteor_plugin.disable()
     assert main(["--meteor-off", "--meteor-codebase", "llava", "--output_dir", "out"]) == 0
     assert not seen["enabled"]
+
+
+def test_a_finished_distributed_run_exits_with_its_code_after_running_atexit_handlers(tmp_path):
+    """The entry ends distributed runs without interpreter finalization (where gloo ranks could abort);
+    what atexit would have done still happens, and the exit code is kept."""
+    marker = tmp_path / "atexit-ran"
+    script = (
+        "import atexit, os, sys\n"
+        "import torch.distributed as dist\n"
+        "from meteor_plugin.train import exit_program, shutdown_distributed\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[2])\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "atexit.register(lambda: open(sys.argv[1], 'w').write('yes'))\n"
+        "print('about to exit', flush=True)\n"
+        "exit_program(3, shutdown_distributed())\n"
+        "print('not reached')\n"
+    )
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", script, str(marker), port], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert out.returncode == 3, out.stdout
+    assert "about to exit" in out.stdout and "not reached" not in out.stdout
+    assert marker.read_text() == "yes"

@@ -84,6 +84,6 @@ if __name__ == "__main__":
         install_probe(os.environ["METEOR_TEST_PROBE"])
     if os.environ.get("METEOR_TEST_CRASH_STEP"):
         install_crash(int(os.environ["METEOR_TEST_CRASH_STEP"]))
-    from meteor_plugin.train import main
+    from meteor_plugin.train import run_program
 
-    sys.exit(main())
+    run_program()
