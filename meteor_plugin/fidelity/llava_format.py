@@ -16,7 +16,6 @@ The tokenizer is concatenative (the ids of "a b" are those of "a" then "b"; ``</
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Sequence
 
@@ -60,15 +59,9 @@ def build_hf_tokenizer():
 
 def save_hf_tokenizer(folder: str) -> str:
     """Write the tokenizer into ``folder`` so every supported transformers version loads it."""
-    build_hf_tokenizer().save_pretrained(folder)
-    # transformers 5 records its own backend class, which 4.x cannot resolve; all know PreTrainedTokenizerFast.
-    path = os.path.join(folder, "tokenizer_config.json")
-    with open(path, encoding="utf-8") as fh:
-        config = json.load(fh)
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(config, fh, indent=2)
-    return folder
+    from ..compat.transformers import save_tokenizer_portable
+
+    return save_tokenizer_portable(build_hf_tokenizer(), folder)
 
 
 def load_hf_tokenizer(folder: str):
