@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -12,12 +13,39 @@ def _demo(args: argparse.Namespace) -> int:
     from meteor_plugin import MeteorConfig, demo
 
     config = MeteorConfig.from_file(args.config) if args.config else None
-    result = demo.run(args.model_path, args.prompt, config, args.max_new_tokens)
+    if args.model_path is None and not args.random_llava:
+        result = demo.run_fidelity(args.prompt, args.seed, config, args.fidelity_model)
+    else:
+        result = demo.run(args.model_path, args.prompt or demo.DEFAULT_PROMPT, config, args.max_new_tokens)
     print(json.dumps(result, indent=2) if args.json else demo.report(result))
     return 0
 
 
+def _bench_fidelity(args: argparse.Namespace) -> int:
+    from meteor_plugin.bench import fidelity
+    from meteor_plugin.fidelity import methods
+
+    model_path = args.model_path
+    if args.train:
+        from meteor_plugin.fidelity import recipe
+
+        workdir = args.train_dir or os.path.join(os.getcwd(), "fidelity-train")
+        settings = recipe.RecipeSettings(workdir=workdir, threads=args.threads or 2,
+                                         budget_seconds=60.0 * args.train_minutes)
+        model_path = recipe.run(settings, echo=lambda *a: print(*a, file=sys.stderr))
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(methods.BUDGETS)
+    settings = fidelity.FidelityBench(
+        model_path=model_path, per_kind=args.per_kind, val_per_kind=args.val_per_kind, budgets=budgets,
+        methods=args.methods.split(",") if args.methods else list(methods.ALL_METHODS),
+        plot=None if args.plot in ("", "none") else args.plot, progress=not args.no_progress, threads=args.threads)
+    result = fidelity.run(settings, log=lambda *a: print(*a, file=sys.stderr))
+    print(json.dumps(result, indent=2) if args.json else fidelity.report(result))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.which == "fidelity":
+        return _bench_fidelity(args)
     from meteor_plugin.bench import eagle_prefill, llava_prefill
 
     results, reports = [], []
@@ -49,22 +77,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meteor-plugin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="answer one prompt about a generated image with pruning off and on")
-    p.add_argument("--model-path", help="a LLaVA checkpoint folder (default: a random model built in memory)")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--config", help="a MeteorConfig .json/.yaml (default: Stage 3 at 25%% of visual tokens)")
+    p = sub.add_parser("demo", help="answer one question about a generated image with pruning off and on")
+    p.add_argument("--model-path", help="a LLaVA checkpoint folder (default: the trained fidelity model shipped "
+                                        "in the package)")
+    p.add_argument("--random-llava", action="store_true", help="a random LLaVA-1.5-shaped model built in memory "
+                                                                "(576 visual tokens; answers are meaningless)")
+    p.add_argument("--fidelity-model", help="another trained fidelity checkpoint (default: the shipped one)")
+    p.add_argument("--seed", type=int, default=0, help="which generated test scene the fidelity model is asked about")
+    p.add_argument("--prompt", default=None, help="the question (fidelity: one of the task's questions; default: "
+                                                  "the scene's generated question)")
+    p.add_argument("--config", help="a MeteorConfig .json/.yaml (default: fidelity, the checkpoint's calibrated "
+                                    "METEOR at 24%%; LLaVA, Stage 3 at 25%% of visual tokens)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("bench", help="prefill latency and memory, unpruned against pruned, side by side")
-    p.add_argument("which", nargs="?", default="all", choices=["llava", "eagle", "all"],
-                   help="llava: Stage 3 on a LLaVA-1.5-shaped model; eagle: all stages on an EAGLE-X4-shaped one")
+    p = sub.add_parser("bench", help="prefill latency and memory, or accuracy against retained tokens (fidelity)")
+    p.add_argument("which", nargs="?", default="all", choices=["llava", "eagle", "all", "fidelity"],
+                   help="llava: Stage 3 on a LLaVA-1.5-shaped model; eagle: all stages on an EAGLE-X4-shaped one "
+                        "(llava, eagle and all measure speed); fidelity: accuracy per question kind of a trained "
+                        "two-encoder model under every pruning method at equal budgets")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each variant (median reported)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quick", action="store_true", help="a tiny model: checks the benchmark runs, numbers mean little")
     p.add_argument("--json", action="store_true")
+    f = p.add_argument_group("fidelity")
+    f.add_argument("--model-path", help="a trained fidelity checkpoint (default: the one shipped in the package)")
+    f.add_argument("--train", action="store_true", help="train a fidelity model first (about 20 minutes on 2 cores)")
+    f.add_argument("--train-minutes", type=float, default=20.0, help="wall-clock budget of both training phases")
+    f.add_argument("--train-dir", help="work folder of --train (default: ./fidelity-train)")
+    f.add_argument("--per-kind", type=int, default=500, help="test questions per question kind")
+    f.add_argument("--val-per-kind", type=int, default=100, help="validation questions per kind, for calibration")
+    f.add_argument("--budgets", help="comma-separated ratios of the 128 visual tokens (default: 0.5,0.25,0.125; "
+                                     "METEOR also runs at 0.24)")
+    f.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    f.add_argument("--plot", default="fidelity.png", help="PNG of accuracy against retained tokens ('none': no plot)")
+    f.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
 
     from meteor_plugin.calibrate import add_subparser as add_calibrate
@@ -88,10 +138,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         # DeepSpeed (imported by transformers' integrations) otherwise prints a notice on stdout.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     args = build_parser().parse_args(argv)
-    if getattr(args, "prompt", "unset") is None:
-        from meteor_plugin.demo import DEFAULT_PROMPT
-
-        args.prompt = DEFAULT_PROMPT
     return args.func(args)
 
 

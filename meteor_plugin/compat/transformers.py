@@ -269,3 +269,19 @@ def accepted_kwargs(fn: Callable) -> Optional[set]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
     return set(params)
+
+
+def save_tokenizer_portable(tokenizer: Any, folder: str) -> str:
+    """``tokenizer.save_pretrained(folder)`` in a form every supported version loads: transformers 5
+    records its own backend class name, which 4.x cannot resolve; all know PreTrainedTokenizerFast."""
+    import json
+    import os
+
+    tokenizer.save_pretrained(folder)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2)
+    return folder

@@ -15,8 +15,17 @@ tokens on the digit against 0.32 random, while a uniform grid wins on colour and
 - `batches`: LLaVA-style ``input_ids`` with -200 at the image, answer-only ``labels``, right padding.
 - `datasets`: seeded train/val/test splits, `FidelityDataset`, and `iter_batches`.
 
+The trained model and the benchmark (imported on use, they need torch models and transformers):
+- `model`: the small EAGLE-like model (two encoders, per-encoder projectors, a small Llama);
+- `llava_format`: the task in LLaVA's v1 conversation format and its Hugging Face tokenizer;
+- `pretrain`: phase 1 of training (vision, dense per-token loss); `recipe`: both phases end to end;
+- `evaluate`, `methods`, `plot`: accuracy per kind under each pruning method, and its plot;
+- ``checkpoint/``: the shipped trained model (`checkpoint_path`).
+
 Images are uint8 (3, 64, 64). Everything is deterministic per (seed, split, index).
 """
+
+import os
 
 from .batches import IGNORE_INDEX, build_llava_batch, conversation_ids
 from .datasets import SPLITS, FidelityDataset, Sample, collate, iter_batches, make_sample, sample_rng
@@ -25,7 +34,21 @@ from .questions import (ANSWERS, KINDS, Question, answer_for, answer_region, gen
 from .scenes import (COLOURS, SHAPES, Digit, Scene, SceneObject, cell_labels, make_scene, render)
 from .tokenizer import IMAGE_TOKEN_INDEX, SPECIAL_TOKENS, WordTokenizer
 
+CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint")
+
+
+def checkpoint_path() -> str:
+    """The trained fidelity checkpoint shipped with the package (raises if it is missing)."""
+    if not os.path.isfile(os.path.join(CHECKPOINT, "config.json")):
+        raise FileNotFoundError(
+            f"the fidelity checkpoint is missing from {CHECKPOINT}: reinstall meteor-plugin, or train one with "
+            "`meteor-plugin bench fidelity --train`"
+        )
+    return CHECKPOINT
+
+
 __all__ = [
+    "CHECKPOINT", "checkpoint_path",
     "IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "SPECIAL_TOKENS", "SPLITS", "ANSWERS", "KINDS", "COLOURS", "SHAPES",
     "Scene", "SceneObject", "Digit", "make_scene", "render", "cell_labels",
     "Question", "question_text", "answer_for", "valid_questions", "answer_region", "generate", "pack_turns",

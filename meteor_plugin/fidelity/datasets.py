@@ -73,15 +73,15 @@ class Sample:
 
 
 def make_sample(split: str, index: int, seed: int = 0, kinds: Optional[Sequence[str]] = None,
-                max_turns: Optional[int] = None, label_grid: int = 4) -> Sample:
+                max_turns: Optional[int] = None, label_grid: int = 4, per_kind: int = 1) -> Sample:
     """Sample ``index`` of ``split``. ``max_turns=1`` gives the primary question alone (evaluation);
-    None packs one question of every kind that is valid for the scene (training)."""
+    None packs up to ``per_kind`` questions of every kind that is valid for the scene (training)."""
     kinds = _check_kinds(kinds)
     rng = sample_rng(seed, split, index)
     kind = kinds[index % len(kinds)]
     answers = ANSWERS[kind]
     scene, question = generate(kind, answers[(index // len(kinds)) % len(answers)], rng)
-    turns = pack_turns(scene, question, rng, max_turns)  # after the scene: max_turns never changes it
+    turns = pack_turns(scene, question, rng, max_turns, per_kind)  # after the scene: never changes it
     labels = {k: torch.from_numpy(v) for k, v in cell_labels(scene, label_grid).items()}
     return Sample(split, index, scene, torch.from_numpy(render(scene)), question, turns, labels)
 

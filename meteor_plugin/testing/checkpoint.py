@@ -67,6 +67,8 @@ def save_tiny_tokenizer(folder: str, vocab_size: int = 256, extra_words: Iterabl
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    from ..compat.transformers import save_tokenizer_portable
+
     vocab = build_vocab(vocab_size, extra_words)
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -74,18 +76,10 @@ def save_tiny_tokenizer(folder: str, vocab_size: int = 256, extra_words: Iterabl
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
     os.makedirs(folder, exist_ok=True)
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=UNK,
-    ).save_pretrained(folder)
-    # transformers 5 records its own backend class name, which 4.x cannot resolve; every version
-    # knows PreTrainedTokenizerFast, so a folder written by one stack loads in the others.
-    config_path = os.path.join(folder, "tokenizer_config.json")
-    with open(config_path, encoding="utf-8") as fh:
-        config = json.load(fh)
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(config_path, "w", encoding="utf-8") as fh:
-        json.dump(config, fh, indent=2)
-    return folder
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, bos_token=BOS, eos_token=EOS,
+                                        pad_token=UNK)
+    # written so that a folder made by one stack loads in the others
+    return save_tokenizer_portable(tokenizer, folder)
 
 
 def save_tiny_llava_checkpoint(parent: str, spec: Optional[TinyLlavaSpec] = None, name: str = "tiny-llava-v1") -> str:

@@ -13,10 +13,12 @@ restores the module exactly. The globals:
 | the Trainer class | ``trainer.make_trainer(...)`` | markers, resume, staging, checks, stats, 5.x |
 | ``safe_save_model_for_hf_trainer`` | ``trainer.save_final_model(...)`` | LoRA trainables (EAGLE), CPU |
 | the model class | a loader whose ``from_pretrained`` fixes ``--bits`` | 4.44/5.x refuse upstream's kwargs |
+| ``preprocess_v1`` | the same, with ``tokenizer.legacy`` defaulting to True | multi-turn v1 data with a non-Llama tokenizer |
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -40,6 +42,7 @@ class Session:
     fully_trained: List[str] = field(default_factory=list)
     quantized: List[str] = field(default_factory=list)
     cast_to_half: List[str] = field(default_factory=list)
+    cast_to_float: List[str] = field(default_factory=list)
 
 
 class QuantizationSafeLoader:
@@ -93,6 +96,29 @@ def fix_quantized_loading(module: Any, model_global: str, extra_skip=()) -> None
     _set(module, model_global, QuantizationSafeLoader(original, extra_skip))
 
 
+def default_tokenizer_legacy(module: Any) -> None:
+    """Multi-turn ``v1`` conversations with tokenizers that lack Llama's ``legacy`` flag.
+
+    ``preprocess_v1`` reads ``tokenizer.legacy`` for every round after the first, to undo a prefix-space
+    token the non-legacy sentencepiece Llama tokenizer adds; any other tokenizer (a word-level or BPE
+    ``PreTrainedTokenizerFast``) has no such attribute, and every multi-turn sample fails with an
+    AttributeError. Such tokenizers have no prefix-space quirk, which is what ``legacy=True`` means
+    there, so the attribute is set to True on them; Llama tokenizers keep their own value.
+    ``preprocess_v1``'s length check still masks any sample whose rounds do not add up.
+    """
+    original = _original(module, "preprocess_v1") if hasattr(module, "preprocess_v1") else None
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def preprocess_v1(sources, tokenizer, *args, **kwargs):
+        if not hasattr(tokenizer, "legacy"):
+            tokenizer.legacy = True
+        return original(sources, tokenizer, *args, **kwargs)
+
+    _set(module, "preprocess_v1", preprocess_v1)
+
+
 def install(module: Any, codebase: Codebase) -> Session:
     """Make ``module.train()`` run with METEOR's training behaviour; returns the run's session."""
     require_globals(module, codebase)
@@ -103,6 +129,7 @@ def install(module: Any, codebase: Codebase) -> Session:
     _set(module, codebase.trainer_class, make_trainer(_original(module, codebase.trainer_class), session))
     replace_final_save(module)
     fix_quantized_loading(module, codebase.model_global, codebase.keep_unquantised)
+    default_tokenizer_legacy(module)
     for fix in codebase.runtime_fixes:
         fix(module)
     return session

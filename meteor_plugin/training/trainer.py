@@ -5,7 +5,8 @@ optimizer groups, samplers and adapter-only saving stay as they are) that also:
 
 - runs on transformers 4.37, 4.44 and 5.x (``compat.py``);
 - checks where LoRA adapters and 4-bit layers landed, and keeps projectors trainable next to adapters;
-- gives every trainable weight one dtype under DeepSpeed with --bf16/--fp16 (``one_half_dtype``);
+- gives every trainable weight one dtype under DeepSpeed with --bf16/--fp16 (``one_half_dtype``), and
+  float32 to every weight of a full-precision run (``full_precision``);
 - brackets every ``checkpoint-N`` save with the completeness marker (``save.py``), writes the fully
   trained weights of a LoRA run beside the adapter there too, and resumes only from a whole checkpoint;
 - sends the final save into a staging folder that the entry publishes once every rank is done;
@@ -57,6 +58,7 @@ class MeteorTrainerMixin:
         if getattr(self.args, "bits", 16) in (4, 8):
             session.quantized = quant.check_quantization(model)
         session.cast_to_half = one_half_dtype(model, self.args)
+        session.cast_to_float = full_precision(model, self.args)
 
     def create_optimizer(self):
         # Upstream builds four groups when --mm_projector_lr is set; in a LoRA run the no-decay group of
@@ -161,6 +163,25 @@ def one_half_dtype(model: Any, args: Any) -> list:
     for name, param in model.named_parameters():
         if param.requires_grad and param.is_floating_point() and param.dtype != half and not hasattr(param, "ds_id"):
             param.data = param.data.to(half)
+            cast.append(name)
+    return cast
+
+
+def full_precision(model: Any, args: Any) -> list:
+    """Without --bf16/--fp16 (and unquantised), give every half-precision weight float32; returns their names.
+
+    Upstream ``train()`` casts the vision tower to float16 whenever --bf16 is not set, written for GPU
+    runs in fp16: in a float32 run on the CPU the towers then compute in float16 (slow there), and where
+    they are trained (EAGLE trains every encoder) AdamW's eps (1e-8) underflows to 0 in float16, so a
+    weight whose gradient is exactly zero (CLIP's class embedding: EAGLE drops the CLS token) becomes
+    0/0 = NaN after the first step, and the NaN spreads through the model from the next forward.
+    """
+    if getattr(args, "bf16", False) or getattr(args, "fp16", False) or getattr(args, "bits", 16) in (4, 8):
+        return []
+    cast = []
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.dtype in (torch.float16, torch.bfloat16) and not hasattr(param, "ds_id"):
+            param.data = param.data.float()
             cast.append(name)
     return cast
 

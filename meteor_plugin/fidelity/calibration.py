@@ -1,0 +1,67 @@
+"""What the pruning methods need from a trained fidelity model, measured on the validation split only.
+
+- encoder ranks (``calibrate.encoder_ranks``, Stage 1's budget split) on validation images;
+- ``llm_layer``: the decoder layer where Stage 3 (METEOR's adaptive scoring) and FastV prune, each
+  picked as the layer where that method is most accurate on validation questions at 25% of the tokens
+  (ties: the earlier layer, which saves more);
+- ``llm_lambda`` per (method, budget): a probe keeps every token and records Stage 3's attention mass
+  per question, then ``methods.solve_lambda`` finds the lambda whose clipped budgets average the target.
+
+`meteor_config` gives METEOR with all three stages at a target ratio, what the demo runs.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import evaluate as ev
+from . import methods as mt
+
+
+def calibrate(model, tokenizer, methods: Sequence[str], budgets: Sequence[int], extra: Sequence[int] = (),
+              val_per_kind: int = 100, layers: Optional[Sequence[int]] = None, batch_size: int = 100,
+              log=print) -> mt.Calibration:
+    from ..calibrate import encoder_ranks
+    from .model import pixels
+
+    val = ev.eval_set(tokenizer, val_per_kind, split="val")
+    ranks = encoder_ranks(model, pixels(val.images[:32]))
+    layers = list(layers or range(1, model.config.num_hidden_layers))
+    k = mt.tokens_for(0.25)
+    scores = {}
+    for layer in layers:
+        trial = mt.Calibration(ranks, layer, layer)
+        solve(model, val, trial, [("meteor-s3", k)], batch_size)
+        s3 = ev.evaluate(model, val, mt.config_for("meteor-s3", k, trial), batch_size).accuracy()
+        fv = ev.evaluate(model, val, mt.config_for("fastv", k, trial), batch_size).accuracy()
+        scores[layer] = (round(s3, 4), round(fv, 4))
+    cal = mt.Calibration(ranks, max(layers, key=lambda la: (scores[la][0], -la)),
+                         max(layers, key=lambda la: (scores[la][1], -la)))
+    log(f"calibration on {len(val)} validation questions: encoder ranks {ranks}; accuracy at {k} tokens per "
+        f"llm_layer (meteor-s3, fastv) {scores} -> meteor {cal.meteor_layer}, fastv {cal.fastv_layer}")
+    solve(model, val, cal, mt.needed_lambdas(methods, budgets, extra), batch_size)
+    return cal
+
+
+def solve(model, val: ev.EvalSet, cal: mt.Calibration, pairs, batch_size: int = 100) -> None:
+    """Stage 3's lambda per (method, budget) into ``cal``: probe with every token kept, then bisect."""
+    import meteor_plugin
+
+    for method, k in pairs:
+        meteor_plugin.enable(mt.stage3_probe(method, k, cal))
+        masses: List[float] = []
+        with torch.no_grad(), ev.left_padded(model):
+            for start in range(0, len(val), batch_size):
+                rows = val.ids[start:start + batch_size]
+                ev.forward(model, rows, val.images[start:start + len(rows)])
+                masses += mt.masses_from_stats(meteor_plugin.stats(model))
+        mt.with_lambda(cal, method, k, mt.solve_lambda(masses, k, mt.entering_tokens(method, k)))
+
+
+def meteor_config(model, tokenizer, ratio: float = mt.METEOR_TARGET, val_per_kind: int = 100, log=print):
+    """METEOR with all three stages at ``ratio`` of the visual tokens, calibrated on validation."""
+    k = mt.tokens_for(ratio)
+    cal = calibrate(model, tokenizer, ["meteor"], [k], (), val_per_kind, log=log)
+    return mt.config_for("meteor", k, cal)

@@ -1,0 +1,92 @@
+"""The fidelity task in LLaVA's ``v1`` conversation format, which LLaVA's and EAGLE's ``train()`` read.
+
+- `save_hf_tokenizer`: the task's words as a Hugging Face word-level tokenizer that ``AutoTokenizer
+  .from_pretrained(folder, use_fast=False)`` loads on transformers 4.37, 4.44 and 5.x (the loaders and
+  ``train()`` call exactly that). Ids: ``<unk>`` 0 (LLaVA's v1 pad), ``<s>`` 1, ``</s>`` 2, the template
+  words, then `questions.vocabulary()`. The v1 system prompt is one added token: its 24 words say
+  nothing to a model trained from scratch, and as words they would make every training step about
+  13% longer (1+24 of ~190 tokens).
+- `conversation_record`: one image's packed turns as a LLaVA data record (``{"id", "image",
+  "conversations"}``), what ``--data_path`` holds.
+- `prompt_ids`: the ids of a v1 prompt ending in ``ASSISTANT:``, where the answer word is read.
+
+The tokenizer is concatenative (the ids of "a b" are those of "a" then "b"; ``</s>`` splits off
+"answer</s>"), which ``preprocess_v1``'s instruction masking relies on.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence
+
+from ..targets.common import IMAGE_TOKEN_INDEX
+from .questions import Question, vocabulary
+
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+# LLaVA's conv_vicuna_v1 (the "v1" template) system prompt, roles and separators.
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+ROLES = ("USER", "ASSISTANT")
+VERSION = "v1"
+
+
+def hf_vocab() -> Dict[str, int]:
+    words = [UNK, BOS, EOS, ROLES[0] + ":", ROLES[1] + ":"] + list(vocabulary())
+    return {w: i for i, w in enumerate(words)}
+
+
+def vocab_size() -> int:
+    """Ids the model's embedding needs: the word vocabulary plus the system prompt's added token."""
+    return len(hf_vocab()) + 1
+
+
+def build_hf_tokenizer():
+    """The task's ``PreTrainedTokenizerFast`` (see the module docstring)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = hf_vocab()
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                       special_tokens=[(BOS, vocab[BOS])])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=UNK)
+    out.add_tokens([AddedToken(SYSTEM, special=False, normalized=False)])
+    if len(out) != vocab_size():
+        raise RuntimeError(f"the fidelity tokenizer has {len(out)} ids, expected {vocab_size()}")
+    return out
+
+
+def save_hf_tokenizer(folder: str) -> str:
+    """Write the tokenizer into ``folder`` so every supported transformers version loads it."""
+    from ..compat.transformers import save_tokenizer_portable
+
+    return save_tokenizer_portable(build_hf_tokenizer(), folder)
+
+
+def load_hf_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, use_fast=False)
+
+
+def conversation_record(sample_id: str, image: str, turns: Sequence[Question]) -> dict:
+    """A LLaVA data record: the image and the packed questions as human/gpt turns."""
+    conversations: List[dict] = []
+    for i, q in enumerate(turns):
+        conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q.text})
+        conversations.append({"from": "gpt", "value": q.answer})
+    return {"id": sample_id, "image": image, "conversations": conversations}
+
+
+def prompt_text(question: str) -> str:
+    """The v1 prompt for one question about the image, ready for the answer."""
+    return f"{SYSTEM} {ROLES[0]}: <image>\n{question} {ROLES[1]}:"
+
+
+def prompt_ids(tokenizer, question: str) -> List[int]:
+    """Ids of `prompt_text` with LLaVA's image placeholder (-200), as ``tokenizer_image_token`` makes them."""
+    before, after = prompt_text(question).split("<image>")
+    head = tokenizer(before).input_ids
+    tail = tokenizer(after, add_special_tokens=False).input_ids
+    return head + [IMAGE_TOKEN_INDEX] + tail

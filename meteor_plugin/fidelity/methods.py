@@ -1,0 +1,198 @@
+"""The pruning methods the fidelity benchmark compares, as MeteorConfigs at equal budgets.
+
+A budget is the number of visual tokens that reach the language model (of the model's 128), or for
+Stage 3 the tokens left after ``llm_layer`` (the convention of METEOR's and FastV's papers); every
+method is run at the same budgets and the tokens really kept are read back from ``meteor_plugin.stats``.
+
+| name | what runs | config |
+|---|---|---|
+| unpruned | nothing pruned | all stages off |
+| random | a seeded uniform draw of K tokens per image (several seeds) | ``method="random"`` |
+| avgpool | each encoder's 8x8 grid average-pooled, K split by token count | ``method="avgpool"`` |
+| visionzip | dominant tokens by CLIP attention / ConvNeXt feature norm + merged context | ``method="visionzip"`` |
+| drop-clip / drop-convnext | one encoder removed, the other evenly subsampled to K | ``method="drop_encoder"`` |
+| fastv | last instruction token's attention (all heads) at ``llm_layer``, K fixed | ``method="fastv"`` |
+| meteor-s1 | Stage 1 alone: K tokens split across encoders by rank, pruned inside them | ``encoder_keep=K`` |
+| meteor-s2 | Stage 2 alone: the K least redundant across encoders | ``fusion_keep=K`` |
+| meteor-s3 | Stage 3 alone: adaptive, K on average after ``llm_layer`` | ``llm_lambda`` solved |
+| meteor | all three: Stage 1 to E, Stage 2 to F = 2K, Stage 3 to K on average | see `meteor_all` |
+
+Calibration uses the validation split only: encoder ranks (``calibrate.encoder_ranks``) and Stage 3's
+``llm_lambda``, solved per config so that the mean clipped budget on validation questions equals K
+(the test split then shows the budget that really resulted). ``llm_layer`` is chosen on validation
+too, separately for METEOR's Stage 3 and FastV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+VISUAL_TOKENS = 128
+BUDGETS = (0.5, 0.25, 0.125)
+METEOR_TARGET = 0.24  # the paper's setting: 242 of EAGLE's 1024 visual tokens
+RANDOM_SEEDS = (0, 1, 2)
+BASELINES = ("random", "avgpool", "visionzip", "drop-clip", "drop-convnext", "fastv")
+METEOR = ("meteor-s1", "meteor-s2", "meteor-s3", "meteor")
+ALL_METHODS = BASELINES + METEOR
+FINE_KINDS = ("digit", "next_to_digit")  # localised, read best by the full-resolution encoder
+COARSE_KINDS = ("colour", "count")
+
+
+def tokens_for(ratio: float, total: int = VISUAL_TOKENS) -> int:
+    return max(1, int(round(ratio * total)))
+
+
+def llm_clip(k: int, entering: int) -> Tuple[int, int]:
+    """Stage 3's per-question bounds around an average of ``k``: no question loses its image or takes
+    all of it beyond 3x its share."""
+    return max(1, k // 4), min(entering, 3 * k)
+
+
+def fusion_share(k: int, total: int = VISUAL_TOKENS) -> Tuple[int, int]:
+    """(Stage 1 keep E, Stage 2 keep F) for METEOR with all stages at an average of ``k`` after Stage 3:
+    Stage 3 halves what Stages 1-2 pass (F = 2k, at most 3/4 of the tokens), Stage 1 stops halfway
+    between all tokens and F, so each stage removes a share (as the paper's 1024 -> ~1200/576 -> 242)."""
+    f = min(2 * k, (3 * total) // 4)
+    e = (total + f) // 2
+    return e, f
+
+
+@dataclass
+class Calibration:
+    encoder_ranks: Dict[str, float]
+    meteor_layer: int
+    fastv_layer: int
+    lambdas: Dict[str, float] = field(default_factory=dict)  # "<method>@<k>" -> llm_lambda
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"encoder_ranks": self.encoder_ranks, "meteor_layer": self.meteor_layer,
+                "fastv_layer": self.fastv_layer, "lambdas": dict(self.lambdas)}
+
+
+def base():
+    from ..config import MeteorConfig
+
+    return MeteorConfig(encoder=False, fusion=False, llm=False)
+
+
+def unpruned():
+    return base()
+
+
+def stage3_fields(k: int, entering: int, layer: int, lam: float) -> dict:
+    lo, hi = llm_clip(k, entering)
+    return {"llm": True, "llm_layer": layer, "llm_lambda": lam, "llm_min_keep": lo, "llm_max_keep": hi,
+            "llm_top_heads": 0.25, "text_query": "all"}
+
+
+def config_for(method: str, k: int, cal: Calibration, seed: int = 0):
+    """The MeteorConfig of ``method`` at an average of ``k`` visual tokens (a lambda must already be in
+    ``cal.lambdas`` for Stage 3 methods: see `stage3_key` and `solve_lambda`)."""
+    b = base()
+    if method == "random":
+        return b.replace(method="random", fusion_keep=k, seed=seed)
+    if method in ("avgpool", "visionzip"):
+        return b.replace(method=method, fusion_keep=k)
+    if method in ("drop-clip", "drop-convnext"):
+        return b.replace(method="drop_encoder", drop_encoder=0 if method == "drop-clip" else 1, fusion_keep=k)
+    if method == "fastv":
+        return b.replace(method="fastv", llm=True, llm_layer=cal.fastv_layer, llm_max_keep=k, llm_min_keep=k)
+    if method == "meteor-s1":
+        return b.replace(encoder=True, encoder_keep=k, encoder_ranks=cal.encoder_ranks)
+    if method == "meteor-s2":
+        return b.replace(fusion=True, fusion_keep=k)
+    if method in ("meteor-s3", "meteor"):
+        lam = cal.lambdas.get(stage3_key(method, k))
+        if lam is None:
+            raise KeyError(f"no llm_lambda calibrated for {method} at {k} tokens: run solve_lambda first")
+        return stage3_probe(method, k, cal).replace(llm_lambda=lam, **_clip_fields(method, k))
+    raise ValueError(f"unknown method {method!r}: allowed {', '.join(ALL_METHODS)}")
+
+
+def stage3_key(method: str, k: int) -> str:
+    return f"{method}@{k}"
+
+
+def entering_tokens(method: str, k: int) -> int:
+    """Visual tokens that reach Stage 3 in ``method`` at an average of ``k`` after it."""
+    return fusion_share(k)[1] if method == "meteor" else VISUAL_TOKENS
+
+
+def _clip_fields(method: str, k: int) -> dict:
+    lo, hi = llm_clip(k, entering_tokens(method, k))
+    return {"llm_min_keep": lo, "llm_max_keep": hi}
+
+
+def stage3_probe(method: str, k: int, cal: Calibration):
+    """The Stage 3 config with every visual token kept: its forwards record the attention mass."""
+    b = base()
+    fields = stage3_fields(k, entering_tokens(method, k), cal.meteor_layer, 1.0)
+    fields.update(llm_min_keep=1.0, llm_max_keep=1.0)
+    if method == "meteor":
+        e, f = fusion_share(k)
+        b = b.replace(encoder=True, fusion=True, encoder_keep=e, fusion_keep=f, encoder_ranks=cal.encoder_ranks)
+    return b.replace(**fields)
+
+
+def clipped_mean(masses: Sequence[float], lam: float, lo: int, hi: int) -> float:
+    """Mean Stage 3 budget ``clip(round(lam * mass), lo, hi)`` over questions (as ``adaptive_keep``)."""
+    m = torch.tensor(list(masses), dtype=torch.float64)
+    return float(torch.clamp(torch.floor(m * lam + 0.5), lo, hi).mean())
+
+
+def solve_lambda(masses: Sequence[float], k: int, entering: int) -> float:
+    """The llm_lambda whose clipped budgets average ``k`` over ``masses`` (bisection; the mean grows
+    with lambda)."""
+    lo, hi = llm_clip(k, entering)
+    if not masses or max(masses) <= 0:
+        raise ValueError("Stage 3 recorded no visual attention mass on the calibration questions")
+    a, b = 0.0, 1.0
+    while clipped_mean(masses, b, lo, hi) < k and b < 1e9:
+        b *= 2
+    for _ in range(60):
+        mid = (a + b) / 2
+        if clipped_mean(masses, mid, lo, hi) < k:
+            a = mid
+        else:
+            b = mid
+    return b
+
+
+def configs(methods: Sequence[str], budgets: Sequence[int], cal: Calibration,
+            meteor_extra: Sequence[int] = ()) -> List[Tuple[str, int, int, object]]:
+    """(method, budget, seed, config) for every run, in table order."""
+    out: List[Tuple[str, int, int, object]] = [("unpruned", VISUAL_TOKENS, 0, unpruned())]
+    for k in budgets:
+        for method in methods:
+            seeds = RANDOM_SEEDS if method == "random" else (0,)
+            for seed in seeds:
+                out.append((method, k, seed, config_for(method, k, cal, seed)))
+    for k in meteor_extra:
+        if "meteor" in methods:
+            out.append(("meteor", k, 0, config_for("meteor", k, cal)))
+    return out
+
+
+def needed_lambdas(methods: Sequence[str], budgets: Sequence[int], meteor_extra: Sequence[int] = ()) -> List[Tuple[str, int]]:
+    out = [(m, k) for k in budgets for m in methods if m in ("meteor-s3", "meteor")]
+    out += [("meteor", k) for k in meteor_extra if "meteor" in methods]
+    return out
+
+
+def masses_from_stats(run_stats) -> List[float]:
+    return [float(s["llm"].detail["mass"]) for s in run_stats.stages]
+
+
+def check_methods(methods: Sequence[str]) -> List[str]:
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {', '.join(bad)}: allowed {', '.join(ALL_METHODS)}")
+    return list(methods)
+
+
+def with_lambda(cal: Calibration, method: str, k: int, lam: float) -> Calibration:
+    cal.lambdas[stage3_key(method, k)] = lam
+    return cal

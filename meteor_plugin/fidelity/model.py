@@ -1,0 +1,133 @@
+"""The fidelity model: a small EAGLE-like model with two encoders of different kinds and resolutions.
+
+Built through the EAGLE stand-in (``testing/eagle_like``) with the sizes of the shared note, which
+learned the task on 2 CPU cores:
+
+- ``clip-448``: a CLIP ViT on the image downsampled to 32 px (EAGLE's fusion tower resizes it),
+  patch 4, width 64, 3 blocks, 4 heads: 8x8 = 64 tokens that cannot read the 6x8 px digit well;
+- ``convnext-1024``: a ConvNeXt on the full 64 px image, stem 4, stages [48, 96] x [2, 2], layer scale
+  off (HF's 1e-6 default makes every block start as an identity and slows learning): an 8x8 map;
+- per-encoder ``mlp2x_gelu`` projectors (METEOR's post-projection fusion, ``mm_projectors``) into a
+  Llama of width 128, 3 layers, 4 heads, MLP 384: 128 visual tokens per image.
+
+Both grids are 8x8 over the same image, so a token covers 8x8 px and a 16 px cell is 2x2 tokens of
+each encoder. A converted model runs only with meteor-plugin enabled (its projectors replace EAGLE's
+channel concatenation), so `enable_unpruned` comes with it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import llava_format
+
+ENCODERS = ("clip-448", "convnext-1024")
+IMAGE_SIZE = 64
+GRID = 8  # tokens per side of each encoder's map
+TOWERS: Dict[str, Dict[str, Any]] = {
+    "clip-448": {"input_image_size": 32, "patch_size": 4, "hidden_size": 64, "intermediate_size": 256,
+                 "num_hidden_layers": 3, "num_attention_heads": 4},
+    "convnext-1024": {"input_image_size": 64, "patch_size": 4, "hidden_sizes": [48, 96], "depths": [2, 2],
+                      "layer_scale_init_value": 0.0},
+}
+LLM = {"llm_hidden": 128, "llm_layers": 3, "llm_heads": 4, "llm_kv_heads": 4, "llm_intermediate": 384}
+# CLIP normalisation, what the towers' image processor applies (``clip_style_image_processor``).
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def spec(seed: int = 0):
+    from ..testing.eagle_like import TinyEagleSpec
+
+    return TinyEagleSpec(vision_tower=";".join(ENCODERS), image_size=IMAGE_SIZE, towers=copy.deepcopy(TOWERS),
+                         projector_type="mlp2x_gelu", vocab_size=llava_format.vocab_size(), max_positions=512,
+                         attn_implementation="sdpa", padding_side="right", seed=seed, **LLM)
+
+
+def build(seed: int = 0):
+    """A fresh fidelity model with seeded random weights, converted to per-encoder projectors."""
+    from ..targets.eagle_vision import convert_to_post_projection
+    from ..testing.eagle_like import build_tiny_eagle
+
+    model = build_tiny_eagle(spec(seed))
+    convert_to_post_projection(model)
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+def unpruned_config():
+    """The plugin config that runs a converted model without pruning anything."""
+    import meteor_plugin
+
+    return meteor_plugin.MeteorConfig(encoder=False, fusion=False, llm=False)
+
+
+def enable_unpruned() -> None:
+    import meteor_plugin
+
+    meteor_plugin.enable(unpruned_config())
+
+
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, 64, 64) images to the normalised float input the model's image processor makes."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"images must be uint8 (B, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {images.dtype} {tuple(images.shape)}")
+    x = images.float() / 255.0
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def load(path: str, config: Optional[Any] = None):
+    """(model, tokenizer) of a saved fidelity checkpoint, in float32 eval mode, on any supported
+    transformers version.
+
+    Enables meteor-plugin (with ``config``, or unpruned) first: a converted checkpoint's per-encoder
+    projectors are only built with the plugin enabled. The weights are read here rather than by
+    ``from_pretrained`` because the CLIP tower's parameter names differ across transformers versions
+    (5.x's ``CLIPVisionModel`` has no ``vision_model`` level), and a checkpoint saved by one version would
+    otherwise leave another version's CLIP tower at its random initialisation, with only a warning.
+    """
+    import os
+
+    from safetensors.torch import load_file
+
+    import meteor_plugin
+    from ..testing.eagle_like import install
+
+    install()
+    from eagle.model.language_model.eagle_llama import EagleConfig, EagleLlamaForCausalLM
+
+    meteor_plugin.enable(config or unpruned_config())
+    model_config = EagleConfig.from_pretrained(path)
+    if not getattr(model_config, "meteor_fusion", None):
+        raise ValueError(f"{path} is not a converted fidelity checkpoint: it has no per-encoder projectors")
+    model_config._attn_implementation = "sdpa"
+    model = EagleLlamaForCausalLM(model_config)
+    state = load_file(os.path.join(path, "model.safetensors"))
+    expected = model.state_dict()
+    state = {_rename(k, expected): v for k, v in state.items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the fidelity model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.generation_config.eos_token_id = 2
+    return model.float().eval(), llava_format.load_hf_tokenizer(path)
+
+
+def _rename(key: str, expected) -> str:
+    """A CLIP tower key of one transformers version's layout in the layout of the running one."""
+    if key in expected:
+        return key
+    marker = ".vision_tower.vision_model."
+    if marker in key:
+        alt = key.replace(marker, ".vision_tower.", 1)
+    else:
+        head, sep, tail = key.partition(".vision_towers.")
+        index, _, rest = tail.partition(".vision_tower.")
+        alt = f"{head}{sep}{index}.vision_tower.vision_model.{rest}" if sep and rest else key
+    return alt if alt in expected else key

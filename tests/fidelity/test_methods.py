@@ -1,0 +1,99 @@
+"""Every pruning method of the fidelity benchmark keeps exactly its budget, per sample, on a batch of
+the fidelity model, and the language model really runs on that many visual tokens."""
+
+import pytest
+import torch
+
+import meteor_plugin
+from meteor_plugin.fidelity import evaluate as ev
+from meteor_plugin.fidelity import llava_format, methods
+from meteor_plugin.fidelity import model as fidelity_model
+from meteor_plugin.fidelity.model import pixels
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = fidelity_model.build(seed=1)  # random weights: budgets do not depend on training
+    tokenizer = llava_format.build_hf_tokenizer()
+    data = ev.eval_set(tokenizer, 2, split="val")  # 8 questions, every kind, different prompt lengths
+    cal = methods.Calibration({"clip-448": 30.0, "convnext-1024": 50.0}, meteor_layer=1, fastv_layer=2)
+    return model, tokenizer, data, cal
+
+
+def _run(model, data, config):
+    """One batch; returns the stats and the visual tokens each decoder layer saw per sample."""
+    meteor_plugin.enable(config)
+    text = [sum(1 for t in ids if t != -200) for ids in data.ids]
+    with torch.no_grad(), ev.left_padded(model):
+        width = max(len(r) for r in data.ids)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in data.ids])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in data.ids])
+        model(input_ids=ids, attention_mask=mask, images=pixels(data.images), use_cache=False)
+    run = meteor_plugin.stats(model)
+    visual_per_layer = [[n - t for n, t in zip(layer, text)] for layer in run.layer_tokens]
+    return run, visual_per_layer
+
+
+@pytest.mark.parametrize("method", ["random", "avgpool", "visionzip", "drop-clip", "drop-convnext",
+                                    "meteor-s1", "meteor-s2"])
+@pytest.mark.parametrize("k", [16, 31, 64])
+def test_pre_llm_methods_keep_exactly_k_per_sample(setup, method, k):
+    model, _, data, cal = setup
+    run, per_layer = _run(model, data, methods.config_for(method, k, cal))
+    kept, entered = ev.tokens_from_stats(run, len(data))
+    assert kept == [k] * len(data)
+    assert entered == [k] * len(data)
+    assert all(layer == [k] * len(data) for layer in per_layer)  # every decoder layer saw exactly k
+    if method == "meteor-s1":
+        per_encoder = run.stages[0]["encoder"].detail["per_encoder"]
+        assert sum(v[1] for v in per_encoder.values()) == k
+        assert per_encoder["convnext-1024"][1] > per_encoder["clip-448"][1]  # split 30:50 by rank
+
+
+def test_fastv_keeps_exactly_k_after_its_layer(setup):
+    model, _, data, cal = setup
+    run, per_layer = _run(model, data, methods.config_for("fastv", 32, cal))
+    assert [s["llm"].left for s in run.stages] == [32] * len(data)
+    assert per_layer[:2] == [[128] * len(data)] * 2 and per_layer[2] == [32] * len(data)  # fastv_layer = 2
+
+
+@pytest.mark.parametrize("method", ["meteor-s3", "meteor"])
+def test_adaptive_stage3_keeps_its_per_sample_budget_and_the_calibrated_mean(setup, method):
+    model, _, data, cal = setup
+    k = 32
+    probe, _ = _run(model, data, methods.stage3_probe(method, k, cal))
+    masses = methods.masses_from_stats(probe)
+    entering = methods.entering_tokens(method, k)
+    lam = methods.solve_lambda(masses, k, entering)
+    methods.with_lambda(cal, method, k, lam)
+    config = methods.config_for(method, k, cal)
+    run, per_layer = _run(model, data, config)
+    lo, hi = methods.llm_clip(k, entering)
+    # The budget written independently of the plugin: clip(round(lambda * mass), lo, hi) per sample.
+    expected = [min(max(int(torch.floor(torch.tensor(m * lam, dtype=torch.float64) + 0.5)), lo), hi)
+                for m in methods.masses_from_stats(run)]
+    assert [s["llm"].left for s in run.stages] == expected
+    assert per_layer[cal.meteor_layer] == expected
+    assert [s["llm"].entered for s in run.stages] == [entering] * len(data)
+    assert sum(expected) / len(expected) == pytest.approx(k, abs=1.0)  # lambda solved on these questions
+    if method == "meteor":
+        e, f = methods.fusion_share(k)
+        assert [(s["encoder"].left, s["fusion"].left) for s in run.stages] == [(e, f)] * len(data)
+
+
+def test_unpruned_keeps_everything(setup):
+    model, _, data, _ = setup
+    run, per_layer = _run(model, data, methods.unpruned())
+    assert ev.tokens_from_stats(run, len(data))[0] == [128] * len(data)
+    assert all(layer == [128] * len(data) for layer in per_layer)
+
+
+def test_solve_lambda_hits_the_clipped_mean():
+    masses = [0.1, 0.2, 0.4, 0.8, 1.6]
+    lam = methods.solve_lambda(masses, 20, 128)
+    assert methods.clipped_mean(masses, lam, *methods.llm_clip(20, 128)) >= 20
+    assert methods.clipped_mean(masses, lam * 0.999, *methods.llm_clip(20, 128)) < 20
+    with pytest.raises(ValueError, match="no visual attention mass"):
+        methods.solve_lambda([0.0, 0.0], 20, 128)
+    with pytest.raises(ValueError, match="unknown method"):
+        methods.check_methods(["random", "bogus"])
