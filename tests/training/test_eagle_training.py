@@ -13,9 +13,9 @@ import torch
 import meteor_plugin
 from meteor_plugin.training import eagle, lora, merge, save
 
-from training_support import EAGLE_KEPT, load_trained_eagle, probe_forward, tower_dtype
+from training_support import (EAGLE_KEPT, LLM_LINEAR, adapter_modules, load_trained_eagle, probe_forward,
+                              tower_dtype)
 
-LLM_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 ENCODERS = ["clip-448", "convnext-1024", "pix2struct-1024"]
 PER_ENCODER_TENSORS = len(ENCODERS) * 4  # mlp2x_gelu: two Linear layers, weight and bias
 
@@ -81,17 +81,10 @@ def test_the_saved_eagle_model_rebuilds_its_projectors_on_load_and_gives_the_tra
     assert _tower_params_moved(model, load_trained_eagle(eagle_workspace.model)) == [True] * len(ENCODERS)
 
 
-def _adapter_modules(folder):
-    from safetensors.torch import load_file
-
-    keys = load_file(os.path.join(folder, "adapter_model.safetensors")).keys()
-    return sorted({k.split(".lora_")[0] for k in keys})
-
-
 def test_eagle_lora_adapts_only_the_llm_and_trains_projectors_and_towers_fully(eagle_workspace):
     run = eagle_workspace.lora().require_success()
     assert run.probe["engine"] == "DeepSpeedEngine"
-    for names in (run.probe["adapted"], _adapter_modules(run.out)):
+    for names in (run.probe["adapted"], adapter_modules(run.out)):
         assert len(names) == 4 * 7 and all(LLM_LINEAR.search(n) for n in names), names
     # What EAGLE trains besides the adapters: every projector (shared and per-encoder) and every tower weight.
     fully = set(run.probe["fully_trained"])

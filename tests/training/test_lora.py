@@ -1,7 +1,6 @@
 """LoRA: where adapters go, what the save keeps, and that reloading and merging give the trained model."""
 
 import os
-import re
 
 import pytest
 import torch
@@ -9,23 +8,15 @@ import torch
 import meteor_plugin
 from meteor_plugin.training import lora, merge, save
 
-from training_support import load_trained, probe_forward, tower_dtype
+from training_support import LLM_LINEAR, adapter_modules, load_trained, probe_forward, tower_dtype
 
-LLM_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 LAYERS, LINEARS_PER_LAYER = 4, 7  # the tiny LLaVA: 4 decoder layers of q, k, v, o, gate, up, down
-
-
-def _adapter_modules(folder):
-    from safetensors.torch import load_file
-
-    keys = load_file(os.path.join(folder, "adapter_model.safetensors")).keys()
-    return sorted({k.split(".lora_")[0] for k in keys})
 
 
 def test_adapters_sit_only_on_the_language_models_linear_layers(workspace):
     run = workspace.lora().require_success()
     assert run.probe["engine"] == "DeepSpeedEngine"
-    for names in (run.probe["adapted"], _adapter_modules(run.out)):
+    for names in (run.probe["adapted"], adapter_modules(run.out)):
         assert len(names) == LAYERS * LINEARS_PER_LAYER, names
         assert all(LLM_LINEAR.search(n) for n in names), [n for n in names if not LLM_LINEAR.search(n)]
         assert not [n for n in names if "vision_tower" in n or "mm_projector" in n]

@@ -9,6 +9,7 @@ keeps 192 encoder tokens split 1:2:1 by rank, 48 after fusion and at most 24 in 
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +26,16 @@ ENCODER_KEPT = 24
 STORED_EAGLE = {"encoder_keep": 192, "fusion_keep": 48, "llm_max_keep": 0.5, "llm_layer": 2,
                 "encoder_ranks": {"clip-448": 1.0, "convnext-1024": 2.0, "pix2struct-1024": 1.0}}
 EAGLE_KEPT = {"encoder": 192, "fusion": 48}
+# The language model's linear layers: where LoRA adapters may go, and nowhere else.
+LLM_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+
+
+def adapter_modules(folder: str) -> List[str]:
+    """The modules a saved LoRA adapter (``adapter_model.safetensors``) puts adapters on."""
+    from safetensors.torch import load_file
+
+    keys = load_file(os.path.join(folder, "adapter_model.safetensors")).keys()
+    return sorted({k.split(".lora_")[0] for k in keys})
 
 
 def transformers_major() -> int:
