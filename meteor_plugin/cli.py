@@ -37,7 +37,8 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
     settings = fidelity.FidelityBench(
         model_path=model_path, per_kind=args.per_kind, val_per_kind=args.val_per_kind, budgets=budgets,
         methods=args.methods.split(",") if args.methods else list(methods.ALL_METHODS),
-        plot=None if args.plot in ("", "none") else args.plot, progress=not args.no_progress, threads=args.threads)
+        plot=None if args.plot in ("", "none") else args.plot, progress=not args.no_progress, threads=args.threads,
+        fusion_similarity=args.fusion_similarity)
     result = fidelity.run(settings, log=lambda *a: print(*a, file=sys.stderr))
     print(json.dumps(result, indent=2) if args.json else fidelity.report(result))
     return 0
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     f.add_argument("--plot", default="fidelity.png", help="PNG of accuracy against retained tokens ('none': no plot)")
     f.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    f.add_argument("--fusion-similarity", default="cosine", choices=["cosine", "centred_cosine"],
+                   help="Stage 2's similarity in meteor-s2 and meteor (MeteorConfig.fusion_similarity; default: "
+                        "cosine, the paper's)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
 

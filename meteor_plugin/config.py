@@ -19,6 +19,7 @@ Budget = Union[int, float]
 TEXT_QUERIES = ("all", "last")
 METHODS = ("meteor", "random", "avgpool", "fastv", "visionzip", "drop_encoder")
 FUSION_MODES = ("auto", "post_projection", "training_free")
+FUSION_SIMILARITIES = ("cosine", "centred_cosine")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -81,6 +82,7 @@ class MeteorConfig:
     # Stage 2: cooperative pruning at fusion.
     fusion_keep: Budget = 0.5
     fusion_mode: str = "auto"
+    fusion_similarity: str = "cosine"  # "centred_cosine": after subtracting each encoder's mean token
 
     # Stage 3: adaptive text-guided pruning inside the LLM.
     llm_layer: int = 2
@@ -110,6 +112,7 @@ class MeteorConfig:
         _check_float("encoder_shallow_share", self.encoder_shallow_share, 0.0, 1.0)
         _check_budget("fusion_keep", self.fusion_keep)
         _check_choice("fusion_mode", self.fusion_mode, FUSION_MODES)
+        _check_choice("fusion_similarity", self.fusion_similarity, FUSION_SIMILARITIES)
         _check_int("llm_layer", self.llm_layer, 1)
         _check_budget("llm_top_heads", self.llm_top_heads)
         if self.llm_top_heads == 0:

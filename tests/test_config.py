@@ -24,6 +24,7 @@ def test_defaults_are_valid_and_round_trip_through_json():
     ("method", "magic", "method='magic'"),
     ("encoder_ranks", {"clip": -1.0}, "encoder_ranks\\['clip'\\]=-1.0"),
     ("fusion_keep", True, "fusion_keep=True"),
+    ("fusion_similarity", "dot", "fusion_similarity='dot' is invalid: allowed one of 'cosine', 'centred_cosine'"),
 ])
 def test_bad_values_raise_value_error_naming_field_and_range(field, value, message):
     with pytest.raises(ValueError, match=message):

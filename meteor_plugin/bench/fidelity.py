@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ..config import MeteorConfig
 from ..fidelity import calibration
 from ..fidelity import evaluate as ev
 from ..fidelity import methods as mt
@@ -41,6 +42,7 @@ class FidelityBench:
     progress: bool = True
     plot: Optional[str] = "fidelity.png"
     threads: Optional[int] = None
+    fusion_similarity: str = "cosine"  # Stage 2's similarity in meteor-s2 and meteor (MeteorConfig.fusion_similarity)
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -121,6 +123,7 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
     from ..fidelity import checkpoint_path
     from ..fidelity.model import load
 
+    MeteorConfig(fusion_similarity=settings.fusion_similarity)  # a bad value fails here, before any work
     if settings.threads:
         torch.set_num_threads(settings.threads)
     path = settings.model_path or checkpoint_path()
@@ -130,7 +133,7 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
     methods = mt.check_methods(settings.methods)
     began = time.perf_counter()
     cal = calibration.calibrate(model, tokenizer, settings.methods, budgets, extra, settings.val_per_kind,
-                                settings.layers, settings.batch_size, log)
+                                settings.layers, settings.batch_size, log, settings.fusion_similarity)
     test = ev.eval_set(tokenizer, settings.per_kind, split="test")
     plan = mt.configs(methods, budgets, cal, extra)
     runs = []
@@ -150,6 +153,7 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
     result = {
         "model": os.path.abspath(path), "machine": _machine(), "seconds": round(time.perf_counter() - began, 1),
         "questions_per_kind": settings.per_kind, "kinds": list(KINDS), "calibration": cal.to_dict(),
+        "fusion_similarity": settings.fusion_similarity,
         "rows": rows, "runs": runs, "targets": targets(rows),
     }
     if settings.plot:
@@ -181,7 +185,8 @@ def _machine() -> Dict[str, Any]:
 def report(result: Dict[str, Any]) -> str:
     rows = result["rows"]
     kinds = result["kinds"]
-    lines = [f"model: {result['model']}", f"test questions: {result['questions_per_kind']} per kind; "
+    lines = [f"model: {result['model']}", f"Stage 2 similarity (meteor-s2, meteor): {result['fusion_similarity']}",
+             f"test questions: {result['questions_per_kind']} per kind; "
              f"{result['seconds']} s on {result['machine']['cores']} cores (torch threads "
              f"{result['machine']['threads']}, load {result['machine']['loadavg_at_end']})", ""]
     head = f"{'method':<14}{'budget':>7}{'kept':>7}" + "".join(f"{k:>15}" for k in kinds) + \

@@ -5,7 +5,7 @@
 - ``cls_attention`` / ``received_attention``: deep-layer importance from one block's q/k; the
   second is for encoders without a CLS token (mean attention each token receives).
 - ``cooperative_redundancy``: Stage 2's cross-encoder redundancy, the summed cosine similarity of a
-  token to the surviving tokens of every other encoder.
+  token to the surviving tokens of every other encoder, optionally after ``centre_per_owner``.
 """
 
 from __future__ import annotations
@@ -41,13 +41,33 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: in
     return total / (h * t)
 
 
-def cooperative_redundancy(z: torch.Tensor, owner: torch.Tensor, alive: Optional[torch.Tensor] = None) -> torch.Tensor:
+def centre_per_owner(z: torch.Tensor, owner: torch.Tensor, alive: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """z minus, per sample, the mean of its encoder's (alive) tokens. Separately trained projectors give
+    each encoder's tokens their own common offset, and an uncentred cosine between two encoders then
+    measures the offsets rather than the content."""
+    z = z.float()
+    weight = torch.ones(z.shape[:2], device=z.device) if alive is None else alive.float()
+    out = z.clone()
+    for j in owner.unique().tolist():
+        cols = owner == j
+        w = weight[:, cols].unsqueeze(-1)  # (B, n_j, 1)
+        mean = (z[:, cols] * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp(min=1.0)
+        out[:, cols] = z[:, cols] - mean
+    return out
+
+
+def cooperative_redundancy(z: torch.Tensor, owner: torch.Tensor, alive: Optional[torch.Tensor] = None,
+                           centred: bool = False) -> torch.Tensor:
     """METEOR's mutual redundancy ``R_i = sum_{m of other encoders} cos(z_i, z_m)``.
 
     z: (B, T, D) projected tokens of all encoders, concatenated; owner: (T,) encoder index of each
-    token; alive: (B, T) bool, the surviving tokens that count as others (default: all). Returns
-    (B, T); lower means the token adds more that the other encoders do not already cover.
+    token; alive: (B, T) bool, the surviving tokens that count as others (default: all); centred: take
+    the cosine after `centre_per_owner`. Returns (B, T); lower means the token adds more that the other
+    encoders do not already cover.
     """
+    owner = owner.to(z.device)
+    if centred:
+        z = centre_per_owner(z, owner, alive)
     zn = F.normalize(z.float(), dim=-1)
     sim = torch.matmul(zn, zn.transpose(-1, -2))  # (B, T, T)
     other = owner.view(-1, 1) != owner.view(1, -1)  # (T, T)

@@ -22,7 +22,7 @@ from . import methods as mt
 
 def calibrate(model, tokenizer, methods: Sequence[str], budgets: Sequence[int], extra: Sequence[int] = (),
               val_per_kind: int = 100, layers: Optional[Sequence[int]] = None, batch_size: int = 100,
-              log=print) -> mt.Calibration:
+              log=print, fusion_similarity: str = "cosine") -> mt.Calibration:
     from ..calibrate import encoder_ranks
     from .model import pixels
 
@@ -38,7 +38,7 @@ def calibrate(model, tokenizer, methods: Sequence[str], budgets: Sequence[int], 
         fv = ev.evaluate(model, val, mt.config_for("fastv", k, trial), batch_size).accuracy()
         scores[layer] = (round(s3, 4), round(fv, 4))
     cal = mt.Calibration(ranks, max(layers, key=lambda la: (scores[la][0], -la)),
-                         max(layers, key=lambda la: (scores[la][1], -la)))
+                         max(layers, key=lambda la: (scores[la][1], -la)), fusion_similarity=fusion_similarity)
     log(f"calibration on {len(val)} validation questions: encoder ranks {ranks}; accuracy at {k} tokens per "
         f"llm_layer (meteor-s3, fastv) {scores} -> meteor {cal.meteor_layer}, fastv {cal.fastv_layer}")
     solve(model, val, cal, mt.needed_lambdas(methods, budgets, extra), batch_size)
@@ -60,8 +60,9 @@ def solve(model, val: ev.EvalSet, cal: mt.Calibration, pairs, batch_size: int = 
         mt.with_lambda(cal, method, k, mt.solve_lambda(masses, k, mt.entering_tokens(method, k)))
 
 
-def meteor_config(model, tokenizer, ratio: float = mt.METEOR_TARGET, val_per_kind: int = 100, log=print):
+def meteor_config(model, tokenizer, ratio: float = mt.METEOR_TARGET, val_per_kind: int = 100, log=print,
+                  fusion_similarity: str = "cosine"):
     """METEOR with all three stages at ``ratio`` of the visual tokens, calibrated on validation."""
     k = mt.tokens_for(ratio)
-    cal = calibrate(model, tokenizer, ["meteor"], [k], (), val_per_kind, log=log)
+    cal = calibrate(model, tokenizer, ["meteor"], [k], (), val_per_kind, log=log, fusion_similarity=fusion_similarity)
     return mt.config_for("meteor", k, cal)

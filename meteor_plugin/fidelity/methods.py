@@ -20,7 +20,8 @@ method is run at the same budgets and the tokens really kept are read back from 
 Calibration uses the validation split only: encoder ranks (``calibrate.encoder_ranks``) and Stage 3's
 ``llm_lambda``, solved per config so that the mean clipped budget on validation questions equals K
 (the test split then shows the budget that really resulted). ``llm_layer`` is chosen on validation
-too, separately for METEOR's Stage 3 and FastV.
+too, separately for METEOR's Stage 3 and FastV. ``Calibration.fusion_similarity`` is the Stage 2
+similarity of meteor-s2 and meteor (the bench's ``--fusion-similarity``).
 """
 
 from __future__ import annotations
@@ -66,10 +67,12 @@ class Calibration:
     meteor_layer: int
     fastv_layer: int
     lambdas: Dict[str, float] = field(default_factory=dict)  # "<method>@<k>" -> llm_lambda
+    fusion_similarity: str = "cosine"  # MeteorConfig.fusion_similarity of the methods that run Stage 2
 
     def to_dict(self) -> Dict[str, object]:
         return {"encoder_ranks": self.encoder_ranks, "meteor_layer": self.meteor_layer,
-                "fastv_layer": self.fastv_layer, "lambdas": dict(self.lambdas)}
+                "fastv_layer": self.fastv_layer, "lambdas": dict(self.lambdas),
+                "fusion_similarity": self.fusion_similarity}
 
 
 def base():
@@ -103,7 +106,7 @@ def config_for(method: str, k: int, cal: Calibration, seed: int = 0):
     if method == "meteor-s1":
         return b.replace(encoder=True, encoder_keep=k, encoder_ranks=cal.encoder_ranks)
     if method == "meteor-s2":
-        return b.replace(fusion=True, fusion_keep=k)
+        return b.replace(fusion=True, fusion_keep=k, fusion_similarity=cal.fusion_similarity)
     if method in ("meteor-s3", "meteor"):
         lam = cal.lambdas.get(stage3_key(method, k))
         if lam is None:
@@ -133,7 +136,8 @@ def stage3_probe(method: str, k: int, cal: Calibration):
     fields.update(llm_min_keep=1.0, llm_max_keep=1.0)
     if method == "meteor":
         e, f = fusion_share(k)
-        b = b.replace(encoder=True, fusion=True, encoder_keep=e, fusion_keep=f, encoder_ranks=cal.encoder_ranks)
+        b = b.replace(encoder=True, fusion=True, encoder_keep=e, fusion_keep=f, encoder_ranks=cal.encoder_ranks,
+                      fusion_similarity=cal.fusion_similarity)
     return b.replace(**fields)
 
 

@@ -2,7 +2,8 @@
 
 Post-projection fusion (METEOR): each encoder has its own projector into the LLM width and the encoders'
 tokens are joined along the sequence. A token's redundancy is its summed cosine similarity to the
-surviving tokens of every *other* encoder; the ``fusion_keep`` least redundant tokens are kept.
+surviving tokens of every *other* encoder (``fusion_similarity="centred_cosine"``: after subtracting
+each encoder's mean token); the ``fusion_keep`` least redundant tokens are kept.
 
 Training-free mode, for checkpoints still fused EAGLE's way (channel concatenation on a shared grid,
 one shared projector): every encoder scores each grid position, the scores are summed with rank
@@ -25,15 +26,19 @@ from ..core.select import bottomk_mask, compaction_index, gather_tokens, topk_ma
 from ..core.token_scores import cooperative_redundancy, similarity_to_mean
 
 
-def cooperative_prune(z: torch.Tensor, owner: torch.Tensor, keep: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def cooperative_prune(z: torch.Tensor, owner: torch.Tensor, keep: int,
+                      similarity: str = "cosine") -> Tuple[torch.Tensor, torch.Tensor]:
     """z: (B, T, D) projected tokens of all encoders (joined along the sequence); owner: (T,) encoder
-    of each. Keeps the ``keep`` tokens of lowest cross-encoder redundancy, in their original order.
-    Returns (kept tokens (B, keep, D), their index into T (B, keep))."""
+    of each; similarity: ``MeteorConfig.fusion_similarity``. Keeps the ``keep`` tokens of lowest
+    cross-encoder redundancy, in their original order. Returns (kept tokens (B, keep, D), their index
+    into T (B, keep))."""
+    if similarity not in ("cosine", "centred_cosine"):
+        raise ValueError(f"similarity={similarity!r} is invalid: allowed 'cosine', 'centred_cosine'")
     b, t, _ = z.shape
     if keep >= t:
         return z, torch.arange(t, device=z.device).expand(b, t)
     with torch.no_grad():
-        redundancy = cooperative_redundancy(z, owner.to(z.device))
+        redundancy = cooperative_redundancy(z, owner.to(z.device), centred=similarity == "centred_cosine")
         mask = bottomk_mask(redundancy, torch.full((b,), keep, device=z.device),
                             torch.ones(b, t, dtype=torch.bool, device=z.device))
         index, _ = compaction_index(mask)

@@ -62,7 +62,7 @@ def resolve_mode(model: Any, cfg: Any) -> str:
             "(mm_projectors) were not built: enable meteor-plugin before loading the model"
         )
     if cfg.fusion_mode == "auto":
-        return "post_projection" if converted else "training_free"
+        return _check_similarity("post_projection" if converted else "training_free", cfg)
     if cfg.fusion_mode == "post_projection" and not converted:
         raise FusionConfigError(
             "MeteorConfig.fusion_mode='post_projection' needs per-encoder projectors: convert the checkpoint "
@@ -74,7 +74,17 @@ def resolve_mode(model: Any, cfg: Any) -> str:
             "MeteorConfig.fusion_mode='training_free' keeps EAGLE's channel concatenation, but this model was "
             "converted to per-encoder projectors: allowed here 'post_projection' or 'auto'"
         )
-    return cfg.fusion_mode
+    return _check_similarity(cfg.fusion_mode, cfg)
+
+
+def _check_similarity(mode: str, cfg: Any) -> str:
+    if mode == "training_free" and cfg.fusion and cfg.fusion_similarity != "cosine":
+        raise FusionConfigError(
+            f"MeteorConfig.fusion_similarity={cfg.fusion_similarity!r} applies to post-projection fusion, but this "
+            "model fuses EAGLE's way (training-free mode scores grid positions, not cross-encoder similarity): "
+            "convert it (meteor-plugin convert) or leave fusion_similarity='cosine'"
+        )
+    return mode
 
 
 def _tower_input(mbcc: Any, tower: Any, images: torch.Tensor) -> torch.Tensor:
@@ -148,7 +158,7 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
     if cfg.fusion:
         keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, z.shape[1])
         entering = z.shape[1]
-        z, index = cooperative_prune(z, owner, keep)
+        z, index = cooperative_prune(z, owner, keep, cfg.fusion_similarity)
         survivors = owner.to(index.device)[index]  # (B, keep)
         record.stage("fusion").add(entering, z.shape[1], index, per_image=[
             {"per_encoder": {n: int((s == i).sum()) for i, n in enumerate(names)}} for s in survivors])

@@ -2,7 +2,7 @@ import torch
 
 from meteor_plugin.core.rank import numerical_rank
 from meteor_plugin.core.select import bottomk_mask
-from meteor_plugin.core.token_scores import cooperative_redundancy, similarity_to_mean
+from meteor_plugin.core.token_scores import centre_per_owner, cooperative_redundancy, similarity_to_mean
 
 
 def test_similarity_to_mean_is_cosine_to_the_average_token():
@@ -28,6 +28,40 @@ def test_cooperative_redundancy_matches_brute_force_and_selection_keeps_the_lowe
     for s in range(b):
         brute = sorted(range(sum(counts)), key=lambda i: (float(r[s, i]), i))[:4]
         assert sorted(torch.nonzero(keep[s]).flatten().tolist()) == sorted(brute)
+
+
+def test_centred_redundancy_is_the_cosine_after_removing_each_encoders_alive_mean():
+    torch.manual_seed(1)
+    counts, d = [4, 5], 3
+    z = torch.randn(2, sum(counts), d)
+    owner = torch.cat([torch.full((n,), j) for j, n in enumerate(counts)])
+    alive = torch.rand(2, sum(counts)) > 0.3
+    alive[:, 0] = alive[:, 4] = True
+    centred = centre_per_owner(z, owner, alive)
+    for s in range(2):
+        for j in range(len(counts)):
+            cols = (owner == j) & alive[s]
+            torch.testing.assert_close(centred[s, owner == j], z[s, owner == j] - z[s, cols].mean(dim=0))
+    torch.testing.assert_close(cooperative_redundancy(z, owner, alive, centred=True),
+                               cooperative_redundancy(centred, owner, alive))
+
+
+def test_centring_removes_the_encoders_offsets_that_an_uncentred_cosine_measures():
+    # Two encoders see the same two objects (a, b) on a flat background (g), each through its own large
+    # offset. Uncentred, the cross-encoder cosines mostly measure the offsets: the background tokens look
+    # least redundant and are what the lowest-R selection keeps. Centred, the background tokens (the
+    # common content of both encoders) are the redundant ones and the objects are kept.
+    a, b, g = torch.tensor([4.0, 0, 0, 0]), torch.tensor([0, 4.0, 0, 0]), torch.zeros(4)
+    first = torch.stack([a, b, g, g, g, g]) + torch.tensor([0, 0, 20.0, 0])
+    second = torch.stack([a, b, g, g, g, g]) + torch.tensor([0, 0, 0, 20.0])
+    z = torch.cat([first, second]).unsqueeze(0)
+    owner = torch.tensor([0] * 6 + [1] * 6)
+    plain = cooperative_redundancy(z, owner)[0]
+    centred = cooperative_redundancy(z, owner, centred=True)[0]
+    objects = torch.tensor([0, 1, 6, 7])
+    background = torch.tensor([2, 3, 4, 5, 8, 9, 10, 11])
+    assert centred[objects].max() < centred[background].min()
+    assert plain[objects].min() > plain[background].max()
 
 
 def test_numerical_rank_counts_independent_directions():

@@ -37,6 +37,26 @@ def test_small_bench_reports_every_method_with_its_budget(tmp_path, capsys):
     assert "targets (reported, not asserted)" in fidelity.report(result)
 
 
+def test_fusion_similarity_reaches_the_stage_2_methods_and_the_report(capsys):
+    code = cli.main(["bench", "fidelity", "--per-kind", "4", "--val-per-kind", "4", "--budgets", "0.25",
+                     "--methods", "random,meteor-s2,meteor", "--fusion-similarity", "centred_cosine", "--plot", "none",
+                     "--json", "--no-progress"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    similarity = {(r["method"], r["budget"]): r["config"]["fusion_similarity"] for r in result["runs"]}
+    assert similarity[("meteor-s2", 32)] == similarity[("meteor", 32)] == similarity[("meteor", 31)] == "centred_cosine"
+    assert similarity[("random", 32)] == "cosine"  # a baseline has no Stage 2 similarity to change
+    assert result["fusion_similarity"] == result["calibration"]["fusion_similarity"] == "centred_cosine"
+    assert "Stage 2 similarity (meteor-s2, meteor): centred_cosine" in fidelity.report(result)
+
+
+def test_bench_refuses_an_unknown_similarity_before_any_work():
+    import pytest
+
+    with pytest.raises(ValueError, match="fusion_similarity='dot' is invalid"):
+        fidelity.run(fidelity.FidelityBench(per_kind=1, methods=["meteor-s2"], fusion_similarity="dot", plot=None))
+
+
 def test_demo_asks_the_shipped_model_and_reports_tokens(capsys):
     assert cli.main(["demo", "--seed", "3"]) == 0
     out = capsys.readouterr().out

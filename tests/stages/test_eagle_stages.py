@@ -197,3 +197,34 @@ def test_post_projection_runs_with_float16_towers_and_float32_projectors(eagle):
     logits = forward(model, ids, mask, images)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert [s["fusion"].left for s in meteor_plugin.stats(model).stages] == [48, 48]
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "centred_cosine"])
+def test_fusion_keeps_the_least_redundant_tokens_by_the_configured_similarity(eagle, similarity):
+    from meteor_plugin.core.token_scores import cooperative_redundancy
+
+    model = eagle(converted=True)
+    ids, mask, images = batch()
+    images[1] = images[1].flip(-1) * 0.5
+    projected = []
+    handles = [p.register_forward_hook(lambda m, i, o: projected.append(o.detach()))
+               for p in model.get_model().mm_projectors]
+    meteor_plugin.enable(encoder=False, fusion=True, llm=False, fusion_keep=300, fusion_similarity=similarity)
+    forward(model, ids, mask, images)
+    for h in handles:
+        h.remove()
+    z = torch.cat(projected, dim=1)
+    owner = torch.cat([torch.full((n,), j) for j, n in enumerate(COUNTS)])
+    redundancy = cooperative_redundancy(z, owner, centred=similarity == "centred_cosine")
+    expected = [sorted(r.topk(300, largest=False).indices.tolist()) for r in redundancy]
+    kept = [sorted(s["fusion"].detail["kept"]) for s in meteor_plugin.stats(model).stages]
+    assert kept == expected
+    other = cooperative_redundancy(z, owner, centred=similarity != "centred_cosine")
+    assert expected != [sorted(r.topk(300, largest=False).indices.tolist()) for r in other]
+
+
+def test_centred_similarity_on_an_unconverted_model_is_refused(eagle):
+    model = eagle()
+    meteor_plugin.enable(llm=False, fusion_similarity="centred_cosine")
+    with pytest.raises(ValueError, match="fusion_similarity='centred_cosine' applies to post-projection fusion"):
+        forward(model, *batch())
