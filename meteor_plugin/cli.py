@@ -75,6 +75,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from meteor_plugin.config import FUSION_SIMILARITIES
+
     parser = argparse.ArgumentParser(prog="meteor-plugin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     f.add_argument("--plot", default="fidelity.png", help="PNG of accuracy against retained tokens ('none': no plot)")
     f.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    f.add_argument("--fusion-similarity", default="cosine", choices=["cosine", "centred_cosine"],
+    f.add_argument("--fusion-similarity", default="cosine", choices=list(FUSION_SIMILARITIES),
                    help="Stage 2's similarity in meteor-s2 and meteor (MeteorConfig.fusion_similarity; default: "
                         "cosine, the paper's)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -21,6 +21,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..config import FUSION_SIMILARITIES
 from ..core.budget import rank_weights
 from ..core.select import bottomk_mask, compaction_index, gather_tokens, topk_mask
 from ..core.token_scores import cooperative_redundancy, similarity_to_mean
@@ -32,8 +33,8 @@ def cooperative_prune(z: torch.Tensor, owner: torch.Tensor, keep: int,
     of each; similarity: ``MeteorConfig.fusion_similarity``. Keeps the ``keep`` tokens of lowest
     cross-encoder redundancy, in their original order. Returns (kept tokens (B, keep, D), their index
     into T (B, keep))."""
-    if similarity not in ("cosine", "centred_cosine"):
-        raise ValueError(f"similarity={similarity!r} is invalid: allowed 'cosine', 'centred_cosine'")
+    if similarity not in FUSION_SIMILARITIES:
+        raise ValueError(f"similarity={similarity!r} is invalid: allowed {', '.join(map(repr, FUSION_SIMILARITIES))}")
     b, t, _ = z.shape
     if keep >= t:
         return z, torch.arange(t, device=z.device).expand(b, t)
