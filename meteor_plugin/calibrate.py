@@ -1,11 +1,12 @@
 """meteor-plugin calibrate: the numbers METEOR measures once and then reuses.
 
-- ``encoder_ranks``: the numerical rank of each encoder's token-by-channel features, averaged over a
-  few images (METEOR found it barely varies from image to image). Stage 1 splits its budget in
-  proportion to them.
-- ``llm_lambda``: Stage 3 keeps ``K = llm_lambda * mass`` tokens; given a target average (a count or a
-  ratio of the visual tokens entering Stage 3), lambda is set so that the mean K over the calibration
-  prompts hits it (before the per-sample clips).
+- ``encoder_ranks``: the rank of each encoder's token-by-channel output features (the tokens its pruning
+  boundary sees), averaged over a few images (METEOR found it barely varies from image to image). Stage 1
+  splits its budget in proportion to them. ``--rank-measure``: ``effective`` (default) or ``numerical``
+  (the paper's, which saturates at min(tokens, channels)); definitions in ``core/rank.py``.
+- ``llm_lambda``: Stage 3 keeps ``K = llm_lambda * signal`` tokens (``llm_budget_signal``); given a target
+  average (a count or a ratio of the visual tokens entering Stage 3), lambda is set so that the mean K
+  over the calibration prompts hits it (before the per-sample clips).
 
 Images come from a folder, or are generated (the fidelity task's scenes) when none is given. The result
 is deterministic for the same images and model.
@@ -20,7 +21,7 @@ import torch
 
 from .config import MeteorConfig
 from .core.budget import Budget
-from .core.rank import numerical_rank
+from .core.rank import RANK_MEASURES, encoder_rank
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PROMPTS = (
@@ -64,22 +65,23 @@ def pixels(model: Any, images: Sequence[Any]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encoder_ranks(model: Any, images: torch.Tensor, rtol: Optional[float] = None) -> Dict[str, float]:
-    """Mean numerical rank of each encoder's output features (before any pruning)."""
+def encoder_ranks(model: Any, images: torch.Tensor, measure: str = "effective",
+                  rtol: Optional[float] = None) -> Dict[str, float]:
+    """Mean rank (``measure``, see ``core.rank``) of each encoder's output features (before any pruning)."""
     tower = model.get_model().get_vision_tower()
     if hasattr(tower, "vision_towers"):  # EAGLE
         from .targets.eagle_vision import _tokens, _tower_input, encoder_names
 
         names = encoder_names(model)
-        return {name: float(numerical_rank(_tokens(sub(_tower_input(tower, sub, images))), rtol).mean())
+        return {name: float(encoder_rank(_tokens(sub(_tower_input(tower, sub, images))), measure, rtol).mean())
                 for name, sub in zip(names, tower.vision_towers)}
-    return {"clip": float(numerical_rank(tower(images), rtol).mean())}
+    return {"clip": float(encoder_rank(tower(images), measure, rtol).mean())}
 
 
 @torch.no_grad()
 def stage3_mass(model: Any, tokenizer: Any, images: torch.Tensor, config: MeteorConfig,
                 prompts: Sequence[str] = PROMPTS) -> Dict[str, float]:
-    """Mean visual attention mass of Stage 3's top heads, and mean visual tokens entering Stage 3."""
+    """Mean Stage 3 budget signal (``llm_budget_signal``) and mean visual tokens entering Stage 3."""
     import meteor_plugin
 
     from .testing.llava import IMAGE_TOKEN_INDEX
@@ -95,32 +97,32 @@ def stage3_mass(model: Any, tokenizer: Any, images: torch.Tensor, config: Meteor
             ids = tokenizer(before).input_ids + [IMAGE_TOKEN_INDEX] + tokenizer(after, add_special_tokens=False).input_ids
             model(input_ids=torch.tensor([ids], device=images.device), images=images[i:i + 1])
             llm = meteor_plugin.stats(model).stages[0]["llm"]
-            masses.append(float(llm.detail["mass"]))
+            masses.append(float(llm.detail["signal"]))
             entering.append(llm.entered)
     finally:
         meteor_plugin.disable()
         if was:
             meteor_plugin.enable()
-    return {"mass": sum(masses) / len(masses), "visual_tokens": sum(entering) / len(entering)}
+    return {"signal": sum(masses) / len(masses), "visual_tokens": sum(entering) / len(entering)}
 
 
-def lambda_for(target: Budget, mass: float, visual_tokens: float) -> float:
+def lambda_for(target: Budget, signal: float, visual_tokens: float) -> float:
     tokens = target * visual_tokens if isinstance(target, float) else float(target)
-    if mass <= 0:
-        raise ValueError("the calibration prompts gave no visual attention mass: cannot set llm_lambda")
-    return tokens / mass
+    if signal <= 0:
+        raise ValueError("the calibration prompts gave no visual attention: cannot set llm_lambda")
+    return tokens / signal
 
 
 def calibrate(model: Any, images: torch.Tensor, base: Optional[MeteorConfig] = None, tokenizer: Any = None,
-              target_keep: Optional[Budget] = None) -> MeteorConfig:
+              target_keep: Optional[Budget] = None, rank_measure: str = "effective") -> MeteorConfig:
     base = base or MeteorConfig()
-    ranks = encoder_ranks(model, images)
+    ranks = encoder_ranks(model, images, rank_measure)
     config = base.replace(encoder_ranks=ranks)
     if target_keep is not None:
         if tokenizer is None:
             raise ValueError("--target-keep needs the checkpoint's tokenizer to build calibration prompts")
         measured = stage3_mass(model, tokenizer, images, config)
-        config = config.replace(llm_lambda=lambda_for(target_keep, measured["mass"], measured["visual_tokens"]))
+        config = config.replace(llm_lambda=lambda_for(target_keep, measured["signal"], measured["visual_tokens"]))
     return config
 
 
@@ -152,6 +154,9 @@ def add_subparser(subparsers: Any) -> None:
     p.add_argument("--config", help="a MeteorConfig to start from (default: the checkpoint's, or the defaults)")
     p.add_argument("--target-keep", type=float, help="also set llm_lambda: mean tokens Stage 3 keeps "
                    "(a ratio < 1 of the tokens entering it, or a count)")
+    p.add_argument("--rank-measure", default="effective", choices=list(RANK_MEASURES),
+                   help="effective (default): the effective rank of the centred features; numerical: the "
+                        "paper's, which saturates at min(tokens, channels) and so splits the budget uniformly")
     p.add_argument("--out", required=True, help="where to write the calibrated config (.json)")
     p.set_defaults(func=_main)
 
@@ -165,9 +170,9 @@ def _main(args: Any) -> int:
     if args.target_keep is not None:
         target = args.target_keep if args.target_keep < 1 else int(args.target_keep)
     config = calibrate(model, pixels(model, load_images(args.images, args.num_images, args.seed)), base,
-                       tokenizer, target)
+                       tokenizer, target, args.rank_measure)
     config.save(args.out)
-    print(f"encoder ranks: {config.encoder_ranks}")
+    print(f"encoder ranks ({args.rank_measure}): {config.encoder_ranks}")
     if target is not None:
         print(f"llm_lambda: {config.llm_lambda:.3f} (target {target} visual tokens kept on average)")
     print(f"wrote {args.out}")

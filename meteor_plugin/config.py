@@ -19,7 +19,17 @@ Budget = Union[int, float]
 TEXT_QUERIES = ("all", "last")
 METHODS = ("meteor", "random", "avgpool", "fastv", "visionzip", "drop_encoder")
 FUSION_MODES = ("auto", "post_projection", "training_free")
-FUSION_SIMILARITIES = ("cosine", "centred_cosine")
+FUSION_SIMILARITIES = ("cosine", "centred_cosine", "duplicate")
+DEEP_SCORES = ("attention", "similarity")
+BUDGET_SIGNALS = ("mass", "spread")
+VERSION = 2  # of the config format; see LEGACY
+
+# Fields added after version 1, with the value that reproduces version 1's behaviour: a config saved
+# (or written) without a ``version`` gets these for the fields it lacks, so it prunes as it did.
+LEGACY = {
+    1: {"fusion_similarity": "cosine", "llm_min_heads": 1,
+        "llm_budget_signal": "mass", "text_query": "all"},
+}
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -78,23 +88,32 @@ class MeteorConfig:
     encoder_keep: Budget = 0.5
     encoder_ranks: Optional[Dict[str, float]] = None
     encoder_shallow_share: float = 0.5
+    # Deep-boundary score: "attention" (CLS attention; without a CLS token, mean received attention) or
+    # "similarity" (dissimilarity to the mean token, as at the shallow boundary).
+    encoder_deep_score: str = "attention"
 
     # Stage 2: cooperative pruning at fusion.
     fusion_keep: Budget = 0.5
     fusion_mode: str = "auto"
-    fusion_similarity: str = "cosine"  # "centred_cosine": after subtracting each encoder's mean token
+    # "cosine" (the paper's summed cosine), "centred_cosine" (after subtracting each encoder's mean token),
+    # "duplicate" (greedy: a token is redundant when a kept token of another encoder has its content).
+    fusion_similarity: str = "duplicate"
 
     # Stage 3: adaptive text-guided pruning inside the LLM.
     llm_layer: int = 2
     llm_top_heads: Budget = 0.25
+    llm_min_heads: int = 4  # floor on the heads used (a ratio of a small model's heads can be one head)
+    llm_budget_signal: str = "spread"  # K = llm_lambda * "mass" (the paper's) or "spread" of the attention
     llm_lambda: float = 64.0
     llm_min_keep: Budget = 0.05
     llm_max_keep: Budget = 0.5
-    text_query: str = "all"
+    text_query: str = "last"
 
     # Baselines.
     drop_encoder: Optional[int] = None
     seed: int = 0
+
+    version: int = VERSION  # of the config format (LEGACY says what changed)
 
     def __post_init__(self) -> None:
         for name in ("encoder", "fusion", "llm"):
@@ -110,6 +129,7 @@ class MeteorConfig:
                 _check_float(f"encoder_ranks[{key!r}]", rank, 0.0)
             self.encoder_ranks = {k: float(v) for k, v in self.encoder_ranks.items()}
         _check_float("encoder_shallow_share", self.encoder_shallow_share, 0.0, 1.0)
+        _check_choice("encoder_deep_score", self.encoder_deep_score, DEEP_SCORES)
         _check_budget("fusion_keep", self.fusion_keep)
         _check_choice("fusion_mode", self.fusion_mode, FUSION_MODES)
         _check_choice("fusion_similarity", self.fusion_similarity, FUSION_SIMILARITIES)
@@ -117,6 +137,8 @@ class MeteorConfig:
         _check_budget("llm_top_heads", self.llm_top_heads)
         if self.llm_top_heads == 0:
             _fail("llm_top_heads", 0, "at least one head (an int >= 1 or a ratio in (0, 1])")
+        _check_int("llm_min_heads", self.llm_min_heads, 1)
+        _check_choice("llm_budget_signal", self.llm_budget_signal, BUDGET_SIGNALS)
         _check_float("llm_lambda", self.llm_lambda, 0.0, lo_open=True)
         _check_budget("llm_min_keep", self.llm_min_keep)
         _check_budget("llm_max_keep", self.llm_max_keep)
@@ -131,6 +153,7 @@ class MeteorConfig:
         if self.method == "drop_encoder" and self.drop_encoder is None:
             _fail("drop_encoder", None, "the index of the encoder to drop when method='drop_encoder'")
         _check_int("seed", self.seed, 0)
+        _check_int("version", self.version, 1, VERSION)
 
     # Serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -149,7 +172,11 @@ class MeteorConfig:
             raise ValueError(
                 f"unknown MeteorConfig field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
             )
-        return cls(**data)
+        version = data.get("version", 1)
+        legacy = {}
+        for old in range(version if isinstance(version, int) else VERSION, VERSION):
+            legacy.update({k: v for k, v in LEGACY[old].items() if k not in legacy})
+        return cls(**{**legacy, **data, "version": version})
 
     @classmethod
     def from_json(cls, text: str) -> "MeteorConfig":
@@ -178,6 +205,13 @@ class MeteorConfig:
     def save(self, path: Union[str, os.PathLike]) -> None:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(self.to_json() + "\n")
+
+    def default_of(self, name: str) -> Any:
+        """The default of field ``name`` for this config's format version (what it means when unset)."""
+        for old in range(self.version, VERSION):
+            if name in LEGACY[old]:
+                return LEGACY[old][name]
+        return {f.name: f.default for f in dataclasses.fields(self)}[name]
 
     def replace(self, **changes: Any) -> "MeteorConfig":
         """A copy with some fields changed (validated like a new config)."""

@@ -42,7 +42,7 @@ def test_unknown_fields_are_named():
 
 
 def test_files_in_json_and_yaml(tmp_path):
-    (tmp_path / "c.json").write_text(json.dumps({"llm_layer": 3, "llm_max_keep": 0.25}))
+    (tmp_path / "c.json").write_text(json.dumps({"version": 2, "llm_layer": 3, "llm_max_keep": 0.25}))
     (tmp_path / "c.yaml").write_text("llm_layer: 3\nllm_max_keep: 0.25\ntext_query: last\n")
     assert MeteorConfig.from_file(tmp_path / "c.json") == MeteorConfig(llm_layer=3, llm_max_keep=0.25)
     assert MeteorConfig.from_file(tmp_path / "c.yaml").text_query == "last"
@@ -51,3 +51,20 @@ def test_files_in_json_and_yaml(tmp_path):
         MeteorConfig.from_file(tmp_path / "c.txt")
     with pytest.raises(FileNotFoundError, match="nope.json"):
         MeteorConfig.from_file(tmp_path / "nope.json")
+
+
+def test_a_config_without_version_keeps_the_behaviour_it_was_written_for():
+    # Version 1 files (every config saved before the version field) lack the fields added since: they get
+    # version 1's values, so a checkpoint's stored config prunes as it did when it was saved.
+    old = MeteorConfig.from_dict({"llm_layer": 3})
+    assert old.version == 1
+    assert (old.fusion_similarity, old.text_query, old.llm_budget_signal, old.llm_min_heads) == ("cosine", "all", "mass", 1)
+    new = MeteorConfig.from_dict({"llm_layer": 3, "version": 2})
+    assert new == MeteorConfig(llm_layer=3)
+    assert (new.fusion_similarity, new.text_query, new.llm_budget_signal, new.llm_min_heads) == ("duplicate", "last", "spread", 4)
+    # A field a version 1 file does set wins over the legacy value; saving keeps everything explicit.
+    assert MeteorConfig.from_dict({"text_query": "last"}).text_query == "last"
+    assert MeteorConfig.from_json(old.to_json()) == old
+    assert old.default_of("fusion_similarity") == "cosine" and new.default_of("fusion_similarity") == "duplicate"
+    with pytest.raises(ValueError, match=r"MeteorConfig.version=3 is invalid"):
+        MeteorConfig.from_dict({"version": 3})

@@ -83,3 +83,19 @@ def select_heads(attn: torch.Tensor, visual: torch.Tensor, top_heads: int) -> Vi
     scores = (attn * w[:, :, None]).sum(dim=1) / top
     mass = (vav * w).sum(dim=1)
     return VisualRelevance(scores=scores, mass=mass, heads=heads, head_vav=vav)
+
+
+def attention_spread(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """How many visual tokens the attention is spread over: the perplexity ``exp(H)`` of the scores
+    renormalised over each sample's visual tokens. scores: (B, L) >= 0; visual: (B, L) bool. (B,), in
+    [1, visual count]; 0 for a sample without visual tokens or attention on them.
+
+    Stage 3's budget signal ``llm_budget_signal="spread"``: unlike the attention mass (the paper's
+    ``sum_h sum_i a``), it does not depend on how much attention sinks and text take, only on how many
+    image regions the question looks at, so a question about one small glyph gets fewer tokens than one
+    that counts every object."""
+    w = (scores.double() * visual).clamp(min=0)
+    total = w.sum(dim=1, keepdim=True)
+    p = torch.where(total > 0, w / total.clamp(min=1e-300), torch.zeros_like(w))
+    entropy = -(p * torch.log(p.clamp(min=1e-300))).sum(dim=1)
+    return torch.where(total[:, 0] > 0, torch.exp(entropy), torch.zeros_like(entropy)).float()

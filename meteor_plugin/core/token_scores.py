@@ -6,6 +6,8 @@
   second is for encoders without a CLS token (mean attention each token receives).
 - ``cooperative_redundancy``: Stage 2's cross-encoder redundancy, the summed cosine similarity of a
   token to the surviving tokens of every other encoder, optionally after ``centre_per_owner``.
+- ``duplicate_aware_mask``: Stage 2's default, a greedy selection in which a token is redundant only
+  when a token of another encoder that is already kept carries the same content.
 """
 
 from __future__ import annotations
@@ -75,3 +77,46 @@ def cooperative_redundancy(z: torch.Tensor, owner: torch.Tensor, alive: Optional
     if alive is not None:
         weight = weight * alive.unsqueeze(1).float()
     return (sim * weight).sum(dim=-1)
+
+
+def owner_normalised_importance(c: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Each centred token's norm over its encoder's root-mean-square norm, per sample: (B, T). How far a
+    token is from its encoder's typical token, on a scale shared by encoders whose features differ in size
+    (so no encoder wins or loses its whole share through its projector's scale alone)."""
+    norms = c.norm(dim=-1)
+    out = torch.empty_like(norms)
+    for j in owner.unique().tolist():
+        cols = owner == j
+        rms = norms[:, cols].pow(2).mean(dim=1, keepdim=True).sqrt()
+        out[:, cols] = norms[:, cols] / rms.clamp(min=1e-12)
+    return out
+
+
+def duplicate_aware_mask(z: torch.Tensor, owner: torch.Tensor, keep: int) -> torch.Tensor:
+    """Stage 2's duplicate-aware selection: keep ``keep`` of the T tokens of each sample, greedily.
+
+    z: (B, T, D) projected tokens of all encoders; owner: (T,) encoder of each. Tokens are centred per
+    encoder (``centre_per_owner``); a token's importance is ``owner_normalised_importance``, and its
+    redundancy the highest centred cosine (floored at 0) to a token already kept *from another encoder*.
+    Each step keeps the token of highest importance minus redundancy (ties: lower index). Two encoders
+    that see the same object keep it once; what only one encoder sees is never penalised, however
+    similar the background of the other. Returns a (B, T) bool mask with exactly min(keep, T) per row.
+    """
+    b, t, _ = z.shape
+    owner = owner.to(z.device)
+    c = centre_per_owner(z, owner)
+    importance = owner_normalised_importance(c, owner)
+    cn = F.normalize(c, dim=-1)
+    sim = torch.matmul(cn, cn.transpose(-1, -2)).clamp(min=0)  # (B, T, T)
+    sim = sim * (owner.view(-1, 1) != owner.view(1, -1)).unsqueeze(0)  # same encoder: no redundancy
+    redundancy = torch.zeros(b, t, device=z.device)
+    kept = torch.zeros(b, t, dtype=torch.bool, device=z.device)
+    rows = torch.arange(b, device=z.device)
+    # Equal gains go to the lower index: a tiny decreasing tie-break, below any real difference.
+    tie = torch.arange(t, device=z.device, dtype=torch.float32) * -1e-7
+    for _ in range(min(keep, t)):
+        gain = (importance - redundancy + tie).masked_fill(kept, float("-inf"))
+        pick = gain.argmax(dim=1)
+        kept[rows, pick] = True
+        redundancy = torch.maximum(redundancy, sim[rows, pick])
+    return kept

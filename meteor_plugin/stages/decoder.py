@@ -2,8 +2,10 @@
 
 At decoder layer ``llm_layer`` the instruction tokens' attention to the visual tokens is recomputed
 from that layer's own q/k projections (RoPE at the real positions, GQA heads repeated), so the model
-keeps running SDPA or FlashAttention. The heads with the highest visual attention value score the
-tokens and set the budget ``K = llm_lambda * mass`` per sample. From that layer on, every layer runs on
+keeps running SDPA or FlashAttention. The heads with the highest visual attention value (at least
+``llm_min_heads``) score the tokens and set the budget per sample: ``K = llm_lambda * signal``, the
+signal being their attention mass on visual tokens (the paper's) or how many visual tokens that
+attention spreads over (``llm_budget_signal="spread"``, the default). From that layer on, every layer runs on
 the compacted sequence: hidden states, position ids, rotary tables, masks and cache positions are
 gathered per layer, kept tokens keep their original position ids, and the KV cache of those layers
 holds only the kept tokens. Layers before ``llm_layer`` (and so layer 0's cache, which transformers
@@ -26,7 +28,7 @@ from ..compat import transformers as compat
 from ..config import MeteorConfig
 from ..core.budget import adaptive_keep, resolve_budget, resolve_budget_per_sample
 from ..core.select import compaction_index, gather_tokens, topk_mask
-from ..core.text_attention import apply_rope, mean_query_attention, select_heads
+from ..core.text_attention import apply_rope, attention_spread, mean_query_attention, select_heads
 from ..stats import RunStats
 from .layout import IGNORE_INDEX, VisualLayout
 
@@ -67,7 +69,7 @@ def check_against_model(cfg: MeteorConfig, config: Any) -> int:
             f"MeteorConfig.llm_top_heads={cfg.llm_top_heads} is invalid for this model: allowed 1..{dims['heads']} "
             f"(its number of attention heads) or a ratio in (0, 1]"
         )
-    return max(1, resolve_budget(cfg.llm_top_heads, dims["heads"]))
+    return min(dims["heads"], max(cfg.llm_min_heads, resolve_budget(cfg.llm_top_heads, dims["heads"])))
 
 
 def query_attention(layer: torch.nn.Module, call: compat.LayerCall, hidden: torch.Tensor,
@@ -246,9 +248,11 @@ class DecoderPruner:
             query = (pos == last[:, None]) & (last >= 0)[:, None]
             rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims), visual, dims["heads"])
             budget = resolve_budget_per_sample(cfg.llm_max_keep, entered)
+            signal = rel.mass
         else:
             rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims), visual, self.heads_used)
-            budget = adaptive_keep(rel.mass, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
+            signal = rel.mass if cfg.llm_budget_signal == "mass" else attention_spread(rel.scores, visual)
+            budget = adaptive_keep(signal, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
         kept_visual = topk_mask(rel.scores, budget, visual)
         keep = plan.valid & (~visual | kept_visual)
         left_padded = bool((~plan.valid[:, 0]).any()) and not bool((~plan.valid[:, -1]).any())
@@ -256,7 +260,8 @@ class DecoderPruner:
         plan.kept_visual = kept_visual
         plan.stats.set_stage(
             "llm", entered, kept_visual.sum(dim=1),
-            mass=rel.mass.float(), query_tokens=query.sum(dim=1),
+            mass=rel.mass.float(), signal=signal.float(),
+            query_tokens=query.sum(dim=1),
             heads=[torch.nonzero(h).flatten() for h in rel.heads],
             kept=[torch.nonzero(k[v]).flatten() for k, v in zip(kept_visual, visual)],
         )

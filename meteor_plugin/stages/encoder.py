@@ -5,8 +5,10 @@ boundaries, before the block that starts the next segment:
 - shallow boundary: drop the tokens most cosine-similar to the mean token (shallow attention is
   neither sparse nor stable, so similarity is the better redundancy signal);
 - deep boundary: keep the tokens with the highest CLS-to-patch attention, computed from that block's
-  own q/k (never by asking the model for attention maps); without a CLS token, the mean attention
-  each token receives.
+  own q/k (never by asking the model for attention maps); without a CLS token (EAGLE's CLIP drops it),
+  the mean attention each token receives. ``encoder_deep_score="similarity"`` scores the deep boundary
+  like the shallow one instead (on the fidelity model's validation split the two were within noise,
+  attention slightly ahead in the full pipeline, so attention stays the default).
 All images of an encoder keep the same number of tokens (the encoder's budget), so tensors stay
 rectangular. Encoders that cannot lose tokens inside (CNNs, windowed attention) are pruned at their
 output with the similarity score instead (``prune_output``).
@@ -77,6 +79,7 @@ class VitPlan:
     deep: int
     after_shallow: int
     has_cls: bool
+    deep_score: str = "attention"  # MeteorConfig.encoder_deep_score
     positions: Optional[torch.Tensor] = None  # (B, n) original patch index of each surviving token
     cache: Dict[int, torch.Tensor] = field(default_factory=dict)  # boundary -> gather index
 
@@ -108,10 +111,11 @@ class VitPruner:
                 registry.add_hook(owner, handle)
         return pruner
 
-    def start(self, patches: int, keep: int, depth: int, shallow_share: float, has_cls: bool) -> VitPlan:
+    def start(self, patches: int, keep: int, depth: int, shallow_share: float, has_cls: bool,
+              deep_score: str = "attention") -> VitPlan:
         shallow, deep = boundaries(depth)
         after_shallow, keep = split_drop(patches, keep, shallow_share)
-        self.plan = VitPlan(patches, keep, shallow, deep, after_shallow, has_cls)
+        self.plan = VitPlan(patches, keep, shallow, deep, after_shallow, has_cls, deep_score)
         self._fresh = True
         return self.plan
 
@@ -146,10 +150,13 @@ class VitPruner:
             count = torch.full((b,), min(plan.after_shallow, patches), device=hidden.device)
             keep = bottomk_mask(similarity_to_mean(hidden[:, start:]), count, keep)
         if idx == plan.deep:  # also the shallow block in encoders too shallow for two boundaries
-            q, k, scale = self.block.qk(layer, hidden)
-            scores = cls_attention(q, k, scale) if plan.has_cls else received_attention(q, k, scale)[:, start:]
             count = torch.full((b,), min(plan.keep, patches), device=hidden.device)
-            keep = topk_mask(scores, count, keep)
+            if plan.deep_score == "similarity":
+                keep = bottomk_mask(similarity_to_mean(hidden[:, start:]), count, keep)
+            else:
+                q, k, scale = self.block.qk(layer, hidden)
+                scores = cls_attention(q, k, scale) if plan.has_cls else received_attention(q, k, scale)[:, start:]
+                keep = topk_mask(scores, count, keep)
         index, _ = compaction_index(keep)
         plan.positions = torch.gather(plan.positions, 1, index)
         if start:

@@ -1,9 +1,13 @@
 """Stage 2: cooperative pruning where several encoders meet.
 
 Post-projection fusion (METEOR): each encoder has its own projector into the LLM width and the encoders'
-tokens are joined along the sequence. A token's redundancy is its summed cosine similarity to the
-surviving tokens of every *other* encoder (``fusion_similarity="centred_cosine"``: after subtracting
-each encoder's mean token); the ``fusion_keep`` least redundant tokens are kept.
+tokens are joined along the sequence, and ``fusion_keep`` of them are kept by ``fusion_similarity``:
+- ``duplicate`` (default): greedy; a token is redundant when a token of another encoder already kept
+  carries the same content (``core.token_scores.duplicate_aware_mask``). The paper's sum below measured,
+  on the fidelity model, the encoders' projector offsets rather than duplication and kept background.
+- ``cosine`` (the paper's): redundancy is the summed cosine similarity to the surviving tokens of every
+  *other* encoder; the least redundant are kept. ``centred_cosine``: the same after subtracting each
+  encoder's mean token.
 
 Training-free mode, for checkpoints still fused EAGLE's way (channel concatenation on a shared grid,
 one shared projector): every encoder scores each grid position, the scores are summed with rank
@@ -24,14 +28,14 @@ from torch import nn
 from ..config import FUSION_SIMILARITIES
 from ..core.budget import rank_weights
 from ..core.select import bottomk_mask, compaction_index, gather_tokens, topk_mask
-from ..core.token_scores import cooperative_redundancy, similarity_to_mean
+from ..core.token_scores import cooperative_redundancy, duplicate_aware_mask, similarity_to_mean
 
 
 def cooperative_prune(z: torch.Tensor, owner: torch.Tensor, keep: int,
                       similarity: str = "cosine") -> Tuple[torch.Tensor, torch.Tensor]:
     """z: (B, T, D) projected tokens of all encoders (joined along the sequence); owner: (T,) encoder
-    of each; similarity: ``MeteorConfig.fusion_similarity``. Keeps the ``keep`` tokens of lowest
-    cross-encoder redundancy, in their original order. Returns (kept tokens (B, keep, D), their index
+    of each; similarity: ``MeteorConfig.fusion_similarity``. Keeps ``keep`` tokens by that
+    similarity (see the module docstring), in their original order. Returns (kept tokens (B, keep, D), their index
     into T (B, keep))."""
     if similarity not in FUSION_SIMILARITIES:
         raise ValueError(f"similarity={similarity!r} is invalid: allowed {', '.join(map(repr, FUSION_SIMILARITIES))}")
@@ -39,9 +43,12 @@ def cooperative_prune(z: torch.Tensor, owner: torch.Tensor, keep: int,
     if keep >= t:
         return z, torch.arange(t, device=z.device).expand(b, t)
     with torch.no_grad():
-        redundancy = cooperative_redundancy(z, owner.to(z.device), centred=similarity == "centred_cosine")
-        mask = bottomk_mask(redundancy, torch.full((b,), keep, device=z.device),
-                            torch.ones(b, t, dtype=torch.bool, device=z.device))
+        if similarity == "duplicate":
+            mask = duplicate_aware_mask(z, owner, keep)
+        else:
+            redundancy = cooperative_redundancy(z, owner.to(z.device), centred=similarity == "centred_cosine")
+            mask = bottomk_mask(redundancy, torch.full((b,), keep, device=z.device),
+                                torch.ones(b, t, dtype=torch.bool, device=z.device))
         index, _ = compaction_index(mask)
     return gather_tokens(z, index), index
 

@@ -78,11 +78,12 @@ def resolve_mode(model: Any, cfg: Any) -> str:
 
 
 def _check_similarity(mode: str, cfg: Any) -> str:
-    if mode == "training_free" and cfg.fusion and cfg.fusion_similarity != "cosine":
+    default = cfg.default_of("fusion_similarity")
+    if mode == "training_free" and cfg.fusion and cfg.fusion_similarity != default:
         raise FusionConfigError(
             f"MeteorConfig.fusion_similarity={cfg.fusion_similarity!r} applies to post-projection fusion, but this "
             "model fuses EAGLE's way (training-free mode scores grid positions, not cross-encoder similarity): "
-            "convert it (meteor-plugin convert) or leave fusion_similarity='cosine'"
+            f"convert it (meteor-plugin convert) or leave fusion_similarity at its default {default!r}"
         )
     return mode
 
@@ -147,7 +148,8 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
         else:
             layers = clip_layers(tower.vision_tower)
             pruner = VitPruner.attach(tower, tower, layers, HF_CLIP_BLOCK, REGISTRY)
-            pruner.start(counts[i], budgets[i], len(layers), cfg.encoder_shallow_share, has_cls=False)
+            pruner.start(counts[i], budgets[i], len(layers), cfg.encoder_shallow_share, has_cls=False,
+                          deep_score=cfg.encoder_deep_score)
             kept = _tokens(tower(_tower_input(mbcc, tower, images)))
         features.append(_project(llm.mm_projectors[i], kept))
         owners.append(torch.full((kept.shape[1],), i, dtype=torch.long))

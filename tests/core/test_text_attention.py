@@ -1,6 +1,8 @@
 import torch
 
-from meteor_plugin.core.text_attention import mean_query_attention, select_heads
+import pytest
+
+from meteor_plugin.core.text_attention import attention_spread, mean_query_attention, select_heads
 
 
 def test_mean_query_attention_equals_dense_causal_softmax_rows():
@@ -30,3 +32,18 @@ def test_select_heads_picks_highest_visual_attention_and_sums_their_mass():
     assert rel.heads.tolist() == [[True, False, True]]
     torch.testing.assert_close(rel.mass, torch.tensor([0.9 + 1.0]))
     torch.testing.assert_close(rel.scores, torch.tensor([[0.05, 0.35, 0.6]]))
+
+
+
+def test_attention_spread_grows_with_the_number_of_regions_attended():
+    visual = torch.tensor([[False] + [True] * 16] * 3)
+    scores = torch.zeros(3, 17)
+    scores[:, 0] = 0.7  # a sink outside the image: it does not count
+    scores[0, 3] = 0.3  # one region
+    scores[1, [3, 9]] = 0.15  # two
+    scores[2, 1:] = 0.3 / 16  # the whole image
+    spread = attention_spread(scores, visual)
+    torch.testing.assert_close(spread, torch.tensor([1.0, 2.0, 16.0]))
+    # Independent of the mass on the image (the sink can take any share), unlike the paper's signal.
+    torch.testing.assert_close(attention_spread(scores * torch.tensor([[1.0], [0.1], [3.0]]), visual), spread)
+    assert attention_spread(torch.zeros(1, 17), visual[:1]).item() == pytest.approx(0.0)

@@ -1,8 +1,11 @@
 import torch
 
-from meteor_plugin.core.rank import numerical_rank
+import pytest
+
+from meteor_plugin.core.rank import effective_rank, encoder_rank, numerical_rank
 from meteor_plugin.core.select import bottomk_mask
-from meteor_plugin.core.token_scores import centre_per_owner, cooperative_redundancy, similarity_to_mean
+from meteor_plugin.core.token_scores import (centre_per_owner, cooperative_redundancy, duplicate_aware_mask,
+                                             similarity_to_mean)
 
 
 def test_similarity_to_mean_is_cosine_to_the_average_token():
@@ -69,3 +72,49 @@ def test_numerical_rank_counts_independent_directions():
     low_rank = torch.randn(2, 10, 3) @ basis  # rank 3
     assert numerical_rank(low_rank).tolist() == [3.0, 3.0]
     assert numerical_rank(torch.randn(12, 5)).tolist() == [5.0]
+
+
+
+def test_effective_rank_separates_structure_from_noise_where_numerical_rank_saturates():
+    torch.manual_seed(0)
+    n, c = 64, 48
+    # An encoder that sees structure: every token is a mix of 4 patterns plus a common offset and faint noise.
+    structured = torch.randn(2, n, 4) @ torch.randn(4, c) + 5.0 + 0.01 * torch.randn(2, n, c)
+    noise = torch.randn(2, n, c)
+    assert numerical_rank(structured).tolist() == numerical_rank(noise).tolist() == [48.0, 48.0]
+    eff_s, eff_n = effective_rank(structured), effective_rank(noise)
+    assert (eff_s < 6).all() and (eff_n > 30).all()
+    # Three equal singular values of already-centred tokens: an effective rank of exactly 3.
+    raw = torch.randn(n, 3)
+    tokens, _ = torch.linalg.qr(raw - raw.mean(dim=0))  # centred orthonormal columns
+    channels, _ = torch.linalg.qr(torch.randn(c, 3))
+    assert effective_rank(tokens @ channels.T).item() == pytest.approx(3.0, abs=1e-4)
+    assert encoder_rank(noise, "numerical").tolist() == [48.0, 48.0]
+    with pytest.raises(ValueError, match="rank measure 'hrank' is invalid"):
+        encoder_rank(noise, "hrank")
+
+
+def test_duplicate_aware_stage2_keeps_one_of_two_duplicates_and_both_of_two_different_tokens():
+    # Encoder 0: tokens 0-3; encoder 1: tokens 4-7. Backgrounds near each encoder's own offset; the object
+    # "A" is seen by both encoders (tokens 1 and 5 carry the same content); "B" (token 2) and "C" (token 6)
+    # are seen by one encoder each.
+    d = 8
+    e = torch.eye(d)
+    off0, off1 = 3 * e[0], -3 * e[1]
+    bg = 0.05 * e[7]
+    z = torch.stack([off0 + bg, off0 + 2 * e[2], off0 + 2 * e[3], off0 - bg,
+                     off1 + bg, off1 + 2 * e[2], off1 + 2 * e[4], off1 - bg]).unsqueeze(0)
+    owner = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    kept = duplicate_aware_mask(z, owner, 3)[0]
+    assert kept.sum() == 3
+    assert kept[[2, 6]].all()  # what only one encoder sees is kept
+    assert int(kept[1]) + int(kept[5]) == 1  # the shared object once
+    assert not kept[[0, 3, 4, 7]].any()  # no background while content is left
+    # With room for four the second copy of A comes in before any background (which has almost no importance).
+    assert duplicate_aware_mask(z, owner, 4)[0][[1, 2, 5, 6]].all()
+    # Exact count per row on a batch; the plain cosine kept background here.
+    batch = torch.cat([z, z.flip(1)])
+    masks = duplicate_aware_mask(batch, owner, 5)
+    assert masks.sum(dim=1).tolist() == [5, 5]
+    plain = bottomk_mask(cooperative_redundancy(z, owner), torch.tensor([3]), torch.ones(1, 8, dtype=torch.bool))[0]
+    assert plain[[0, 3, 4, 7]].any()

@@ -244,6 +244,7 @@ def test_recomputed_scores_equal_eager_attention_weights(tiny_llava):
 def test_budget_follows_attention_mass_and_respects_clips(tiny_llava):
     model = tiny_llava()
     ids, mask, images = make_batch([(3, 6), (5, 10), (2, 4)], [True, True, False], seed=17)
+    STAGE3 = dict(encoder=False, fusion=False, llm=True, llm_budget_signal="mass")  # the paper's signal
     meteor_plugin.enable(**STAGE3, llm_lambda=20.0, llm_min_keep=1, llm_max_keep=1.0)
     forward_logits(model, ids, mask, images)
     stages = meteor_plugin.stats(model).stages
@@ -271,10 +272,26 @@ def test_budget_follows_attention_mass_and_respects_clips(tiny_llava):
 def test_top_heads_have_the_highest_visual_attention(tiny_llava):
     model = tiny_llava()
     ids, mask, images = make_batch([(3, 6)], [True], seed=19)
-    meteor_plugin.enable(**STAGE3, llm_top_heads=2)
+    meteor_plugin.enable(**STAGE3, llm_top_heads=2, llm_min_heads=1)
     forward_logits(model, ids, mask, images)
     llm = meteor_plugin.stats(model).stages[0]["llm"]
     assert len(llm.detail["heads"]) == 2
+    # The floor wins over a ratio that resolves to fewer heads, and never exceeds the model's heads.
+    for top, floor, used in ((0.25, 1, 1), (0.25, 3, 3), (1, 9, 4)):
+        meteor_plugin.enable(**STAGE3, llm_top_heads=top, llm_min_heads=floor)
+        forward_logits(model, ids, mask, images)
+        assert len(meteor_plugin.stats(model).stages[0]["llm"].detail["heads"]) == used
+
+
+def test_spread_budget_is_lambda_times_the_attention_perplexity(tiny_llava):
+    model = tiny_llava()
+    ids, mask, images = make_batch([(3, 6), (5, 10)], [True, True], seed=17)
+    meteor_plugin.enable(**STAGE3, llm_budget_signal="spread", llm_lambda=0.5, llm_min_keep=1, llm_max_keep=1.0)
+    forward_logits(model, ids, mask, images)
+    for sample in meteor_plugin.stats(model).stages:
+        llm = sample["llm"]
+        assert 1.0 <= llm.detail["signal"] <= llm.entered
+        assert llm.left == max(1, min(llm.entered, int(llm.detail["signal"] * 0.5 + 0.5)))
 
 
 # Training ------------------------------------------------------------------------------------------------------
@@ -322,7 +339,7 @@ def test_training_loss_equals_reference_on_kept_positions(tiny_llava):
 
 def test_answer_tokens_never_choose_visual_tokens(tiny_llava):
     model = tiny_llava()
-    meteor_plugin.enable(**STAGE3, llm_lambda=30.0, llm_min_keep=4, llm_max_keep=40)
+    meteor_plugin.enable(**STAGE3, llm_lambda=30.0, llm_min_keep=4, llm_max_keep=40, text_query="all")
     kept = []
     for answer_seed in (0, 1):
         ids, mask, images, labels = _training_batch(answer_seed)

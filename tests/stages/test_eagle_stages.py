@@ -223,8 +223,36 @@ def test_fusion_keeps_the_least_redundant_tokens_by_the_configured_similarity(ea
     assert expected != [sorted(r.topk(300, largest=False).indices.tolist()) for r in other]
 
 
-def test_centred_similarity_on_an_unconverted_model_is_refused(eagle):
+def test_duplicate_aware_fusion_keeps_the_reference_selection(eagle):
+    from meteor_plugin.core.token_scores import duplicate_aware_mask
+
+    model = eagle(converted=True)
+    ids, mask, images = batch()
+    images[1] = images[1].flip(-1) * 0.5
+    projected = []
+    handles = [p.register_forward_hook(lambda m, i, o: projected.append(o.detach()))
+               for p in model.get_model().mm_projectors]
+    meteor_plugin.enable(encoder=False, fusion=True, llm=False, fusion_keep=300)  # the default similarity
+    forward(model, ids, mask, images)
+    for h in handles:
+        h.remove()
+    z = torch.cat(projected, dim=1)
+    owner = torch.cat([torch.full((n,), j) for j, n in enumerate(COUNTS)])
+    expected = [torch.nonzero(m).flatten().tolist() for m in duplicate_aware_mask(z, owner, 300)]
+    stages = meteor_plugin.stats(model).stages
+    assert [sorted(s["fusion"].detail["kept"]) for s in stages] == expected
+    assert expected[0] != expected[1]
+
+
+def test_a_non_default_similarity_on_an_unconverted_model_is_refused(eagle):
     model = eagle()
-    meteor_plugin.enable(llm=False, fusion_similarity="centred_cosine")
-    with pytest.raises(ValueError, match="fusion_similarity='centred_cosine' applies to post-projection fusion"):
+    for similarity in ("centred_cosine", "cosine"):
+        meteor_plugin.enable(llm=False, fusion_similarity=similarity)
+        with pytest.raises(ValueError, match=f"fusion_similarity='{similarity}' applies to post-projection fusion"):
+            forward(model, *batch())
+    # The default, and a version 1 config's default (the paper's cosine), run training-free.
+    for config in (meteor_plugin.MeteorConfig(llm=False, fusion_keep=100),
+                   meteor_plugin.MeteorConfig.from_dict({"llm": False, "fusion_keep": 100})):
+        meteor_plugin.enable(config)
         forward(model, *batch())
+        assert [s["fusion"].left for s in meteor_plugin.stats(model).stages] == [100, 100]

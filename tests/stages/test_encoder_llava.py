@@ -83,6 +83,31 @@ def test_shallow_boundary_drops_tokens_most_similar_to_the_mean(tiny_llava):
     assert kept == expected
 
 
+@pytest.mark.parametrize("deep_score", ["attention", "similarity"])
+def test_deep_boundary_scores_by_the_configured_score(tiny_llava, deep_score):
+    model = tiny_llava()
+    layers = clip_layers(model.get_vision_tower().vision_tower)
+    inputs = {}
+
+    def grab(module, args, kwargs):
+        inputs.setdefault("h", (args[0] if args else kwargs["hidden_states"]).clone())
+
+    layers[2].register_forward_pre_hook(grab, with_kwargs=True)  # the deep boundary of 4 blocks at layer -2
+    ids, mask, images = make_batch([(3, 5)], [True], seed=4)
+    meteor_plugin.enable(**STAGE1, encoder_keep=16, encoder_shallow_share=0.0, encoder_deep_score=deep_score)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, images=images)
+    kept = sorted(meteor_plugin.stats(model).stages[0]["encoder"].detail["kept"])
+    h = inputs["h"]
+    assert h.shape[1] == 65  # nothing dropped at the shallow boundary
+    with torch.no_grad():
+        q, k, scale = HF_CLIP_BLOCK.qk(layers[2], h)
+        by_attention = sorted(torch.argsort(-cls_attention(q, k, scale)[0], stable=True)[:16].tolist())
+    by_similarity = sorted(torch.argsort(similarity_to_mean(h[:, 1:])[0], stable=True)[:16].tolist())
+    assert by_attention != by_similarity
+    assert kept == (by_attention if deep_score == "attention" else by_similarity)
+
+
 def test_stage1_and_stage3_generate_together(tiny_llava):
     model = tiny_llava(padding_side="left")
     model.generation_config.eos_token_id = None
