@@ -23,6 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench_fidelity(args: argparse.Namespace) -> int:
     from meteor_plugin.bench import fidelity
+    from meteor_plugin.entry import parse_field
     from meteor_plugin.fidelity import methods
 
     model_path = args.model_path
@@ -38,7 +39,8 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
         model_path=model_path, per_kind=args.per_kind, val_per_kind=args.val_per_kind, budgets=budgets,
         methods=args.methods.split(",") if args.methods else list(methods.ALL_METHODS),
         plot=None if args.plot in ("", "none") else args.plot, progress=not args.no_progress, threads=args.threads,
-        fusion_similarity=args.fusion_similarity)
+        meteor=dict(parse_field("--meteor-set", pair) for pair in args.meteor_set), ablations=list(methods.ABLATIONS) if args.ablation else [],
+        test_seed=args.test_seed)
     result = fidelity.run(settings, log=lambda *a: print(*a, file=sys.stderr))
     print(json.dumps(result, indent=2) if args.json else fidelity.report(result))
     return 0
@@ -75,7 +77,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from meteor_plugin.config import FUSION_SIMILARITIES
+    from meteor_plugin.fidelity.methods import ABLATIONS
 
     parser = argparse.ArgumentParser(prog="meteor-plugin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,14 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--train-dir", help="work folder of --train (default: ./fidelity-train)")
     f.add_argument("--per-kind", type=int, default=500, help="test questions per question kind")
     f.add_argument("--val-per-kind", type=int, default=100, help="validation questions per kind, for calibration")
-    f.add_argument("--budgets", help="comma-separated ratios of the 128 visual tokens (default: 0.5,0.25,0.125; "
+    f.add_argument("--budgets", help="comma-separated ratios of the 128 visual tokens (default: 0.5,0.25,0.125,0.0625; "
                                      "METEOR also runs at 0.24)")
     f.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     f.add_argument("--plot", default="fidelity.png", help="PNG of accuracy against retained tokens ('none': no plot)")
     f.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    f.add_argument("--fusion-similarity", default="cosine", choices=list(FUSION_SIMILARITIES),
-                   help="Stage 2's similarity in meteor-s2 and meteor (MeteorConfig.fusion_similarity; default: "
-                        "cosine, the paper's)")
+    f.add_argument("--meteor-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a MeteorConfig field of every METEOR run (repeatable), e.g. fusion_similarity=cosine; the "
+                        "baselines never take it")
+    f.add_argument("--ablation", action="store_true",
+                   help="also run METEOR with each of its choices switched alone and all together, at 25%% and 12.5%% "
+                        f"({', '.join(ABLATIONS)})")
+    f.add_argument("--test-seed", type=int, default=0,
+                   help="seed of the test scenes: another seed draws fresh held-out questions (default 0)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
 

@@ -51,6 +51,14 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_field(flag: str, text: str) -> Tuple[str, Any]:
+    """``FIELD=VALUE`` (the value read as JSON where it parses) as (field, value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SystemExit(f"{flag} takes FIELD=VALUE, got {text!r}")
+    return key.strip(), parse_value(raw)
+
+
 def _bool(flag: str, text: str) -> bool:
     try:
         return _BOOL[text.strip().lower()]
@@ -90,10 +98,8 @@ def pop_options(argv: List[str], extra: Sequence[Option] = ()) -> ParsedOptions:
         elif name in ("encoder", "fusion", "llm"):
             out.overrides[name] = _bool(flag, value)
         elif name == "set":
-            key, sep, raw = value.partition("=")
-            if not sep or not key.strip():
-                raise SystemExit(f"{flag} takes FIELD=VALUE, got {value!r}")
-            out.overrides[key.strip()] = parse_value(raw)
+            key, parsed = parse_field(flag, value)
+            out.overrides[key] = parsed
         else:
             out.extra[name] = value
     return out

@@ -1,14 +1,18 @@
-"""``meteor-plugin bench fidelity``: accuracy against retained visual tokens on the fidelity model.
+"""``meteor-plugin bench fidelity``: accuracy against cost on the fidelity model.
 
 On random weights every token choice is as good as any other; this benchmark uses a trained model
 (``meteor_plugin/fidelity/checkpoint``, or one trained now with ``--train``) and asks it the test
 split's questions under every method at equal budgets (``fidelity/methods.py``), side by side in one
-run: a table per question kind, the tokens each method really kept (from ``meteor_plugin.stats``),
-accuracy relative to the unpruned model, Stage 3's spending per kind, the issue's targets, a PNG plot
-and, with ``--json``, everything as JSON.
+run: accuracy per question kind, the tokens each method really kept (from ``meteor_plugin.stats``), the
+visual tokens each decoder layer ran on, the prefill FLOPs counted (``bench.flops``, as ``meteor-plugin
+bench`` counts them), accuracy relative to the unpruned model, every baseline read at METEOR's FLOPs
+(equal cost, not only equal final tokens: a method that prunes later spends more), Stage 3's spending
+per kind, optional ablations of METEOR's choices, the targets, a PNG plot of accuracy against FLOPs and,
+with ``--json``, everything as JSON.
 
 Steps: calibrate on the validation split (encoder ranks, ``llm_layer`` for METEOR's Stage 3 and for
-FastV, Stage 3's ``llm_lambda`` per budget), then evaluate on the test split.
+FastV, Stage 3's ``llm_lambda`` per budget), then evaluate on the test split (``test_seed`` draws a
+fresh one).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -42,7 +46,11 @@ class FidelityBench:
     progress: bool = True
     plot: Optional[str] = "fidelity.png"
     threads: Optional[int] = None
-    fusion_similarity: str = "cosine"  # Stage 2's similarity in meteor-s2 and meteor (MeteorConfig.fusion_similarity)
+    meteor: Dict[str, Any] = field(default_factory=dict)  # MeteorConfig fields of every METEOR run (--meteor-set)
+    ablations: Sequence[str] = ()  # names of mt.ABLATIONS, run as meteor:<name>
+    ablation_budgets: Sequence[float] = (0.25, 0.125)
+    test_seed: int = 0  # seed of the test split's scenes: another seed draws fresh held-out questions
+    flops_questions: int = 32  # questions whose prefill FLOPs are counted per run (each alone)
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -72,6 +80,8 @@ def _rows(runs: List[Dict[str, Any]], unpruned: Dict[str, float]) -> List[Dict[s
             "kept": statistics.mean(g["kept"] for g in group),
             "kept_per_kind": {k: statistics.mean(g["kept_per_kind"][k] for g in group) for k in KINDS},
             "llm_input": statistics.mean(g["llm_input"] for g in group),
+            "visual_per_layer": [statistics.mean(col) for col in zip(*(g["visual_per_layer"] for g in group))],
+            "gflops": statistics.mean(g["gflops"] for g in group),
             "accuracy": acc,
             "relative": {key: acc[key] / unpruned[key] if unpruned[key] else float("nan") for key in acc},
             "seeds": [g["seed"] for g in group], "config": group[0]["config"],
@@ -84,38 +94,80 @@ def _rows(runs: List[Dict[str, Any]], unpruned: Dict[str, float]) -> List[Dict[s
     return rows
 
 
-def targets(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The issue's three targets, checked on the measured rows (reported, not asserted)."""
+def read_at(points: Sequence[tuple], x: float) -> tuple:
+    """A method's accuracy at cost ``x`` from its (cost, accuracy) points: linear interpolation inside them;
+    below its cheapest point, that point's accuracy (it never runs that cheaply, and the comparison then
+    favours it); above its dearest, None. Returns (accuracy or None, "interpolated" | "cheapest" | "dearer")."""
+    pts = sorted(points)
+    if not pts or x > pts[-1][0] + 1e-9:
+        return None, "dearer"
+    if x < pts[0][0] - 1e-9:
+        return pts[0][1], "cheapest"
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return (y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)), "interpolated"
+    return pts[0][1], "interpolated"
+
+
+def equal_flops(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> List[Dict[str, Any]]:
+    """Each baseline's accuracy read off its accuracy-vs-FLOPs curve (its rows at every budget) at the
+    prefill FLOPs METEOR spent at each of ``budgets`` (``read_at``): the comparison at equal cost."""
+    series = list(KINDS) + ["overall"]
+    meteor = {r["budget"]: r for r in rows if r["method"] == "meteor"}
+    out = []
+    for budget in budgets:
+        if budget not in meteor:
+            continue
+        m = meteor[budget]
+        for method in mt.BASELINES + ("meteor-s3",):
+            curve = [r for r in rows if r["method"] == method]
+            if not curve:
+                continue
+            read = {key: read_at([(r["gflops"], r["accuracy"][key]) for r in curve], m["gflops"]) for key in series}
+            out.append({"budget": budget, "gflops": m["gflops"], "baseline": method,
+                        "accuracy": {key: v[0] for key, v in read.items()}, "read": read["overall"][1],
+                        "cheapest_gflops": min(r["gflops"] for r in curve),
+                        "meteor": {key: m["accuracy"][key] for key in series}})
+    return out
+
+
+MANY_TOKEN_KIND, FEW_TOKEN_KIND = "count", "colour"  # every object of a colour, against one object's colour
+
+
+def targets(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> Dict[str, Any]:
+    """The testbed issue's targets, checked on the measured rows (reported, not asserted)."""
     out: Dict[str, Any] = {}
     meteor = {r["budget"]: r for r in rows if r["method"] == "meteor"}
+    k25 = mt.tokens_for(0.25)
+    if k25 in meteor:
+        rel = meteor[k25]["relative"]["overall"]
+        out["meteor_25_keeps_97"] = {"met": rel >= 0.97, "relative_overall": rel, "kept": meteor[k25]["kept"]}
     k24 = mt.tokens_for(mt.METEOR_TARGET)
     if k24 in meteor:
         rel = meteor[k24]["relative"]["overall"]
         out["meteor_24_keeps_99"] = {"met": rel >= 0.99, "relative_overall": rel, "kept": meteor[k24]["kept"]}
-    beats = []
-    for budget, row in sorted(meteor.items()):
-        if budget > mt.tokens_for(0.25):
+    checked = [b for b in budgets if b in (mt.tokens_for(0.25), mt.tokens_for(0.125))]
+    comparisons = []
+    for c in equal_flops(rows, checked):
+        if c["baseline"] == "meteor-s3":
             continue
-        for r in rows:
-            if r["budget"] != budget or r["method"] in ("meteor", "unpruned") or r["method"] not in mt.BASELINES:
-                continue
-            for key in ("overall", "fine"):
-                beats.append({"budget": budget, "baseline": r["method"], "series": key,
-                              "meteor": row["accuracy"][key], "other": r["accuracy"][key],
-                              "met": row["accuracy"][key] > r["accuracy"][key]})
-    if beats:
-        out["meteor_beats_baselines_at_25_or_less"] = {"met": all(b["met"] for b in beats),
-                                                       "losses": [b for b in beats if not b["met"]],
-                                                       "comparisons": len(beats)}
-    s3 = [r for r in rows if r["method"] in ("meteor-s3", "meteor")]
-    if s3:
-        spend = []
-        for r in s3:
-            fine = statistics.mean(r["kept_per_kind"][k] for k in mt.FINE_KINDS)
-            coarse = statistics.mean(r["kept_per_kind"][k] for k in mt.COARSE_KINDS)
-            spend.append({"method": r["method"], "budget": r["budget"], "fine": fine, "coarse": coarse,
-                          "met": fine > coarse})
-        out["stage3_spends_more_on_fine"] = {"met": all(s["met"] for s in spend), "by_run": spend}
+        for key, other in c["accuracy"].items():
+            if other is None:
+                continue  # the baseline costs less than METEOR at every budget: no reading at METEOR's cost
+            comparisons.append({"budget": c["budget"], "baseline": c["baseline"], "series": key,
+                                "meteor": c["meteor"][key], "other": other, "met": c["meteor"][key] > other})
+    if comparisons:
+        out["meteor_beats_baselines_at_equal_flops"] = {
+            "met": all(x["met"] for x in comparisons), "losses": [x for x in comparisons if not x["met"]],
+            "comparisons": len(comparisons)}
+    spend = []
+    for r in rows:
+        if r["method"] in ("meteor-s3", "meteor"):
+            many, few = r["kept_per_kind"][MANY_TOKEN_KIND], r["kept_per_kind"][FEW_TOKEN_KIND]
+            spend.append({"method": r["method"], "budget": r["budget"], "many": many, "few": few,
+                          "ratio": many / few if few else float("inf"), "met": many >= 2 * few})
+    if spend:
+        out["stage3_adapts"] = {"met": all(x["met"] for x in spend), "by_run": spend}
     return out
 
 
@@ -123,19 +175,22 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
     from ..fidelity import checkpoint_path
     from ..fidelity.model import load
 
-    MeteorConfig(fusion_similarity=settings.fusion_similarity)  # a bad value fails here, before any work
+    MeteorConfig(**settings.meteor)  # a bad field or value fails here, before any work
+    ablations = mt.check_ablations(settings.ablations)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     path = settings.model_path or checkpoint_path()
     model, tokenizer = load(path)
     budgets = [mt.tokens_for(b) for b in settings.budgets]
     extra = [mt.tokens_for(b) for b in settings.meteor_extra if mt.tokens_for(b) not in budgets]
+    ablation_budgets = [mt.tokens_for(b) for b in settings.ablation_budgets] if ablations else []
     methods = mt.check_methods(settings.methods)
     began = time.perf_counter()
     cal = calibration.calibrate(model, tokenizer, settings.methods, budgets, extra, settings.val_per_kind,
-                                settings.layers, settings.batch_size, log, settings.fusion_similarity)
-    test = ev.eval_set(tokenizer, settings.per_kind, split="test")
-    plan = mt.configs(methods, budgets, cal, extra)
+                                settings.layers, settings.batch_size, log, settings.meteor, ablations,
+                                ablation_budgets)
+    test = ev.eval_set(tokenizer, settings.per_kind, split="test", seed=settings.test_seed)
+    plan = mt.configs(methods, budgets, cal, extra, ablations, ablation_budgets)
     runs = []
     with _bar(len(plan) * len(test), "fidelity", settings.progress) as bar:
         for method, budget, seed, config in plan:
@@ -144,6 +199,8 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
             runs.append({"method": method, "budget": budget, "seed": seed, "config": config.to_dict(),
                          "accuracy": _accuracies(r), "kept": r.mean_kept(), "llm_input": r.mean_llm_input(),
                          "kept_per_kind": {k: r.mean_kept(k) for k in KINDS},
+                         "visual_per_layer": r.mean_layer_visual(),
+                         "gflops": ev.prefill_flops(model, test, config, settings.flops_questions) / 1e9,
                          "kept_exact": _exact(r, method, budget)})
     import meteor_plugin
 
@@ -152,9 +209,9 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
     rows = _rows(runs, unpruned)
     result = {
         "model": os.path.abspath(path), "machine": _machine(), "seconds": round(time.perf_counter() - began, 1),
-        "questions_per_kind": settings.per_kind, "kinds": list(KINDS), "calibration": cal.to_dict(),
-        "fusion_similarity": settings.fusion_similarity,
-        "rows": rows, "runs": runs, "targets": targets(rows),
+        "questions_per_kind": settings.per_kind, "test_seed": settings.test_seed, "kinds": list(KINDS),
+        "calibration": cal.to_dict(), "meteor": dict(settings.meteor), "flops_questions": settings.flops_questions,
+        "rows": rows, "runs": runs, "equal_flops": equal_flops(rows, budgets), "targets": targets(rows, budgets),
     }
     if settings.plot:
         from ..fidelity.plot import draw
@@ -165,7 +222,7 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
 
 def _exact(r: ev.EvalResult, method: str, budget: int) -> Optional[bool]:
     """Whether every question kept exactly ``budget`` tokens (None for adaptive and unpruned runs)."""
-    if method in ("meteor-s3", "meteor", "unpruned"):
+    if method.partition(":")[0] in ("meteor-s3", "meteor", "unpruned"):
         return None
     return all(k == budget for k in r.kept)
 
@@ -182,53 +239,75 @@ def _machine() -> Dict[str, Any]:
             "loadavg_at_end": load}
 
 
+def _fmt(x: Optional[float]) -> str:
+    return "   -  " if x is None else f"{x:.3f}"
+
+
 def report(result: Dict[str, Any]) -> str:
     rows = result["rows"]
     kinds = result["kinds"]
-    lines = [f"model: {result['model']}", f"Stage 2 similarity (meteor-s2, meteor): {result['fusion_similarity']}",
-             f"test questions: {result['questions_per_kind']} per kind; "
-             f"{result['seconds']} s on {result['machine']['cores']} cores (torch threads "
-             f"{result['machine']['threads']}, load {result['machine']['loadavg_at_end']})", ""]
-    head = f"{'method':<14}{'budget':>7}{'kept':>7}" + "".join(f"{k:>15}" for k in kinds) + \
-        f"{'overall':>9}{'rel.':>7}"
-    lines.append(head)
-    lines.append("-" * len(head))
+    overrides = ", ".join(f"{k}={v!r}" for k, v in result["meteor"].items()) or "none (the config defaults)"
+    lines = [f"model: {result['model']}", f"METEOR fields set on top of the defaults: {overrides}",
+             f"test questions: {result['questions_per_kind']} per kind (test seed {result['test_seed']}); prefill "
+             f"FLOPs counted on {result['flops_questions']} of them, each alone; {result['seconds']} s on "
+             f"{result['machine']['cores']} cores (torch threads {result['machine']['threads']}, load "
+             f"{result['machine']['loadavg_at_end']})", ""]
+    head = f"{'method':<22}{'budget':>7}{'kept':>7}{'GFLOPs':>8}{'per layer':>14}" + \
+        "".join(f"{k:>14}" for k in kinds) + f"{'overall':>9}{'rel.':>7}"
+    lines += [head, "-" * len(head)]
     for r in rows:
         acc = r["accuracy"]
-        cells = "".join(f"{acc[k]:>15.3f}" for k in kinds)
-        spread = ""
-        if "low" in r:
-            spread = f"  (seeds {r['low']['overall']:.3f}-{r['high']['overall']:.3f})"
-        lines.append(f"{r['method']:<14}{r['budget']:>7}{r['kept']:>7.1f}{cells}{acc['overall']:>9.3f}"
-                     f"{r['relative']['overall']:>7.3f}{spread}")
-    lines.append("")
+        layers = "/".join(f"{v:.0f}" for v in r["visual_per_layer"])
+        spread = f"  (seeds {r['low']['overall']:.3f}-{r['high']['overall']:.3f})" if "low" in r else ""
+        lines.append(f"{r['method']:<22}{r['budget']:>7}{r['kept']:>7.1f}{r['gflops']:>8.3f}{layers:>14}"
+                     + "".join(f"{acc[k]:>14.3f}" for k in kinds)
+                     + f"{acc['overall']:>9.3f}{r['relative']['overall']:>7.3f}{spread}")
+    lines += ["", "'per layer': visual tokens each decoder layer ran on (mean); 'kept': after the last stage.", ""]
+    if result["equal_flops"]:
+        lines.append("At equal prefill FLOPs (each baseline's accuracy-vs-FLOPs curve read at METEOR's FLOPs; a "
+                     "baseline that never runs that cheaply is read at its cheapest run, which costs more):")
+        head = f"  {'METEOR at':<12}{'GFLOPs':>8}  {'method':<15}" + "".join(f"{k:>14}" for k in kinds) + f"{'overall':>9}"
+        lines.append(head)
+        shown = set()
+        for c in result["equal_flops"]:
+            if c["budget"] not in shown:
+                shown.add(c["budget"])
+                lines.append(f"  {c['budget']:<12}{c['gflops']:>8.3f}  {'meteor':<15}"
+                             + "".join(f"{c['meteor'][k]:>14.3f}" for k in kinds) + f"{c['meteor']['overall']:>9.3f}")
+            note = {"cheapest": f"  (its cheapest run, {c['cheapest_gflops']:.3f} GFLOPs)",
+                    "dearer": "  (costs less than METEOR at every budget)"}.get(c["read"], "")
+            lines.append(f"  {'':<12}{'':>8}  {c['baseline']:<15}" + "".join(f"{_fmt(c['accuracy'][k]):>14}" for k in kinds)
+                         + f"{_fmt(c['accuracy']['overall']):>9}{note}")
+        lines.append("")
     lines.append("Stage 3 tokens kept per kind (adaptive):")
     for r in rows:
-        if r["method"] in ("meteor-s3", "meteor"):
+        if r["method"].partition(":")[0] in ("meteor-s3", "meteor"):
             per = ", ".join(f"{k} {r['kept_per_kind'][k]:.1f}" for k in kinds)
             lines.append(f"  {r['method']}@{r['budget']}: {per}")
-    lines.append("")
-    lines.append("targets (reported, not asserted):")
+    lines += ["", "targets (reported, not asserted):"]
     t = result["targets"]
-    if "meteor_24_keeps_99" in t:
-        x = t["meteor_24_keeps_99"]
-        lines.append(f"  METEOR at 24% keeps >= 99% of unpruned overall: {'met' if x['met'] else 'NOT met'} "
-                     f"({x['relative_overall']:.3f}, {x['kept']:.1f} tokens)")
-    if "meteor_beats_baselines_at_25_or_less" in t:
-        x = t["meteor_beats_baselines_at_25_or_less"]
-        lines.append(f"  METEOR beats every baseline at <= 25% (overall and fine): {'met' if x['met'] else 'NOT met'} "
-                     f"({x['comparisons'] - len(x['losses'])}/{x['comparisons']} comparisons won)")
+    for key, label, target in (("meteor_25_keeps_97", "METEOR at 25% keeps >= 97% of unpruned overall", 0.97),
+                               ("meteor_24_keeps_99", "METEOR at 24% keeps >= 99% of unpruned overall", 0.99)):
+        if key in t:
+            x = t[key]
+            lines.append(f"  {label}: {'met' if x['met'] else 'NOT met'} ({x['relative_overall']:.3f}, "
+                         f"{x['kept']:.1f} tokens)")
+    if "meteor_beats_baselines_at_equal_flops" in t:
+        x = t["meteor_beats_baselines_at_equal_flops"]
+        lines.append(f"  METEOR beats every baseline at equal FLOPs at 25% and 12.5%, overall and per kind: "
+                     f"{'met' if x['met'] else 'NOT met'} ({x['comparisons'] - len(x['losses'])}/{x['comparisons']} "
+                     "comparisons won)")
         by_budget: Dict[int, List[str]] = {}
         for loss in x["losses"]:
             by_budget.setdefault(loss["budget"], []).append(
                 f"{loss['baseline']} {loss['series']} {loss['meteor']:.3f} vs {loss['other']:.3f}")
         for budget, items in sorted(by_budget.items()):
-            lines.append(f"    not beaten at {budget} tokens: " + "; ".join(items))
-    if "stage3_spends_more_on_fine" in t:
-        x = t["stage3_spends_more_on_fine"]
-        detail = "; ".join(f"{s['method']}@{s['budget']} fine {s['fine']:.1f} vs coarse {s['coarse']:.1f}"
-                           for s in x["by_run"])
-        lines.append(f"  Stage 3 spends more tokens on fine questions: {'met' if x['met'] else 'NOT met'} ({detail})")
+            lines.append(f"    not beaten at METEOR's {budget}-token FLOPs: " + "; ".join(items))
+    if "stage3_adapts" in t:
+        x = t["stage3_adapts"]
+        detail = "; ".join(f"{s['method']}@{s['budget']} {s['many']:.1f} vs {s['few']:.1f}" for s in x["by_run"])
+        lines.append(f"  Stage 3 spends >= 2x the tokens on {MANY_TOKEN_KIND} as on {FEW_TOKEN_KIND}: "
+                     f"{'met' if x['met'] else 'NOT met'} ({detail})")
     if result.get("plot"):
         lines.append(f"\nplot: {result['plot']}")
     return "\n".join(lines)

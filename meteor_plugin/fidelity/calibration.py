@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -22,26 +22,31 @@ from . import methods as mt
 
 def calibrate(model, tokenizer, methods: Sequence[str], budgets: Sequence[int], extra: Sequence[int] = (),
               val_per_kind: int = 100, layers: Optional[Sequence[int]] = None, batch_size: int = 100,
-              log=print, fusion_similarity: str = "cosine") -> mt.Calibration:
+              log=print, meteor: Optional[Dict[str, Any]] = None, ablations: Sequence[str] = (),
+              ablation_budgets: Sequence[int] = ()) -> mt.Calibration:
+    """Everything the methods need, on ``val_per_kind`` validation questions per kind. ``meteor``: MeteorConfig
+    fields of every METEOR run (``Calibration.meteor``)."""
     from ..calibrate import encoder_ranks
     from .model import pixels
 
     val = ev.eval_set(tokenizer, val_per_kind, split="val")
-    ranks = encoder_ranks(model, pixels(val.images[:32]))
+    images = pixels(val.images[:32])
+    ranks, numerical = encoder_ranks(model, images), encoder_ranks(model, images, "numerical")
     layers = list(layers or range(1, model.config.num_hidden_layers))
     k = mt.tokens_for(0.25)
     scores = {}
     for layer in layers:
-        trial = mt.Calibration(ranks, layer, layer)
+        trial = mt.Calibration(ranks, layer, layer, meteor=dict(meteor or {}))
         solve(model, val, trial, [("meteor-s3", k)], batch_size)
         s3 = ev.evaluate(model, val, mt.config_for("meteor-s3", k, trial), batch_size).accuracy()
         fv = ev.evaluate(model, val, mt.config_for("fastv", k, trial), batch_size).accuracy()
         scores[layer] = (round(s3, 4), round(fv, 4))
     cal = mt.Calibration(ranks, max(layers, key=lambda la: (scores[la][0], -la)),
-                         max(layers, key=lambda la: (scores[la][1], -la)), fusion_similarity=fusion_similarity)
-    log(f"calibration on {len(val)} validation questions: encoder ranks {ranks}; accuracy at {k} tokens per "
-        f"llm_layer (meteor-s3, fastv) {scores} -> meteor {cal.meteor_layer}, fastv {cal.fastv_layer}")
-    solve(model, val, cal, mt.needed_lambdas(methods, budgets, extra), batch_size)
+                         max(layers, key=lambda la: (scores[la][1], -la)), meteor=dict(meteor or {}),
+                         numerical_ranks=numerical)
+    log(f"calibration on {len(val)} validation questions: encoder ranks {ranks} (numerical {numerical}); accuracy "
+        f"at {k} tokens per llm_layer (meteor-s3, fastv) {scores} -> meteor {cal.meteor_layer}, fastv {cal.fastv_layer}")
+    solve(model, val, cal, mt.needed_lambdas(methods, budgets, extra, ablations, ablation_budgets), batch_size)
     return cal
 
 
@@ -56,13 +61,13 @@ def solve(model, val: ev.EvalSet, cal: mt.Calibration, pairs, batch_size: int = 
             for start in range(0, len(val), batch_size):
                 rows = val.ids[start:start + batch_size]
                 ev.forward(model, rows, val.images[start:start + len(rows)])
-                masses += mt.masses_from_stats(meteor_plugin.stats(model))
+                masses += mt.signals_from_stats(meteor_plugin.stats(model))
         mt.with_lambda(cal, method, k, mt.solve_lambda(masses, k, mt.entering_tokens(method, k)))
 
 
 def meteor_config(model, tokenizer, ratio: float = mt.METEOR_TARGET, val_per_kind: int = 100, log=print,
-                  fusion_similarity: str = "cosine"):
+                  meteor: Optional[Dict[str, Any]] = None):
     """METEOR with all three stages at ``ratio`` of the visual tokens, calibrated on validation."""
     k = mt.tokens_for(ratio)
-    cal = calibrate(model, tokenizer, ["meteor"], [k], (), val_per_kind, log=log, fusion_similarity=fusion_similarity)
+    cal = calibrate(model, tokenizer, ["meteor"], [k], (), val_per_kind, log=log, meteor=meteor)
     return mt.config_for("meteor", k, cal)

@@ -24,6 +24,7 @@ from .datasets import make_sample
 from .llava_format import prompt_ids
 from .model import pixels
 from .questions import KINDS
+from .tokenizer import IMAGE_TOKEN_INDEX
 
 PIPELINE = ("baseline", "encoder", "fusion", "llm")  # stage names in RunStats, in the order they run
 LLM_INPUT = ("baseline", "encoder", "fusion")
@@ -66,6 +67,7 @@ class EvalResult:
     kept: List[int]  # visual tokens after the last stage that ran, per sample
     llm_input: List[int]  # visual tokens entering the language model, per sample
     predictions: List[int] = field(default_factory=list)
+    layer_visual: List[List[int]] = field(default_factory=list)  # per sample: visual tokens each decoder layer ran on
 
     def accuracy(self, kind: Optional[str] = None) -> float:
         picked = [c for c, k in zip(self.correct, self.kinds) if kind is None or k == kind]
@@ -78,6 +80,12 @@ class EvalResult:
     def mean_llm_input(self, kind: Optional[str] = None) -> float:
         picked = [t for t, k in zip(self.llm_input, self.kinds) if kind is None or k == kind]
         return sum(picked) / len(picked) if picked else float("nan")
+
+    def mean_layer_visual(self) -> List[float]:
+        """Mean visual tokens each decoder layer processed (what its compute scales with)."""
+        if not self.layer_visual:
+            return []
+        return [sum(col) / len(col) for col in zip(*self.layer_visual)]
 
     def summary(self) -> Dict[str, object]:
         kinds = [k for k in KINDS if k in self.kinds]
@@ -133,6 +141,7 @@ def evaluate(model, data: EvalSet, config, batch_size: int = 100,
     kept: List[int] = []
     entered: List[int] = []
     predictions: List[int] = []
+    layer_visual: List[List[int]] = []
     with left_padded(model):
         for start in range(0, len(data), batch_size):
             rows = data.ids[start:start + batch_size]
@@ -140,12 +149,33 @@ def evaluate(model, data: EvalSet, config, batch_size: int = 100,
             guess = logits[:, -1].argmax(-1)
             predictions += guess.tolist()
             correct += (guess == data.answers[start:start + len(rows)]).tolist()
-            k, e = tokens_from_stats(meteor_plugin.stats(model), len(rows))
+            run = meteor_plugin.stats(model)
+            k, e = tokens_from_stats(run, len(rows))
             kept += k
             entered += e
+            text = [sum(1 for t in r if t != IMAGE_TOKEN_INDEX) for r in rows]
+            layer_visual += [[layer[i] - text[i] for layer in run.layer_tokens] for i in range(len(rows))]
             if progress is not None:
                 progress(len(rows))
-    return EvalResult(correct, list(data.kinds), kept, entered, predictions)
+    return EvalResult(correct, list(data.kinds), kept, entered, predictions, layer_visual)
+
+
+def prefill_flops(model, data: EvalSet, config, count: int = 32) -> float:
+    """Mean prefill FLOPs of one question under ``config``, counted as ``meteor-plugin bench`` counts them
+    (``bench.flops``: matmuls, convolutions, attention; encoders, projectors and language model) over the
+    first ``count`` questions of ``data``, each alone (a batch would count its padding)."""
+    import meteor_plugin
+
+    from ..bench.flops import count_flops
+
+    meteor_plugin.enable(config)
+    model.eval()
+    total = 0.0
+    n = min(count, len(data))
+    with torch.no_grad(), left_padded(model):
+        for i in range(n):
+            total += count_flops(lambda: forward(model, data.ids[i:i + 1], data.images[i:i + 1]))
+    return total / n
 
 
 def per_kind_table(results: Dict[str, EvalResult], kinds: Sequence[str] = KINDS) -> str:

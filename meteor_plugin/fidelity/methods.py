@@ -13,31 +13,47 @@ method is run at the same budgets and the tokens really kept are read back from 
 | drop-clip / drop-convnext | one encoder removed, the other evenly subsampled to K | ``method="drop_encoder"`` |
 | fastv | last instruction token's attention (all heads) at ``llm_layer``, K fixed | ``method="fastv"`` |
 | meteor-s1 | Stage 1 alone: K tokens split across encoders by rank, pruned inside them | ``encoder_keep=K`` |
-| meteor-s2 | Stage 2 alone: the K least redundant across encoders | ``fusion_keep=K`` |
+| meteor-s2 | Stage 2 alone: K tokens by the Stage 2 similarity | ``fusion_keep=K`` |
 | meteor-s3 | Stage 3 alone: adaptive, K on average after ``llm_layer`` | ``llm_lambda`` solved |
-| meteor | all three: Stage 1 to E, Stage 2 to F = 2K, Stage 3 to K on average | see `meteor_all` |
+| meteor | all three: Stage 1 to E, Stage 2 to F = 2K, Stage 3 to K on average | see `fusion_share` |
+| meteor:NAME | ``meteor`` with one choice switched (`ABLATIONS`; ``paper``: all of them) | the same |
 
-Calibration uses the validation split only: encoder ranks (``calibrate.encoder_ranks``) and Stage 3's
+Every METEOR row runs the config defaults unless told otherwise. Calibration uses the validation split
+only: encoder ranks (``calibrate.encoder_ranks``, effective and numerical) and Stage 3's
 ``llm_lambda``, solved per config so that the mean clipped budget on validation questions equals K
 (the test split then shows the budget that really resulted). ``llm_layer`` is chosen on validation
-too, separately for METEOR's Stage 3 and FastV. ``Calibration.fusion_similarity`` is the Stage 2
-similarity of meteor-s2 and meteor (the bench's ``--fusion-similarity``).
+too, separately for METEOR's Stage 3 and FastV. ``Calibration.meteor`` holds MeteorConfig fields set on
+every METEOR run on top of the defaults (the bench's ``--meteor-set``, e.g. the paper's choices for an
+ablation); the baselines never take them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 VISUAL_TOKENS = 128
-BUDGETS = (0.5, 0.25, 0.125)
+BUDGETS = (0.5, 0.25, 0.125, 0.0625)
 METEOR_TARGET = 0.24  # the paper's setting: 242 of EAGLE's 1024 visual tokens
 RANDOM_SEEDS = (0, 1, 2)
 BASELINES = ("random", "avgpool", "visionzip", "drop-clip", "drop-convnext", "fastv")
 METEOR = ("meteor-s1", "meteor-s2", "meteor-s3", "meteor")
 ALL_METHODS = BASELINES + METEOR
+# METEOR (all stages) with one choice switched to its alternative: the paper's where ours differs
+# (``paper`` switches them all: the method as version 1 of the config ran it). Run as ``meteor:<name>``.
+ABLATIONS: Dict[str, Dict[str, Any]] = {
+    "numerical-rank": {"rank": "numerical"},  # Stage 1 split by the paper's numerical rank (uniform here)
+    "deep-similarity": {"encoder_deep_score": "similarity"},
+    "cosine-s2": {"fusion_similarity": "cosine"},
+    "centred-s2": {"fusion_similarity": "centred_cosine"},
+    "one-head": {"llm_min_heads": 1},
+    "mass-budget": {"llm_budget_signal": "mass"},
+    "all-query": {"text_query": "all"},
+    "paper": {"rank": "numerical", "fusion_similarity": "cosine", "llm_min_heads": 1, "llm_budget_signal": "mass",
+              "text_query": "all"},
+}
 FINE_KINDS = ("digit", "next_to_digit")  # localised, read best by the full-resolution encoder
 COARSE_KINDS = ("colour", "count")
 
@@ -67,12 +83,27 @@ class Calibration:
     meteor_layer: int
     fastv_layer: int
     lambdas: Dict[str, float] = field(default_factory=dict)  # "<method>@<k>" -> llm_lambda
-    fusion_similarity: str = "cosine"  # MeteorConfig.fusion_similarity of the methods that run Stage 2
+    meteor: Dict[str, Any] = field(default_factory=dict)  # MeteorConfig fields of every METEOR run
+    numerical_ranks: Optional[Dict[str, float]] = None  # the paper's rank, for the numerical-rank ablation
 
     def to_dict(self) -> Dict[str, object]:
-        return {"encoder_ranks": self.encoder_ranks, "meteor_layer": self.meteor_layer,
-                "fastv_layer": self.fastv_layer, "lambdas": dict(self.lambdas),
-                "fusion_similarity": self.fusion_similarity}
+        return {"encoder_ranks": self.encoder_ranks, "numerical_ranks": self.numerical_ranks,
+                "meteor_layer": self.meteor_layer, "fastv_layer": self.fastv_layer, "lambdas": dict(self.lambdas),
+                "meteor": dict(self.meteor)}
+
+
+def meteor_fields(method: str, cal: Calibration) -> Tuple[str, Dict[str, Any], Dict[str, float]]:
+    """(base method, MeteorConfig fields, encoder ranks) of a METEOR method or ``meteor:<ablation>``."""
+    name, _, variant = method.partition(":")
+    fields, ranks = dict(cal.meteor), cal.encoder_ranks
+    if variant:
+        change = dict(ABLATIONS[variant])
+        if change.pop("rank", None) == "numerical":
+            if cal.numerical_ranks is None:
+                raise ValueError(f"{method} needs the numerical ranks in the calibration")
+            ranks = cal.numerical_ranks
+        fields.update(change)
+    return name, fields, ranks
 
 
 def base():
@@ -87,8 +118,7 @@ def unpruned():
 
 def stage3_fields(k: int, entering: int, layer: int, lam: float) -> dict:
     lo, hi = llm_clip(k, entering)
-    return {"llm": True, "llm_layer": layer, "llm_lambda": lam, "llm_min_keep": lo, "llm_max_keep": hi,
-            "llm_top_heads": 0.25, "text_query": "all"}
+    return {"llm": True, "llm_layer": layer, "llm_lambda": lam, "llm_min_keep": lo, "llm_max_keep": hi}
 
 
 def config_for(method: str, k: int, cal: Calibration, seed: int = 0):
@@ -104,15 +134,20 @@ def config_for(method: str, k: int, cal: Calibration, seed: int = 0):
     if method == "fastv":
         return b.replace(method="fastv", llm=True, llm_layer=cal.fastv_layer, llm_max_keep=k, llm_min_keep=k)
     if method == "meteor-s1":
-        return b.replace(encoder=True, encoder_keep=k, encoder_ranks=cal.encoder_ranks)
+        return b.replace(**cal.meteor, encoder=True, encoder_keep=k, encoder_ranks=cal.encoder_ranks)
     if method == "meteor-s2":
-        return b.replace(fusion=True, fusion_keep=k, fusion_similarity=cal.fusion_similarity)
-    if method in ("meteor-s3", "meteor"):
+        return b.replace(**cal.meteor, fusion=True, fusion_keep=k)
+    if method in ("meteor-s3", "meteor") or is_ablation(method):
         lam = cal.lambdas.get(stage3_key(method, k))
         if lam is None:
             raise KeyError(f"no llm_lambda calibrated for {method} at {k} tokens: run solve_lambda first")
         return stage3_probe(method, k, cal).replace(llm_lambda=lam, **_clip_fields(method, k))
     raise ValueError(f"unknown method {method!r}: allowed {', '.join(ALL_METHODS)}")
+
+
+def is_ablation(method: str) -> bool:
+    name, _, variant = method.partition(":")
+    return name == "meteor" and variant in ABLATIONS
 
 
 def stage3_key(method: str, k: int) -> str:
@@ -121,7 +156,7 @@ def stage3_key(method: str, k: int) -> str:
 
 def entering_tokens(method: str, k: int) -> int:
     """Visual tokens that reach Stage 3 in ``method`` at an average of ``k`` after it."""
-    return fusion_share(k)[1] if method == "meteor" else VISUAL_TOKENS
+    return fusion_share(k)[1] if method.partition(":")[0] == "meteor" else VISUAL_TOKENS
 
 
 def _clip_fields(method: str, k: int) -> dict:
@@ -130,14 +165,14 @@ def _clip_fields(method: str, k: int) -> dict:
 
 
 def stage3_probe(method: str, k: int, cal: Calibration):
-    """The Stage 3 config with every visual token kept: its forwards record the attention mass."""
-    b = base()
+    """The Stage 3 config with every visual token kept: its forwards record the budget signal."""
+    name, extra, ranks = meteor_fields(method, cal)
+    b = base().replace(**extra)
     fields = stage3_fields(k, entering_tokens(method, k), cal.meteor_layer, 1.0)
     fields.update(llm_min_keep=1.0, llm_max_keep=1.0)
-    if method == "meteor":
+    if name == "meteor":
         e, f = fusion_share(k)
-        b = b.replace(encoder=True, fusion=True, encoder_keep=e, fusion_keep=f, encoder_ranks=cal.encoder_ranks,
-                      fusion_similarity=cal.fusion_similarity)
+        b = b.replace(encoder=True, fusion=True, encoder_keep=e, fusion_keep=f, encoder_ranks=ranks)
     return b.replace(**fields)
 
 
@@ -166,7 +201,8 @@ def solve_lambda(masses: Sequence[float], k: int, entering: int) -> float:
 
 
 def configs(methods: Sequence[str], budgets: Sequence[int], cal: Calibration,
-            meteor_extra: Sequence[int] = ()) -> List[Tuple[str, int, int, object]]:
+            meteor_extra: Sequence[int] = (), ablations: Sequence[str] = (),
+            ablation_budgets: Sequence[int] = ()) -> List[Tuple[str, int, int, object]]:
     """(method, budget, seed, config) for every run, in table order."""
     out: List[Tuple[str, int, int, object]] = [("unpruned", VISUAL_TOKENS, 0, unpruned())]
     for k in budgets:
@@ -177,17 +213,23 @@ def configs(methods: Sequence[str], budgets: Sequence[int], cal: Calibration,
     for k in meteor_extra:
         if "meteor" in methods:
             out.append(("meteor", k, 0, config_for("meteor", k, cal)))
+    for k in ablation_budgets:
+        for name in ablations:
+            out.append((f"meteor:{name}", k, 0, config_for(f"meteor:{name}", k, cal)))
     return out
 
 
-def needed_lambdas(methods: Sequence[str], budgets: Sequence[int], meteor_extra: Sequence[int] = ()) -> List[Tuple[str, int]]:
+def needed_lambdas(methods: Sequence[str], budgets: Sequence[int], meteor_extra: Sequence[int] = (),
+                   ablations: Sequence[str] = (), ablation_budgets: Sequence[int] = ()) -> List[Tuple[str, int]]:
     out = [(m, k) for k in budgets for m in methods if m in ("meteor-s3", "meteor")]
     out += [("meteor", k) for k in meteor_extra if "meteor" in methods]
+    out += [(f"meteor:{name}", k) for k in ablation_budgets for name in ablations]
     return out
 
 
-def masses_from_stats(run_stats) -> List[float]:
-    return [float(s["llm"].detail["mass"]) for s in run_stats.stages]
+def signals_from_stats(run_stats) -> List[float]:
+    """Stage 3's budget signal per sample (what ``llm_lambda`` multiplies)."""
+    return [float(s["llm"].detail["signal"]) for s in run_stats.stages]
 
 
 def check_methods(methods: Sequence[str]) -> List[str]:
@@ -195,6 +237,13 @@ def check_methods(methods: Sequence[str]) -> List[str]:
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}: allowed {', '.join(ALL_METHODS)}")
     return list(methods)
+
+
+def check_ablations(names: Sequence[str]) -> List[str]:
+    bad = [n for n in names if n not in ABLATIONS]
+    if bad:
+        raise ValueError(f"unknown ablation(s) {', '.join(bad)}: allowed {', '.join(ABLATIONS)}")
+    return list(names)
 
 
 def with_lambda(cal: Calibration, method: str, k: int, lam: float) -> Calibration:

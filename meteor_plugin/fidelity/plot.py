@@ -1,8 +1,9 @@
-"""Accuracy against retained visual tokens, drawn with Pillow (a dependency already; matplotlib is not).
+"""Accuracy against prefill FLOPs, drawn with Pillow (a dependency already; matplotlib is not).
 
-One panel per series of questions (overall, and the fine questions by default): each method is a
-coloured line through its budgets, random shows its seed spread as a vertical bar, and the unpruned
-model is a dashed horizontal line at its accuracy.
+One panel per series of questions (overall and every kind by default, three to a row): each method is a
+coloured line through its budgets at the FLOPs it really spent, random shows its seed spread as a vertical
+bar, and the unpruned model is a dashed horizontal line at its accuracy (its FLOPs are the right edge).
+Ablation rows (``meteor:NAME``) are left to the text report.
 """
 
 from __future__ import annotations
@@ -25,11 +26,19 @@ def _font():
     return ImageFont.load_default()
 
 
-def _panel(draw: ImageDraw.ImageDraw, x0: int, title: str, series: Dict[str, List[Tuple[float, float, float, float]]],
-           unpruned: Optional[float], x_max: float) -> None:
-    """series: method -> [(tokens, accuracy, low, high)] sorted by tokens."""
+def _ticks(x_max: float) -> List[float]:
+    """About five round tick values from 0 to ``x_max``."""
+    raw = x_max / 5
+    step = min((m * 10 ** e for e in range(-4, 6) for m in (1, 2, 5) if m * 10 ** e >= raw), default=raw)
+    return [i * step for i in range(int(x_max / step) + 1)]
+
+
+def _panel(draw: ImageDraw.ImageDraw, x0: int, y0: int, title: str,
+           series: Dict[str, List[Tuple[float, float, float, float]]], unpruned: Optional[float], x_max: float,
+           x_label: str) -> None:
+    """series: method -> [(x, accuracy, low, high)] sorted by x."""
     left, top, right, bottom = MARGIN
-    px0, py0, px1, py1 = x0 + left, top, x0 + W - right, H - bottom
+    px0, py0, px1, py1 = x0 + left, y0 + top, x0 + W - right, y0 + H - bottom
     font = _font()
 
     def to_xy(t: float, a: float) -> Tuple[float, float]:
@@ -40,15 +49,12 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, title: str, series: Dict[str, Lis
         y = py1 - (py1 - py0) * i / 10
         draw.line([px0, y, px1, y], fill=(232, 232, 232))
         draw.text((px0 - 30, y - 6), f"{i / 10:.1f}", fill=(0, 0, 0), font=font)
-    step = 16 if x_max <= 160 else 32
-    t = 0
-    while t <= x_max:
+    for t in _ticks(x_max):
         x = to_xy(t, 0)[0]
         draw.line([x, py1, x, py1 + 4], fill=(0, 0, 0))
-        draw.text((x - 8, py1 + 6), str(t), fill=(0, 0, 0), font=font)
-        t += step
-    draw.text((px0 + (px1 - px0) // 2 - 80, H - 22), "visual tokens retained (mean)", fill=(0, 0, 0), font=font)
-    draw.text((px0, 10), title, fill=(0, 0, 0), font=font)
+        draw.text((x - 8, py1 + 6), f"{t:g}", fill=(0, 0, 0), font=font)
+    draw.text((px0 + (px1 - px0) // 2 - 60, y0 + H - 22), x_label, fill=(0, 0, 0), font=font)
+    draw.text((px0, y0 + 10), title, fill=(0, 0, 0), font=font)
     if unpruned is not None:
         y = to_xy(0, unpruned)[1]
         for xs in range(px0, px1, 10):
@@ -66,14 +72,19 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, title: str, series: Dict[str, Lis
             draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
 
 
-def draw(rows: Sequence[Dict[str, object]], path: str, panels: Sequence[Tuple[str, str]] = (
-        ("overall", "overall accuracy"), ("fine", "fine questions (digit, next_to_digit)"))) -> str:
-    """Write the plot of ``rows`` (the benchmark's summary rows: method, kept, accuracy {series: value},
+PANELS = (("overall", "overall"), ("colour", "colour (one object)"), ("count", "count (every object of a colour)"),
+          ("digit", "digit (a small glyph)"), ("next_to_digit", "next_to_digit"),
+          ("fine", "fine questions (digit, next_to_digit)"))
+
+
+def draw(rows: Sequence[Dict[str, object]], path: str, panels: Sequence[Tuple[str, str]] = PANELS,
+         x_key: str = "gflops", x_label: str = "prefill GFLOPs (counted)", columns: int = 3) -> str:
+    """Write the plot of ``rows`` (the benchmark's summary rows: method, ``x_key``, accuracy {series: value},
     low/high {series: value} for seeded methods) to ``path`` (PNG); returns ``path``."""
-    x_max = max(float(r["kept"]) for r in rows)
-    x_max = 16 * (int(x_max) // 16 + 1)
+    x_max = max(float(r[x_key]) for r in rows) * 1.05
     legend_h = 24
-    img = Image.new("RGB", (W * len(panels), H + legend_h), (255, 255, 255))
+    n_rows = (len(panels) + columns - 1) // columns
+    img = Image.new("RGB", (W * min(columns, len(panels)), H * n_rows + legend_h), (255, 255, 255))
     d = ImageDraw.Draw(img)
     for p, (key, title) in enumerate(panels):
         series: Dict[str, List[Tuple[float, float, float, float]]] = {}
@@ -83,19 +94,21 @@ def draw(rows: Sequence[Dict[str, object]], path: str, panels: Sequence[Tuple[st
             if r["method"] == "unpruned":
                 unpruned = acc
                 continue
+            if r["method"] not in PALETTE:
+                continue
             lo = r.get("low", {}).get(key, acc)
             hi = r.get("high", {}).get(key, acc)
-            series.setdefault(str(r["method"]), []).append((float(r["kept"]), acc, lo, hi))
+            series.setdefault(str(r["method"]), []).append((float(r[x_key]), acc, lo, hi))
         for points in series.values():
             points.sort()
-        _panel(d, p * W, title, series, unpruned, x_max)
+        _panel(d, (p % columns) * W, (p // columns) * H, title, series, unpruned, x_max, x_label)
     x = 10
     font = _font()
     for method, colour in PALETTE.items():
         if not any(r["method"] == method for r in rows):
             continue
-        d.rectangle([x, H + 8, x + 12, H + 18], fill=colour)
-        d.text((x + 16, H + 6), method, fill=(0, 0, 0), font=font)
+        d.rectangle([x, H * n_rows + 8, x + 12, H * n_rows + 18], fill=colour)
+        d.text((x + 16, H * n_rows + 6), method, fill=(0, 0, 0), font=font)
         x += 20 + int(d.textlength(method, font=font)) + 14
     img.save(path)
     return path

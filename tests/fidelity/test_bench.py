@@ -3,58 +3,103 @@ tokens each method kept, and the demo that asks the checkpoint a question."""
 
 import json
 
+import pytest
+import torch
 from PIL import Image
 
 from meteor_plugin import cli
 from meteor_plugin.bench import fidelity
-from meteor_plugin.fidelity import plot
+from meteor_plugin.fidelity import methods, plot
 
 
-def test_small_bench_reports_every_method_with_its_budget(tmp_path, capsys):
+def test_small_bench_reports_every_method_with_its_budget_and_cost(tmp_path, capsys):
     png = tmp_path / "fidelity.png"
-    code = cli.main(["bench", "fidelity", "--per-kind", "6", "--val-per-kind", "6", "--budgets", "0.25",
+    code = cli.main(["bench", "fidelity", "--per-kind", "6", "--val-per-kind", "6", "--budgets", "0.25,0.125",
                      "--methods", "random,avgpool,drop-convnext,fastv,meteor-s3,meteor", "--plot", str(png),
                      "--json", "--no-progress"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     rows = {(r["method"], r["budget"]): r for r in result["rows"]}
-    assert set(rows) == {("unpruned", 128), ("random", 32), ("avgpool", 32), ("drop-convnext", 32), ("fastv", 32),
-                         ("meteor-s3", 32), ("meteor", 32), ("meteor", 31)}
+    assert set(rows) == {("unpruned", 128)} | {(m, k) for k in (32, 16) for m in (
+        "random", "avgpool", "drop-convnext", "fastv", "meteor-s3", "meteor")} | {("meteor", 31)}
     assert rows[("unpruned", 128)]["kept"] == 128
     for run in result["runs"]:
         if run["kept_exact"] is not None:
             assert run["kept_exact"] and run["kept"] == run["budget"]
     assert rows[("random", 32)]["seeds"] == [0, 1, 2] and "low" in rows[("random", 32)]
     assert rows[("meteor", 32)]["llm_input"] == 64  # Stages 1-2 pass 2k, Stage 3 keeps k on average
+    layers = result["calibration"]["meteor_layer"]
+    # What each decoder layer ran on: pre-LLM methods k everywhere, Stage 3 the full input before its layer.
+    assert rows[("avgpool", 16)]["visual_per_layer"] == [16, 16, 16]
+    assert rows[("meteor", 32)]["visual_per_layer"][:layers] == [64] * layers
+    fastv_layer = result["calibration"]["fastv_layer"]
+    assert rows[("fastv", 16)]["visual_per_layer"] == [128] * fastv_layer + [16] * (3 - fastv_layer)
+    # FLOPs counted: fewer tokens cost less, and a method that prunes later costs more at the same final count.
+    assert rows[("unpruned", 128)]["gflops"] > rows[("avgpool", 32)]["gflops"] > rows[("avgpool", 16)]["gflops"] > 0
+    assert rows[("fastv", 32)]["gflops"] > rows[("avgpool", 32)]["gflops"]
     for row in result["rows"]:
         assert set(row["accuracy"]) == {"colour", "count", "digit", "next_to_digit", "overall", "fine", "coarse"}
         assert 0.0 <= row["accuracy"]["overall"] <= 1.0
-    assert set(result["targets"]) == {"meteor_24_keeps_99", "meteor_beats_baselines_at_25_or_less",
-                                      "stage3_spends_more_on_fine"}
+    # Equal-FLOPs readings: avgpool's curve interpolated at METEOR's cost where that lies inside it.
+    for c in result["equal_flops"]:
+        m = rows[("meteor", c["budget"])]
+        assert c["gflops"] == m["gflops"]
+        curve = sorted((rows[(c["baseline"], k)]["gflops"], rows[(c["baseline"], k)]["accuracy"]["overall"])
+                       for k in (32, 16))
+        if c["read"] == "interpolated":
+            (x0, y0), (x1, y1) = curve
+            assert c["accuracy"]["overall"] == pytest.approx(y0 + (y1 - y0) * (m["gflops"] - x0) / (x1 - x0))
+        elif c["read"] == "cheapest":
+            assert m["gflops"] < curve[0][0] and c["accuracy"]["overall"] == curve[0][1]
+        else:
+            assert m["gflops"] > curve[-1][0] and c["accuracy"]["overall"] is None
+    assert set(result["targets"]) == {"meteor_25_keeps_97", "meteor_24_keeps_99",
+                                      "meteor_beats_baselines_at_equal_flops", "stage3_adapts"}
     with Image.open(png) as img:
-        assert img.format == "PNG" and img.size == (2 * plot.W, plot.H + 24)
-    assert "visual tokens retained" not in fidelity.report(result)  # the text report is a table, not the plot
-    assert "targets (reported, not asserted)" in fidelity.report(result)
+        assert img.format == "PNG" and img.size == (3 * plot.W, 2 * plot.H + 24)
+    text = fidelity.report(result)
+    assert "At equal prefill FLOPs" in text and "targets (reported, not asserted)" in text
 
 
-def test_fusion_similarity_reaches_the_stage_2_methods_and_the_report(capsys):
-    code = cli.main(["bench", "fidelity", "--per-kind", "4", "--val-per-kind", "4", "--budgets", "0.25",
-                     "--methods", "random,meteor-s2,meteor", "--fusion-similarity", "centred_cosine", "--plot", "none",
-                     "--json", "--no-progress"])
+def test_read_at_interpolates_and_never_extrapolates():
+    points = [(1.0, 0.5), (3.0, 0.9)]
+    assert fidelity.read_at(points, 2.0) == (pytest.approx(0.7), "interpolated")
+    assert fidelity.read_at(points, 0.5) == (0.5, "cheapest")
+    assert fidelity.read_at(points, 4.0) == (None, "dearer")
+
+
+def test_meteor_fields_and_ablations_reach_only_the_meteor_runs(capsys):
+    code = cli.main(["bench", "fidelity", "--per-kind", "2", "--val-per-kind", "2", "--budgets", "0.25",
+                     "--methods", "random,meteor-s2,meteor", "--meteor-set", "fusion_similarity=centred_cosine",
+                     "--ablation", "--plot", "none", "--json", "--no-progress", "--test-seed", "5"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     similarity = {(r["method"], r["budget"]): r["config"]["fusion_similarity"] for r in result["runs"]}
     assert similarity[("meteor-s2", 32)] == similarity[("meteor", 32)] == similarity[("meteor", 31)] == "centred_cosine"
-    assert similarity[("random", 32)] == "cosine"  # a baseline has no Stage 2 similarity to change
-    assert result["fusion_similarity"] == result["calibration"]["fusion_similarity"] == "centred_cosine"
-    assert "Stage 2 similarity (meteor-s2, meteor): centred_cosine" in fidelity.report(result)
+    assert similarity[("random", 32)] == "duplicate"  # a baseline keeps the defaults: it has no Stage 2
+    assert similarity[("meteor:cosine-s2", 16)] == similarity[("meteor:paper", 32)] == "cosine"
+    assert {r["method"] for r in result["rows"]} >= {f"meteor:{n}" for n in methods.ABLATIONS}
+    assert result["meteor"] == result["calibration"]["meteor"] == {"fusion_similarity": "centred_cosine"}
+    assert result["test_seed"] == 5
+    assert "fusion_similarity='centred_cosine'" in fidelity.report(result)
 
 
-def test_bench_refuses_an_unknown_similarity_before_any_work():
-    import pytest
+def test_test_seed_draws_other_questions_than_the_default():
+    from meteor_plugin.fidelity import evaluate as ev
+    from meteor_plugin.fidelity import llava_format
 
+    tokenizer = llava_format.build_hf_tokenizer()
+    a, b = ev.eval_set(tokenizer, 4, "test"), ev.eval_set(tokenizer, 4, "test", seed=5)
+    assert not torch.equal(a.images, b.images)
+    assert ev.eval_set(tokenizer, 4, "test", seed=5).ids == b.ids
+
+
+def test_bench_refuses_an_unknown_field_or_value_before_any_work():
     with pytest.raises(ValueError, match="fusion_similarity='dot' is invalid"):
-        fidelity.run(fidelity.FidelityBench(per_kind=1, methods=["meteor-s2"], fusion_similarity="dot", plot=None))
+        fidelity.run(fidelity.FidelityBench(per_kind=1, methods=["meteor-s2"], meteor={"fusion_similarity": "dot"},
+                                            plot=None))
+    with pytest.raises(ValueError, match="unknown ablation"):
+        fidelity.run(fidelity.FidelityBench(per_kind=1, methods=["meteor"], ablations=["fancy"], plot=None))
 
 
 def test_demo_asks_the_shipped_model_and_reports_tokens(capsys):

@@ -16,7 +16,8 @@ def setup():
     model = fidelity_model.build(seed=1)  # random weights: budgets do not depend on training
     tokenizer = llava_format.build_hf_tokenizer()
     data = ev.eval_set(tokenizer, 2, split="val")  # 8 questions, every kind, different prompt lengths
-    cal = methods.Calibration({"clip-448": 30.0, "convnext-1024": 50.0}, meteor_layer=1, fastv_layer=2)
+    cal = methods.Calibration({"clip-448": 30.0, "convnext-1024": 50.0}, meteor_layer=1, fastv_layer=2,
+                              numerical_ranks={"clip-448": 64.0, "convnext-1024": 64.0})
     return model, tokenizer, data, cal
 
 
@@ -57,21 +58,21 @@ def test_fastv_keeps_exactly_k_after_its_layer(setup):
     assert per_layer[:2] == [[128] * len(data)] * 2 and per_layer[2] == [32] * len(data)  # fastv_layer = 2
 
 
-@pytest.mark.parametrize("method", ["meteor-s3", "meteor"])
+@pytest.mark.parametrize("method", ["meteor-s3", "meteor", "meteor:paper", "meteor:cosine-s2"])
 def test_adaptive_stage3_keeps_its_per_sample_budget_and_the_calibrated_mean(setup, method):
     model, _, data, cal = setup
     k = 32
     probe, _ = _run(model, data, methods.stage3_probe(method, k, cal))
-    masses = methods.masses_from_stats(probe)
+    masses = methods.signals_from_stats(probe)
     entering = methods.entering_tokens(method, k)
     lam = methods.solve_lambda(masses, k, entering)
     methods.with_lambda(cal, method, k, lam)
     config = methods.config_for(method, k, cal)
     run, per_layer = _run(model, data, config)
     lo, hi = methods.llm_clip(k, entering)
-    # The budget written independently of the plugin: clip(round(lambda * mass), lo, hi) per sample.
+    # The budget written independently of the plugin: clip(round(lambda * signal), lo, hi) per sample.
     expected = [min(max(int(torch.floor(torch.tensor(m * lam, dtype=torch.float64) + 0.5)), lo), hi)
-                for m in methods.masses_from_stats(run)]
+                for m in methods.signals_from_stats(run)]
     assert [s["llm"].left for s in run.stages] == expected
     assert per_layer[cal.meteor_layer] == expected
     assert [s["llm"].entered for s in run.stages] == [entering] * len(data)
@@ -97,3 +98,20 @@ def test_solve_lambda_hits_the_clipped_mean():
         methods.solve_lambda([0.0, 0.0], 20, 128)
     with pytest.raises(ValueError, match="unknown method"):
         methods.check_methods(["random", "bogus"])
+
+
+def test_ablations_switch_exactly_their_choice(setup):
+    _, _, _, cal = setup
+    cal = methods.Calibration(cal.encoder_ranks, 1, 2, numerical_ranks={"clip-448": 64.0, "convnext-1024": 64.0})
+    for name in methods.ABLATIONS:
+        methods.with_lambda(cal, f"meteor:{name}", 32, 1.0)
+    methods.with_lambda(cal, "meteor", 32, 1.0)
+    default = methods.config_for("meteor", 32, cal).to_dict()
+    for name, change in methods.ABLATIONS.items():
+        config = methods.config_for(f"meteor:{name}", 32, cal).to_dict()
+        differs = {k for k in default if default[k] != config[k]}
+        expected = {k for k in change if k != "rank"} | ({"encoder_ranks"} if "rank" in change else set())
+        assert differs == expected, name
+    assert methods.config_for("meteor:paper", 32, cal).encoder_ranks == cal.numerical_ranks
+    with pytest.raises(ValueError, match="unknown ablation\\(s\\) fancy"):
+        methods.check_ablations(["fancy"])
