@@ -244,23 +244,23 @@ def test_recomputed_scores_equal_eager_attention_weights(tiny_llava):
 def test_budget_follows_attention_mass_and_respects_clips(tiny_llava):
     model = tiny_llava()
     ids, mask, images = make_batch([(3, 6), (5, 10), (2, 4)], [True, True, False], seed=17)
-    meteor_plugin.enable(**STAGE3, llm_lambda=20.0, llm_min_keep=1, llm_max_keep=1.0)
+    meteor_plugin.enable(**STAGE3, llm_lambda=20.0, llm_min_keep=2, llm_max_keep=1.0)
     forward_logits(model, ids, mask, images)
     stages = meteor_plugin.stats(model).stages
     for sample in stages[:2]:
         llm = sample["llm"]
         expected = int(torch.floor(torch.tensor(llm.detail["mass"] * 20.0 + 0.5)))
-        assert llm.left == max(1, min(VISUAL, expected))
+        assert llm.left == max(2, min(VISUAL, expected))
         assert len(llm.detail["kept"]) == llm.left
     assert stages[2]["llm"].entered == 0 and stages[2]["llm"].left == 0  # the text-only sample
     masses = [s["llm"].detail["mass"] for s in stages[:2]]
     # A larger lambda keeps proportionally more; the clips bound it.
-    meteor_plugin.enable(**STAGE3, llm_lambda=60.0, llm_min_keep=1, llm_max_keep=1.0)
+    meteor_plugin.enable(**STAGE3, llm_lambda=60.0, llm_min_keep=2, llm_max_keep=1.0)
     forward_logits(model, ids, mask, images)
     for mass, sample in zip(masses, meteor_plugin.stats(model).stages[:2]):
         assert sample["llm"].detail["mass"] == pytest.approx(mass)
-        assert sample["llm"].left == max(1, min(VISUAL, int(mass * 60.0 + 0.5)))
-    meteor_plugin.enable(**STAGE3, llm_lambda=1000.0, llm_min_keep=1, llm_max_keep=24)
+        assert sample["llm"].left == max(2, min(VISUAL, int(mass * 60.0 + 0.5)))
+    meteor_plugin.enable(**STAGE3, llm_lambda=1000.0, llm_min_keep=2, llm_max_keep=24)
     forward_logits(model, ids, mask, images)
     assert [s["llm"].left for s in meteor_plugin.stats(model).stages[:2]] == [24, 24]
     meteor_plugin.enable(**STAGE3, llm_lambda=0.001, llm_min_keep=0.25, llm_max_keep=1.0)
