@@ -1,4 +1,8 @@
-"""The ``meteor-plugin`` command: demo, bench and the tools built on the plugin."""
+"""The ``meteor-plugin`` command: demo, bench and the tools built on the plugin.
+
+A user error (a missing file, a malformed or invalid config, a checkpoint that cannot be used) prints
+one line naming the problem and exits 2; ``--debug`` (anywhere on the line) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -80,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     from meteor_plugin.fidelity.methods import ABLATIONS
 
     parser = argparse.ArgumentParser(prog="meteor-plugin", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="answer one question about a generated image with pruning off and on")
@@ -142,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple:
+    """What a bad input raises: files, configs, checkpoints. Anything else is a bug and keeps its traceback."""
+    from meteor_plugin.training.calibration import CalibrationUnavailable
+    from meteor_plugin.training.save import IncompleteCheckpointError
+
+    return (ValueError, OSError, CalibrationUnavailable, IncompleteCheckpointError)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import os
 
@@ -150,8 +163,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not torch.cuda.is_available():
         # DeepSpeed (imported by transformers' integrations) otherwise prints a notice on stdout.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted after the subcommand too
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        if debug:
+            raise
+        print(f"meteor-plugin {args.command}: error: {str(exc) or type(exc).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """MeteorConfig: every setting of the three pruning stages, validated on creation.
 
-Budgets (``*_keep``) are a count (``int``, tokens) or a ratio (``float`` in (0, 1], of the tokens
-entering that stage). ``1`` means one token, ``1.0`` means all of them: JSON and YAML keep the
-difference.
+Budgets (``*_keep``, ``llm_top_heads``) are a ratio in (0, 1] of the tokens entering that stage, or a
+count >= 2 (0 where no tokens is allowed). Their meaning depends on the number's value only, never on how
+it is printed: JSON tools write the ratio ``1.0`` as ``1``, so the bare integer ``1`` (a count of one
+token in meteor-plugin 0.1) is refused as ambiguous, ``1.0`` or ``"all"`` mean every token, and ``2.0``
+is the count 2. A saved config writes the ratio 1.0 as ``"all"``, so no JSON tool can change it.
+
+A config is frozen once validated: ``replace`` (or ``dataclasses.replace``) makes a validated copy.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
 
 Budget = Union[int, float]
 
@@ -45,11 +49,27 @@ def _check_budget(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(name, value, "a token count (int >= 0) or a ratio (float in (0, 1])")
+        _fail(name, value, "a ratio in (0, 1], \"all\", or a token count (an int >= 2, or 0)")
     if isinstance(value, int) and value < 0:
-        _fail(name, value, "a token count >= 0 or a ratio in (0, 1]")
+        _fail(name, value, "a token count >= 2 (or 0) or a ratio in (0, 1]")
     if isinstance(value, float) and not (0.0 < value <= 1.0):
-        _fail(name, value, "a ratio in (0, 1] (write an int for a token count)")
+        _fail(name, value, "a ratio in (0, 1] or a whole token count >= 2")
+
+
+def _budget_value(name: str, value: Any) -> Any:
+    """A budget by its value: ``"all"`` and 1.0 are the ratio 1.0, integral floats >= 2 are counts."""
+    if value == "all":
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value  # _check_budget names the field
+    if value == 1:
+        if isinstance(value, int):
+            _fail(name, value, "1.0 or \"all\" for all the tokens, or a count >= 2 (the integer 1 is refused: "
+                  "JSON tools write the ratio 1.0 as 1, and meteor-plugin 0.1 read 1 as one token)")
+        return 1.0
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and (value == 0 or value >= 2):
+        return int(value)
+    return value
 
 
 def _check_int(name: str, value: Any, lo: int, hi: Optional[int] = None) -> None:
@@ -68,12 +88,33 @@ def _check_float(name: str, value: Any, lo: float, hi: float = math.inf, lo_open
         _fail(name, value, f"a number in {left}{lo}, {hi}]")
 
 
+def _parse_file(path: str, text: str) -> Any:
+    """The data in a config file's text; a syntax error names the file and the place."""
+    if path.endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"METEOR config file {path} is not valid JSON: {exc}") from None
+    try:
+        import yaml
+    except ImportError as exc:  # pragma: no cover - pyyaml is a dependency
+        raise ImportError("reading a YAML METEOR config needs PyYAML: pip install pyyaml") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"METEOR config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+
+
 def _check_choice(name: str, value: Any, choices) -> None:
     if value not in choices:
         _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
-@dataclass
+def _budget_fields(cls) -> Tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.type in ("Budget", "Optional[Budget]", Budget))
+
+
+@dataclass(frozen=True)
 class MeteorConfig:
     """Settings of METEOR's three pruning stages (see README, "Configuration")."""
 
@@ -116,6 +157,8 @@ class MeteorConfig:
     version: int = VERSION  # of the config format (LEGACY says what changed)
 
     def __post_init__(self) -> None:
+        for name in _budget_fields(type(self)):
+            object.__setattr__(self, name, _budget_value(name, getattr(self, name)))
         for name in ("encoder", "fusion", "llm"):
             _check_bool(name, getattr(self, name))
         _check_choice("method", self.method, METHODS)
@@ -127,7 +170,7 @@ class MeteorConfig:
                 if not isinstance(key, str):
                     _fail("encoder_ranks", self.encoder_ranks, "string keys (encoder names)")
                 _check_float(f"encoder_ranks[{key!r}]", rank, 0.0)
-            self.encoder_ranks = {k: float(v) for k, v in self.encoder_ranks.items()}
+            object.__setattr__(self, "encoder_ranks", {k: float(v) for k, v in self.encoder_ranks.items()})
         _check_float("encoder_shallow_share", self.encoder_shallow_share, 0.0, 1.0)
         _check_choice("encoder_deep_score", self.encoder_deep_score, DEEP_SCORES)
         _check_budget("fusion_keep", self.fusion_keep)
@@ -157,7 +200,11 @@ class MeteorConfig:
 
     # Serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for name in _budget_fields(type(self)):
+            if data[name] == 1.0 and isinstance(data[name], float):
+                data[name] = "all"  # a JSON tool would print 1.0 as 1, which is refused
+        return data
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
@@ -180,27 +227,38 @@ class MeteorConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "MeteorConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"a METEOR config in JSON is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
 
     @classmethod
     def from_file(cls, path: Union[str, os.PathLike]) -> "MeteorConfig":
-        """Load from a .json, .yaml or .yml file."""
+        """Load from a .json, .yaml or .yml file; every error names the file."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"METEOR config file not found: {path}")
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        if path.endswith((".yaml", ".yml")):
-            try:
-                import yaml
-            except ImportError as exc:  # pragma: no cover - pyyaml is a dependency
-                raise ImportError("reading a YAML METEOR config needs PyYAML: pip install pyyaml") from exc
-            data = yaml.safe_load(text)
-        elif path.endswith(".json"):
-            data = json.loads(text)
-        else:
+        if not path.endswith((".json", ".yaml", ".yml")):
             raise ValueError(f"METEOR config file {path} must end in .json, .yaml or .yml")
-        return cls.from_dict(data if data is not None else {})
+        if not os.path.isfile(path):
+            what = "is not a file" if os.path.exists(path) else "not found"
+            raise FileNotFoundError(f"METEOR config file {what}: {path}")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"METEOR config file {path} cannot be read: {exc}") from None
+        if not text.strip():
+            raise ValueError(f"METEOR config file {path} is empty: write a mapping of MeteorConfig fields "
+                             "(an empty mapping, {}, for the defaults)")
+        data = _parse_file(path, text)
+        if not isinstance(data, dict):
+            shown = "null" if data is None else type(data).__name__
+            raise ValueError(f"METEOR config file {path} holds {shown}, not a mapping of MeteorConfig field names "
+                             "to values (an empty mapping, {}, for the defaults)")
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"METEOR config file {path}: {exc}") from None
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         with open(path, "w", encoding="utf-8") as fh:

@@ -3,6 +3,7 @@
 ``enable_from_argv()`` takes the METEOR options out of ``sys.argv`` before the script's own parser (argparse
 or ``HfArgumentParser``, which reject unknown flags) sees them, and enables the plugin with them; without
 any it falls back to ``METEOR_CONFIG``; with neither it does nothing and the script runs unpruned.
+``--meteor-config`` wins over ``METEOR_CONFIG``; ``--meteor-set`` alone applies on top of ``METEOR_CONFIG``.
 
 Options (``--meteor-x`` or ``--meteor_x``, value as the next word or after ``=``):
 ``--meteor-config PATH``, ``--meteor-encoder|fusion|llm true|false``, ``--meteor-set FIELD=VALUE``
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .config import MeteorConfig
-from .patching import enable, enable_from_env
+from .patching import enable, env_config_path, is_enabled
 
 # name, takes a value, help
 Option = Tuple[str, bool, str]
@@ -105,9 +106,17 @@ def pop_options(argv: List[str], extra: Sequence[Option] = ()) -> ParsedOptions:
     return out
 
 
+def config_path(config: Optional[str]) -> Optional[str]:
+    """The config file a command line runs with: its ``--meteor-config``, else ``METEOR_CONFIG``, else None."""
+    return config if config is not None else env_config_path()
+
+
 def enable_from_argv(argv: Optional[List[str]] = None) -> Optional[MeteorConfig]:
     argv = sys.argv if argv is None else argv
     options = pop_options(argv)
-    if options.given:
-        return enable(options.config, **options.overrides)
-    return enable_from_env()
+    if options.config is None and not options.overrides and is_enabled():
+        return None  # enabled already, by meteor_plugin.run's options or by the import from METEOR_CONFIG
+    path = config_path(options.config)
+    if path is None and not options.overrides:
+        return None
+    return enable(path, **options.overrides)

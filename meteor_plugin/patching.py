@@ -79,13 +79,29 @@ def is_enabled() -> bool:
     return ACTIVE.enabled
 
 
+# Options by which a command line chooses its config itself. The code that reads that command line
+# (``meteor_plugin.run``, ``meteor_plugin.train``, a patched entry point) then enables the plugin, so the
+# import leaves METEOR_CONFIG alone: an explicit option wins over the environment, even a stale one.
+EXPLICIT_OPTIONS = ("--meteor-config", "--meteor_config", "--meteor-off", "--meteor_off")
+
+
+def names_config(argv: Iterable[str]) -> bool:
+    return any(arg.partition("=")[0] in EXPLICIT_OPTIONS for arg in argv)
+
+
+def env_config_path() -> Optional[str]:
+    return os.environ.get("METEOR_CONFIG") or None
+
+
 def enable_from_env() -> Optional[MeteorConfig]:
     """Enable with the config file named by METEOR_CONFIG, if that variable is set.
 
     Not in the ``meteor-plugin`` tool itself: its subcommands take explicit configs, and ``patch`` must
-    work on a machine where the codebase it patches is not installed yet.
+    work on a machine where the codebase it patches is not installed yet. Not when the command line
+    names a config (``EXPLICIT_OPTIONS``): that one wins.
     """
-    path = os.environ.get("METEOR_CONFIG")
-    if not path or os.path.basename(sys.argv[0] if sys.argv else "") == "meteor-plugin":
+    path = env_config_path()
+    argv = sys.argv or [""]
+    if not path or os.path.basename(argv[0]) == "meteor-plugin" or names_config(argv[1:]):
         return None
     return enable(MeteorConfig.from_file(path))

@@ -1,10 +1,11 @@
 """python -m meteor_plugin.run [--meteor-config PATH] [--meteor-set FIELD=VALUE ...] MODULE [ARGS...]
 
 Runs MODULE as ``__main__`` (as ``python -m MODULE ARGS...`` would) with the plugin enabled: with the
-given config and overrides, else METEOR_CONFIG, else each checkpoint's saved config or the defaults.
+given config (``--meteor-config`` wins over METEOR_CONFIG; ``--meteor-set`` applies on top of either), else
+each checkpoint's saved config or the defaults.
 Running as ``__main__`` matters: LLaVA's ``model_vqa_loader`` reads a module-global ``args`` set only
-there. Options before MODULE are the runner's; a ``--local_rank`` put there by the ``deepspeed``
-launcher is handed on to the module.
+there. Options before MODULE are the runner's; a ``--local_rank`` or ``--local-rank`` put there by a
+launcher (``deepspeed``, ``torch.distributed.launch``) is handed on to the module as given.
 """
 
 from __future__ import annotations
@@ -27,17 +28,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         argv = argv[2 if takes_value else 1:]
     if not argv:
         raise SystemExit(USAGE)
-    from meteor_plugin.entry import pop_options
+    from meteor_plugin.entry import config_path, pop_options
 
     passed_on = list(head)
     options = pop_options(passed_on)
-    unknown = [a for a in passed_on if not a.startswith("--local_rank")]
+    unknown = [a for a in passed_on if not a.startswith(("--local_rank", "--local-rank"))]
     if any(not a.isdigit() for a in unknown):
         raise SystemExit(f"unknown option(s) before MODULE: {' '.join(unknown)}\n{USAGE}")
     import meteor_plugin
 
-    if options.given:
-        meteor_plugin.enable(options.config, **options.overrides)
+    path = config_path(options.config)
+    if path is not None or options.overrides:
+        meteor_plugin.enable(path, **options.overrides)
     elif not meteor_plugin.is_enabled():
         meteor_plugin.enable()
     module = argv[0]

@@ -59,8 +59,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not options.off:
         import meteor_plugin
 
-        # Without --meteor-config each model uses the config stored in its checkpoint (or the defaults).
-        meteor_plugin.enable(options.config, **options.overrides)
+        from meteor_plugin.entry import config_path
+
+        # --meteor-config, else METEOR_CONFIG, else each model's config stored in its checkpoint (or the defaults).
+        meteor_plugin.enable(config_path(options.config), **options.overrides)
     from meteor_plugin.training.compat import translate_flags
 
     argv = translate_flags(argv, module.TrainingArguments)

@@ -68,3 +68,70 @@ def test_a_config_without_version_keeps_the_behaviour_it_was_written_for():
     assert old.default_of("fusion_similarity") == "cosine" and new.default_of("fusion_similarity") == "duplicate"
     with pytest.raises(ValueError, match=r"MeteorConfig.version=3 is invalid"):
         MeteorConfig.from_dict({"version": 3})
+
+
+def _like_jq(text):
+    """Re-print JSON the way jq does: a float with no fraction loses its decimal (1.0 -> 1)."""
+    data = json.loads(text, parse_float=lambda s: int(float(s)) if float(s).is_integer() else float(s))
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("field", ["encoder_keep", "fusion_keep", "llm_top_heads", "llm_max_keep"])
+def test_a_budget_keeps_its_meaning_through_a_json_tool_that_drops_the_decimal(field):
+    cfg = MeteorConfig(**{field: 1.0, "llm_min_keep": 0.05})
+    again = MeteorConfig.from_json(_like_jq(cfg.to_json()))
+    assert again == cfg and getattr(again, field) == 1.0 and isinstance(getattr(again, field), float)
+    assert MeteorConfig.from_json(_like_jq(json.dumps({field: 2.0, "version": 2}))) == MeteorConfig(**{field: 2})
+    assert MeteorConfig(**{field: "all"}) == cfg
+
+
+def test_the_ambiguous_integer_1_is_refused_by_name(tmp_path):
+    message = r'llm_min_keep=1 is invalid: allowed 1.0 or "all" for all the tokens, or a count >= 2'
+    with pytest.raises(ValueError, match=message):
+        MeteorConfig(llm_min_keep=1)
+    # A hand-written 1.0 that went through jq, or a config saved by 0.1 where 1 meant one token: loud.
+    path = tmp_path / "old.json"
+    path.write_text(_like_jq(json.dumps({"llm_min_keep": 1.0})))
+    with pytest.raises(ValueError, match=f"METEOR config file {path}: MeteorConfig.{message}"):
+        MeteorConfig.from_file(path)
+
+
+def test_crossed_limits_name_both_fields():
+    with pytest.raises(ValueError, match="llm_min_keep=0.5 is larger than llm_max_keep=0.25"):
+        MeteorConfig(llm_min_keep=0.5, llm_max_keep=0.25)
+    with pytest.raises(ValueError, match="llm_min_keep=3 is larger than llm_max_keep=2"):
+        MeteorConfig(llm_min_keep=3.0, llm_max_keep=2)  # 3.0 is the count 3
+    with pytest.raises(ValueError, match="llm_max_keep=1 is invalid"):
+        MeteorConfig(llm_min_keep=0.5, llm_max_keep=1)  # the issue's case: a ratio 1.0 printed as 1
+
+
+def test_a_config_is_frozen_and_changes_are_validated():
+    import dataclasses
+
+    cfg = MeteorConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.llm_max_keep = 5.0
+    assert cfg.llm_max_keep == 0.5
+    with pytest.raises(ValueError, match="llm_max_keep=1.5 is invalid"):
+        cfg.replace(llm_max_keep=1.5)
+    with pytest.raises(ValueError, match="llm_max_keep=1.5 is invalid"):
+        dataclasses.replace(cfg, llm_max_keep=1.5)
+    assert cfg.replace(llm_max_keep=0.25).llm_max_keep == 0.25 and cfg.llm_max_keep == 0.5
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("empty.json", "", "is empty"),
+    ("blank.yaml", "\n  \n", "is empty"),
+    ("null.json", "null", "holds null, not a mapping"),
+    ("null.yaml", "~\n", "holds null, not a mapping"),
+    ("list.json", "[1, 2]", "holds list, not a mapping"),
+    ("bad.json", '{"llm_layer": 3,}', "is not valid JSON: .*line 1 column"),
+    ("bad.yaml", "llm_layer: [3\n", "is not valid YAML"),
+    ("value.yaml", "llm_layer: 0\n", r"MeteorConfig.llm_layer=0 is invalid"),
+    ("field.json", '{"llm_budget": 3}', r"unknown MeteorConfig field\(s\) llm_budget"),
+])
+def test_every_config_file_error_names_the_file(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"METEOR config file {path}:? {message}"):
+        MeteorConfig.from_file(path)

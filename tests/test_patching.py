@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -156,3 +155,40 @@ def test_runner_runs_a_module_as_main_with_the_plugin_enabled(tmp_path):
     assert out.returncode != 0 and "usage: python -m meteor_plugin.run" in out.stderr
     out = _run(["-m", "meteor_plugin.run", "--verbose", "probe_script"], {}, tmp_path)
     assert out.returncode != 0 and "unknown option(s) before MODULE: --verbose" in out.stderr
+
+
+def test_an_explicit_meteor_config_wins_over_the_environment(tmp_path):
+    (tmp_path / "probe_entry.py").write_text(textwrap.dedent("""
+        import sys, json
+        import meteor_plugin.entry
+        meteor_plugin.entry.enable_from_argv()
+        from meteor_plugin.runtime import ACTIVE
+        if __name__ == "__main__":
+            print(json.dumps([ACTIVE.config and ACTIVE.config.llm_layer, ACTIVE.overrides, sys.argv[1:]]))
+    """))
+    good, env = tmp_path / "good.json", tmp_path / "env.json"
+    MeteorConfig(llm_layer=3).save(good)
+    MeteorConfig(llm_layer=5).save(env)
+    stale = {"METEOR_CONFIG": str(tmp_path / "gone.json")}
+    for spelling in (["--meteor-config", str(good)], [f"--meteor_config={good}"]):
+        out = _run(["-m", "meteor_plugin.run", *spelling, "probe_script_env"], stale, tmp_path)
+        assert out.returncode != 0 and "No module named probe_script_env" in out.stderr  # got past the config
+        out = _run(["-m", "meteor_plugin.run", *spelling, "probe_entry", "x"], stale, tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == [3, {}, ["x"]]
+        out = _run(["probe_entry.py", *spelling, "x"], stale, tmp_path)  # a patched entry point
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == [3, {}, ["x"]]
+    # Without --meteor-config the variable is the config, and --meteor-set applies on top of it.
+    out = _run(["-m", "meteor_plugin.run", "--meteor-set", "llm_max_keep=16", "probe_entry"], {"METEOR_CONFIG": str(env)},
+               tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [5, {"llm_max_keep": 16}, []]
+
+
+@pytest.mark.parametrize("flag", [["--local-rank", "0"], ["--local-rank=0"], ["--local_rank", "0"]])
+def test_runner_takes_both_spellings_of_local_rank(tmp_path, flag):
+    (tmp_path / "probe_rank.py").write_text("import sys, json\nprint(json.dumps(sys.argv[1:]))\n")
+    out = _run(["-m", "meteor_plugin.run", *flag, "probe_rank", "x"], {}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [*flag, "x"]

@@ -10,7 +10,7 @@ the encoders' tokens (1193 in METEOR's ablation), Stage 2 keeps 576, Stage 3 kee
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict
 
 import torch

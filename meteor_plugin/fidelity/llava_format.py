@@ -16,7 +16,6 @@ The tokenizer is concatenative (the ids of "a b" are those of "a" then "b"; ``</
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Sequence
 
 from ..targets.common import IMAGE_TOKEN_INDEX

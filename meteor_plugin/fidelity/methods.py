@@ -65,7 +65,7 @@ def tokens_for(ratio: float, total: int = VISUAL_TOKENS) -> int:
 def llm_clip(k: int, entering: int) -> Tuple[int, int]:
     """Stage 3's per-question bounds around an average of ``k``: no question loses its image or takes
     all of it beyond 3x its share."""
-    return max(1, k // 4), min(entering, 3 * k)
+    return max(2, k // 4), min(entering, 3 * k)  # 2: a count of 1 is refused as ambiguous (MeteorConfig)
 
 
 def fusion_share(k: int, total: int = VISUAL_TOKENS) -> Tuple[int, int]:

@@ -38,7 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     for sub in (apply, revert):
         sub.add_argument("--dry-run", action="store_true", help="print the diff and change nothing")
     revert.add_argument("--force", action="store_true",
-                        help="also strip [METEOR] lines from files whose marked lines were edited by hand")
+                        help="also revert files whose [METEOR] lines were edited by hand: removes the lines the "
+                             "patcher inserts and marked lines calling meteor_plugin; a user's other [METEOR] "
+                             "lines stay")
     parser.set_defaults(func=main)
 
 

@@ -1,17 +1,18 @@
 """What the patcher inserts into one file, and how a patched file is told apart from a hand-edited one.
 
 Every edit only *inserts* whole lines, and every inserted line carries the ``[METEOR]`` marker. So the
-original file is the patched file minus its marker lines (``strip``), and a file is exactly "our patch
-applied" when inserting our lines into its stripped text gives back its current text. Revert relies
-on that: it writes the stripped text only after checking ``render(strip(text)) == text``, which makes
-the result byte-identical to the file before ``apply`` and keeps nothing outside the tree.
+original file is the patched file minus the lines the patcher inserts (``strip``; matched by their exact
+text, since a user's own line may carry the marker too), and a file is exactly "our patch applied" when
+inserting our lines into its stripped text gives back its current text. Revert relies on that: it
+writes the stripped text only after checking ``render(strip(text)) == text``, which makes the result
+byte-identical to the file before ``apply``.
 """
 
 from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import FrozenSet, List, Optional, Tuple
 
 from .anchors import NotFound, Spot
 
@@ -64,9 +65,40 @@ def marker_lines(text: str) -> List[int]:
     return [i for i, line in enumerate(split_lines(text), 1) if MARKER in line]
 
 
-def strip(text: str) -> str:
-    """The text without its marker lines: the original of a file this patcher (or our patch file) patched."""
-    return "".join(line for line in split_lines(text) if MARKER not in line)
+def inserted(spec: FileSpec) -> FrozenSet[str]:
+    """The lines the patcher inserts into this file, without indentation and line ending."""
+    return frozenset(code.strip() for edit in spec.edits for code in edit.code)
+
+
+def is_ours(line: str, ours: FrozenSet[str]) -> bool:
+    """Whether ``line`` is one the patcher inserts (a user's own ``[METEOR]`` line is not)."""
+    return MARKER in line and line.strip() in ours
+
+
+def is_stale(line: str) -> bool:
+    """A marked line that calls into the plugin: it cannot run once the patcher's import line is gone."""
+    return MARKER in line and "meteor_plugin" in line
+
+
+def _removes(spec: FileSpec, force: bool):
+    ours = inserted(spec)
+    return lambda line: is_ours(line, ours) or (force and is_stale(line))
+
+
+def our_lines(spec: FileSpec, text: str, force: bool = False) -> List[int]:
+    """1-based numbers of the lines ``strip`` removes from ``text``."""
+    removes = _removes(spec, force)
+    return [i for i, line in enumerate(split_lines(text), 1) if removes(line)]
+
+
+def strip(spec: FileSpec, text: str, force: bool = False) -> str:
+    """The text without the lines the patcher inserts: the original of a file it (or our patch file) patched.
+
+    ``force`` also drops marked lines that mention meteor_plugin (ours, edited by hand); every other
+    line, a user's own ``[METEOR]`` line included, stays.
+    """
+    removes = _removes(spec, force)
+    return "".join(line for line in split_lines(text) if not removes(line))
 
 
 def _parse(text: str) -> ast.Module:

@@ -1,18 +1,19 @@
 """Apply, check and revert the METEOR edits on a whole LLaVA or EAGLE tree.
 
 Every file is read and judged first (``survey``); nothing is written unless every file is in a state
-the operation can handle, so a refused tree is left exactly as it was.
+the operation can handle and can be written, so a refused tree is left exactly as it was. A path that
+leads through a symbolic link out of the tree is refused: the patcher only changes the tree it is given.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .codebases import Codebase, Layout, detect, layout_of
 from .diff import file_diff
-from .edits import MARKER, FileSpec, Unrecognised, marker_lines, render, split_lines, strip
+from .edits import MARKER, FileSpec, Unrecognised, inserted, is_ours, marker_lines, our_lines, render, split_lines, strip
 
 APPLIED = "applied"
 NOT_APPLIED = "not applied"
@@ -33,6 +34,9 @@ class FileState:
     original: Optional[str] = None  # the file without our lines
     patched: Optional[str] = None  # the file with our lines
     edits: List[str] = field(default_factory=list)  # names of the edits this file gets
+    ours: List[int] = field(default_factory=list)  # lines the patcher inserted (1-based)
+    forced: List[int] = field(default_factory=list)  # lines ``revert --force`` removes: ours and stale ones
+    outside: bool = False  # the path leads through a symbolic link out of the tree: never written
 
     @property
     def path(self) -> str:
@@ -40,7 +44,8 @@ class FileState:
 
     @property
     def has_markers(self) -> bool:
-        return self.current is not None and MARKER in self.current
+        """Whether the file holds lines of ours (as inserted or edited), which revert would remove."""
+        return bool(self.forced)
 
 
 @dataclass
@@ -77,17 +82,40 @@ def _write(path: str, text: str) -> None:
         fh.write(text.encode("utf-8"))
 
 
-def _hand_edit(original: str) -> Optional[str]:
-    for number, line in enumerate(split_lines(original), 1):
-        if "meteor_plugin" in line:
-            return (f"line {number} already mentions meteor_plugin without the {MARKER} marker (edited by hand?); "
-                    "remove that line or mark it, then run the patcher again")
+def _hand_edit(spec: FileSpec, current: str) -> Optional[str]:
+    ours = inserted(spec)
+    for number, line in enumerate(split_lines(current), 1):
+        if "meteor_plugin" not in line or is_ours(line, ours):
+            continue
+        if MARKER in line:
+            return (f"its {MARKER} lines differ from what the patcher inserts (first difference at line {number}): "
+                    "edited by hand, patched twice, or patched by another version")
+        return (f"line {number} already mentions meteor_plugin without the {MARKER} marker (edited by hand?); "
+                "remove that line or mark it, then run the patcher again")
+    return None
+
+
+def _link_out(root: str, path: str) -> Optional[str]:
+    """The first symbolic link on ``path`` (relative to ``root``) that leads out of the tree, described."""
+    top = os.path.realpath(root)
+    here = root
+    for part in path.split("/"):
+        here = os.path.join(here, part)
+        if not os.path.islink(here):
+            continue
+        target = os.path.realpath(here)
+        if os.path.commonpath([top, target]) != top:
+            rel = os.path.relpath(here, root).replace(os.sep, "/")
+            return f"{rel} is a symbolic link to {target}, outside the tree"
     return None
 
 
 def inspect_file(root: str, spec: FileSpec) -> FileState:
     """Judge one file: applied, not applied, absent, or refused (with the reason)."""
     full = os.path.join(root, *spec.path.split("/"))
+    link = _link_out(root, spec.path)
+    if link:
+        return FileState(spec, REFUSED, f"{link}; the patcher never writes outside {root}", outside=True)
     if not os.path.isfile(full):
         if spec.optional:
             return FileState(spec, ABSENT)
@@ -96,9 +124,10 @@ def inspect_file(root: str, spec: FileSpec) -> FileState:
         current = _read(full)
     except UnicodeDecodeError:
         return FileState(spec, REFUSED, "it is not UTF-8 text")
-    original = strip(current) if MARKER in current else current
-    state = FileState(spec, REFUSED, current=current, original=original)
-    problem = _hand_edit(original)
+    original = strip(spec, current)
+    state = FileState(spec, REFUSED, current=current, original=original, ours=our_lines(spec, current),
+                      forced=our_lines(spec, current, force=True))
+    problem = _hand_edit(spec, current)
     if problem:
         state.problem = problem
         return state
@@ -109,7 +138,7 @@ def inspect_file(root: str, spec: FileSpec) -> FileState:
         if state.has_markers:
             state.problem += f"; it also has {MARKER} lines (" + ", ".join(map(str, marker_lines(current))) + ")"
         return state
-    if not state.has_markers:
+    if not state.ours:
         state.status = NOT_APPLIED
     elif state.patched == current:
         state.status = APPLIED
@@ -141,6 +170,26 @@ def _refusal(action: str, s: Survey, bad: List[FileState]) -> PatchError:
     return PatchError("\n".join(lines))
 
 
+def _write_all(action: str, s: Survey, texts: List[Tuple[FileState, str]]) -> None:
+    """Write every file or none: all are checked first, and a write that fails anyway is rolled back."""
+    full = {f.path: os.path.join(s.root, *f.path.split("/")) for f, _ in texts}
+    locked = [f for f, _ in texts if not os.access(full[f.path], os.W_OK)]
+    if locked:
+        for f in locked:
+            f.problem = "it cannot be written (no write permission)"
+        raise _refusal(action, s, locked)
+    done: List[FileState] = []
+    for f, text in texts:
+        try:
+            _write(full[f.path], text)
+        except OSError as exc:
+            for g in done:  # put back what was written, so the tree is as it was
+                _write(full[g.path], g.current)
+            raise PatchError(f"{s.root}: {action} failed; nothing was changed (the {len(done)} file(s) written "
+                             f"before it were restored). Writing {f.path} failed: {exc.strerror or exc}") from None
+        done.append(f)
+
+
 def apply(root: str, dry_run: bool = False) -> Outcome:
     """Insert the METEOR lines into every file that lacks them. Idempotent: applied files are left alone."""
     s = survey(root)
@@ -150,28 +199,31 @@ def apply(root: str, dry_run: bool = False) -> Outcome:
     todo = s.with_status(NOT_APPLIED)
     diff = "".join(file_diff(f.path, f.current, f.patched) for f in todo)
     if not dry_run:
-        for f in todo:
-            _write(os.path.join(s.root, *f.path.split("/")), f.patched)
+        _write_all("patch apply", s, [(f, f.patched) for f in todo])
     return Outcome(s, [f.path for f in todo], diff)
 
 
 def revert(root: str, dry_run: bool = False, force: bool = False) -> Outcome:
-    """Remove the METEOR lines, giving back the files byte for byte.
+    """Remove the lines the patcher inserted, giving back the files byte for byte.
 
-    A file whose marker lines are not exactly what the patcher inserts is refused (its original cannot
-    be known for sure); ``force`` removes its marker lines anyway and keeps every other change.
+    A file whose lines of ours are not exactly what the patcher inserts is refused (its original cannot
+    be known for sure); ``force`` removes them anyway (the inserted lines, and marked lines that call
+    meteor_plugin) and keeps every other change, a user's own ``[METEOR]`` lines included.
     """
     s = survey(root)
+    outside = [f for f in s.files if f.outside]
+    if outside:
+        raise _refusal("patch revert", s, outside)
     bad = [f for f in s.with_status(REFUSED) if f.has_markers]
     if bad and not force:
         error = _refusal("patch revert", s, bad)
-        raise PatchError(f"{error}\nWith --force (force=True), revert removes every {MARKER} line anyway and keeps "
-                         "all other changes.")
+        raise PatchError(f"{error}\nWith --force (force=True), revert removes the lines the patcher inserted, and "
+                         f"{MARKER} lines that call meteor_plugin, anyway and keeps all other changes.")
     todo = [f for f in s.files if f.has_markers]
-    diff = "".join(file_diff(f.path, f.current, f.original) for f in todo)
+    texts = [(f, strip(f.spec, f.current, force=True) if force else f.original) for f in todo]
+    diff = "".join(file_diff(f.path, f.current, text) for f, text in texts)
     if not dry_run:
-        for f in todo:
-            _write(os.path.join(s.root, *f.path.split("/")), f.original)
+        _write_all("patch revert", s, texts)
     return Outcome(s, [f.path for f in todo], diff)
 
 

@@ -21,7 +21,7 @@ positions / RoPE) and ``pix2struct-1024`` (its post-processing hard-codes its gr
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -16,7 +16,7 @@ Rules, each enforced with an error that names the problem:
   the image processor for a folder whose name contains "llava" (EAGLE: "eagle"), and takes any name
   containing "lora" for an unmerged adapter.
 DST is assembled in a hidden sibling folder and renamed into place at the end, so an interrupted
-conversion leaves no half-written DST.
+conversion leaves no half-written DST (and the next run removes the sibling a killed one left).
 """
 
 from __future__ import annotations
@@ -80,8 +80,14 @@ def read_model_config(folder: str) -> Dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{path} cannot be read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a JSON {type(data).__name__}, not the object of a model config")
+    return data
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -144,8 +150,7 @@ def convert(model_path: str, out: str, config: Any = None, calibration_images: O
     else:
         meteor = MeteorConfig.from_file(config)
 
-    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.meteor-tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = save.staging_folder(out)
     try:
         shutil.copytree(model_path, staging, ignore=lambda _d, names: [n for n in names if LEFTOVERS.match(n)])
         job = ConvertJob(source=model_path, folder=staging, config=meteor, model_config=read_model_config(staging))

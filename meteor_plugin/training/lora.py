@@ -146,6 +146,19 @@ def strip_peft_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return out
 
 
+def read_non_lora(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``non_lora_trainables.bin``; an empty or corrupt file is refused by name."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty: the save that wrote it did not finish; save the run's weights again")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise ValueError(f"{path} cannot be read as saved PyTorch tensors: {exc}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a mapping of weight names to tensors")
+    return state
+
+
 def load_non_lora(model: torch.nn.Module, lora_dir: str) -> List[str]:
     """Load ``non_lora_trainables.bin`` into the bare model; every key must land (returns them)."""
     path = os.path.join(lora_dir, NON_LORA_FILE)
@@ -154,7 +167,7 @@ def load_non_lora(model: torch.nn.Module, lora_dir: str) -> List[str]:
             f"{lora_dir} has no {NON_LORA_FILE}: the projectors and other fully trained weights of this LoRA run "
             "were not saved (EAGLE's own train.py drops them; train through python -m meteor_plugin.train)"
         )
-    state = strip_peft_prefix(torch.load(path, map_location="cpu", weights_only=True))
+    state = strip_peft_prefix(read_non_lora(path))
     own = model.state_dict()
     unknown = sorted(k for k in state if k not in own)
     if unknown:
@@ -188,5 +201,11 @@ def adapter_base(lora_dir: str) -> Optional[str]:
     path = os.path.join(lora_dir, "adapter_config.json")
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh).get("base_model_name_or_path")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not peft's adapter config object")
+    return data.get("base_model_name_or_path")

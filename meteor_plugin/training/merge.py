@@ -55,6 +55,9 @@ def check_adapter_folder(lora_dir: str) -> None:
             "not saved, so a merge would silently put back the base model's (EAGLE's train.py drops them; runs "
             "through python -m meteor_plugin.train keep them)"
         )
+    if os.path.getsize(os.path.join(lora_dir, lora.NON_LORA_FILE)) == 0:  # checked before the base model loads
+        raise ConversionError(f"{os.path.join(lora_dir, lora.NON_LORA_FILE)} is empty: the save that wrote it did "
+                              "not finish; save the run's weights again")
 
 
 def resolve_base(lora_dir: str, model_base: Optional[str]) -> str:
@@ -108,8 +111,7 @@ def merge_lora(lora_dir: str, out: str, model_base: Optional[str] = None, dtype:
     model = lora.merged(load_adapted(lora_dir, base, torch_dtype))
     model.config.use_cache = True
 
-    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.meteor-tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = save.staging_folder(out)
     try:
         model.save_pretrained(staging)
         source = lora_dir if os.path.isfile(os.path.join(lora_dir, "tokenizer_config.json")) else base

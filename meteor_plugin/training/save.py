@@ -12,6 +12,9 @@ sure such a folder is never taken for a whole checkpoint:
   ``OUTPUT`` file by file with ``os.replace`` (atomic on one filesystem), ``config.json`` last and the
   marker after it: upstream loaders (``from_pretrained``, LLaVA's ``load_pretrained_model``) cannot open
   a folder without ``config.json``, so a crash while moving leaves a folder that fails to load loudly.
+
+``convert`` and ``merge-lora`` assemble their output in a hidden sibling named after the host and pid
+(``staging_folder``); one left by a killed run (its process gone) is removed by the next run.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional
@@ -50,6 +54,35 @@ def _listing(folder: str, only: Optional[List[str]] = None) -> Dict[str, int]:
                 continue
             files[rel] = os.path.getsize(path)
     return files
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def staging_folder(out: str) -> str:
+    """A fresh hidden sibling of ``out`` to assemble it in, after removing those of dead runs.
+
+    Only folders of this host whose process is gone are removed (another host may share the filesystem,
+    and a run still going must keep its own). ``.NAME.meteor-tmp-PID`` is the name used before the host
+    was part of it.
+    """
+    parent, name = os.path.split(os.path.abspath(out))
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+    stale = re.compile(r"^\." + re.escape(name) + r"\.meteor-tmp-(?:" + re.escape(host) + r"-)?(\d+)$")
+    for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+        found = stale.match(entry)
+        if found and int(found.group(1)) != os.getpid() and not _alive(int(found.group(1))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    staging = os.path.join(parent, f".{name}.meteor-tmp-{host}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
 
 
 def _write_json_atomic(path: str, data: dict) -> None:

@@ -294,3 +294,69 @@ def test_every_inserted_line_carries_the_marker():
                 assert edit.code and all("# [METEOR]" in line for line in edit.code)
     with pytest.raises(ValueError, match="must be one line carrying"):
         edits.Edit("bad", None, ("x = 1",), "why")
+
+
+def test_a_users_own_meteor_line_is_never_removed(tmp_path):
+    root = _tree(tmp_path, "c121f04")
+    path = "llava/serve/cli.py"
+    mine = "import json  # [METEOR] a note of the user's\n"
+    _edit(root, path, "import json\n", mine)
+    before = snapshot(root)
+    patcher.apply(root)
+    assert next(f for f in patcher.check(root).files if f.path == path).status == patcher.APPLIED
+    patcher.revert(root)
+    assert snapshot(root) == before  # byte for byte, the user's line included
+    patcher.apply(root)
+    _edit(root, "llava/train/train_mem.py", "enable_from_argv()  # [METEOR]", "enable_from_argv(['x'])  # [METEOR]")
+    patcher.revert(root, force=True)
+    assert mine in _read(root, path)
+    assert _read(root, path) == before[path].decode()
+
+
+def test_a_read_only_file_leaves_the_tree_untouched(tmp_path, monkeypatch):
+    root = _tree(tmp_path, "c121f04")
+    before = snapshot(root)
+    locked = os.path.join(root, "llava", "serve", "cli.py")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if p == locked else real_access(p, mode))
+    with pytest.raises(patcher.PatchError) as info:
+        patcher.apply(root)
+    assert "nothing was changed" in str(info.value)
+    assert "  llava/serve/cli.py: it cannot be written (no write permission)" in str(info.value)
+    assert str(info.value).count("\n  ") == 1
+    assert snapshot(root) == before
+
+
+def test_a_write_that_fails_midway_is_rolled_back(tmp_path, monkeypatch):
+    from meteor_plugin.patcher import tree
+
+    root = _tree(tmp_path, "c121f04")
+    before = snapshot(root)
+    real_write, calls = tree._write, []
+
+    def write(path, text):
+        calls.append(path)
+        if len(calls) == 4:
+            raise PermissionError(13, "Permission denied")
+        real_write(path, text)
+
+    monkeypatch.setattr(tree, "_write", write)
+    with pytest.raises(patcher.PatchError, match=r"nothing was changed \(the 3 file\(s\) written before it were "
+                                                 r"restored\)\. Writing \S+ failed: Permission denied"):
+        patcher.apply(root)
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("link", ["llava/serve/cli.py", "llava/serve"])
+def test_a_symbolic_link_out_of_the_tree_is_refused_by_name(tmp_path, link):
+    root = _tree(tmp_path, "c121f04")
+    outside = tmp_path / "elsewhere"
+    os.rename(os.path.join(root, *link.split("/")), outside)
+    os.symlink(outside, os.path.join(root, *link.split("/")))
+    before = snapshot(str(outside)) if outside.is_dir() else outside.read_bytes()
+    for action in (patcher.apply, patcher.revert):
+        with pytest.raises(patcher.PatchError, match=f"  llava/serve/cli.py: {link} is a symbolic link to "
+                                                     f"{outside}, outside the tree"):
+            action(root)
+    assert (snapshot(str(outside)) if outside.is_dir() else outside.read_bytes()) == before
+    assert next(f for f in patcher.check(root).files if f.path == "llava/serve/cli.py").status == patcher.REFUSED

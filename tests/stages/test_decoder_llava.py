@@ -245,23 +245,23 @@ def test_budget_follows_attention_mass_and_respects_clips(tiny_llava):
     model = tiny_llava()
     ids, mask, images = make_batch([(3, 6), (5, 10), (2, 4)], [True, True, False], seed=17)
     STAGE3 = dict(encoder=False, fusion=False, llm=True, llm_budget_signal="mass")  # the paper's signal
-    meteor_plugin.enable(**STAGE3, llm_lambda=20.0, llm_min_keep=1, llm_max_keep=1.0)
+    meteor_plugin.enable(**STAGE3, llm_lambda=20.0, llm_min_keep=2, llm_max_keep=1.0)
     forward_logits(model, ids, mask, images)
     stages = meteor_plugin.stats(model).stages
     for sample in stages[:2]:
         llm = sample["llm"]
         expected = int(torch.floor(torch.tensor(llm.detail["mass"] * 20.0 + 0.5)))
-        assert llm.left == max(1, min(VISUAL, expected))
+        assert llm.left == max(2, min(VISUAL, expected))
         assert len(llm.detail["kept"]) == llm.left
     assert stages[2]["llm"].entered == 0 and stages[2]["llm"].left == 0  # the text-only sample
     masses = [s["llm"].detail["mass"] for s in stages[:2]]
     # A larger lambda keeps proportionally more; the clips bound it.
-    meteor_plugin.enable(**STAGE3, llm_lambda=60.0, llm_min_keep=1, llm_max_keep=1.0)
+    meteor_plugin.enable(**STAGE3, llm_lambda=60.0, llm_min_keep=2, llm_max_keep=1.0)
     forward_logits(model, ids, mask, images)
     for mass, sample in zip(masses, meteor_plugin.stats(model).stages[:2]):
         assert sample["llm"].detail["mass"] == pytest.approx(mass)
-        assert sample["llm"].left == max(1, min(VISUAL, int(mass * 60.0 + 0.5)))
-    meteor_plugin.enable(**STAGE3, llm_lambda=1000.0, llm_min_keep=1, llm_max_keep=24)
+        assert sample["llm"].left == max(2, min(VISUAL, int(mass * 60.0 + 0.5)))
+    meteor_plugin.enable(**STAGE3, llm_lambda=1000.0, llm_min_keep=2, llm_max_keep=24)
     forward_logits(model, ids, mask, images)
     assert [s["llm"].left for s in meteor_plugin.stats(model).stages[:2]] == [24, 24]
     meteor_plugin.enable(**STAGE3, llm_lambda=0.001, llm_min_keep=0.25, llm_max_keep=1.0)
@@ -277,7 +277,7 @@ def test_top_heads_have_the_highest_visual_attention(tiny_llava):
     llm = meteor_plugin.stats(model).stages[0]["llm"]
     assert len(llm.detail["heads"]) == 2
     # The floor wins over a ratio that resolves to fewer heads, and never exceeds the model's heads.
-    for top, floor, used in ((0.25, 1, 1), (0.25, 3, 3), (1, 9, 4)):
+    for top, floor, used in ((0.25, 1, 1), (0.25, 3, 3), (2, 9, 4)):
         meteor_plugin.enable(**STAGE3, llm_top_heads=top, llm_min_heads=floor)
         forward_logits(model, ids, mask, images)
         assert len(meteor_plugin.stats(model).stages[0]["llm"].detail["heads"]) == used
@@ -286,12 +286,12 @@ def test_top_heads_have_the_highest_visual_attention(tiny_llava):
 def test_spread_budget_is_lambda_times_the_attention_perplexity(tiny_llava):
     model = tiny_llava()
     ids, mask, images = make_batch([(3, 6), (5, 10)], [True, True], seed=17)
-    meteor_plugin.enable(**STAGE3, llm_budget_signal="spread", llm_lambda=0.5, llm_min_keep=1, llm_max_keep=1.0)
+    meteor_plugin.enable(**STAGE3, llm_budget_signal="spread", llm_lambda=0.5, llm_min_keep=2, llm_max_keep=1.0)
     forward_logits(model, ids, mask, images)
     for sample in meteor_plugin.stats(model).stages:
         llm = sample["llm"]
         assert 1.0 <= llm.detail["signal"] <= llm.entered
-        assert llm.left == max(1, min(llm.entered, int(llm.detail["signal"] * 0.5 + 0.5)))
+        assert llm.left == max(2, min(llm.entered, int(llm.detail["signal"] * 0.5 + 0.5)))
 
 
 # Training ------------------------------------------------------------------------------------------------------

@@ -92,6 +92,35 @@ def test_other_bad_input_is_refused_with_the_reason(source, tmp_path):
     assert not os.path.exists(tmp_path / "z-llava")
 
 
+@pytest.mark.parametrize("text,message", [("{\"model_type\": ", "cannot be read as JSON"),
+                                          ("[1, 2]", "holds a JSON list, not the object of a model config")])
+def test_a_corrupt_config_json_is_refused_naming_the_file(tmp_path, text, message, capsys):
+    folder = tmp_path / "bad-llava"
+    folder.mkdir()
+    (folder / "config.json").write_text(text)
+    assert main(["convert", "--model-path", str(folder), "--out", str(tmp_path / "out-llava")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"meteor-plugin convert: error: {folder / 'config.json'} {message}") and "Traceback" not in err
+
+
+def test_a_staging_copy_left_by_a_killed_convert_is_removed_by_the_next_run(source, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    out = tmp_path / "next-llava"
+    left = [tmp_path / f".next-llava.meteor-tmp-{dead.pid}", tmp_path / f".next-llava.meteor-tmp-{host}-{dead.pid}"]
+    running = tmp_path / f".next-llava.meteor-tmp-{host}-{os.getppid()}"  # a run still going keeps its copy
+    for folder in left + [running]:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 100)
+    convert(source, str(out))
+    assert sorted(n for n in os.listdir(tmp_path) if ".meteor-tmp" in n) == [running.name]
+
+
 EAGLE_TOWERS = "clip-448;convnext-1024;pix2struct-1024"
 
 

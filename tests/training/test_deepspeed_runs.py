@@ -40,7 +40,7 @@ def test_a_crash_mid_save_leaves_a_checkpoint_that_is_never_taken_for_whole(work
     resumed = workspace.zero2().require_success()
     first = os.path.join(resumed.out, "checkpoint-2")
     assert resumed.probe["resumed_from"] == first
-    assert f"skipping incomplete checkpoint(s) checkpoint-4" in resumed.log
+    assert "skipping incomplete checkpoint(s) checkpoint-4" in resumed.log
     assert save.status(first) == "complete"
     assert save.status(os.path.join(resumed.out, "checkpoint-4")) == "complete"
     assert save.status(resumed.out) == "complete" and not os.path.exists(save.staging_dir(resumed.out))

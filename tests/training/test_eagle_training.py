@@ -5,7 +5,6 @@ ZeRO-2 from the converted checkpoint, ZeRO-3 from the original one (projectors s
 under ZeRO-3."""
 
 import os
-import re
 
 import pytest
 import torch

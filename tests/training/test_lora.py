@@ -127,3 +127,18 @@ def test_merge_lora_refuses_what_it_cannot_merge_faithfully(workspace, tmp_path)
     with pytest.raises(KeyError, match="mm_projektor"):
         merge.merge_lora(str(renamed), out)
     assert not os.path.exists(out)
+
+
+def test_an_empty_or_corrupt_non_lora_file_is_refused_naming_it(tmp_path):
+    run = tmp_path / "run-lora"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    (run / "config.json").write_text("{}")
+    (run / lora.NON_LORA_FILE).write_bytes(b"")
+    with pytest.raises(merge.ConversionError, match=f"{run / lora.NON_LORA_FILE} is empty"):
+        merge.check_adapter_folder(str(run))
+    with pytest.raises(ValueError, match=f"{run / lora.NON_LORA_FILE} is empty"):
+        lora.read_non_lora(str(run / lora.NON_LORA_FILE))
+    (run / lora.NON_LORA_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=f"{run / lora.NON_LORA_FILE} cannot be read as saved PyTorch tensors"):
+        lora.read_non_lora(str(run / lora.NON_LORA_FILE))

@@ -59,7 +59,7 @@ for _name, _value in vars(_llava).items():
         globals()[_name] = _value
 del _name, _value, _origin
 
-from eagle import conversation as conversation_lib  # noqa: E402
+from eagle import conversation as conversation_lib  # noqa: E402,F401 (a module global of EAGLE's train.py)
 from eagle.constants import (  # noqa: E402,F401
     DEFAULT_IM_END_TOKEN,
     DEFAULT_IM_START_TOKEN,
