@@ -18,10 +18,15 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = MeteorConfig.from_file(args.config) if args.config else None
     if args.model_path is None and not args.random_llava:
-        result = demo.run_fidelity(args.prompt, args.seed, config, args.fidelity_model)
+        result = demo.run_fidelity(args.prompt, args.seed, config, args.fidelity_model, args.repeats, args.save_map)
+        text = demo.report_fidelity(result)
     else:
-        result = demo.run(args.model_path, args.prompt or demo.DEFAULT_PROMPT, config, args.max_new_tokens)
-    print(json.dumps(result, indent=2) if args.json else demo.report(result))
+        if args.save_map:
+            raise ValueError("--save-map draws the fidelity model's encoder grids; it does not apply to a LLaVA model")
+        result = demo.run(args.model_path, args.prompt or demo.DEFAULT_PROMPT, config, args.max_new_tokens,
+                          args.repeats)
+        text = demo.report(result)
+    print(json.dumps(result, indent=2) if args.json else text)
     return 0
 
 
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="answer one question about a generated image with pruning off and on")
+    p = sub.add_parser("demo", help="answer questions about a generated image with pruning off and on")
     p.add_argument("--model-path", help="a LLaVA checkpoint folder (default: the trained fidelity model shipped "
                                         "in the package)")
     p.add_argument("--random-llava", action="store_true", help="a random LLaVA-1.5-shaped model built in memory "
@@ -95,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity-model", help="another trained fidelity checkpoint (default: the shipped one)")
     p.add_argument("--seed", type=int, default=0, help="which generated test scene the fidelity model is asked about")
     p.add_argument("--prompt", default=None, help="the question (fidelity: one of the task's questions; default: "
-                                                  "the scene's generated question)")
+                                                  "one question of every kind the scene answers)")
+    p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds after the warm-up (median shown)")
+    p.add_argument("--save-map", metavar="PNG", help="fidelity model: draw where each stage's kept tokens are, per "
+                                                    "encoder, for the first question")
     p.add_argument("--config", help="a MeteorConfig .json/.yaml (default: fidelity, the checkpoint's calibrated "
                                     "METEOR at 24%%; LLaVA, Stage 3 at 25%% of visual tokens)")
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -1,9 +1,11 @@
-"""meteor-plugin demo: one question about a generated image, answered with pruning off and on.
+"""meteor-plugin demo: questions about a generated image, answered with pruning off and on.
 
 By default it loads the trained fidelity model shipped in the package (a small EAGLE-like model with a
-CLIP ViT and a ConvNeXt, see ``meteor_plugin/fidelity``), generates a scene and a question of the task,
-and prints the expected answer, the answers with pruning off and with METEOR's three stages on (the
-checkpoint's calibrated config, 24% of the visual tokens), the tokens kept per stage and the speedup.
+CLIP ViT and a ConvNeXt, see ``meteor_plugin/fidelity``), generates a scene, asks it one question of every
+kind the scene answers, and prints for each the expected answer, the answers with pruning off and with
+METEOR's three stages on (the checkpoint's calibrated config, 24% of the visual tokens) and the tokens
+kept per stage; then the prefill speedup, measured after a warm-up with both variants interleaved
+(median and range). ``--save-map`` draws where each stage's kept tokens are, per encoder.
 ``--model-path`` loads a LLaVA checkpoint through LLaVA's own loader and tokenizer instead;
 ``--random-llava`` builds a random LLaVA in memory with LLaVA-1.5's 576 visual tokens (answers are then
 meaningless: it shows the mechanics, the token counts and the speedup at a realistic token count).
@@ -11,6 +13,7 @@ meaningless: it shows the mechanics, the token counts and the speedup at a reali
 
 from __future__ import annotations
 
+import statistics
 import time
 import zlib
 from typing import Any, Dict, List, Optional
@@ -53,7 +56,7 @@ def _pixels(model: Any, image, processor: Optional[Any]) -> torch.Tensor:
 
 
 def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: Optional[meteor_plugin.MeteorConfig] = None,
-        max_new_tokens: int = 16) -> Dict[str, Any]:
+        max_new_tokens: int = 16, repeats: int = 5) -> Dict[str, Any]:
     meteor_plugin.disable()
     tokenizer = processor = None
     if model_path:
@@ -75,42 +78,53 @@ def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: 
     model.generation_config.eos_token_id = None if tokenizer is None else model.generation_config.eos_token_id
     pixels = _pixels(model, draw_image(), processor)
     config = config or meteor_plugin.MeteorConfig(llm_min_keep=0.25, llm_max_keep=0.25)
+    off = meteor_plugin.MeteorConfig(encoder=False, fusion=False, llm=False)
     results = {}
-    for name in ("unpruned", "meteor"):
-        if name == "meteor":
-            meteor_plugin.enable(config)
+    for name, cfg in (("unpruned", off), ("meteor", config)):
+        meteor_plugin.enable(cfg)
         with torch.no_grad():
-            start = time.perf_counter()
-            model(input_ids=ids, images=pixels, use_cache=True)  # prefill alone, for the speedup
-            prefill = time.perf_counter() - start
-            start = time.perf_counter()
             out = model.generate(ids, images=pixels, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  pad_token_id=0)
-            total = time.perf_counter() - start
         new = out[0, -max_new_tokens:].tolist() if tokenizer is None else out[0].tolist()
         answer = tokenizer.decode(new, skip_special_tokens=True).strip() if tokenizer else " ".join(f"<{t}>" for t in new)
-        results[name] = {"answer": answer, "prefill_s": prefill, "generate_s": total}
-    run_stats = meteor_plugin.stats(model)
+        results[name] = {"answer": answer}
+        if name == "meteor":
+            run_stats = meteor_plugin.stats(model)
+    timing = interleaved_prefill(lambda: model(input_ids=ids, images=pixels, use_cache=True),
+                                 {"unpruned": off, "meteor": config}, repeats)
     meteor_plugin.disable()
-    return {"model": description, "prompt": prompt, "results": results,
+    return {"model": description, "prompt": prompt, "results": results, "timing": timing,
             "stages": run_stats.to_dict()["samples"][0] if run_stats else {}}
 
 
 FIDELITY_CONFIG = "meteor-24.json"  # METEOR at 24% of the visual tokens, calibrated on the validation split
 
 
-def _median_prefill(model, inputs: Dict[str, Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(**inputs, use_cache=False)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def interleaved_prefill(prefill, variants: Dict[str, Any], repeats: int, warmup: int = 2) -> Dict[str, Any]:
+    """Prefill seconds of each variant (name -> config to enable), measured side by side: ``warmup`` untimed
+    runs of each, then ``repeats`` rounds running every variant once, the order reversed every other round
+    (neither always goes first). Returns per variant the median and the range, and the speedup of each
+    round (first variant's time over the other's) as median, low, high."""
+    names = list(variants)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            meteor_plugin.enable(variants[name])
+            start = time.perf_counter()
+            with torch.no_grad():
+                prefill()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    ratios = sorted(a / b for a, b in zip(times[names[0]], times[names[-1]]))
+    out: Dict[str, Any] = {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for n, t in times.items()}
+    out["speedup"] = {"median": statistics.median(ratios), "low": ratios[0], "high": ratios[-1], "rounds": repeats}
+    return out
 
 
 def run_fidelity(question: Optional[str] = None, seed: int = 0, config: Optional[meteor_plugin.MeteorConfig] = None,
-                 model_path: Optional[str] = None, repeats: int = 7) -> Dict[str, Any]:
-    """The trained fidelity model answers one question about test scene ``seed``, pruning off and on."""
+                 model_path: Optional[str] = None, repeats: int = 9, save_map: Optional[str] = None) -> Dict[str, Any]:
+    """The trained fidelity model answers questions about test scene ``seed`` (one of every kind the scene
+    answers, or ``question``), pruning off and on."""
     import os
 
     from .fidelity import checkpoint_path, make_sample, valid_questions
@@ -126,56 +140,93 @@ def run_fidelity(question: Optional[str] = None, seed: int = 0, config: Optional
         config = meteor_plugin.MeteorConfig.from_file(stored)
     sample = make_sample("test", seed, max_turns=1)
     scene = sample.scene
-    asked = sample.question
+    known = {q.text: q for kind in KINDS for q in valid_questions(scene, kind)}
     if question is not None:
-        known = {q.text: q for kind in KINDS for q in valid_questions(scene, kind)}
         text = " ".join(question.replace("?", " ? ").split())
         if text not in known:
             raise ValueError(
                 f"{question!r} has no single answer for scene {seed} (the fidelity model knows the task's questions: "
                 f"{'; '.join(TEMPLATES.values())}); this scene answers: {'; '.join(sorted(known))}")
-        asked = known[text]
+        asked = [known[text]]
+    else:
+        asked = [next(q for q in known.values() if q.kind == kind) for kind in KINDS
+                 if any(q.kind == kind for q in known.values())]
     model, tokenizer = load(path)
-    inputs = {"input_ids": torch.tensor([prompt_ids(tokenizer, asked.text)]), "images": pixels(sample.image[None])}
-    results = {}
+    image = pixels(sample.image[None])
+    answers = []
     stages: Dict[str, Any] = {}
-    for name, cfg in (("unpruned", unpruned_config()), ("meteor", config)):
-        meteor_plugin.enable(cfg)
-        with torch.no_grad():
-            prefill = _median_prefill(model, inputs, repeats)
-            logits = model(**inputs, use_cache=False).logits[0, -1]
-        answer = tokenizer.convert_ids_to_tokens(int(logits.argmax()))
-        results[name] = {"answer": answer, "prefill_s": prefill, "correct": answer == asked.answer}
+    for q in asked:
+        inputs = {"input_ids": torch.tensor([prompt_ids(tokenizer, q.text)]), "images": image}
+        row = {"prompt": q.text, "kind": q.kind, "expected": q.answer}
+        for name, cfg in (("unpruned", unpruned_config()), ("meteor", config)):
+            meteor_plugin.enable(cfg)
+            with torch.no_grad():
+                logits = model(**inputs, use_cache=False).logits[0, -1]
+            row[name] = tokenizer.convert_ids_to_tokens(int(logits.argmax()))
         run_stats = meteor_plugin.stats(model)
-        stages = run_stats.to_dict()["samples"][0] if run_stats else {}
+        row["stages"] = run_stats.to_dict()["samples"][0] if run_stats else {}
+        answers.append(row)
+        stages = stages or row["stages"]
+    first = {"input_ids": torch.tensor([prompt_ids(tokenizer, asked[0].text)]), "images": image}
+    timing = interleaved_prefill(lambda: model(**first, use_cache=False),
+                                 {"unpruned": unpruned_config(), "meteor": config}, repeats)
     meteor_plugin.disable()
+    result = {"model": f"fidelity checkpoint {path} (trained EAGLE-like model: CLIP ViT 32 px + ConvNeXt 64 px, "
+                       f"128 visual tokens)",
+              "scene": f"test scene {seed}: " + _describe(scene), "answers": answers, "timing": timing,
+              "config": config.to_dict()}
+    if save_map:
+        from .fidelity.token_map import draw_map, grid_sides, kept_cells
+
+        sides = grid_sides(stages["encoder"]["per_encoder"])
+        result["map"] = {"path": os.path.abspath(draw_map(sample.image, kept_cells(stages, list(sides)), sides,
+                                                          save_map)), "question": answers[0]["prompt"]}
+    return result
+
+
+def _describe(scene) -> str:
     objects = ", ".join(f"{o.colour} {o.shape} (row {o.row}, col {o.col})" for o in scene.objects)
     digit = f"; digit {scene.digit.value} (row {scene.digit.row}, col {scene.digit.col})" if scene.digit else ""
-    return {"model": f"fidelity checkpoint {path} (trained EAGLE-like model: CLIP ViT 32 px + ConvNeXt 64 px, "
-                     f"128 visual tokens)",
-            "scene": f"test scene {seed}: {objects}{digit}", "prompt": asked.text, "kind": asked.kind,
-            "expected": asked.answer, "results": results, "stages": stages, "config": config.to_dict()}
+    return objects + digit
+
+
+def _stage_lines(stages: Dict[str, Any], indent: str) -> List[str]:
+    if not stages:
+        return [f"{indent}no stage pruned anything"]
+    return [f"{indent}{stage:>8}: {counts['in']} visual tokens in, {counts['out']} kept" for stage, counts in stages.items()]
+
+
+def report_fidelity(result: Dict[str, Any]) -> str:
+    lines = [f"model: {result['model']}", result["scene"], ""]
+    agree = 0
+    for a in result["answers"]:
+        same = a["unpruned"] == a["meteor"]
+        agree += same
+        mark = lambda x: "right" if x == a["expected"] else "wrong"  # noqa: E731
+        lines.append(f"{a['kind']}: {a['prompt']}")
+        lines.append(f"  expected {a['expected']}; unpruned {a['unpruned']} ({mark(a['unpruned'])}); "
+                     f"meteor {a['meteor']} ({mark(a['meteor'])}){'' if same else '  <- pruning changed the answer'}")
+        lines += _stage_lines(a["stages"], "  ")
+    lines.append(f"\npruned answers equal to unpruned: {agree} of {len(result['answers'])}")
+    lines.append(_timing_line(result["timing"], "first question"))
+    if "map" in result:
+        lines.append(f"map of the kept tokens ({result['map']['question']}): {result['map']['path']}")
+    return "\n".join(lines)
+
+
+def _timing_line(t: Dict[str, Any], what: str) -> str:
+    sp = t["speedup"]
+    return (f"prefill ({what}, median of {sp['rounds']} interleaved rounds after a warm-up): "
+            f"{t['unpruned']['median_s'] * 1e3:.2f} ms -> {t['meteor']['median_s'] * 1e3:.2f} ms, speedup "
+            f"{sp['median']:.2f}x (rounds {sp['low']:.2f}x-{sp['high']:.2f}x)")
 
 
 def report(result: Dict[str, Any]) -> str:
-    lines = [f"model: {result['model']}"]
-    if "scene" in result:
-        lines.append(result["scene"])
-    lines += [f"prompt: {result['prompt']}", ""]
-    if "expected" in result:
-        lines.append(f" expected: {result['expected']}")
+    """The text of ``run`` (a LLaVA checkpoint or the random LLaVA)."""
+    lines = [f"model: {result['model']}", f"prompt: {result['prompt']}", ""]
     for name, r in result["results"].items():
-        mark = "" if "correct" not in r else ("  (right)" if r["correct"] else "  (wrong)")
-        lines.append(f"{name:>9}: {r['answer']}{mark}")
+        lines.append(f"{name:>9}: {r['answer']}")
     lines.append("")
-    for stage, counts in result["stages"].items():
-        lines.append(f"{stage:>9}: {counts['in']} visual tokens in, {counts['out']} kept")
-    if not result["stages"]:
-        lines.append("no stage pruned anything")
-    u, m = result["results"]["unpruned"], result["results"]["meteor"]
-    line = f"  prefill: {u['prefill_s']:.4f} s -> {m['prefill_s']:.4f} s ({u['prefill_s'] / m['prefill_s']:.2f}x)"
-    if "generate_s" in u:
-        line += (f"; generate: {u['generate_s']:.3f} s -> {m['generate_s']:.3f} s "
-                 f"({u['generate_s'] / m['generate_s']:.2f}x)")
-    lines.append(line)
+    lines += _stage_lines(result["stages"], " ")
+    lines.append(_timing_line(result["timing"], "batch 1"))
     return "\n".join(lines)

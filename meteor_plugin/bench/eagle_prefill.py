@@ -116,13 +116,14 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
 def report(result: Dict[str, Any]) -> str:
     u, m = result["variants"]["unpruned"], result["variants"]["meteor"]
     st = m["stages"]
-    per = ", ".join(f"{n} {c}->{k}" for n, (c, k) in m["per_encoder"].items())
+    ranks = result["encoder_ranks"]
+    per = ", ".join(f"{n} {c}->{k} (rank {ranks[n]:.1f})" for n, (c, k) in m["per_encoder"].items())
     lines = [
         "EAGLE-X4-shaped random model, all three stages, batch 1",
         f"  encoders: {result['model']['encoders']} (each reaches the 32x32 grid); LLM width "
         f"{result['model']['llm_hidden']}, {result['model']['llm_layers']} layers, vocab {result['model']['vocab_size']}",
         f"  machine: {result['machine']}, {result['dtype']}; median of {result['settings']['repeats']} interleaved runs",
-        f"  Stage 1 per encoder (rank-guided): {per}",
+        f"  Stage 1 per encoder (split by effective rank): {per}",
         "",
         f"  {'':26}{'EAGLE':>18}{'METEOR':>18}",
         f"  {'visual tokens: encoders':26}{'1024 x 4 grid':>18}{st['encoders']:>18}",

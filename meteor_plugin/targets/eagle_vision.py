@@ -138,25 +138,30 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
         budgets = cap_budgets(rank_budgets(total, _ranks(cfg, names, model)), counts)
     else:
         budgets = list(counts)
-    features, owners = [], []
+    features, owners, positions = [], [], {}
     b = images.shape[0]
     for i, tower in enumerate(towers):
         if budgets[i] == 0:
             continue  # an encoder without budget is not run at all
         if i in outputs:
-            kept, _ = prune_output(outputs[i], budgets[i])
+            kept, index = prune_output(outputs[i], budgets[i])
         else:
             layers = clip_layers(tower.vision_tower)
             pruner = VitPruner.attach(tower, tower, layers, HF_CLIP_BLOCK, REGISTRY)
-            pruner.start(counts[i], budgets[i], len(layers), cfg.encoder_shallow_share, has_cls=False,
-                          deep_score=cfg.encoder_deep_score)
+            plan = pruner.start(counts[i], budgets[i], len(layers), cfg.encoder_shallow_share, has_cls=False,
+                                deep_score=cfg.encoder_deep_score)
             kept = _tokens(tower(_tower_input(mbcc, tower, images)))
+            index = plan.positions if plan.positions is not None else torch.arange(counts[i]).expand(b, -1)
+        positions[names[i]] = index
         features.append(_project(llm.mm_projectors[i], kept))
         owners.append(torch.full((kept.shape[1],), i, dtype=torch.long))
     z = torch.cat(features, dim=1)
     owner = torch.cat(owners)
     per_encoder = {n: [c, k] for n, c, k in zip(names, counts, budgets)}
-    record.stage("encoder").add(sum(counts), z.shape[1], None, images=b, per_encoder=per_encoder)
+    # Per image, the grid position (row-major in that encoder's own grid) of each token Stage 1 kept, in the
+    # order the tokens reach Stage 2: what the fusion stage's and Stage 3's kept indices point into.
+    kept_at = [{"positions": {n: pos[j].tolist() for n, pos in positions.items()}} for j in range(b)]
+    record.stage("encoder").add(sum(counts), z.shape[1], None, images=b, per_image=kept_at, per_encoder=per_encoder)
     if cfg.fusion:
         keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, z.shape[1])
         entering = z.shape[1]

@@ -16,6 +16,15 @@ def test_quick_benchmarks_report_token_counts_and_counted_flops(capsys):
     meteor = eagle["variants"]["meteor"]
     assert meteor["stages"] == {"encoders": 3648, "after stage 1": 1200, "after stage 2": 300, "after stage 3": 100}
     assert sum(k for _, k in meteor["per_encoder"].values()) == 1200
+    # The effective rank differs across the four encoders, so Stage 1's split is not uniform (the numerical rank
+    # saturated at min(tokens, channels) and split it evenly), and it follows the ranks.
+    ranks = eagle["encoder_ranks"]
+    assert len({round(r, 1) for r in ranks.values()}) == 4
+    shares = {n: k / c for n, (c, k) in meteor["per_encoder"].items()}
+    assert max(shares.values()) > 1.2 * min(shares.values())
+    by_rank = sorted(ranks, key=ranks.get)
+    kept = [meteor["per_encoder"][n][1] for n in by_rank]
+    assert kept[-1] >= kept[0]
     assert eagle["flops_ratio"] > 1 and abs(eagle["visual_tokens_reduction"] - (1 - 100 / 1024)) < 1e-9
     for result in (llava, eagle):
         for variant in result["variants"].values():

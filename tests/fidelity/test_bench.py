@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from meteor_plugin import cli
+from meteor_plugin import cli, demo
 from meteor_plugin.bench import fidelity
-from meteor_plugin.fidelity import methods, plot
+from meteor_plugin.fidelity import methods, plot, token_map
 
 
 def test_small_bench_reports_every_method_with_its_budget_and_cost(tmp_path, capsys):
@@ -102,8 +102,30 @@ def test_bench_refuses_an_unknown_field_or_value_before_any_work():
         fidelity.run(fidelity.FidelityBench(per_kind=1, methods=["meteor"], ablations=["fancy"], plot=None))
 
 
-def test_demo_asks_the_shipped_model_and_reports_tokens(capsys):
-    assert cli.main(["demo", "--seed", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "expected:" in out and "unpruned:" in out and "meteor:" in out
-    assert "prefill:" in out and "llm:" in out
+def test_demo_asks_every_kind_about_one_scene_and_times_interleaved(tmp_path, capsys):
+    png = tmp_path / "map.png"
+    assert cli.main(["demo", "--seed", "3", "--repeats", "3", "--save-map", str(png), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [a["kind"] for a in result["answers"]] == ["colour", "count", "digit", "next_to_digit"]
+    for a in result["answers"]:
+        assert a["stages"]["llm"]["out"] < a["stages"]["fusion"]["out"] < a["stages"]["encoder"]["out"] < 128
+    timing = result["timing"]
+    assert timing["speedup"]["rounds"] == 3
+    assert timing["speedup"]["low"] <= timing["speedup"]["median"] <= timing["speedup"]["high"]
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width > 3 * 256 and img.height > 2 * 256  # 2 encoders x 3 stages
+    text = demo.report_fidelity(result)
+    assert "pruned answers equal to unpruned:" in text and "interleaved rounds after a warm-up" in text
+
+
+def test_token_map_chains_each_stage_back_to_encoder_grid_cells():
+    stages = {"encoder": {"in": 8, "out": 5, "positions": {"a": [0, 2, 3], "b": [1, 3]},
+                          "per_encoder": {"a": [4, 3], "b": [4, 2]}},
+              "fusion": {"in": 5, "out": 3, "kept": [0, 2, 4]},  # a0, a3, b3
+              "llm": {"in": 3, "out": 2, "kept": [1, 2]}}  # a3, b3
+    cells = token_map.kept_cells(stages, ["a", "b"])
+    assert cells == {"encoder": {"a": {0, 2, 3}, "b": {1, 3}}, "fusion": {"a": {0, 3}, "b": {3}},
+                     "llm": {"a": {3}, "b": {3}}}
+    assert token_map.grid_sides(stages["encoder"]["per_encoder"]) == {"a": 2, "b": 2}
+    with pytest.raises(ValueError, match="no Stage 1 positions"):
+        token_map.kept_cells({"llm": {"kept": [0]}}, ["a"])
