@@ -49,7 +49,7 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
         methods=args.methods.split(",") if args.methods else list(methods.ALL_METHODS),
         plot=None if args.plot in ("", "none") else args.plot, progress=not args.no_progress, threads=args.threads,
         meteor=dict(parse_field("--meteor-set", pair) for pair in args.meteor_set), ablations=list(methods.ABLATIONS) if args.ablation else [],
-        test_seed=args.test_seed)
+        test_seed=args.test_seed, split=args.split)
     result = fidelity.run(settings, log=lambda *a: print(*a, file=sys.stderr))
     print(json.dumps(result, indent=2) if args.json else fidelity.report(result))
     return 0
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({', '.join(ABLATIONS)})")
     f.add_argument("--test-seed", type=int, default=0,
                    help="seed of the test scenes: another seed draws fresh held-out questions (default 0)")
+    f.add_argument("--split", default="test", choices=["test", "val"],
+                   help="test (default); val: validation questions other than the calibration ones, for choosing "
+                        "defaults without looking at the test split")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
 

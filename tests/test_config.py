@@ -59,6 +59,7 @@ def test_a_config_without_version_keeps_the_behaviour_it_was_written_for():
     old = MeteorConfig.from_dict({"llm_layer": 3})
     assert old.version == 1
     assert (old.fusion_similarity, old.text_query, old.llm_budget_signal, old.llm_min_heads) == ("cosine", "all", "mass", 1)
+    assert old.llm_lambda == 64.0 and MeteorConfig().llm_lambda == 0.6
     new = MeteorConfig.from_dict({"llm_layer": 3, "version": 2})
     assert new == MeteorConfig(llm_layer=3)
     assert (new.fusion_similarity, new.text_query, new.llm_budget_signal, new.llm_min_heads) == ("duplicate", "last", "spread", 4)

@@ -50,6 +50,7 @@ class FidelityBench:
     ablations: Sequence[str] = ()  # names of mt.ABLATIONS, run as meteor:<name>
     ablation_budgets: Sequence[float] = (0.25, 0.125)
     test_seed: int = 0  # seed of the test split's scenes: another seed draws fresh held-out questions
+    split: str = "test"  # "val": ask validation questions after the calibration ones, to choose defaults on
     flops_questions: int = 32  # questions whose prefill FLOPs are counted per run (each alone)
 
 
@@ -189,7 +190,12 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
     cal = calibration.calibrate(model, tokenizer, settings.methods, budgets, extra, settings.val_per_kind,
                                 settings.layers, settings.batch_size, log, settings.meteor, ablations,
                                 ablation_budgets)
-    test = ev.eval_set(tokenizer, settings.per_kind, split="test", seed=settings.test_seed)
+    if settings.split == "val":  # the validation questions after those calibration used
+        test = ev.eval_set(tokenizer, settings.per_kind, split="val", start=len(KINDS) * settings.val_per_kind)
+    elif settings.split == "test":
+        test = ev.eval_set(tokenizer, settings.per_kind, split="test", seed=settings.test_seed)
+    else:
+        raise ValueError(f"split={settings.split!r} is invalid: allowed 'test' or 'val'")
     plan = mt.configs(methods, budgets, cal, extra, ablations, ablation_budgets)
     runs = []
     with _bar(len(plan) * len(test), "fidelity", settings.progress) as bar:
@@ -209,7 +215,8 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
     rows = _rows(runs, unpruned)
     result = {
         "model": os.path.abspath(path), "machine": _machine(), "seconds": round(time.perf_counter() - began, 1),
-        "questions_per_kind": settings.per_kind, "test_seed": settings.test_seed, "kinds": list(KINDS),
+        "questions_per_kind": settings.per_kind, "split": settings.split, "test_seed": settings.test_seed,
+        "kinds": list(KINDS),
         "calibration": cal.to_dict(), "meteor": dict(settings.meteor), "flops_questions": settings.flops_questions,
         "rows": rows, "runs": runs, "equal_flops": equal_flops(rows, budgets), "targets": targets(rows, budgets),
     }
@@ -248,7 +255,8 @@ def report(result: Dict[str, Any]) -> str:
     kinds = result["kinds"]
     overrides = ", ".join(f"{k}={v!r}" for k, v in result["meteor"].items()) or "none (the config defaults)"
     lines = [f"model: {result['model']}", f"METEOR fields set on top of the defaults: {overrides}",
-             f"test questions: {result['questions_per_kind']} per kind (test seed {result['test_seed']}); prefill "
+             f"{result['split']} questions: {result['questions_per_kind']} per kind "
+             f"({'test seed ' + str(result['test_seed']) if result['split'] == 'test' else 'after the calibration ones'}); prefill "
              f"FLOPs counted on {result['flops_questions']} of them, each alone; {result['seconds']} s on "
              f"{result['machine']['cores']} cores (torch threads {result['machine']['threads']}, load "
              f"{result['machine']['loadavg_at_end']})", ""]

@@ -100,6 +100,15 @@ def test_bench_refuses_an_unknown_field_or_value_before_any_work():
                                             plot=None))
     with pytest.raises(ValueError, match="unknown ablation"):
         fidelity.run(fidelity.FidelityBench(per_kind=1, methods=["meteor"], ablations=["fancy"], plot=None))
+    with pytest.raises(ValueError, match="split='train' is invalid"):
+        fidelity.run(fidelity.FidelityBench(per_kind=1, val_per_kind=1, methods=["random"], split="train", plot=None))
+
+
+def test_validation_split_is_reported_as_such(capsys):
+    assert cli.main(["bench", "fidelity", "--per-kind", "2", "--val-per-kind", "2", "--budgets", "0.25",
+                     "--methods", "random", "--split", "val", "--plot", "none", "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "val" and "val questions: 2 per kind (after the calibration ones)" in fidelity.report(result)
 
 
 def test_demo_asks_every_kind_about_one_scene_and_times_interleaved(tmp_path, capsys):
