@@ -10,7 +10,7 @@ from . import targets as _targets
 from .compat import transformers as compat
 from .config import MeteorConfig
 from .registry import REGISTRY
-from .runtime import ACTIVE
+from .runtime import ACTIVE, restore_configs
 
 ConfigLike = Union[MeteorConfig, dict, str, os.PathLike, None]
 
@@ -66,8 +66,10 @@ def enable(
 
 
 def disable() -> None:
-    """Restore every patched attribute and remove every hook."""
+    """Restore every patched attribute and remove every hook, give every model config back the ``meteor``
+    entry it had before ``enable`` (a config the checkpoint carried or the user attached stays)."""
     REGISTRY.restore_all()
+    restore_configs()
     ACTIVE.enabled = False
     ACTIVE.config = None
     ACTIVE.overrides = {}
