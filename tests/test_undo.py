@@ -1,4 +1,5 @@
-"""Exact undo (issue 12, item 5): ``disable()`` gives every model back its ``config.meteor`` as it found it."""
+"""Exact undo (issue 12, item 5): ``disable()`` gives every model back its ``config.meteor`` as it found it
+and forgets the stats of every run."""
 
 import pytest
 import torch
@@ -14,15 +15,17 @@ def _logits(model, ids, mask, images):
         return model(input_ids=ids, attention_mask=mask, images=images).logits
 
 
-def test_disable_removes_the_config_enable_wrote(tiny_llava):
+def test_disable_removes_the_config_enable_wrote_and_forgets_stats(tiny_llava):
     model = tiny_llava()
     assert not hasattr(model.config, "meteor")
     meteor_plugin.enable(**ALL_LLAVA)
     _logits(model, *make_batch([(2, 3)], [True]))
     assert model.config.meteor == meteor_plugin.MeteorConfig(**ALL_LLAVA).to_dict()
+    assert meteor_plugin.stats(model) is not None
     meteor_plugin.disable()
     assert not hasattr(model.config, "meteor")
     assert "meteor" not in model.config.to_dict()
+    assert meteor_plugin.stats(model) is None
 
 
 @pytest.mark.parametrize("when", ["before_enable", "while_enabled"])
