@@ -10,7 +10,8 @@ from . import targets as _targets
 from .compat import transformers as compat
 from .config import MeteorConfig
 from .registry import REGISTRY
-from .runtime import ACTIVE
+from .percall import forget_stats
+from .runtime import ACTIVE, restore_configs
 
 ConfigLike = Union[MeteorConfig, dict, str, os.PathLike, None]
 
@@ -66,8 +67,12 @@ def enable(
 
 
 def disable() -> None:
-    """Restore every patched attribute and remove every hook."""
+    """Restore every patched attribute and remove every hook, give every model config back the ``meteor``
+    entry it had before ``enable`` (a config the checkpoint carried or the user attached stays), and forget
+    the stats of every run: ``meteor_plugin.stats(model)`` returns None until the next pruned run."""
     REGISTRY.restore_all()
+    restore_configs()
+    forget_stats()
     ACTIVE.enabled = False
     ACTIVE.config = None
     ACTIVE.overrides = {}

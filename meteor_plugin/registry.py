@@ -8,6 +8,7 @@ Two kinds of change are recorded:
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Tuple
@@ -29,18 +30,20 @@ class PatchRegistry:
         self._order: List[Tuple[int, str]] = []
         self._hooks: List[Any] = []  # RemovableHandle objects
         self._hooked: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._lock = threading.Lock()  # layer classes are patched at a model's first forward, maybe in threads
 
     # Attributes -----------------------------------------------------------------------------------
     def patch(self, owner: Any, name: str, replacement: Any) -> bool:
         """Set ``owner.name = replacement``; returns False if it was already patched by us."""
         key = (id(owner), name)
-        if key in self._patches:
-            return False
-        original = owner.__dict__.get(name, _MISSING) if hasattr(owner, "__dict__") else getattr(owner, name)
-        self._patches[key] = _Patch(owner, name, original, replacement)
-        self._order.append(key)
-        setattr(owner, name, replacement)
-        return True
+        with self._lock:
+            if key in self._patches:
+                return False
+            original = owner.__dict__.get(name, _MISSING) if hasattr(owner, "__dict__") else getattr(owner, name)
+            self._patches[key] = _Patch(owner, name, original, replacement)
+            self._order.append(key)
+            setattr(owner, name, replacement)
+            return True
 
     def is_patched(self, owner: Any, name: str) -> bool:
         return (id(owner), name) in self._patches

@@ -9,6 +9,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 STAGES = ("encoder", "fusion", "llm")
+UNKNOWN_VISUAL = (
+    "inputs_embeds were not built by prepare_inputs_labels_for_multimodal for this forward (or were changed "
+    "since): which tokens are visual is unknown, so no stage ran on them"
+)
 
 
 @dataclass
@@ -68,16 +72,23 @@ class RunStats:
         lines = []
         for i, sample in enumerate(self.stages):
             parts = [f"{stage} {c.entered}->{c.left}" for stage, c in sample.items()]
-            lines.append(f"sample {i}: " + (", ".join(parts) if parts else "no visual tokens"))
+            empty = "visual tokens unknown" if UNKNOWN_VISUAL in self.notes else "no visual tokens"
+            lines.append(f"sample {i}: " + (", ".join(parts) if parts else empty))
         if self.layer_seq_len:
             lines.append("decoder layer lengths: " + " ".join(str(n) for n in self.layer_seq_len))
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
 def stats(model: Any) -> Optional[RunStats]:
-    """Statistics of the last prefill of ``model`` (any wrapper of it), or None before the first one."""
+    """Statistics of the last prefill of ``model`` (any wrapper of it) run by the calling thread.
+
+    None before the first one, and after ``meteor_plugin.disable()`` (which forgets every run).
+    """
+    from .percall import last_stats
+
     for module in model.modules() if hasattr(model, "modules") else [model]:
-        found = getattr(module, "_meteor_stats", None)
+        found = last_stats(module)
         if found is not None:
             return found
     return None

@@ -13,9 +13,11 @@ Differences handled:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -151,12 +153,16 @@ def rope_cos_sin(layer: torch.nn.Module, call: LayerCall, hidden: torch.Tensor) 
     return cos[position_ids], sin[position_ids]
 
 
+_ROTARY_FLOOR: contextvars.ContextVar[int] = contextvars.ContextVar("meteor_rotary_floor", default=0)
+
+
 def patch_rotary_floor(registry: Any) -> None:
     """4.37 only: let a compacted layer ask the rotary table for positions past its own length.
 
     4.37's attention asks ``rotary_emb(v, seq_len=kv_len)`` and indexes the table by position id; a
     compacted layer keeps the original (larger) ids with a shorter kv_len. The patched forward returns
-    at least ``_meteor_seq_floor`` rows; with no floor set it behaves exactly like the original.
+    at least as many rows as the floor that ``rotary_floor`` sets around that layer's call (a context
+    variable, so threads and calls never see each other's); with no floor it behaves exactly like the original.
     """
     if generation() != "4.37":
         return
@@ -168,7 +174,7 @@ def patch_rotary_floor(registry: Any) -> None:
     original = cls.forward
 
     def forward(self, x, seq_len=None):
-        floor = getattr(self, "_meteor_seq_floor", 0)
+        floor = _ROTARY_FLOOR.get()
         if seq_len is not None and floor > seq_len:
             seq_len = floor
         return original(self, x, seq_len=seq_len)
@@ -177,12 +183,18 @@ def patch_rotary_floor(registry: Any) -> None:
     registry.patch(cls, "forward", forward)
 
 
-def set_rotary_floor(layer: torch.nn.Module, call: LayerCall) -> None:
-    rotary = getattr(layer.self_attn, "rotary_emb", None)
-    if rotary is None or generation() != "4.37":
-        return
+@contextlib.contextmanager
+def rotary_floor(call: LayerCall) -> Iterator[None]:
+    """Around one compacted layer's call: the rotary table covers its largest position id (4.37)."""
     position_ids = call.get("position_ids")
-    rotary._meteor_seq_floor = int(position_ids.max().item()) + 1 if position_ids is not None else 0
+    if generation() != "4.37" or position_ids is None:
+        yield
+        return
+    token = _ROTARY_FLOOR.set(int(position_ids.max().item()) + 1)
+    try:
+        yield
+    finally:
+        _ROTARY_FLOOR.reset(token)
 
 
 # Attention masks ----------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ gathered per layer, kept tokens keep their original position ids, and the KV cac
 holds only the kept tokens. Layers before ``llm_layer`` (and so layer 0's cache, which transformers
 uses for length bookkeeping) keep the full sequence.
 
-The stage hooks into any Llama-family ``LlamaModel`` through forward pre-hooks on its decoder layers;
-it knows nothing of LLaVA or EAGLE. The adapters hand it a ``VisualLayout`` before each prefill.
+The stage wraps the ``forward`` of the decoder-layer class of any Llama-family ``LlamaModel`` (once, in
+the patch registry); it knows nothing of LLaVA or EAGLE. What a layer does in a call comes from that
+call's ``DecoderPruner`` (``percall.MeteorCall.decoder``), never from the model: a layer of a model that
+no call is pruning runs as it is. The adapters hand the call a ``VisualLayout`` before each prefill.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 
+from .. import percall
 from ..compat import transformers as compat
 from ..config import MeteorConfig
 from ..core.budget import adaptive_keep, resolve_budget, resolve_budget_per_sample
 from ..core.select import compaction_index, gather_tokens, topk_mask
 from ..core.text_attention import apply_rope, attention_spread, mean_query_attention, select_heads
-from ..stats import RunStats
+from ..stats import UNKNOWN_VISUAL, RunStats
 from .layout import IGNORE_INDEX, VisualLayout
 
 
@@ -131,52 +134,55 @@ class _Plan:
 
 
 class DecoderPruner:
-    """Owns the hooks on one language model's decoder layers and the state between its forwards."""
+    """Stage 3 for one call of one language model: the plan of its current forward and, in generate, what
+    its decoding steps need to know about the pruned prefill. Created per call, never kept on the model."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.plan: Optional[_Plan] = None
         self.prefix: Optional[_Prefix] = None
         self.heads_used = 0
+        self.layer_index = {id(layer): idx for idx, layer in enumerate(model.layers)}
 
     @classmethod
     def attach(cls, model: torch.nn.Module, registry: Any) -> "DecoderPruner":
-        pruner = model.__dict__.get("_meteor_pruner")
-        if pruner is None or not registry.has_hooks(model):
-            layers = getattr(model, "layers", None)
-            if layers is None or len(layers) == 0:
-                raise RuntimeError(
-                    f"meteor-plugin Stage 3: {type(model).__name__} has no decoder `layers`; "
-                    "the llm stage needs a Llama-family model"
-                )
+        """Check the model's structure, make sure its decoder-layer classes run Stage 3, and return a
+        pruner for one call."""
+        layers = getattr(model, "layers", None)
+        if layers is None or len(layers) == 0:
+            raise RuntimeError(
+                f"meteor-plugin Stage 3: {type(model).__name__} has no decoder `layers`; "
+                "the llm stage needs a Llama-family model"
+            )
+        for layer in layers:  # every layer: one missing projection would fail mid-forward otherwise
             for required in ("input_layernorm", "self_attn"):
-                if not hasattr(layers[0], required):
+                if not hasattr(layer, required):
                     raise RuntimeError(
-                        f"meteor-plugin Stage 3: decoder layer {type(layers[0]).__name__} has no `{required}`; "
+                        f"meteor-plugin Stage 3: decoder layer {type(layer).__name__} has no `{required}`; "
                         "the llm stage needs Llama-style decoder layers"
                     )
             for required in ("q_proj", "k_proj"):
-                if not hasattr(layers[0].self_attn, required):
+                if not hasattr(layer.self_attn, required):
                     raise RuntimeError(
-                        f"meteor-plugin Stage 3: attention {type(layers[0].self_attn).__name__} has no "
+                        f"meteor-plugin Stage 3: attention {type(layer.self_attn).__name__} has no "
                         f"`{required}` projection; the llm stage needs Llama-style attention"
                     )
-            pruner = cls(model)
-            model._meteor_pruner = pruner
-            for idx, layer in enumerate(layers):
-                handle = layer.register_forward_pre_hook(functools.partial(pruner._pre_hook, idx), with_kwargs=True)
-                registry.add_hook(model, handle)
-        return pruner
+        for layer_cls in {type(layer) for layer in layers}:
+            if not registry.is_patched(layer_cls, "forward"):
+                registry.patch(layer_cls, "forward", _wrap_layer_forward(layer_cls.forward))
+        return cls(model)
 
     # Per forward -------------------------------------------------------------------------------------
     def begin(self, cfg: MeteorConfig, layout: Optional[VisualLayout], batch: int, length: int,
-              attention_mask: Optional[torch.Tensor], past: Any, device: torch.device) -> None:
+              attention_mask: Optional[torch.Tensor], past: Any, device: torch.device,
+              unknown_visual: bool = False) -> None:
         past_len = compat.past_length(past, 0)
         if attention_mask is not None and torch.is_tensor(attention_mask) and attention_mask.dim() == 2:
             raw = attention_mask
         else:
             raw = None
         if past_len == 0:
+            layout = _expanded(layout, batch, length, raw)
             if layout is not None and layout.shape != (batch, length):
                 raise RuntimeError(
                     f"meteor-plugin: the visual layout {layout.shape} does not match the language model input "
@@ -186,11 +192,14 @@ class DecoderPruner:
                 self.heads_used = check_against_model(cfg, self.model.config)
             valid = raw[:, -length:].bool() if raw is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
             stats = layout.stats if layout is not None else RunStats(batch)
+            if unknown_visual:
+                stats.notes.append(UNKNOWN_VISUAL)
             self.plan = _Plan("prefill", cfg, stats, valid, layout=layout)
             self.prefix = None
-            self.model._meteor_stats = stats
+            percall.record_stats(self.model, stats)
             return
         if self.prefix is None:
+            _refuse_pruned_cache(past, len(self.layer_index))
             self.plan = None  # the prefill pruned nothing: decoding needs no help
             return
         if batch != self.prefix.valid.shape[0]:
@@ -201,11 +210,9 @@ class DecoderPruner:
         self.plan = _Plan("decode", cfg, None, torch.ones(batch, length, dtype=torch.bool, device=device),
                           prefix=self.prefix, raw_mask=raw)
 
-    # The hook ----------------------------------------------------------------------------------------
-    def _pre_hook(self, idx: int, layer: torch.nn.Module, args: tuple, kwargs: dict):
-        plan = self.plan
-        if plan is None:
-            return None
+    # One layer call -----------------------------------------------------------------------------------
+    def layer_args(self, plan: _Plan, idx: int, layer: torch.nn.Module, args: tuple, kwargs: dict):
+        """The arguments layer ``idx`` runs on under ``plan``: (args, kwargs, rotary floor), or None."""
         call = compat.LayerCall(layer, args, kwargs)
         hidden = call.get("hidden_states")
         if not plan.prunes or idx < plan.layer:
@@ -230,8 +237,8 @@ class DecoderPruner:
         for name, value in plan.subs.items():
             if call.has(name):
                 call.set(name, value)
-        compat.set_rotary_floor(layer, call)
-        return call.call_args()
+        args, kwargs = call.call_args()
+        return args, kwargs, compat.rotary_floor(call)
 
     # Selection -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -316,22 +323,75 @@ class DecoderPruner:
         return out.masked_fill(~plan.kept_valid.to(labels.device), IGNORE_INDEX)
 
 
+def _expanded(layout: Optional[VisualLayout], batch: int, length: int,
+              raw: Optional[torch.Tensor]) -> Optional[VisualLayout]:
+    """The layout of a prefill that generate expanded (``num_return_sequences``: each prompt repeated in a
+    row, by every transformers generation) before its first forward; any other mismatch is left to fail."""
+    if layout is None or layout.shape[1] != length or batch == layout.shape[0] or batch % layout.shape[0]:
+        return layout
+    grown = layout.repeated(batch // layout.shape[0])
+    if raw is not None and not torch.equal(raw[:, -length:].bool().to(grown.valid.device), grown.valid):
+        return layout  # not the expansion it looks like: the shape check refuses it by name
+    return grown
+
+
+def _refuse_pruned_cache(past: Any, layers: int) -> None:
+    """A decoding step whose cache a Stage 3 prefill pruned, outside the call (generate) that made it."""
+    lengths = {compat.past_length(past, i) for i in range(layers)}
+    if len(lengths) > 1:
+        raise NotImplementedError(
+            "meteor-plugin Stage 3: this decoding step continues a KV cache that a pruned prefill left with "
+            f"different lengths per layer ({sorted(lengths)}), outside the generate call that pruned it; decoding "
+            "by hand across forward calls is not supported with the llm stage: use generate, or llm=False"
+        )
+
+
+def _wrap_layer_forward(original: Any) -> Any:
+    """The forward of a decoder-layer class: runs Stage 3 for the layers of the model a call is pruning."""
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        call = percall.current()
+        pruner = call.decoder if call is not None else None
+        step = None
+        if pruner is not None and id(self) in pruner.layer_index:
+            if pruner.plan is not None:
+                step = (pruner, pruner.plan, pruner.layer_index[id(self)])
+            if torch.is_tensor(hidden):
+                percall.remember_step(call, self, hidden, step)
+        elif torch.is_tensor(hidden):
+            step = percall.recomputed_step(self, hidden)  # gradient checkpointing, in backward
+        changed = step[0].layer_args(step[1], step[2], self, args, kwargs) if step is not None else None
+        if changed is None:
+            return original(self, *args, **kwargs)
+        args, kwargs, floor = changed
+        with floor:
+            return original(self, *args, **kwargs)
+
+    return forward
+
+
 def wrap_model_forward(original: Any, registry: Any, config_for: Any) -> Any:
     """A replacement for ``LlamaModel.forward`` (on an adapter's subclass) that runs Stage 3."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
+    @percall.entry
     def forward(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         arguments = bound.arguments
         cfg = config_for(self)
-        pruner = DecoderPruner.attach(self, registry)
-        layout = self.__dict__.pop("_meteor_pending", None)
+        call = percall.current()
+        pruner = call.decoder
+        if pruner is None or pruner.model is not self:
+            pruner = call.decoder = DecoderPruner.attach(self, registry)
+        layout, call.layout = call.layout, None
         embeds = arguments.get("inputs_embeds")
         ids = arguments.get("input_ids")
         ref = embeds if embeds is not None else ids
         pruner.begin(cfg, layout, ref.shape[0], ref.shape[1], arguments.get("attention_mask"),
-                     arguments.get("past_key_values"), ref.device)
+                     arguments.get("past_key_values"), ref.device, unknown_visual=call.embeds_from_elsewhere)
         return original(self, *args, **kwargs)
 
     return forward

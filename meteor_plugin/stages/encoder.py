@@ -14,17 +14,20 @@ rectangular. Encoders that cannot lose tokens inside (CNNs, windowed attention) 
 output with the similarity score instead (``prune_output``).
 
 The stage works on any block with a pre-attention norm and q/k projections (``VitBlock``); the
-adapters say where an encoder's blocks are.
+adapters say where an encoder's blocks are. It wraps the ``forward`` of the block class (once, in the patch
+registry); which blocks drop tokens in a call, and how, is in that call's ``percall.MeteorCall.vit``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
+from .. import percall
 from ..core.select import bottomk_mask, compaction_index, gather_tokens, topk_mask
 from ..core.token_scores import cls_attention, received_attention, similarity_to_mean
 
@@ -85,61 +88,62 @@ class VitPlan:
 
 
 class VitPruner:
-    """Hooks on one ViT encoder's blocks; the owner calls ``start`` before each forward it wants pruned.
+    """Stage 1 inside one ViT encoder for one call: ``start`` plans it, ``running`` prunes the encoder's
+    blocks while its forward runs. A forward nobody planned runs unpruned.
 
-    A plan lives from one forward of ``root`` (the module that runs the blocks) to the next: it must
-    outlive the forward itself, because checkpointed blocks run again during backward. A forward of
-    ``root`` that no ``start`` prepared runs unpruned.
+    The plan outlives the forward only for gradient checkpointing: checkpointed blocks run again during
+    backward and find it by their input (``percall.recomputed_step``).
     """
 
     def __init__(self, layers: Sequence[torch.nn.Module], block: VitBlock):
         self.layers = layers
         self.block = block
         self.plan: Optional[VitPlan] = None
-        self._fresh = False
 
     @classmethod
-    def attach(cls, owner: torch.nn.Module, root: torch.nn.Module, layers: Sequence[torch.nn.Module],
-               block: VitBlock, registry: Any) -> "VitPruner":
-        pruner = owner.__dict__.get("_meteor_vit_pruner")
-        if pruner is None or not registry.has_hooks(owner):
-            pruner = cls(layers, block)
-            owner._meteor_vit_pruner = pruner
-            registry.add_hook(owner, root.register_forward_pre_hook(pruner._root_hook))
-            for idx, layer in enumerate(layers):
-                handle = layer.register_forward_pre_hook(functools.partial(pruner._pre_hook, idx), with_kwargs=True)
-                registry.add_hook(owner, handle)
-        return pruner
+    def attach(cls, layers: Sequence[torch.nn.Module], block: VitBlock, registry: Any) -> "VitPruner":
+        for block_cls in {type(layer) for layer in layers}:
+            if not registry.is_patched(block_cls, "forward"):
+                registry.patch(block_cls, "forward", _wrap_block_forward(block_cls.forward))
+        return cls(layers, block)
 
     def start(self, patches: int, keep: int, depth: int, shallow_share: float, has_cls: bool,
               deep_score: str = "attention") -> VitPlan:
         shallow, deep = boundaries(depth)
         after_shallow, keep = split_drop(patches, keep, shallow_share)
         self.plan = VitPlan(patches, keep, shallow, deep, after_shallow, has_cls, deep_score)
-        self._fresh = True
         return self.plan
 
-    def _root_hook(self, module: torch.nn.Module, args: tuple) -> None:
-        if not self._fresh:
-            self.plan = None  # a forward nobody prepared: no pruning
-        self._fresh = False
+    @contextlib.contextmanager
+    def running(self) -> Iterator[VitPlan]:
+        """Around the encoder's forward: its blocks follow the plan of ``start`` in the current call."""
+        call = percall.current()
+        if call is None or self.plan is None:
+            raise RuntimeError("meteor-plugin Stage 1: an encoder was pruned outside a call, or before start()")
+        ids = [id(layer) for layer in self.layers]
+        for idx, key in enumerate(ids):
+            call.vit[key] = (self, self.plan, idx)
+        try:
+            yield self.plan
+        finally:
+            for key in ids:
+                call.vit.pop(key, None)
 
-    def _pre_hook(self, idx: int, layer: torch.nn.Module, args: tuple, kwargs: dict):
-        plan = self.plan
-        if plan is None or idx not in (plan.shallow, plan.deep):
+    def block_args(self, plan: VitPlan, idx: int, layer: torch.nn.Module, args: tuple, kwargs: dict):
+        """The arguments block ``idx`` runs on under ``plan``, or None to run it as called."""
+        if idx not in (plan.shallow, plan.deep):
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         if idx not in plan.cache:
-            plan.cache[idx] = self._select(idx, layer, hidden)
+            plan.cache[idx] = self._select(plan, idx, layer, hidden)
         hidden = gather_tokens(hidden, plan.cache[idx])
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
     @torch.no_grad()
-    def _select(self, idx: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def _select(self, plan: VitPlan, idx: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Gather index over the block's input (CLS first, if any) for this boundary."""
-        plan = self.plan
         start = 1 if plan.has_cls else 0
         b, t, _ = hidden.shape
         patches = t - start
@@ -162,6 +166,26 @@ class VitPruner:
         if start:
             index = torch.cat([torch.zeros(b, 1, dtype=index.dtype, device=index.device), index + 1], dim=1)
         return index
+
+
+def _wrap_block_forward(original: Any) -> Any:
+    """The forward of a ViT block class: drops tokens at the boundaries of the encoder a call is pruning."""
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        call = percall.current()
+        step = call.vit.get(id(self)) if call is not None else None
+        if call is not None and torch.is_tensor(hidden):
+            percall.remember_step(call, self, hidden, step)
+        elif call is None and torch.is_tensor(hidden):
+            step = percall.recomputed_step(self, hidden)  # gradient checkpointing, in backward
+        changed = step[0].block_args(step[1], step[2], self, args, kwargs) if step is not None else None
+        if changed is not None:
+            args, kwargs = changed
+        return original(self, *args, **kwargs)
+
+    return forward
 
 
 def prune_output(features: torch.Tensor, keep: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,16 @@ class VisualLayout:
     def shape(self):
         return tuple(self.visual.shape)
 
+    def repeated(self, times: int) -> "VisualLayout":
+        """Each sample ``times`` times in a row, as generate expands a batch for ``num_return_sequences``."""
+        def rep(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return t.repeat_interleave(times, dim=0) if t is not None else None
+
+        stats = RunStats(self.stats.batch_size * times,
+                         stages=[dict(s) for s in self.stats.stages for _ in range(times)],
+                         notes=list(self.stats.notes))
+        return VisualLayout(rep(self.visual), rep(self.query), rep(self.valid), stats, rep(self.labels))
+
 
 def query_mask(
     visual: torch.Tensor,

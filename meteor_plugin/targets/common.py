@@ -6,10 +6,12 @@ says which classes to wrap. The wrappers:
 
 - ``encode_images``: records how many tokens each image became;
 - ``prepare_inputs_labels_for_multimodal``: after upstream splices the image features into the text,
-  works out where they landed (a ``VisualLayout``) and hands it to the language model's next forward;
+  works out where they landed (a ``VisualLayout``) and hands it to the language model's next forward
+  (through the call, or, when the caller called it directly, with the ``inputs_embeds`` it returns);
 - ``forward``: in training, computes the loss on labels compacted like the hidden states;
 - ``generate``: marks the generate call, refuses beam search with Stage 3;
 - the inner ``LlamaModel.forward``: runs Stage 3 (``stages/decoder.py``).
+All of them keep what they pass on in the call's ``percall.MeteorCall``, never on the model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
+from .. import percall
 from ..compat import transformers as compat
 from ..runtime import config_for
 from ..stages.decoder import wrap_model_forward
@@ -154,10 +157,12 @@ def vision_stats(record: Optional[VisionRecord], owners: List[Optional[int]], ba
 # Wrappers ----------------------------------------------------------------------------------------------------
 def wrap_encode_images(original: Any) -> Any:
     @functools.wraps(original)
+    @percall.entry
     def encode_images(self, images, *args, **kwargs):
         cfg = config_for(self)
+        call = percall.current()
         record = VisionRecord()
-        self._meteor_vision = record
+        call.vision = record
         tower = self.get_model().get_vision_tower()
         handler = VISION_HANDLERS.get(type(tower))
         if handler is not None:
@@ -169,7 +174,7 @@ def wrap_encode_images(original: Any) -> Any:
             )
         else:
             features = original(self, images, *args, **kwargs)
-        self._meteor_features = features.shape[1] if torch.is_tensor(features) and features.dim() == 3 else None
+        call.features = features.shape[1] if torch.is_tensor(features) and features.dim() == 3 else None
         return features
 
     return encode_images
@@ -182,32 +187,42 @@ def _multi_encoder(tower: Any) -> bool:
 def wrap_prepare(original: Any) -> Any:
     signature = inspect.signature(original)
 
-    @functools.wraps(original)
-    def prepare(self, *args, **kwargs):
+    def splice(call: percall.MeteorCall, self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         a = bound.arguments
-        self.__dict__.pop("_meteor_features", None)
-        self.__dict__.pop("_meteor_vision", None)
+        call.features = call.vision = None
         out = original(self, *args, **kwargs)
-        llm = self.get_model()
         embeds = out[4]
+        call.layout = None
         if embeds is None:  # decoding step or no images: nothing spliced
-            llm.__dict__.pop("_meteor_pending", None)
             return out
         cfg = config_for(self)
         visual, valid, owners = locate_visual_tokens(
-            self, a["input_ids"], a.get("attention_mask"), a.get("images"),
-            self.__dict__.pop("_meteor_features", None), embeds, out[2],
+            self, a["input_ids"], a.get("attention_mask"), a.get("images"), call.features, embeds, out[2],
         )
         labels = out[5]
         layout = VisualLayout(
-            visual=visual, valid=valid, stats=vision_stats(self.__dict__.pop("_meteor_vision", None), owners, visual.shape[0]),
+            visual=visual, valid=valid, stats=vision_stats(call.vision, owners, visual.shape[0]),
             query=query_mask(visual, valid, labels, cfg.text_query),
         )
-        if self.__dict__.get("_meteor_defer_labels") and labels is not None:
+        call.features = call.vision = None
+        if call.defer_labels and labels is not None:
             layout.labels = labels
             out = tuple(out[:5]) + (None,)
-        llm._meteor_pending = layout
+        call.layout = layout
+        return out
+
+    @functools.wraps(original)
+    def prepare(self, *args, **kwargs):
+        call = percall.current()
+        if call is not None:
+            return splice(call, self, *args, **kwargs)
+        # Called directly: the caller's forward(inputs_embeds=...) is a call of its own; the layout goes
+        # with the embeddings it returns.
+        with percall.new_call() as call:
+            out = splice(call, self, *args, **kwargs)
+        if call.layout is not None:
+            percall.hand_over(out[4], call.layout)
         return out
 
     return prepare
@@ -218,31 +233,37 @@ def wrap_causal_forward(original: Any) -> Any:
     accepted = compat.accepted_kwargs(original)
 
     @functools.wraps(original)
+    @percall.entry
     def forward(self, *args, **kwargs):
         if accepted is not None:  # LLaVA's forward has no **kwargs: newer generate passes these
             for name in _DROPPABLE_KWARGS:
                 if name not in accepted:
                     kwargs.pop(name, None)
-        llm = self.get_model()
-        if not self.__dict__.get("_meteor_in_generate"):
-            llm.__dict__.pop("_meteor_pending", None)
+        call = percall.current()
         cfg = config_for(self)
         bound = signature.bind(self, *args, **kwargs)
+        embeds = bound.arguments.get("inputs_embeds")
+        call.embeds_from_elsewhere = False
+        if not call.in_generate:
+            call.layout = None
+            if embeds is not None:  # spliced by a direct call of prepare_inputs_labels_for_multimodal?
+                call.layout = percall.handed_over(embeds)
+                call.embeds_from_elsewhere = call.layout is None
         labels = bound.arguments.get("labels")
         if not cfg.llm or labels is None:
             return original(self, *args, **kwargs)
         # Stage 3 shortens the sequence inside the model: take the loss here, on compacted labels.
         # With images, prepare_inputs_labels_for_multimodal expands the labels and (deferred) hands them
         # to the layout instead of the model; with ready-made embeddings the labels are held back here.
-        direct = bound.arguments.get("inputs_embeds") is not None
+        direct = embeds is not None
         if direct:
             bound.arguments["labels"] = None
-        self._meteor_defer_labels = True
+        call.defer_labels = True
         try:
             out = original(*bound.args, **bound.kwargs)
         finally:
-            self._meteor_defer_labels = False
-        pruner = llm.__dict__.get("_meteor_pruner")
+            call.defer_labels = False
+        pruner = call.decoder
         plan = pruner.plan if pruner is not None else None
         if direct:
             full = labels
@@ -267,6 +288,7 @@ def wrap_causal_forward(original: Any) -> Any:
 
 def wrap_generate(original: Any) -> Any:
     @functools.wraps(original)
+    @percall.entry
     def generate(self, *args, **kwargs):
         cfg = config_for(self)
         if cfg.llm:
@@ -285,14 +307,12 @@ def wrap_generate(original: Any) -> Any:
                 "the spliced sequence on that side, and right padding makes generate read logits of padding",
                 stacklevel=2,
             )
-        llm = self.get_model()
-        llm.__dict__.pop("_meteor_pending", None)
-        self._meteor_in_generate = True
+        call = percall.current()
+        call.layout, call.in_generate = None, True
         try:
             return original(self, *args, **kwargs)
         finally:
-            self._meteor_in_generate = False
-            llm.__dict__.pop("_meteor_pending", None)
+            call.layout, call.in_generate = None, False
 
     return generate
 

@@ -21,6 +21,7 @@ positions / RoPE) and ``pix2struct-1024`` (its post-processing hard-codes its gr
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -37,6 +38,9 @@ from .vision import VisionRecord, clip_layers
 KNOWN_ENCODERS = ("clip-448", "convnext-1024", "sam-1024", "det-1024", "pix2struct-1024")
 PRUNED_INSIDE = ("HRCLIPVisionTower",)  # ViT towers whose block loop runs Stage 1 between blocks
 FUSION_KEY = "meteor_fusion"  # model config entry written by the conversion
+
+
+_WARNED_RANKS: "weakref.WeakSet[Any]" = weakref.WeakSet()  # models already told: once per model, not per call
 
 
 class FusionConfigError(ValueError):
@@ -112,8 +116,8 @@ def _project(projector: Any, tokens: torch.Tensor) -> torch.Tensor:
 def _ranks(cfg: Any, names: Sequence[str], model: Any) -> List[Optional[float]]:
     ranks = [cfg.encoder_ranks.get(n) if cfg.encoder_ranks else None for n in names]
     missing = [n for n, r in zip(names, ranks) if r is None]
-    if missing and not model.__dict__.get("_meteor_warned_ranks"):
-        model._meteor_warned_ranks = True
+    if missing and model not in _WARNED_RANKS:
+        _WARNED_RANKS.add(model)
         warnings.warn(
             f"meteor-plugin Stage 1: no encoder_ranks for {', '.join(missing)}; the token budget is split "
             "uniformly across encoders. Run `meteor-plugin calibrate` to split it by rank as METEOR does.",
@@ -147,10 +151,11 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
             kept, index = prune_output(outputs[i], budgets[i])
         else:
             layers = clip_layers(tower.vision_tower)
-            pruner = VitPruner.attach(tower, tower, layers, HF_CLIP_BLOCK, REGISTRY)
+            pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, REGISTRY)
             plan = pruner.start(counts[i], budgets[i], len(layers), cfg.encoder_shallow_share, has_cls=False,
                                 deep_score=cfg.encoder_deep_score)
-            kept = _tokens(tower(_tower_input(mbcc, tower, images)))
+            with pruner.running():
+                kept = _tokens(tower(_tower_input(mbcc, tower, images)))
             index = plan.positions if plan.positions is not None else torch.arange(counts[i]).expand(b, -1)
         positions[names[i]] = index
         features.append(_project(llm.mm_projectors[i], kept))

@@ -3,7 +3,8 @@
 ``CLIPVisionTower.forward`` (llava/model/multimodal_encoder/clip_encoder.py) runs the HF CLIP with
 ``output_hidden_states=True`` and takes ``hidden_states[mm_vision_select_layer]``. The wrapper here
 prunes between CLIP's blocks (``stages/encoder.py``) so that the selected layer already holds only the
-kept patches; the three equal-depth segments count the blocks up to that selected layer.
+kept patches; the three equal-depth segments count the blocks up to that selected layer. The model's
+``encode_images`` asks for it through the call (``MeteorCall.encoder_request``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .. import percall
 from ..core.budget import resolve_stage_budget
 from ..stages import baselines
 from ..stages.encoder import HF_CLIP_BLOCK, VitPruner, attention_importance
@@ -74,7 +76,10 @@ def selected_depth(layers: int, select_layer: int) -> int:
 def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
     @functools.wraps(original)
     def forward(self, images):
-        request: Optional[EncoderRequest] = self.__dict__.pop("_meteor_request", None)
+        call = percall.current()
+        request: Optional[EncoderRequest] = call.encoder_request if call is not None else None
+        if call is not None:
+            call.encoder_request = None  # for this forward only
         if request is None or not request.config.encoder:
             return original(self, images)
         if isinstance(images, list):
@@ -87,10 +92,10 @@ def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
         depth = selected_depth(len(layers), tower.select_layer)
         patches = tower.num_patches
         keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
-        pruner = VitPruner.attach(tower, tower.vision_tower, layers, HF_CLIP_BLOCK, registry)
-        plan = pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True,
-                             deep_score=cfg.encoder_deep_score)
-        features = original(tower, images)
+        pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
+        pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True, deep_score=cfg.encoder_deep_score)
+        with pruner.running() as plan:
+            features = original(tower, images)
         request.record.stage("encoder").add(patches, keep, plan.positions)
         return features
 
@@ -103,12 +108,12 @@ def llava_clip_encode(model: Any, images: Any, cfg: Any, record: VisionRecord, o
         return llava_baseline(model, images, cfg, record, original)
     if not cfg.encoder:
         return original(model, images)
-    tower = model.get_model().get_vision_tower()
-    tower._meteor_request = EncoderRequest(cfg, record)
+    call = percall.current()
+    call.encoder_request = EncoderRequest(cfg, record)
     try:
         return original(model, images)
     finally:
-        tower.__dict__.pop("_meteor_request", None)
+        call.encoder_request = None
 
 
 def llava_baseline(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any):

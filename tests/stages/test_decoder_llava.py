@@ -95,14 +95,17 @@ def test_disable_restores_original_functions_and_enable_is_idempotent(tiny_llava
     assert LlavaLlamaForCausalLM.forward is patched
     assert len(REGISTRY.patched()) == count
     model = tiny_llava()
+    layer_cls = type(model.model.layers[0])
+    layer_forward = layer_cls.__dict__["forward"]
     ids, mask, images = make_batch([(2, 5)], [True])
     forward_logits(model, ids, mask, images)
-    assert any(len(layer._forward_pre_hooks) for layer in model.model.layers)
+    assert layer_cls.__dict__["forward"] is not layer_forward  # Stage 3 runs in the layer class's forward
+    assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)  # no per-model hooks
     meteor_plugin.disable()
     for name, original in before.items():
         assert LlavaLlamaForCausalLM.__dict__.get(name) is original, name
     assert ("forward" in LlavaLlamaModel.__dict__) == model_forward_owned
-    assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.layers)
+    assert layer_cls.__dict__["forward"] is layer_forward
     assert REGISTRY.patched() == []
 
 
