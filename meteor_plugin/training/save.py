@@ -113,8 +113,24 @@ def finish(folder: str, only: Optional[List[str]] = None) -> None:
         os.remove(os.path.join(folder, SAVING))
 
 
+def _size_differs(path: str, size: int) -> bool:
+    """Whether a listed file no longer has the size that was written. A JSON file that still parses was edited
+    by someone (users change config.json and generation_config.json), not cut short by a crash: that is fine."""
+    if os.path.getsize(path) == size:
+        return False
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                json.load(fh)
+            return False
+        except (OSError, ValueError):
+            return True
+    return True
+
+
 def status(folder: str) -> str:
-    """``"complete"``, ``"incomplete"`` (a save of ours that did not finish, or files changed since), or
+    """``"complete"``, ``"incomplete"`` (a save of ours that did not finish, or files cut or lost since; a JSON
+    file edited since, and still valid, does not count), or
     ``"unknown"`` (no marker of ours: not written through meteor-plugin)."""
     if os.path.exists(os.path.join(folder, SAVING)):
         return "incomplete"
@@ -128,7 +144,7 @@ def status(folder: str) -> str:
         return "incomplete"
     for rel, size in listed.items():
         path = os.path.join(folder, rel)
-        if not os.path.isfile(path) or os.path.getsize(path) != size:
+        if not os.path.isfile(path) or _size_differs(path, size):
             return "incomplete"
     return "complete"
 
@@ -147,7 +163,7 @@ def problems(folder: str) -> List[str]:
         path = os.path.join(folder, rel)
         if not os.path.isfile(path):
             out.append(f"{rel} is missing")
-        elif os.path.getsize(path) != size:
+        elif _size_differs(path, size):
             out.append(f"{rel} has {os.path.getsize(path)} bytes, {size} were written")
     return out
 

@@ -31,6 +31,19 @@ def test_a_marked_save_is_complete_and_any_change_makes_it_incomplete(tmp_path):
         save.require_loadable(folder)
 
 
+def test_a_finished_checkpoint_whose_json_the_user_edited_stays_complete(tmp_path):
+    folder = str(tmp_path / "checkpoint-3")
+    with save.marked_save(folder, is_main=True, barrier=lambda: None):
+        _write(folder, "model.safetensors")
+        _write(folder, "config.json", b'{"model_type": "llava_llama"}')
+    _write(folder, "config.json", b'{"model_type": "llava_llama", "tokenizer_padding_side": "left"}')
+    assert save.status(folder) == "complete"
+    save.require_loadable(folder)
+    _write(folder, "config.json", b'{"model_type": "lla')  # cut short: not valid JSON any more
+    assert save.status(folder) == "incomplete"
+    assert save.problems(folder) == ["config.json has 19 bytes, 29 were written"]
+
+
 def test_only_the_main_process_writes_markers_and_foreign_folders_are_unknown(tmp_path):
     folder = str(tmp_path / "checkpoint-1")
     os.makedirs(folder)
