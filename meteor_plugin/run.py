@@ -37,11 +37,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit(f"unknown option(s) before MODULE: {' '.join(unknown)}\n{USAGE}")
     import meteor_plugin
 
-    path = config_path(options.config)
-    if path is not None or options.overrides:
-        meteor_plugin.enable(path, **options.overrides)
-    elif not meteor_plugin.is_enabled():
-        meteor_plugin.enable()
+    try:
+        path = config_path(options.config)
+        if path is not None or options.overrides:
+            meteor_plugin.enable(path, **options.overrides)
+        elif not meteor_plugin.is_enabled():
+            meteor_plugin.enable()
+    except (ValueError, OSError) as exc:  # a bad config file or value: one line, exit 2 (the module never ran)
+        print(f"meteor_plugin.run: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     module = argv[0]
     sys.argv = [module] + passed_on + argv[1:]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -192,3 +192,17 @@ def test_runner_takes_both_spellings_of_local_rank(tmp_path, flag):
     out = _run(["-m", "meteor_plugin.run", *flag, "probe_rank", "x"], {}, tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [*flag, "x"]
+
+
+def test_runner_reports_a_bad_config_in_one_line_and_exits_2(tmp_path):
+    (tmp_path / "probe_never.py").write_text("print('ran')\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"llm_max_keep": 1.5}')
+    for args in (["--meteor-config", str(bad)], ["--meteor-set", "text_query=first"],
+                 ["--meteor-config", str(tmp_path / "missing.json")]):
+        out = _run(["-m", "meteor_plugin.run", *args, "probe_never"], {}, tmp_path)
+        assert out.returncode == 2, out.stderr
+        lines = [line for line in out.stderr.splitlines() if line.startswith("meteor_plugin.run: error: ")]
+        assert len(lines) == 1 and "Traceback" not in out.stderr and "ran" not in out.stdout
+    assert "llm_max_keep=1.5 is invalid" in _run(["-m", "meteor_plugin.run", "--meteor-config", str(bad), "probe_never"],
+                                                {}, tmp_path).stderr
