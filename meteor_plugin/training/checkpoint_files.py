@@ -48,6 +48,19 @@ _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+def read_json_object(path: str, what: str, error: type = ValueError) -> dict:
+    """The JSON object in ``path``, or ``error`` naming the file when it is unreadable or not an object
+    (``what`` says which object was expected, e.g. "a model config")."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} cannot be read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not {what}")
+    return data
+
+
 def _load_bin(path: str) -> Dict[str, torch.Tensor]:
     # mmap: tensors are read from disk only when their data is used
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional
 
 from ..config import MeteorConfig
 from . import calibration, codebases, save
+from .checkpoint_files import read_json_object
 
 # What training leaves next to a model and a converted checkpoint does not need.
 LEFTOVERS = re.compile(
@@ -80,14 +81,7 @@ def read_model_config(folder: str) -> Dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"{path} cannot be read as JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path} holds a JSON {type(data).__name__}, not the object of a model config")
-    return data
+    return read_json_object(path, "the object of a model config", ConversionError)
 
 
 def _inside(child: str, parent: str) -> bool:

@@ -196,16 +196,9 @@ def merged(peft_model: Any) -> torch.nn.Module:
 
 def adapter_base(lora_dir: str) -> Optional[str]:
     """The base model the adapter was trained on, as peft recorded it."""
-    import json
+    from .checkpoint_files import read_json_object
 
     path = os.path.join(lora_dir, "adapter_config.json")
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} cannot be read as JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not peft's adapter config object")
-    return data.get("base_model_name_or_path")
+    return read_json_object(path, "peft's adapter config object").get("base_model_name_or_path")

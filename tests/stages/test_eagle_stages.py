@@ -199,26 +199,30 @@ def test_post_projection_runs_with_float16_towers_and_float32_projectors(eagle):
     assert [s["fusion"].left for s in meteor_plugin.stats(model).stages] == [48, 48]
 
 
-@pytest.mark.parametrize("similarity", ["cosine", "centred_cosine"])
-def test_fusion_keeps_the_least_redundant_tokens_by_the_configured_similarity(eagle, similarity):
-    from meteor_plugin.core.token_scores import cooperative_redundancy
-
+def _fusion_run(eagle, **config):
+    """One forward of a converted EAGLE stand-in with Stage 2 alone: (projected tokens z, owner, stats)."""
     model = eagle(converted=True)
     ids, mask, images = batch()
     images[1] = images[1].flip(-1) * 0.5
     projected = []
     handles = [p.register_forward_hook(lambda m, i, o: projected.append(o.detach()))
                for p in model.get_model().mm_projectors]
-    meteor_plugin.enable(encoder=False, fusion=True, llm=False, fusion_keep=300, fusion_similarity=similarity)
+    meteor_plugin.enable(encoder=False, fusion=True, llm=False, fusion_keep=300, **config)
     forward(model, ids, mask, images)
     for h in handles:
         h.remove()
-    z = torch.cat(projected, dim=1)
     owner = torch.cat([torch.full((n,), j) for j, n in enumerate(COUNTS)])
+    return torch.cat(projected, dim=1), owner, meteor_plugin.stats(model).stages
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "centred_cosine"])
+def test_fusion_keeps_the_least_redundant_tokens_by_the_configured_similarity(eagle, similarity):
+    from meteor_plugin.core.token_scores import cooperative_redundancy
+
+    z, owner, stages = _fusion_run(eagle, fusion_similarity=similarity)
     redundancy = cooperative_redundancy(z, owner, centred=similarity == "centred_cosine")
     expected = [sorted(r.topk(300, largest=False).indices.tolist()) for r in redundancy]
-    kept = [sorted(s["fusion"].detail["kept"]) for s in meteor_plugin.stats(model).stages]
-    assert kept == expected
+    assert [sorted(s["fusion"].detail["kept"]) for s in stages] == expected
     other = cooperative_redundancy(z, owner, centred=similarity != "centred_cosine")
     assert expected != [sorted(r.topk(300, largest=False).indices.tolist()) for r in other]
 
@@ -226,20 +230,8 @@ def test_fusion_keeps_the_least_redundant_tokens_by_the_configured_similarity(ea
 def test_duplicate_aware_fusion_keeps_the_reference_selection(eagle):
     from meteor_plugin.core.token_scores import duplicate_aware_mask
 
-    model = eagle(converted=True)
-    ids, mask, images = batch()
-    images[1] = images[1].flip(-1) * 0.5
-    projected = []
-    handles = [p.register_forward_hook(lambda m, i, o: projected.append(o.detach()))
-               for p in model.get_model().mm_projectors]
-    meteor_plugin.enable(encoder=False, fusion=True, llm=False, fusion_keep=300)  # the default similarity
-    forward(model, ids, mask, images)
-    for h in handles:
-        h.remove()
-    z = torch.cat(projected, dim=1)
-    owner = torch.cat([torch.full((n,), j) for j, n in enumerate(COUNTS)])
+    z, owner, stages = _fusion_run(eagle)  # the default similarity
     expected = [torch.nonzero(m).flatten().tolist() for m in duplicate_aware_mask(z, owner, 300)]
-    stages = meteor_plugin.stats(model).stages
     assert [sorted(s["fusion"].detail["kept"]) for s in stages] == expected
     assert expected[0] != expected[1]
 
