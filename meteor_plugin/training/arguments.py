@@ -8,6 +8,7 @@ CPU run needs right after parsing (``deepspeed.py``).
 """
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -61,13 +62,16 @@ def meteor_fields() -> List[Tuple[str, Any, Any]]:
     return out
 
 
+_MADE: "weakref.WeakSet[type]" = weakref.WeakSet()  # the argument classes made here: never wrapped twice
+
+
 def with_meteor_fields(model_arguments: type) -> type:
     """Upstream's ``ModelArguments`` with METEOR's flags as fields (so ``--help`` lists them)."""
-    if getattr(model_arguments, "_meteor_fields", False):
+    if model_arguments in _MADE:
         return model_arguments
     cls = dataclasses.make_dataclass(model_arguments.__name__, meteor_fields(), bases=(model_arguments,))
     cls.__module__ = model_arguments.__module__
-    cls._meteor_fields = True
+    _MADE.add(cls)
     return cls
 
 
@@ -76,7 +80,7 @@ def with_cpu_setup(training_arguments: type, after_parse: Sequence = ()) -> type
     generation needs and runs ``after_parse`` hooks (``fn(args)``), before ``train()`` builds the model."""
     from .deepspeed import cpu_training_flags, init_distributed_early, on_cpu
 
-    if getattr(training_arguments, "_meteor_cpu_setup", False):
+    if training_arguments in _MADE:
         return training_arguments
 
     def __post_init__(self):
@@ -95,5 +99,5 @@ def with_cpu_setup(training_arguments: type, after_parse: Sequence = ()) -> type
     cls = dataclasses.make_dataclass(training_arguments.__name__, [], bases=(training_arguments,),
                                      namespace={"__post_init__": __post_init__})
     cls.__module__ = training_arguments.__module__
-    cls._meteor_cpu_setup = True
+    _MADE.add(cls)
     return cls

@@ -21,6 +21,7 @@ them besides inference, each registered as a hook of ``codebases.EAGLE``:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
@@ -29,6 +30,9 @@ from ..stages.fusion import empty_projectors, split_projector
 from ..targets import eagle_vision
 from ..targets.eagle_vision import FUSION_KEY, KNOWN_ENCODERS, FusionConfigError
 from . import checkpoint_files
+
+# The split each model got when training started (model -> counts), kept beside the model, not on it.
+SPLIT_IN_TRAINING: "weakref.WeakKeyDictionary[Any, Dict[str, int]]" = weakref.WeakKeyDictionary()
 
 SHARED = "model.mm_projector."
 PER_ENCODER = "model.mm_projectors."
@@ -179,7 +183,7 @@ def before_training(model: Any, training_args: Any) -> None:
     if config_for(bare).fusion_mode == "training_free":
         return  # the user asked for EAGLE's channel concatenation
     done = split_for_training(bare)
-    bare._meteor_split_in_training = done  # what the tests' probe reports
+    SPLIT_IN_TRAINING[bare] = done  # what the tests' probe reports
     if rank() == 0:
         zero = f", ZeRO-3: {done['gathered']} gathered, {done['partitioned']} partitioned" if done["gathered"] else ""
         print(f"meteor-plugin: the checkpoint has no per-encoder projectors: split {done['created']} tensors from "

@@ -8,6 +8,7 @@ import torch
 
 import meteor_plugin
 from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+from meteor_plugin.training import eagle_projectors
 from meteor_plugin.training.eagle_projectors import before_training
 from meteor_plugin.training.tiny import EAGLE_TOWERS
 
@@ -35,7 +36,7 @@ def test_an_unconverted_model_is_split_before_training_as_the_conversion_does(ea
     assert len(pairs) == 12
     for (name, ours), (_, theirs) in pairs:
         assert torch.equal(ours, theirs) and ours.requires_grad, name
-    assert model._meteor_split_in_training == {"gathered": 0, "partitioned": 0, "created": 12}
+    assert eagle_projectors.SPLIT_IN_TRAINING[model] == {"gathered": 0, "partitioned": 0, "created": 12}
     split = _projectors(model)
     before_training(model, ARGS)  # converted now: nothing is split again
     assert _projectors(model) is split

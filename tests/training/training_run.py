@@ -18,6 +18,7 @@ import torch
 def install_probe(path: str) -> None:
     import meteor_plugin
     from meteor_plugin.training.deepspeed import gathered_cpu, rank
+    from meteor_plugin.training.eagle_projectors import SPLIT_IN_TRAINING
     from meteor_plugin.training.trainer import MeteorTrainerMixin, bare_model
 
     original = MeteorTrainerMixin.save_state
@@ -47,7 +48,7 @@ def install_probe(path: str) -> None:
                 "fully_trained": list(session.fully_trained), "resumed_from": session.resumed_from,
                 # EAGLE's fusion tower has no working .dtype (it reads a missing attribute): ask a parameter
                 "tower_dtype": str(next(bare.get_vision_tower().parameters()).dtype),
-                "split_in_training": bare.__dict__.get("_meteor_split_in_training"),
+                "split_in_training": SPLIT_IN_TRAINING.get(bare),
             }, path)
         model.train()
         return original(self)
