@@ -18,7 +18,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = MeteorConfig.from_file(args.config) if args.config else None
     if args.model_path is None and not args.random_llava:
-        result = demo.run_fidelity(args.prompt, args.seed, config, args.fidelity_model, args.repeats, args.save_map)
+        result = demo.run_fidelity(args.prompt, args.seed, config, args.fidelity_model, args.repeats, args.save_map,
+                                   args.scenes)
         text = demo.report_fidelity(result)
     else:
         if args.save_map:
@@ -49,7 +50,7 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
         methods=args.methods.split(",") if args.methods else list(methods.ALL_METHODS),
         plot=None if args.plot in ("", "none") else args.plot, progress=not args.no_progress, threads=args.threads,
         meteor=dict(parse_field("--meteor-set", pair) for pair in args.meteor_set), ablations=list(methods.ABLATIONS) if args.ablation else [],
-        test_seed=args.test_seed, split=args.split)
+        test_seed=args.test_seed, split=args.split, flops_questions=args.flops_questions)
     result = fidelity.run(settings, log=lambda *a: print(*a, file=sys.stderr))
     print(json.dumps(result, indent=2) if args.json else fidelity.report(result))
     return 0
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which generated test scene the fidelity model is asked about")
     p.add_argument("--prompt", default=None, help="the question (fidelity: one of the task's questions; default: "
                                                   "one question of every kind the scene answers)")
+    p.add_argument("--scenes", type=int, default=1, help="fidelity model: ask about N scenes from --seed on, and "
+                                                          "count how often pruning keeps the answers")
     p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds after the warm-up (median shown)")
     p.add_argument("--save-map", metavar="PNG", help="fidelity model: draw where each stage's kept tokens are, per "
                                                     "encoder, for the first question")
@@ -140,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({', '.join(ABLATIONS)})")
     f.add_argument("--test-seed", type=int, default=0,
                    help="seed of the test scenes: another seed draws fresh held-out questions (default 0)")
+    f.add_argument("--flops-questions", type=int, default=32,
+                   help="questions whose prefill FLOPs are counted per run, each alone (default 32)")
     f.add_argument("--split", default="test", choices=["test", "val"],
                    help="test (default); val: validation questions other than the calibration ones, for choosing "
                         "defaults without looking at the test split")

@@ -121,66 +121,83 @@ def interleaved_prefill(prefill, variants: Dict[str, Any], repeats: int, warmup:
     return out
 
 
-def run_fidelity(question: Optional[str] = None, seed: int = 0, config: Optional[meteor_plugin.MeteorConfig] = None,
-                 model_path: Optional[str] = None, repeats: int = 9, save_map: Optional[str] = None) -> Dict[str, Any]:
-    """The trained fidelity model answers questions about test scene ``seed`` (one of every kind the scene
-    answers, or ``question``), pruning off and on."""
-    import os
-
-    from .fidelity import checkpoint_path, make_sample, valid_questions
-    from .fidelity.llava_format import prompt_ids
-    from .fidelity.model import load, pixels, unpruned_config
+def _scene_questions(scene, seed: int, question: Optional[str]) -> List[Any]:
+    """One question of every kind the scene answers, or ``question`` (refused if the scene has no answer)."""
+    from .fidelity import valid_questions
     from .fidelity.questions import KINDS, TEMPLATES
 
+    known = {q.text: q for kind in KINDS for q in valid_questions(scene, kind)}
+    if question is None:
+        return [next(q for q in known.values() if q.kind == kind) for kind in KINDS
+                if any(q.kind == kind for q in known.values())]
+    text = " ".join(question.replace("?", " ? ").split())
+    if text not in known:
+        raise ValueError(
+            f"{question!r} has no single answer for scene {seed} (the fidelity model knows the task's questions: "
+            f"{'; '.join(TEMPLATES.values())}); this scene answers: {'; '.join(sorted(known))}")
+    return [known[text]]
+
+
+def run_fidelity(question: Optional[str] = None, seed: int = 0, config: Optional[meteor_plugin.MeteorConfig] = None,
+                 model_path: Optional[str] = None, repeats: int = 9, save_map: Optional[str] = None,
+                 scenes: int = 1) -> Dict[str, Any]:
+    """The trained fidelity model answers questions about test scenes ``seed .. seed + scenes - 1`` (one of
+    every kind each scene answers, or ``question``), pruning off and on; the prefill is timed, and the map
+    drawn, on the first scene's first question."""
+    import os
+
+    from .fidelity import checkpoint_path, make_sample
+    from .fidelity.llava_format import prompt_ids
+    from .fidelity.model import load, pixels, unpruned_config
+
+    if scenes < 1:
+        raise ValueError(f"scenes={scenes} is invalid: allowed >= 1")
     path = model_path or checkpoint_path()
     if config is None:
         stored = os.path.join(path, FIDELITY_CONFIG)
         if not os.path.isfile(stored):
             raise FileNotFoundError(f"{stored} is missing: give --config, or recalibrate the checkpoint")
         config = meteor_plugin.MeteorConfig.from_file(stored)
-    sample = make_sample("test", seed, max_turns=1)
-    scene = sample.scene
-    known = {q.text: q for kind in KINDS for q in valid_questions(scene, kind)}
-    if question is not None:
-        text = " ".join(question.replace("?", " ? ").split())
-        if text not in known:
-            raise ValueError(
-                f"{question!r} has no single answer for scene {seed} (the fidelity model knows the task's questions: "
-                f"{'; '.join(TEMPLATES.values())}); this scene answers: {'; '.join(sorted(known))}")
-        asked = [known[text]]
-    else:
-        asked = [next(q for q in known.values() if q.kind == kind) for kind in KINDS
-                 if any(q.kind == kind for q in known.values())]
     model, tokenizer = load(path)
-    image = pixels(sample.image[None])
-    answers = []
-    stages: Dict[str, Any] = {}
-    for q in asked:
-        inputs = {"input_ids": torch.tensor([prompt_ids(tokenizer, q.text)]), "images": image}
-        row = {"prompt": q.text, "kind": q.kind, "expected": q.answer}
-        for name, cfg in (("unpruned", unpruned_config()), ("meteor", config)):
-            meteor_plugin.enable(cfg)
-            with torch.no_grad():
-                logits = model(**inputs, use_cache=False).logits[0, -1]
-            row[name] = tokenizer.convert_ids_to_tokens(int(logits.argmax()))
-        run_stats = meteor_plugin.stats(model)
-        row["stages"] = run_stats.to_dict()["samples"][0] if run_stats else {}
-        answers.append(row)
-        stages = stages or row["stages"]
-    first = {"input_ids": torch.tensor([prompt_ids(tokenizer, asked[0].text)]), "images": image}
-    timing = interleaved_prefill(lambda: model(**first, use_cache=False),
+    asked_scenes = []
+    for s in range(seed, seed + scenes):
+        sample = make_sample("test", s, max_turns=1)
+        image = pixels(sample.image[None])
+        answers = []
+        for q in _scene_questions(sample.scene, s, question):
+            inputs = {"input_ids": torch.tensor([prompt_ids(tokenizer, q.text)]), "images": image}
+            row = {"prompt": q.text, "kind": q.kind, "expected": q.answer}
+            for name, cfg in (("unpruned", unpruned_config()), ("meteor", config)):
+                meteor_plugin.enable(cfg)
+                with torch.no_grad():
+                    logits = model(**inputs, use_cache=False).logits[0, -1]
+                row[name] = tokenizer.convert_ids_to_tokens(int(logits.argmax()))
+            run_stats = meteor_plugin.stats(model)
+            row["stages"] = run_stats.to_dict()["samples"][0] if run_stats else {}
+            answers.append(row)
+        asked_scenes.append({"seed": s, "scene": _describe(sample.scene), "answers": answers})
+        if s == seed:
+            first_image = sample.image
+    first = asked_scenes[0]
+    prompt = {"input_ids": torch.tensor([prompt_ids(tokenizer, first["answers"][0]["prompt"])]),
+              "images": pixels(first_image[None])}
+    timing = interleaved_prefill(lambda: model(**prompt, use_cache=False),
                                  {"unpruned": unpruned_config(), "meteor": config}, repeats)
     meteor_plugin.disable()
+    rows = [a for entry in asked_scenes for a in entry["answers"]]
     result = {"model": f"fidelity checkpoint {path} (trained EAGLE-like model: CLIP ViT 32 px + ConvNeXt 64 px, "
                        f"128 visual tokens)",
-              "scene": f"test scene {seed}: " + _describe(scene), "answers": answers, "timing": timing,
-              "config": config.to_dict()}
+              "scenes": asked_scenes, "timing": timing, "config": config.to_dict(),
+              "agreement": {"questions": sum(a["unpruned"] == a["meteor"] for a in rows), "of_questions": len(rows),
+                            "scenes": sum(all(a["unpruned"] == a["meteor"] for a in e["answers"]) for e in asked_scenes),
+                            "of_scenes": len(asked_scenes)}}
     if save_map:
         from .fidelity.token_map import draw_map, grid_sides, kept_cells
 
+        stages = first["answers"][0]["stages"]
         sides = grid_sides(stages["encoder"]["per_encoder"])
-        result["map"] = {"path": os.path.abspath(draw_map(sample.image, kept_cells(stages, list(sides)), sides,
-                                                          save_map)), "question": answers[0]["prompt"]}
+        result["map"] = {"path": os.path.abspath(draw_map(first_image, kept_cells(stages, list(sides)), sides,
+                                                          save_map)), "question": first["answers"][0]["prompt"]}
     return result
 
 
@@ -197,17 +214,19 @@ def _stage_lines(stages: Dict[str, Any], indent: str) -> List[str]:
 
 
 def report_fidelity(result: Dict[str, Any]) -> str:
-    lines = [f"model: {result['model']}", result["scene"], ""]
-    agree = 0
-    for a in result["answers"]:
-        same = a["unpruned"] == a["meteor"]
-        agree += same
-        mark = lambda x: "right" if x == a["expected"] else "wrong"  # noqa: E731
-        lines.append(f"{a['kind']}: {a['prompt']}")
-        lines.append(f"  expected {a['expected']}; unpruned {a['unpruned']} ({mark(a['unpruned'])}); "
-                     f"meteor {a['meteor']} ({mark(a['meteor'])}){'' if same else '  <- pruning changed the answer'}")
-        lines += _stage_lines(a["stages"], "  ")
-    lines.append(f"\npruned answers equal to unpruned: {agree} of {len(result['answers'])}")
+    lines = [f"model: {result['model']}"]
+    for entry in result["scenes"]:
+        lines += ["", f"test scene {entry['seed']}: {entry['scene']}"]
+        for a in entry["answers"]:
+            mark = lambda x: "right" if x == a["expected"] else "wrong"  # noqa: E731
+            changed = "" if a["unpruned"] == a["meteor"] else "  <- pruning changed the answer"
+            lines.append(f"  {a['kind']}: {a['prompt']}")
+            lines.append(f"    expected {a['expected']}; unpruned {a['unpruned']} ({mark(a['unpruned'])}); "
+                         f"meteor {a['meteor']} ({mark(a['meteor'])}){changed}")
+            lines += _stage_lines(a["stages"], "    ")
+    g = result["agreement"]
+    lines.append(f"\npruned answers equal to unpruned: {g['questions']} of {g['of_questions']} questions; every "
+                 f"question of a scene: {g['scenes']} of {g['of_scenes']} scenes")
     lines.append(_timing_line(result["timing"], "first question"))
     if "map" in result:
         lines.append(f"map of the kept tokens ({result['map']['question']}): {result['map']['path']}")

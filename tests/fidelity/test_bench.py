@@ -71,7 +71,8 @@ def test_read_at_interpolates_and_never_extrapolates():
 def test_meteor_fields_and_ablations_reach_only_the_meteor_runs(capsys):
     code = cli.main(["bench", "fidelity", "--per-kind", "2", "--val-per-kind", "2", "--budgets", "0.25",
                      "--methods", "random,meteor-s2,meteor", "--meteor-set", "fusion_similarity=centred_cosine",
-                     "--ablation", "--plot", "none", "--json", "--no-progress", "--test-seed", "5"])
+                     "--ablation", "--plot", "none", "--json", "--no-progress", "--test-seed", "5",
+                     "--flops-questions", "1"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     similarity = {(r["method"], r["budget"]): r["config"]["fusion_similarity"] for r in result["runs"]}
@@ -106,25 +107,32 @@ def test_bench_refuses_an_unknown_field_or_value_before_any_work():
 
 def test_validation_split_is_reported_as_such(capsys):
     assert cli.main(["bench", "fidelity", "--per-kind", "2", "--val-per-kind", "2", "--budgets", "0.25",
-                     "--methods", "random", "--split", "val", "--plot", "none", "--json", "--no-progress"]) == 0
+                     "--methods", "random", "--split", "val", "--plot", "none", "--json", "--no-progress",
+                     "--flops-questions", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["split"] == "val" and "val questions: 2 per kind (after the calibration ones)" in fidelity.report(result)
 
 
-def test_demo_asks_every_kind_about_one_scene_and_times_interleaved(tmp_path, capsys):
+def test_demo_asks_every_kind_about_its_scenes_and_times_interleaved(tmp_path, capsys):
     png = tmp_path / "map.png"
-    assert cli.main(["demo", "--seed", "3", "--repeats", "3", "--save-map", str(png), "--json"]) == 0
+    assert cli.main(["demo", "--seed", "3", "--scenes", "2", "--repeats", "3", "--save-map", str(png), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert [a["kind"] for a in result["answers"]] == ["colour", "count", "digit", "next_to_digit"]
-    for a in result["answers"]:
+    assert [e["seed"] for e in result["scenes"]] == [3, 4]
+    assert [a["kind"] for a in result["scenes"][0]["answers"]] == ["colour", "count", "digit", "next_to_digit"]
+    answers = [a for e in result["scenes"] for a in e["answers"]]
+    for a in answers:
         assert a["stages"]["llm"]["out"] < a["stages"]["fusion"]["out"] < a["stages"]["encoder"]["out"] < 128
+    g = result["agreement"]
+    assert g["of_questions"] == len(answers) and g["questions"] == sum(a["unpruned"] == a["meteor"] for a in answers)
+    assert g["of_scenes"] == 2 and 0 <= g["scenes"] <= 2
     timing = result["timing"]
     assert timing["speedup"]["rounds"] == 3
     assert timing["speedup"]["low"] <= timing["speedup"]["median"] <= timing["speedup"]["high"]
     with Image.open(png) as img:
         assert img.format == "PNG" and img.width > 3 * 256 and img.height > 2 * 256  # 2 encoders x 3 stages
     text = demo.report_fidelity(result)
-    assert "pruned answers equal to unpruned:" in text and "interleaved rounds after a warm-up" in text
+    assert f"pruned answers equal to unpruned: {g['questions']} of {g['of_questions']} questions" in text
+    assert "interleaved rounds after a warm-up" in text
 
 
 def test_token_map_chains_each_stage_back_to_encoder_grid_cells():
