@@ -77,6 +77,17 @@ def test_language_model_without_llama_layers_fails_at_first_forward():
         DecoderPruner.attach(torch.nn.Linear(2, 2), PatchRegistry())
 
 
+def test_a_projection_missing_from_the_scoring_layer_is_named_at_the_first_forward(tiny_llava):
+    from meteor_plugin.testing.llava import make_batch
+
+    model = tiny_llava()
+    del model.get_model().layers[2].self_attn.k_proj  # the scoring layer (llm_layer=2), not layer 0
+    meteor_plugin.enable(encoder=False, llm=True, llm_layer=2)
+    ids, mask, images = make_batch([(3, 5)], [True], seed=1)
+    with pytest.raises(RuntimeError, match="has no `k_proj` projection"):
+        model(input_ids=ids, attention_mask=mask, images=images)
+
+
 def test_config_is_stored_in_the_model_and_reloads_from_a_saved_checkpoint(tiny_llava, tmp_path):
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
     from meteor_plugin.runtime import config_for
