@@ -59,6 +59,12 @@ def test_calibrate_command_writes_ranks_and_lambda(tmp_path):
     assert set(written["encoder_ranks"]) == {"clip-448", "convnext-1024", "sam-1024", "pix2struct-1024"}
     assert written["llm_lambda"] > 0 and "llm_lambda" in done.stdout
     assert meteor_plugin.MeteorConfig.from_file(out).encoder_ranks == written["encoder_ranks"]
+    # The effective rank by default: fractional and different per encoder (the numerical one saturates at
+    # min(tokens, channels)); the lambda written is for the config's own budget signal.
+    assert "encoder ranks (effective)" in done.stdout
+    ranks = list(written["encoder_ranks"].values())
+    assert len(set(ranks)) == 4 and any(r != int(r) for r in ranks)
+    assert written["version"] == 2 and written["llm_budget_signal"] == "spread"
 
 
 def test_stage_budgets_are_validated_against_the_real_token_counts(tiny_llava):
