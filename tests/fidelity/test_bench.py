@@ -16,7 +16,7 @@ def test_small_bench_reports_every_method_with_its_budget_and_cost(tmp_path, cap
     png = tmp_path / "fidelity.png"
     code = cli.main(["bench", "fidelity", "--per-kind", "6", "--val-per-kind", "6", "--budgets", "0.25,0.125",
                      "--methods", "random,avgpool,drop-convnext,fastv,meteor-s3,meteor", "--plot", str(png),
-                     "--json", "--no-progress"])
+                     "--json", "--no-progress", "--flops-questions", "4"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     rows = {(r["method"], r["budget"]): r for r in result["rows"]}
