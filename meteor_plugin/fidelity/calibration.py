@@ -56,13 +56,13 @@ def solve(model, val: ev.EvalSet, cal: mt.Calibration, pairs, batch_size: int = 
 
     for method, k in pairs:
         meteor_plugin.enable(mt.stage3_probe(method, k, cal))
-        masses: List[float] = []
+        signals: List[float] = []
         with torch.no_grad(), ev.left_padded(model):
             for start in range(0, len(val), batch_size):
                 rows = val.ids[start:start + batch_size]
                 ev.forward(model, rows, val.images[start:start + len(rows)])
-                masses += mt.signals_from_stats(meteor_plugin.stats(model))
-        mt.with_lambda(cal, method, k, mt.solve_lambda(masses, k, mt.entering_tokens(method, k)))
+                signals += mt.signals_from_stats(meteor_plugin.stats(model))
+        mt.with_lambda(cal, method, k, mt.solve_lambda(signals, k, mt.entering_tokens(method, k)))
 
 
 def meteor_config(model, tokenizer, ratio: float = mt.METEOR_TARGET, val_per_kind: int = 100, log=print,
