@@ -42,7 +42,7 @@ class RecipeSettings:
     pretrain_lr: float = 2e-3
     pretrain_log_every: int = 50
     finetune_steps: int = 1500
-    batch_size: int = 24  # the v2 model's step costs ~1.3 s at 24: more updates for the same samples seen
+    batch_size: int = 32
     lr: float = 1.5e-3
     vision_lr: Optional[float] = 2e-4  # EAGLE's --vision_tower_lr: pretrained encoders adapt, not relearn
     images: Optional[int] = None  # distinct training images (None: one per sample seen)
@@ -53,7 +53,7 @@ class RecipeSettings:
     meteor_config: Optional[str] = None  # a MeteorConfig file: fine-tune with those stages active
     pretrained: Optional[str] = None  # skip phase 1: fine-tune this pretrained checkpoint (e.g. another run's)
     budget_seconds: Optional[float] = None  # wall clock of both phases: sets the step counts (see `plan_budget`)
-    pretrain_share: float = 0.2  # of budget_seconds
+    pretrain_share: float = 0.22  # of budget_seconds
     python: str = sys.executable
     log: List[Dict[str, Any]] = field(default_factory=list)
 
