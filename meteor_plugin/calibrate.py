@@ -22,15 +22,7 @@ import torch
 from .config import MeteorConfig
 from .core.budget import Budget
 from .core.rank import RANK_MEASURES, encoder_rank
-from .progress import bar
-
-
-def tqdm_range(n: int, desc: str):
-    """range(n) with a progress bar."""
-    with bar(n, desc, "image") as progress:
-        for i in range(n):
-            yield i
-            progress.update(1)
+from .progress import bar, counted
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PROMPTS = (
@@ -104,7 +96,7 @@ def stage3_mass(model: Any, tokenizer: Any, images: torch.Tensor, config: Meteor
     meteor_plugin.enable(probe)
     masses, entering = [], []
     try:
-        for i in tqdm_range(images.shape[0], "Stage 3 signal"):
+        for i in counted(images.shape[0], "Stage 3 signal", "image"):
             text = f"USER: <image>\n{prompts[i % len(prompts)]} ASSISTANT:"
             before, after = text.split("<image>")
             ids = tokenizer(before).input_ids + [IMAGE_TOKEN_INDEX] + tokenizer(after, add_special_tokens=False).input_ids
@@ -168,7 +160,9 @@ def load_checkpoint(model_path: str):
         from .testing.eagle_like import install
 
         install()  # the stand-in's own checkpoints: the fidelity model, the tests' tiny EAGLE
-        if config.get("meteor_fusion") and os.path.isfile(os.path.join(model_path, "fidelity.json")):
+        from .fidelity.recipe import RECORD
+
+        if config.get("meteor_fusion") and os.path.isfile(os.path.join(model_path, RECORD)):
             from .fidelity.model import load
 
             model, tokenizer = load(model_path, off)

@@ -6,7 +6,7 @@ and ``--json`` output stays parseable. A bar is cleared when its work is done.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 
 def bar(total: int, desc: str, unit: str = "step", enabled: bool = True) -> Any:
@@ -14,3 +14,11 @@ def bar(total: int, desc: str, unit: str = "step", enabled: bool = True) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def counted(n: int, desc: str, unit: str = "step") -> Iterator[int]:
+    """``range(n)``, advancing a bar as each item is done."""
+    with bar(n, desc, unit) as progress:
+        for i in range(n):
+            yield i
+            progress.update(1)
