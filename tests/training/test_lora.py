@@ -1,5 +1,6 @@
 """LoRA: where adapters go, what the save keeps, and that reloading and merging give the trained model."""
 
+import json
 import os
 
 import pytest
@@ -160,6 +161,10 @@ def test_merge_lora_takes_a_checkpoint_folder(workspace, tmp_path):
     shutil.copytree(checkpoint, old_run / "checkpoint-4")
     shutil.copy(os.path.join(run.out, "config.json"), old_run / "config.json")
     os.remove(old_run / "checkpoint-4" / "config.json")
+    marker = old_run / "checkpoint-4" / save.COMPLETE  # as the marker of a save without config.json read
+    listed = json.loads(marker.read_text())
+    del listed["files"]["config.json"]
+    marker.write_text(json.dumps(listed))
     for source in (checkpoint, str(old_run / "checkpoint-4")):
         out = str(tmp_path / f"merged-llava-{len(os.listdir(tmp_path))}")
         merge.merge_lora(source, out)
