@@ -28,10 +28,10 @@ Images are uint8 (3, 64, 64). Everything is deterministic per (seed, split, inde
 import os
 
 from .batches import IGNORE_INDEX, build_llava_batch, conversation_ids
-from .datasets import SPLITS, FidelityDataset, Sample, collate, iter_batches, make_sample, sample_rng
+from .datasets import LABEL_GRIDS, SPLITS, FidelityDataset, Sample, collate, iter_batches, make_sample, sample_rng
 from .questions import (ANSWERS, KINDS, Question, answer_for, answer_region, generate, pack_turns,
                         question_text, valid_questions, vocabulary)
-from .scenes import (COLOURS, SHAPES, Digit, Scene, SceneObject, cell_labels, make_scene, render)
+from .scenes import (BACKGROUNDS, COLOURS, SHAPES, Digit, Scene, SceneObject, make_scene, render, token_labels)
 from .tokenizer import IMAGE_TOKEN_INDEX, SPECIAL_TOKENS, WordTokenizer
 
 CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint")
@@ -50,7 +50,7 @@ def checkpoint_path() -> str:
 __all__ = [
     "CHECKPOINT", "checkpoint_path",
     "IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "SPECIAL_TOKENS", "SPLITS", "ANSWERS", "KINDS", "COLOURS", "SHAPES",
-    "Scene", "SceneObject", "Digit", "make_scene", "render", "cell_labels",
+    "BACKGROUNDS", "LABEL_GRIDS", "Scene", "SceneObject", "Digit", "make_scene", "render", "token_labels",
     "Question", "question_text", "answer_for", "valid_questions", "answer_region", "generate", "pack_turns",
     "vocabulary", "WordTokenizer", "conversation_ids", "build_llava_batch",
     "Sample", "make_sample", "sample_rng", "FidelityDataset", "collate", "iter_batches",
