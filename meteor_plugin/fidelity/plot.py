@@ -72,9 +72,9 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, y0: int, title: str,
             draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
 
 
-PANELS = (("overall", "overall"), ("colour", "colour (one object)"), ("count", "count (every object of a colour)"),
-          ("digit", "digit (a small glyph)"), ("next_to_digit", "next_to_digit"),
-          ("fine", "fine questions (digit, next_to_digit)"))
+PANELS = (("overall", "overall"), ("background", "background (global)"), ("colour", "colour (one object)"),
+          ("digit", "digit (a small glyph)"), ("count", "count (every object of a colour)"),
+          ("needs_tokens", "kinds that need tokens (colour, digit, count)"))
 
 
 def draw(rows: Sequence[Dict[str, object]], path: str, panels: Sequence[Tuple[str, str]] = PANELS,

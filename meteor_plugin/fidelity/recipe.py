@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-PRETRAINED = "fidelity-eagle-v1-pretrained"  # "eagle" in the name: EAGLE's loaders branch on it
+PRETRAINED = "fidelity-eagle-v2-pretrained"  # "eagle" in the name: EAGLE's loaders branch on it
 RECORD = "fidelity.json"
 FIXED_PER_KIND = 50  # the fixed test questions whose accuracy the checkpoint records
 
