@@ -9,7 +9,7 @@
 #           (LLaVA: Stage 1 in CLIP, Stage 3 in the LLM; EAGLE: Stages 1 and 2 with per-encoder projectors,
 #           and Stage 3; settings from the converted checkpoint's config.json).
 # Usage:    bash recipes/tiny-cpu.sh [WORKDIR] [more train.py flags...]
-# Env:      ZERO=2|3 (default 3)   OUT=folder (default WORKDIR/out-zeroN)
+# Env:      ZERO=2|3 (default 3)   OUT=folder (default WORKDIR/out-CODEBASE-zeroN: each codebase its own)
 #           LORA=1 (LoRA r 8 on the LLM)   BITS=4 (QLoRA; CPU quantisation needs transformers 5.x here)
 #           LAUNCHER=deepspeed (default) | torchrun | accelerate
 #           CODEBASE=llava (default) | eagle: EAGLE's code is the test stand-in of
@@ -21,7 +21,7 @@ set -euo pipefail
 WORK=${1:-/tmp/meteor-tiny}
 shift || true
 ZERO=${ZERO:-3}
-OUT=${OUT:-$WORK/out-zero$ZERO}
+OUT=${OUT:-$WORK/out-${CODEBASE:-llava}-zero$ZERO}
 here=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python}
 case "${LAUNCHER:-deepspeed}" in
@@ -38,8 +38,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 extra=()
 case "${CODEBASE:-llava}" in
-  llava) ORIGINAL=$WORK/models/tiny-llava-v1 ;;
-  eagle) ORIGINAL=$WORK/models/tiny-eagle-x3
+  # Long enough for the visual tokens plus the text: LLaVA's 4x4 = 16 patches, EAGLE's 656 fused tokens
+  # (a shorter limit cuts every answer away and the entry refuses the all-masked batches).
+  llava) ORIGINAL=$WORK/models/tiny-llava-v1; MAXLEN=256 ;;
+  eagle) ORIGINAL=$WORK/models/tiny-eagle-x3; MAXLEN=1024
          EAGLE_ROOT=$("$PYTHON" -c "from meteor_plugin.testing.eagle_like import ROOT; print(ROOT)")
          export PYTHONPATH="$EAGLE_ROOT${PYTHONPATH:+:$PYTHONPATH}"
          extra+=(--meteor-codebase eagle) ;;
@@ -72,6 +74,6 @@ $launcher $ENTRY \
   --per_device_train_batch_size 2 --gradient_accumulation_steps 1 \
   --learning_rate 1e-3 --weight_decay 0. --warmup_ratio 0. --lr_scheduler_type cosine \
   --logging_steps 1 --save_strategy steps --save_steps 2 \
-  --model_max_length 256 --gradient_checkpointing True --dataloader_num_workers 0 \
+  --model_max_length $MAXLEN --gradient_checkpointing True --dataloader_num_workers 0 \
   --report_to none --seed 0 \
   "${extra[@]}" "$@"

@@ -27,7 +27,7 @@ from .. import percall
 from ..compat import transformers as compat
 from ..runtime import config_for
 from ..stages.decoder import wrap_model_forward
-from ..stages.layout import VisualLayout, query_mask
+from ..stages.layout import IGNORE_INDEX, VisualLayout, query_mask
 from ..stats import RunStats, StageCount
 from .vision import VISION_HANDLERS, VisionRecord
 
@@ -201,6 +201,7 @@ def wrap_prepare(original: Any) -> Any:
             self, a["input_ids"], a.get("attention_mask"), a.get("images"), call.features, embeds, out[2],
         )
         labels = out[5]
+        check_supervised(self, a.get("labels"), labels, embeds)
         layout = VisualLayout(
             visual=visual, valid=valid, stats=vision_stats(call.vision, owners, visual.shape[0]),
             query=query_mask(visual, valid, labels, cfg.text_query),
@@ -226,6 +227,28 @@ def wrap_prepare(original: Any) -> Any:
         return out
 
     return prepare
+
+
+class AllLabelsMaskedError(RuntimeError):
+    """A training batch reaches the language model with every label masked: it would learn nothing."""
+
+
+def check_supervised(model: Any, given: Any, spliced: Any, embeds: torch.Tensor) -> None:
+    """Refuse a batch whose labels are all ``IGNORE_INDEX`` once the image features are spliced in: the
+    loss would be 0 with a zero gradient at every step, and the run would end "successfully" having learned
+    nothing. The usual cause is ``--model_max_length`` below the visual tokens plus the text: upstream cuts
+    every sequence to it after the splice, answers first."""
+    if given is None or spliced is None or bool((spliced != IGNORE_INDEX).any()):
+        return
+    limit = getattr(getattr(model, "config", None), "tokenizer_model_max_length", None)
+    before = "had answer tokens before the image features were spliced in" if bool((given != IGNORE_INDEX).any()) \
+        else "has no answer tokens at all"
+    raise AllLabelsMaskedError(
+        f"meteor-plugin: every label of this batch is masked (IGNORE_INDEX): it {before}, and reaches the model "
+        f"as {embeds.shape[1]} positions (tokenizer_model_max_length={limit}). Training on it learns nothing "
+        "(loss 0, zero gradient). Raise --model_max_length above the visual tokens per image plus the text, "
+        "or check the data's conversations."
+    )
 
 
 def wrap_causal_forward(original: Any) -> Any:

@@ -383,3 +383,21 @@ def test_llm_layer_beyond_the_model_is_a_clear_error(tiny_llava):
     meteor_plugin.enable(**STAGE3, llm_top_heads=9)
     with pytest.raises(ValueError, match=r"llm_top_heads=9 .*allowed 1\.\.4"):
         forward_logits(model, ids, mask, images)
+
+
+@pytest.mark.parametrize("stages", [dict(encoder=False, fusion=False, llm=False), STAGE3])
+def test_a_batch_whose_answers_are_all_truncated_away_is_refused(tiny_llava, stages):
+    """--model_max_length below the visual tokens plus the text: upstream cuts every answer after the
+    splice, and without the check the run trains on nothing with loss 0."""
+    from meteor_plugin.targets.common import AllLabelsMaskedError
+
+    model = tiny_llava()
+    model.train()
+    ids, mask, images, labels = _training_batch()
+    meteor_plugin.enable(**stages)
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask, images=images, labels=labels).loss)
+    model.config.tokenizer_model_max_length = int((ids[0] != IMAGE_TOKEN_INDEX).sum())  # the answers fall off
+    with pytest.raises(AllLabelsMaskedError, match="tokenizer_model_max_length=.*--model_max_length"):
+        model(input_ids=ids, attention_mask=mask, images=images, labels=labels)
+    with pytest.raises(AllLabelsMaskedError, match="has no answer tokens at all"):
+        model(input_ids=ids, attention_mask=mask, images=images, labels=torch.full_like(labels, -100))
