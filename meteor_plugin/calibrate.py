@@ -149,7 +149,7 @@ def add_subparser(subparsers: Any) -> None:
     p = subparsers.add_parser("calibrate", help="measure encoder ranks (and Stage 3's lambda) for a checkpoint")
     p.add_argument("--model-path", required=True, help="a LLaVA or EAGLE checkpoint folder")
     p.add_argument("--images", help="a folder of images (default: generated scenes)")
-    p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--num-images", type=int, default=8, help="images the ranks are measured on (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
     p.add_argument("--config", help="a MeteorConfig to start from (default: the checkpoint's, or the defaults)")
     p.add_argument("--target-keep", type=float, help="also set llm_lambda: mean tokens Stage 3 keeps "

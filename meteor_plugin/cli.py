@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     from meteor_plugin.fidelity.methods import ABLATIONS
 
     parser = argparse.ArgumentParser(prog="meteor-plugin", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"meteor-plugin {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -110,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a MeteorConfig .json/.yaml (default: fidelity, the checkpoint's calibrated "
                                     "METEOR at 24%%; LLaVA: Stage 1 keeps 50%% inside CLIP and Stage 3 25%% of those, 12.5%% of "
                                     "the visual tokens)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="LLaVA checkpoints: tokens to generate per answer")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of the report")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="prefill latency and memory, or accuracy against retained tokens (fidelity)")
@@ -120,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(llava, eagle and all measure speed); fidelity: accuracy per question kind of a trained "
                         "two-encoder model under every pruning method at equal budgets")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each variant (median reported)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="where the speed benches run (cpu, cuda, cuda:1...)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the speed benches' weights and activations (default float32)")
     p.add_argument("--quick", action="store_true", help="a tiny model: checks the benchmark runs, numbers mean little")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     f = p.add_argument_group("fidelity")
     f.add_argument("--model-path", help="a trained fidelity checkpoint (default: the one shipped in the package)")
     f.add_argument("--train", action="store_true", help="train a fidelity model first, as the shipped one was "
@@ -171,6 +173,12 @@ def _user_errors() -> tuple:
     from meteor_plugin.training.save import IncompleteCheckpointError
 
     return (ValueError, OSError, CalibrationUnavailable, IncompleteCheckpointError)
+
+
+def _version() -> str:
+    from meteor_plugin import __version__
+
+    return __version__
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -19,6 +19,9 @@ USAGE = "usage: python -m meteor_plugin.run [--meteor-config PATH] [--meteor-set
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        raise SystemExit(0)
     # The runner's own options are the ones before MODULE.
     head: List[str] = []
     while argv and argv[0].startswith("-"):

@@ -28,3 +28,32 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["demo", "--config", str(path), "--debug"])
     with pytest.raises(FileNotFoundError):
         main(["--debug", "demo", "--config", str(path)])
+
+
+def test_version_and_every_option_has_help(capsys):
+    import argparse
+
+    import meteor_plugin
+    from meteor_plugin import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"meteor-plugin {meteor_plugin.__version__}"
+    parser = cli.build_parser()
+    undocumented = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                undocumented += [f"{name} {a.option_strings[-1]}" for a in sub._actions
+                                 if a.option_strings and a.help is None]
+    assert undocumented == []
+
+
+def test_the_runner_prints_its_help_and_exits_0(capsys):
+    from meteor_plugin import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("python -m meteor_plugin.run [--meteor-config PATH]") and "MODULE as ``__main__``" in out
