@@ -126,20 +126,53 @@ def calibrate(model: Any, images: torch.Tensor, base: Optional[MeteorConfig] = N
     return config
 
 
+class CodebaseMissing(ModuleNotFoundError):
+    """The checkpoint's codebase (LLaVA's or EAGLE's package) is not importable: a user's setup, not a bug."""
+
+
 def load_checkpoint(model_path: str):
-    """(tokenizer, model) through the codebase's own loader, in float32 on the CPU."""
+    """(tokenizer, model) through the codebase's own loader, in float32 on the CPU.
+
+    A checkpoint converted to per-encoder projectors is only built with the plugin enabled, so it is
+    enabled first (nothing pruned). The fidelity checkpoints (EAGLE stand-in, converted) load through
+    `fidelity.model.load`, which also reads their CLIP weights on every supported transformers version.
+    """
     import json
 
-    with open(os.path.join(model_path, "config.json")) as fh:
-        model_type = json.load(fh).get("model_type")
-    if model_type == "eagle_llama":
-        from eagle.model.builder import load_pretrained_model
-        from eagle.mm_utils import get_model_name_from_path
-    elif model_type == "llava_llama":
-        from llava.mm_utils import get_model_name_from_path
-        from llava.model.builder import load_pretrained_model
-    else:
+    import meteor_plugin
+
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{model_path} is not a checkpoint folder: it has no config.json")
+    with open(path) as fh:
+        config = json.load(fh)
+    model_type = config.get("model_type")
+    if model_type not in ("eagle_llama", "llava_llama"):
         raise ValueError(f"{model_path} holds a {model_type!r} model: calibrate takes LLaVA or EAGLE checkpoints")
+    off = MeteorConfig(encoder=False, fusion=False, llm=False)
+    if model_type == "eagle_llama" and config.get("eagle_like_towers") is not None:
+        from .testing.eagle_like import install
+
+        install()  # the stand-in's own checkpoints: the fidelity model, the tests' tiny EAGLE
+        if config.get("meteor_fusion"):
+            from .fidelity.model import load
+
+            model, tokenizer = load(model_path, off)
+            return tokenizer, model
+    if config.get("meteor_fusion") and not meteor_plugin.is_enabled():
+        meteor_plugin.enable(off)
+    try:
+        if model_type == "eagle_llama":
+            from eagle.mm_utils import get_model_name_from_path
+            from eagle.model.builder import load_pretrained_model
+        else:
+            from llava.mm_utils import get_model_name_from_path
+            from llava.model.builder import load_pretrained_model
+    except ModuleNotFoundError as exc:
+        name, fix = (("an EAGLE", "put an NVlabs/EAGLE checkout on PYTHONPATH") if model_type == "eagle_llama"
+                     else ("a LLaVA", "pip install --no-deps llava-torch"))
+        raise CodebaseMissing(f"{model_path} is {name} checkpoint ({model_type}): calibrate loads it with "
+                              f"{name.split()[1]}'s own code, which is not importable here ({exc}); {fix}") from None
     tokenizer, model, _, _ = load_pretrained_model(model_path, None, get_model_name_from_path(model_path),
                                                    device_map="cpu", device="cpu")
     return tokenizer, model.float().eval()

@@ -169,10 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple:
     """What a bad input raises: files, configs, checkpoints. Anything else is a bug and keeps its traceback."""
+    from meteor_plugin.calibrate import CodebaseMissing
     from meteor_plugin.training.calibration import CalibrationUnavailable
     from meteor_plugin.training.save import IncompleteCheckpointError
 
-    return (ValueError, OSError, CalibrationUnavailable, IncompleteCheckpointError)
+    return (ValueError, OSError, CalibrationUnavailable, IncompleteCheckpointError, CodebaseMissing)
 
 
 def _version() -> str:

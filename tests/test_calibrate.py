@@ -87,3 +87,32 @@ def test_stage_budgets_are_validated_against_the_real_token_counts(tiny_llava):
     meteor_plugin.enable(encoder_keep=0.001, llm=False)
     with pytest.raises(ValueError, match="keeps no token of the 64"):
         llava(input_ids=ids, attention_mask=mask, images=images)
+
+
+def test_calibrate_runs_on_the_shipped_fidelity_checkpoint_as_a_user_types_it(tmp_path):
+    """No EAGLE checkout on the path and no plugin enabled beforehand: the command finds the stand-in, enables
+    the plugin so the per-encoder projectors are built, and writes both encoders' ranks and a lambda."""
+    from meteor_plugin.fidelity import checkpoint_path
+
+    out = tmp_path / "fidelity.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-m", "meteor_plugin.cli", "calibrate", "--model-path", checkpoint_path(),
+                           "--num-images", "2", "--target-keep", "0.25", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads(out.read_text())
+    assert set(written["encoder_ranks"]) == {"clip-448", "convnext-1024"}
+    assert all(r > 1 for r in written["encoder_ranks"].values())
+    assert written["llm_lambda"] > 0 and written["llm_lambda"] != meteor_plugin.MeteorConfig().llm_lambda
+
+
+def test_calibrate_names_the_missing_codebase(tmp_path):
+    folder = tmp_path / "eagle-ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "eagle_llama"}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-m", "meteor_plugin.cli", "calibrate", "--model-path", str(folder),
+                           "--out", str(tmp_path / "x.json")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "is an EAGLE checkpoint (eagle_llama): calibrate loads it with EAGLE's own code" in done.stderr
+    assert "put an NVlabs/EAGLE checkout on PYTHONPATH" in done.stderr
