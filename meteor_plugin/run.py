@@ -6,6 +6,12 @@ each checkpoint's saved config or the defaults.
 Running as ``__main__`` matters: LLaVA's ``model_vqa_loader`` reads a module-global ``args`` set only
 there. Options before MODULE are the runner's; a ``--local_rank`` or ``--local-rank`` put there by a
 launcher (``deepspeed``, ``torch.distributed.launch``) is handed on to the module as given.
+
+Training modules (``llava.train.train_mem``, ``llava.train.train``, an EAGLE checkout's ``train_mem`` and
+``train``) run through ``python -m meteor_plugin.train`` instead, with the same options: upstream's
+``train()`` needs the fixes that entry carries (transformers 5's Trainer, complete checkpoints, the
+final save), and would fail or lose weights without them. ``train_mem`` keeps upstream's
+FlashAttention-2; ``train`` runs SDPA.
 """
 
 from __future__ import annotations
@@ -15,6 +21,14 @@ import sys
 from typing import List, Optional
 
 USAGE = "usage: python -m meteor_plugin.run [--meteor-config PATH] [--meteor-set FIELD=VALUE] MODULE [ARGS...]"
+# module -> (codebase, attention) of meteor_plugin.train; train_mem is upstream's FlashAttention-2 entry
+TRAINING_MODULES = {
+    "llava.train.train_mem": ("llava", "flash_attention_2"),
+    "llava.train.train": ("llava", "sdpa"),
+    "llava.train.train_xformers": ("llava", "sdpa"),
+    "train_mem": ("eagle", "flash_attention_2"),
+    "train": ("eagle", "sdpa"),
+}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -31,6 +45,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         argv = argv[2 if takes_value else 1:]
     if not argv:
         raise SystemExit(USAGE)
+    if argv[0] in TRAINING_MODULES:
+        from meteor_plugin import train
+
+        codebase, attn = TRAINING_MODULES[argv[0]]
+        train.run_program(head + ["--meteor-codebase", codebase, "--meteor-attn", attn] + argv[1:])
+        return
     from meteor_plugin.entry import config_path, pop_options
 
     passed_on = list(head)

@@ -217,3 +217,18 @@ def test_runner_reports_a_bad_config_in_one_line_and_exits_2(tmp_path):
         assert len(lines) == 1 and "Traceback" not in out.stderr and "ran" not in out.stdout
     assert "llm_max_keep=1.5 is invalid" in _run(["-m", "meteor_plugin.run", "--meteor-config", str(bad), "probe_never"],
                                                 {}, tmp_path).stderr
+
+
+@pytest.mark.parametrize("module,codebase,attn", [("llava.train.train_mem", "llava", "flash_attention_2"),
+                                                  ("train", "eagle", "sdpa")])
+def test_runner_sends_training_modules_through_the_training_entry(monkeypatch, module, codebase, attn):
+    """``deepspeed --module meteor_plugin.run ... llava.train.train_mem`` as patches/README.md documents it:
+    upstream's train() needs the entry's fixes (it failed on transformers 5 with ALL_LAYERNORM_LAYERS)."""
+    from meteor_plugin import run, train
+
+    seen = []
+    monkeypatch.setattr(train, "run_program", lambda argv: seen.append(argv))
+    run.main(["--meteor-config", "m.json", "--local_rank=1", module, "--model_name_or_path", "x"])
+    assert seen == [["--meteor-config", "m.json", "--local_rank=1", "--meteor-codebase", codebase,
+                     "--meteor-attn", attn, "--model_name_or_path", "x"]]
+    assert not meteor_plugin.is_enabled()  # the entry enables it, after its own set-up
