@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from typing import Any, Optional
@@ -42,13 +43,27 @@ def _dtype_kwargs(dtype: Any) -> dict:
     return {key: dtype}
 
 
+def config_folder(lora_dir: str) -> str:
+    """Where the run's ``config.json`` is: the folder itself, or for a ``checkpoint-N`` saved before they held
+    one, the run's output folder above it."""
+    if os.path.isfile(os.path.join(lora_dir, "config.json")):
+        return lora_dir
+    parent = os.path.dirname(os.path.abspath(lora_dir))
+    if re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.abspath(lora_dir))):
+        if os.path.isfile(os.path.join(parent, "config.json")):
+            return parent
+        raise ConversionError(f"{lora_dir} has no config.json, nor has its run folder {parent} (the run has not "
+                              "finished): merge a checkpoint saved by this version, which keeps its config")
+    raise ConversionError(f"{lora_dir} has no config.json: not the output of a LoRA run")
+
+
 def check_adapter_folder(lora_dir: str) -> None:
     if not os.path.isdir(lora_dir):
         raise ConversionError(f"--model-path {lora_dir} is not a folder")
     save.require_loadable(lora_dir, "--model-path")
-    for name in ("adapter_config.json", "config.json"):
-        if not os.path.isfile(os.path.join(lora_dir, name)):
-            raise ConversionError(f"{lora_dir} has no {name}: not the output of a LoRA run")
+    if not os.path.isfile(os.path.join(lora_dir, "adapter_config.json")):
+        raise ConversionError(f"{lora_dir} has no adapter_config.json: not the output of a LoRA run")
+    config_folder(lora_dir)
     if not os.path.isfile(os.path.join(lora_dir, lora.NON_LORA_FILE)):
         raise ConversionError(
             f"{lora_dir} has no {lora.NON_LORA_FILE}: the projectors and other fully trained weights of this run were "
@@ -77,10 +92,10 @@ def load_adapted(lora_dir: str, model_base: Optional[str] = None, dtype: Any = t
     """The trained model of a LoRA run, unmerged: base + ``non_lora_trainables.bin`` + adapter (a PeftModel)."""
     check_adapter_folder(lora_dir)
     base = resolve_base(lora_dir, model_base)
-    trained_config = read_model_config(lora_dir)
+    trained_config = read_model_config(config_folder(lora_dir))
     cb = codebases.for_checkpoint(trained_config, lora_dir)
     causal_lm, config_class = cb.classes()
-    config = config_class.from_pretrained(lora_dir)
+    config = config_class.from_pretrained(config_folder(lora_dir))
     base_vocab = read_model_config(base).get("vocab_size", config.vocab_size)
     vocab = config.vocab_size
     config.vocab_size = base_vocab  # load the base as it is, then grow to the run's vocabulary
@@ -99,7 +114,7 @@ def merge_lora(lora_dir: str, out: str, model_base: Optional[str] = None, dtype:
     check_adapter_folder(lora_dir)
     base = resolve_base(lora_dir, model_base)
     check_destination(out, lora_dir)
-    cb = codebases.for_checkpoint(read_model_config(lora_dir), lora_dir)
+    cb = codebases.for_checkpoint(read_model_config(config_folder(lora_dir)), lora_dir)
     check_model_name(out, cb.keyword, "--out")
     if dtype == "auto":
         torch_dtype = DTYPES.get(str(read_model_config(base).get("torch_dtype") or read_model_config(base).get("dtype")),

@@ -86,6 +86,8 @@ class MeteorTrainerMixin:
                     others = lora.non_lora_state(self.model)
                     if self.args.should_save:
                         torch.save(others, os.path.join(folder, lora.NON_LORA_FILE))
+                        # the model's config too, so that merge-lora takes this checkpoint-N alone
+                        bare_model(self.model).config.save_pretrained(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

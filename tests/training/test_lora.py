@@ -7,6 +7,7 @@ import torch
 
 import meteor_plugin
 from meteor_plugin.training import lora, merge, save
+from meteor_plugin.training.convert import ConversionError
 
 from training_support import LLM_LINEAR, adapter_modules, load_trained, probe_forward, tower_dtype
 
@@ -142,3 +143,29 @@ def test_an_empty_or_corrupt_non_lora_file_is_refused_naming_it(tmp_path):
     (run / lora.NON_LORA_FILE).write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match=f"{run / lora.NON_LORA_FILE} cannot be read as saved PyTorch tensors"):
         lora.read_non_lora(str(run / lora.NON_LORA_FILE))
+
+
+def test_merge_lora_takes_a_checkpoint_folder(workspace, tmp_path):
+    """checkpoint-4 is the last step of the 4-step run: merged alone it gives the run's final weights. A
+    checkpoint saved before they held their config takes the run folder's."""
+    import shutil
+
+    run = workspace.lora().require_success()
+    checkpoint = os.path.join(run.out, "checkpoint-4")
+    assert os.path.isfile(os.path.join(checkpoint, "config.json"))
+    final = str(tmp_path / "final-llava-merged")
+    merge.merge_lora(run.out, final)
+    reference = load_trained(final).state_dict()
+    old_run = tmp_path / "old-run"
+    shutil.copytree(checkpoint, old_run / "checkpoint-4")
+    shutil.copy(os.path.join(run.out, "config.json"), old_run / "config.json")
+    os.remove(old_run / "checkpoint-4" / "config.json")
+    for source in (checkpoint, str(old_run / "checkpoint-4")):
+        out = str(tmp_path / f"merged-llava-{len(os.listdir(tmp_path))}")
+        merge.merge_lora(source, out)
+        merged = load_trained(out).state_dict()
+        for key, value in reference.items():
+            torch.testing.assert_close(merged[key], value, msg=key)
+    os.remove(old_run / "config.json")
+    with pytest.raises(ConversionError, match="nor has its run folder"):
+        merge.merge_lora(str(old_run / "checkpoint-4"), str(tmp_path / "never-llava"))
