@@ -207,7 +207,9 @@ def _main(args: Any) -> int:
     config.save(args.out)
     print(f"encoder ranks ({args.rank_measure}): {config.encoder_ranks}")
     if target is not None:
-        print(f"llm_lambda: {config.llm_lambda:.3f} (target {target} visual tokens kept on average)")
+        wanted = f"{target:.0%} of the visual tokens entering Stage 3" if isinstance(target, float) else \
+            f"{target} visual tokens"
+        print(f"llm_lambda: {config.llm_lambda:.3f} (Stage 3 keeps {wanted} on average)")
     print(f"wrote {args.out}")
     return 0
 

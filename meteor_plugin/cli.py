@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-map", metavar="PNG", help="fidelity model: draw where each stage's kept tokens are, per "
                                                     "encoder, for the first question")
     p.add_argument("--config", help="a MeteorConfig .json/.yaml (default: fidelity, the checkpoint's calibrated "
-                                    "METEOR at 24%%; LLaVA: Stage 1 keeps 50%% inside CLIP and Stage 3 25%% of those, 12.5%% of "
-                                    "the visual tokens)")
+                                    "METEOR at 24%%; LLaVA: the config stored in the checkpoint, else Stage 1 keeps "
+                                    "50%% inside CLIP and Stage 3 25%% of those, 12.5%% of the visual tokens)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="LLaVA checkpoints: tokens to generate per answer")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the report")
     p.set_defaults(func=_demo)

@@ -77,6 +77,10 @@ def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: 
                        f"{DEMO_SPEC.llm_hidden} x {DEMO_SPEC.llm_layers} layers): answers are meaningless")
     model.generation_config.eos_token_id = None if tokenizer is None else model.generation_config.eos_token_id
     pixels = _pixels(model, draw_image(), processor)
+    if config is None and model_path:  # a converted checkpoint prunes as it was converted or trained to
+        from .runtime import stored_config
+
+        config = stored_config(model.config)
     config = config or meteor_plugin.MeteorConfig(llm_min_keep=0.25, llm_max_keep=0.25)
     off = meteor_plugin.MeteorConfig(encoder=False, fusion=False, llm=False)
     results = {}
@@ -93,7 +97,7 @@ def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: 
     timing = interleaved_prefill(lambda: model(input_ids=ids, images=pixels, use_cache=True),
                                  {"unpruned": off, "meteor": config}, repeats)
     meteor_plugin.disable()
-    return {"model": description, "prompt": prompt, "results": results, "timing": timing,
+    return {"model": description, "prompt": prompt, "results": results, "timing": timing, "config": config.to_dict(),
             "stages": run_stats.to_dict()["samples"][0] if run_stats else {}}
 
 

@@ -14,6 +14,7 @@ from meteor_plugin.cli import main
 from meteor_plugin.testing.checkpoint import save_tiny_llava_checkpoint
 from meteor_plugin.training import calibration, save
 from meteor_plugin.training.convert import ConversionError, convert
+from training_support import STORED
 
 
 def _snapshot(folder):
@@ -353,3 +354,11 @@ def test_a_codebase_conversion_hook_given_as_module_function_runs_on_the_copy(tm
     assert stored["mm_projector_layout"] == "per_encoder" and stored["meteor"]["fusion_keep"] == 0.25
     assert os.path.isfile(os.path.join(out, "per_encoder_projectors.safetensors"))
     assert sorted(os.listdir(eagle)) == ["config.json"]
+
+
+def test_the_demo_prunes_a_converted_checkpoint_with_its_stored_config(workspace):
+    from meteor_plugin import demo
+
+    result = demo.run(workspace.model, "What is in the image?", max_new_tokens=2, repeats=1)
+    assert {k: result["config"][k] for k in STORED} == STORED
+    assert result["stages"]["encoder"]["out"] == STORED["encoder_keep"]
