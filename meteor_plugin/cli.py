@@ -190,6 +190,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not torch.cuda.is_available():
         # DeepSpeed (imported by transformers' integrations) otherwise prints a notice on stdout.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from meteor_plugin.compat.transformers import quiet_cli_notices
+
+    quiet_cli_notices()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted after the subcommand too

@@ -70,7 +70,10 @@ def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: 
         ids = tokenizer_image_token(text, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
         description = f"checkpoint {model_path}"
     else:
-        model = build_tiny_llava(DEMO_SPEC)
+        from .compat.transformers import quiet_loading
+
+        with quiet_loading():  # built in memory: the save/load round trip inside is no news to a user
+            model = build_tiny_llava(DEMO_SPEC)
         vocab = DEMO_SPEC.vocab_size
         ids = torch.tensor([[1] + _word_ids("USER:", vocab) + [IMAGE_TOKEN_INDEX] + _word_ids(prompt + " ASSISTANT:", vocab)])
         description = (f"random LLaVA-shaped model ({DEMO_SPEC.visual_tokens} visual tokens, LLM width "

@@ -57,3 +57,30 @@ def test_the_runner_prints_its_help_and_exits_0(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("python -m meteor_plugin.run [--meteor-config PATH]") and "MODULE as ``__main__``" in out
+
+
+def test_a_command_prints_no_notice_a_user_would_read_as_failure():
+    """transformers' torchvision fallback notice and the progress bars of a model built in memory are gone
+    from the CLI's output; the report is all there is."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "meteor_plugin.cli", "demo", "--random-llava", "--repeats", "1",
+                           "--max-new-tokens", "1"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torchvision" not in done.stderr and "Writing model shards" not in done.stderr
+    assert "Loading weights" not in done.stderr
+    assert done.stdout.startswith("model: random LLaVA-shaped model")
+
+
+def test_quiet_loading_restores_the_verbosity_and_the_bars():
+    from transformers.utils import logging as hf_logging
+
+    from meteor_plugin.compat.transformers import quiet_loading
+
+    before = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with quiet_loading():
+        assert hf_logging.get_verbosity() == hf_logging.ERROR and not hf_logging.is_progress_bar_enabled()
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before

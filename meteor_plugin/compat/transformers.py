@@ -297,3 +297,49 @@ def save_tokenizer_portable(tokenizer: Any, folder: str) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2)
     return folder
+
+
+class _DropNotice:
+    """A logging filter that drops records containing one of ``needles``."""
+
+    def __init__(self, *needles: str) -> None:
+        self.needles = needles
+
+    def filter(self, record: Any) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in self.needles)
+
+
+TORCHVISION_NOTICE = "requires torchvision (not installed); falling back to"
+
+
+def quiet_cli_notices() -> None:
+    """For the command-line tools: drop transformers 5's notice that an image processor falls back to its PIL
+    class without torchvision. That fallback is what this package uses on purpose (torchvision is not a
+    dependency), and a user reads the notice, printed by every command, as a failure. Library users keep it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")  # configures the library's handler
+    root = hf_logging._get_library_root_logger()
+    for handler in root.handlers:
+        if not any(isinstance(f, _DropNotice) for f in handler.filters):
+            handler.addFilter(_DropNotice(TORCHVISION_NOTICE))
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Around a load whose weights this package checks itself (or a model built in memory): no progress bars
+    ("Writing model shards", "Loading weights") and no load report, whose UNEXPECTED/MISSING rows would name
+    weights the plugin loads on its own. Restores the verbosity and the bars afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

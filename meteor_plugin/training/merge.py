@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..compat.transformers import quiet_loading
 from . import codebases, lora, save
 from .convert import ConversionError, check_destination, check_model_name, read_model_config
 from .eagle_projectors import projectors_on_load
@@ -99,7 +100,8 @@ def load_adapted(lora_dir: str, model_base: Optional[str] = None, dtype: Any = t
     base_vocab = read_model_config(base).get("vocab_size", config.vocab_size)
     vocab = config.vocab_size
     config.vocab_size = base_vocab  # load the base as it is, then grow to the run's vocabulary
-    with projectors_on_load(trained_config):  # a converted EAGLE model's per-encoder projectors
+    # quiet: the weights the base lacks are the run's, which load_non_lora loads strictly just below
+    with projectors_on_load(trained_config), quiet_loading():  # a converted EAGLE model's per-encoder projectors
         model = causal_lm.from_pretrained(base, config=config, **_dtype_kwargs(dtype))
     if vocab != base_vocab:
         model.resize_token_embeddings(vocab)
