@@ -60,6 +60,7 @@ def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: 
     meteor_plugin.disable()
     tokenizer = processor = None
     if model_path:
+        require_checkpoint(model_path, "--model-path")
         from llava.mm_utils import get_model_name_from_path, tokenizer_image_token
         from llava.model.builder import load_pretrained_model
 
@@ -102,6 +103,17 @@ def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: 
     meteor_plugin.disable()
     return {"model": description, "prompt": prompt, "results": results, "timing": timing, "config": config.to_dict(),
             "stages": run_stats.to_dict()["samples"][0] if run_stats else {}}
+
+
+def require_checkpoint(path: str, flag: str) -> None:
+    """A local checkpoint folder, or a one-line error naming the flag (not the hub's "Repo id must be..."
+    that a missing local path otherwise ends in)."""
+    import os
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path}: no such folder (a checkpoint folder on this machine is needed)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{flag} {path}: not a checkpoint folder (it has no config.json)")
 
 
 FIDELITY_CONFIG = "meteor-24.json"  # METEOR at 24% of the visual tokens, calibrated on the validation split
@@ -160,6 +172,7 @@ def run_fidelity(question: Optional[str] = None, seed: int = 0, config: Optional
     if scenes < 1:
         raise ValueError(f"scenes={scenes} is invalid: allowed >= 1")
     path = model_path or checkpoint_path()
+    require_checkpoint(path, "--fidelity-model")
     if config is None:
         stored = os.path.join(path, FIDELITY_CONFIG)
         if not os.path.isfile(stored):

@@ -84,3 +84,11 @@ def test_quiet_loading_restores_the_verbosity_and_the_bars():
     with quiet_loading():
         assert hf_logging.get_verbosity() == hf_logging.ERROR and not hf_logging.is_progress_bar_enabled()
     assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before
+
+
+@pytest.mark.parametrize("flag", ["--model-path", "--fidelity-model"])
+def test_a_wrong_checkpoint_path_is_named_as_such(tmp_path, capsys, flag):
+    assert main(["demo", flag, str(tmp_path / "nope")]) == 2
+    assert f"{flag} {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+    assert main(["demo", flag, str(tmp_path)]) == 2
+    assert "not a checkpoint folder (it has no config.json)" in capsys.readouterr().err
