@@ -22,6 +22,15 @@ import torch
 from .config import MeteorConfig
 from .core.budget import Budget
 from .core.rank import RANK_MEASURES, encoder_rank
+from .progress import bar
+
+
+def tqdm_range(n: int, desc: str):
+    """range(n) with a progress bar."""
+    with bar(n, desc, "image") as progress:
+        for i in range(n):
+            yield i
+            progress.update(1)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PROMPTS = (
@@ -73,8 +82,12 @@ def encoder_ranks(model: Any, images: torch.Tensor, measure: str = "effective",
         from .targets.eagle_vision import _tokens, _tower_input, encoder_names
 
         names = encoder_names(model)
-        return {name: float(encoder_rank(_tokens(sub(_tower_input(tower, sub, images))), measure, rtol).mean())
-                for name, sub in zip(names, tower.vision_towers)}
+        out = {}
+        with bar(len(names), "encoder ranks", "encoder") as progress:
+            for name, sub in zip(names, tower.vision_towers):
+                out[name] = float(encoder_rank(_tokens(sub(_tower_input(tower, sub, images))), measure, rtol).mean())
+                progress.update(1)
+        return out
     return {"clip": float(encoder_rank(tower(images), measure, rtol).mean())}
 
 
@@ -91,7 +104,7 @@ def stage3_mass(model: Any, tokenizer: Any, images: torch.Tensor, config: Meteor
     meteor_plugin.enable(probe)
     masses, entering = [], []
     try:
-        for i in range(images.shape[0]):
+        for i in tqdm_range(images.shape[0], "Stage 3 signal"):
             text = f"USER: <image>\n{prompts[i % len(prompts)]} ASSISTANT:"
             before, after = text.split("<image>")
             ids = tokenizer(before).input_ids + [IMAGE_TOKEN_INDEX] + tokenizer(after, add_special_tokens=False).input_ids

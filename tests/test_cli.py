@@ -92,3 +92,15 @@ def test_a_wrong_checkpoint_path_is_named_as_such(tmp_path, capsys, flag):
     assert f"{flag} {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
     assert main(["demo", flag, str(tmp_path)]) == 2
     assert "not a checkpoint folder (it has no config.json)" in capsys.readouterr().err
+
+
+def test_long_commands_share_one_progress_bar_on_stderr(tmp_path, capsys):
+    """convert (and calibrate, the speed bench, the fidelity bench) report progress through
+    ``meteor_plugin.progress.bar``, on stderr: stdout keeps the report alone."""
+    from meteor_plugin.testing.checkpoint import save_tiny_llava_checkpoint
+
+    source = save_tiny_llava_checkpoint(str(tmp_path / "tiny-llava"))
+    assert main(["convert", "--model-path", source, "--out", str(tmp_path / "tiny-llava-meteor")]) == 0
+    out, err = capsys.readouterr()
+    assert "convert" in err and "copying the checkpoint" in err
+    assert "convert:" not in out

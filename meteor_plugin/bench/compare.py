@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
+from ..progress import bar
 from .flops import count_flops
 from .memory import peak_memory_bytes
 
@@ -34,25 +35,30 @@ def compare(prefill: Callable[[], Any], variants: List[Variant], repeats: int, w
         sync()
         return time.perf_counter() - start
 
-    for _ in range(warmup):
-        for v in variants:
-            once(v)
     runs: Dict[str, List[float]] = {v.name: [] for v in variants}
-    for _ in range(repeats):
-        for v in variants:
-            runs[v.name].append(once(v))
     results: Dict[str, Dict[str, Any]] = {}
-    for v in variants:
-        v.switch()
-        prefill()
-        extra = inspect(v.name)
-        results[v.name] = {
-            **extra,
-            "seconds": statistics.median(runs[v.name]),
-            "runs": runs[v.name],
-            "gflops": count_flops(prefill) / 1e9,
-            "peak_memory_mib": peak_memory_bytes(prefill, device) / 2 ** 20,
-        }
+    # warm-up and timed rounds, then per variant: the inspected run, FLOPs and memory (3 prefills)
+    with bar((warmup + repeats + 3) * len(variants), "prefills", "run") as progress:
+        for _ in range(warmup):
+            for v in variants:
+                once(v)
+                progress.update(1)
+        for _ in range(repeats):
+            for v in variants:
+                runs[v.name].append(once(v))
+                progress.update(1)
+        for v in variants:
+            v.switch()
+            prefill()
+            extra = inspect(v.name)
+            results[v.name] = {
+                **extra,
+                "seconds": statistics.median(runs[v.name]),
+                "runs": runs[v.name],
+                "gflops": count_flops(prefill) / 1e9,
+                "peak_memory_mib": peak_memory_bytes(prefill, device) / 2 ** 20,
+            }
+            progress.update(3)
     return results
 
 

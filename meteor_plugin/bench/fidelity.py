@@ -55,9 +55,9 @@ class FidelityBench:
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from ..progress import bar
 
-    return tqdm(total=total, desc=desc, unit="q", disable=not enabled, leave=False, dynamic_ncols=True)
+    return bar(total, desc, "q", enabled)
 
 
 def _accuracies(r: ev.EvalResult) -> Dict[str, float]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from ..config import MeteorConfig
+from ..progress import bar
 from . import calibration, codebases, save
 from .checkpoint_files import read_json_object
 
@@ -145,17 +146,26 @@ def convert(model_path: str, out: str, config: Any = None, calibration_images: O
         meteor = MeteorConfig.from_file(config)
 
     staging = save.staging_folder(out)
+    steps = 2 + (convert_weights is not None) + (calibration_images is not None)  # copy, ..., write
     try:
-        shutil.copytree(model_path, staging, ignore=lambda _d, names: [n for n in names if LEFTOVERS.match(n)])
-        job = ConvertJob(source=model_path, folder=staging, config=meteor, model_config=read_model_config(staging))
-        if convert_weights is not None:
-            convert_weights(job)
-        if calibration_images is not None:
+        with bar(steps, "convert") as progress:
+            progress.set_postfix_str("copying the checkpoint")
+            shutil.copytree(model_path, staging, ignore=lambda _d, names: [n for n in names if LEFTOVERS.match(n)])
+            progress.update(1)
+            job = ConvertJob(source=model_path, folder=staging, config=meteor, model_config=read_model_config(staging))
+            if convert_weights is not None:
+                progress.set_postfix_str("converting the weights")
+                convert_weights(job)
+                progress.update(1)
+            if calibration_images is not None:
+                progress.set_postfix_str("calibrating")
+                write_model_config(staging, job.model_config)
+                job.config = calibration.calibrate(staging, calibration_images, job.config)
+                progress.update(1)
+            job.model_config["meteor"] = job.config.to_dict()
             write_model_config(staging, job.model_config)
-            job.config = calibration.calibrate(staging, calibration_images, job.config)
-        job.model_config["meteor"] = job.config.to_dict()
-        write_model_config(staging, job.model_config)
-        save.finish(staging)
+            save.finish(staging)
+            progress.update(1)
         if os.path.isdir(out):
             os.rmdir(out)  # empty (checked above)
         os.rename(staging, out)
