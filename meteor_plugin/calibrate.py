@@ -147,8 +147,9 @@ def load_checkpoint(model_path: str):
     """(tokenizer, model) through the codebase's own loader, in float32 on the CPU.
 
     A checkpoint converted to per-encoder projectors is only built with the plugin enabled, so it is
-    enabled first (nothing pruned). The fidelity checkpoints (EAGLE stand-in, converted) load through
-    `fidelity.model.load`, which also reads their CLIP weights on every supported transformers version.
+    enabled first (nothing pruned). The fidelity checkpoints (with their ``fidelity.json`` record) load
+    through `fidelity.model.load`, which also reads their CLIP weights on every supported transformers
+    version.
     """
     import json
 
@@ -167,7 +168,7 @@ def load_checkpoint(model_path: str):
         from .testing.eagle_like import install
 
         install()  # the stand-in's own checkpoints: the fidelity model, the tests' tiny EAGLE
-        if config.get("meteor_fusion"):
+        if config.get("meteor_fusion") and os.path.isfile(os.path.join(model_path, "fidelity.json")):
             from .fidelity.model import load
 
             model, tokenizer = load(model_path, off)

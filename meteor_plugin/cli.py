@@ -18,6 +18,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = MeteorConfig.from_file(args.config) if args.config else None
     if args.model_path is None and not args.random_llava:
+        if args.image_file:
+            raise ValueError("--image-file asks about your image on a LLaVA or EAGLE checkpoint: give --model-path "
+                             "(the fidelity model knows only its generated scenes)")
         result = demo.run_fidelity(args.prompt, args.seed, config, args.fidelity_model, args.repeats, args.save_map,
                                    args.scenes)
         text = demo.report_fidelity(result)
@@ -25,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
         if args.save_map:
             raise ValueError("--save-map draws the fidelity model's encoder grids; it does not apply to a LLaVA model")
         result = demo.run(args.model_path, args.prompt or demo.DEFAULT_PROMPT, config, args.max_new_tokens,
-                          args.repeats)
+                          args.repeats, args.image_file)
         text = demo.report(result)
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
@@ -95,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="answer questions about a generated image with pruning off and on")
-    p.add_argument("--model-path", help="a LLaVA checkpoint folder (default: the trained fidelity model shipped "
-                                        "in the package)")
+    p.add_argument("--model-path", help="a LLaVA or EAGLE checkpoint folder (default: the trained fidelity model "
+                                        "shipped in the package)")
+    p.add_argument("--image-file", help="with --model-path (or --random-llava): ask about this image instead of a "
+                                        "drawn one")
     p.add_argument("--random-llava", action="store_true", help="a random LLaVA-1.5-shaped model built in memory "
                                                                 "(576 visual tokens; answers are meaningless)")
     p.add_argument("--fidelity-model", help="another trained fidelity checkpoint (default: the shipped one)")

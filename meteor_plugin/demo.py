@@ -6,8 +6,8 @@ kind the scene answers, and prints for each the expected answer, the answers wit
 METEOR's three stages on (the checkpoint's calibrated config, 24% of the visual tokens) and the tokens
 kept per stage; then the prefill speedup, measured after a warm-up with both variants interleaved
 (median and range). ``--save-map`` draws where each stage's kept tokens are, per encoder.
-``--model-path`` loads a LLaVA checkpoint through LLaVA's own loader and tokenizer instead;
-``--random-llava`` builds a random LLaVA in memory with LLaVA-1.5's 576 visual tokens (answers are then
+``--model-path`` loads a LLaVA or EAGLE checkpoint through its codebase's own loader and tokenizer instead
+(``--image-file``: the user's own image, default a drawn one); ``--random-llava`` builds a random LLaVA in memory with LLaVA-1.5's 576 visual tokens (answers are then
 meaningless: it shows the mechanics, the token counts and the speedup at a realistic token count).
 """
 
@@ -49,26 +49,35 @@ def _word_ids(text: str, vocab: int) -> List[int]:
 
 
 def _pixels(model: Any, image, processor: Optional[Any]) -> torch.Tensor:
-    tower = model.get_vision_tower()
+    tower = model.get_model().get_vision_tower()
     processor = processor or getattr(tower, "image_processor", None)
     pixels = processor(images=image, return_tensors="pt")["pixel_values"]
     return pixels.to(device=model.device, dtype=model.dtype)
 
 
 def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: Optional[meteor_plugin.MeteorConfig] = None,
-        max_new_tokens: int = 16, repeats: int = 5) -> Dict[str, Any]:
+        max_new_tokens: int = 16, repeats: int = 5, image_file: Optional[str] = None) -> Dict[str, Any]:
     meteor_plugin.disable()
     tokenizer = processor = None
+    image = draw_image()
+    if image_file is not None:
+        import os
+
+        from PIL import Image
+
+        if not os.path.isfile(image_file):
+            raise FileNotFoundError(f"--image-file {image_file}: no such file")
+        image = Image.open(image_file).convert("RGB")
     if model_path:
         require_checkpoint(model_path, "--model-path")
-        from llava.mm_utils import get_model_name_from_path, tokenizer_image_token
-        from llava.model.builder import load_pretrained_model
+        from .calibrate import load_checkpoint
 
-        tokenizer, model, processor, _ = load_pretrained_model(
-            model_path, None, get_model_name_from_path(model_path), device_map="cpu", device="cpu")
-        model = model.float()
+        tokenizer, model = load_checkpoint(model_path)  # LLaVA's or EAGLE's own loader (the plugin enabled if needed)
+        meteor_plugin.disable()
         text = f"USER: <image>\n{prompt} ASSISTANT:"
-        ids = tokenizer_image_token(text, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
+        before, after = text.split("<image>")
+        ids = torch.tensor([tokenizer(before).input_ids + [IMAGE_TOKEN_INDEX]
+                            + tokenizer(after, add_special_tokens=False).input_ids])
         description = f"checkpoint {model_path}"
     else:
         from .compat.transformers import quiet_loading
@@ -80,7 +89,7 @@ def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: 
         description = (f"random LLaVA-shaped model ({DEMO_SPEC.visual_tokens} visual tokens, LLM width "
                        f"{DEMO_SPEC.llm_hidden} x {DEMO_SPEC.llm_layers} layers): answers are meaningless")
     model.generation_config.eos_token_id = None if tokenizer is None else model.generation_config.eos_token_id
-    pixels = _pixels(model, draw_image(), processor)
+    pixels = _pixels(model, image, processor)
     if config is None and model_path:  # a converted checkpoint prunes as it was converted or trained to
         from .runtime import stored_config
 

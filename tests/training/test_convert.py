@@ -14,7 +14,7 @@ from meteor_plugin.cli import main
 from meteor_plugin.testing.checkpoint import save_tiny_llava_checkpoint
 from meteor_plugin.training import calibration, save
 from meteor_plugin.training.convert import ConversionError, convert
-from training_support import STORED
+from training_support import STORED, STORED_EAGLE
 
 
 def _snapshot(folder):
@@ -356,9 +356,20 @@ def test_a_codebase_conversion_hook_given_as_module_function_runs_on_the_copy(tm
     assert sorted(os.listdir(eagle)) == ["config.json"]
 
 
-def test_the_demo_prunes_a_converted_checkpoint_with_its_stored_config(workspace):
+def test_the_demo_prunes_a_converted_checkpoint_with_its_stored_config(workspace, eagle_workspace, tmp_path):
+    """LLaVA and EAGLE checkpoints, each through its own loader, about the user's image (--image-file)."""
+    from PIL import Image
+
     from meteor_plugin import demo
 
-    result = demo.run(workspace.model, "What is in the image?", max_new_tokens=2, repeats=1)
-    assert {k: result["config"][k] for k in STORED} == STORED
-    assert result["stages"]["encoder"]["out"] == STORED["encoder_keep"]
+    picture = tmp_path / "mine.png"
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(picture)
+    for ckpt, stored in ((workspace.model, STORED), (eagle_workspace.model, STORED_EAGLE)):
+        result = demo.run(ckpt, "What is in the image?", max_new_tokens=2, repeats=1, image_file=str(picture))
+        assert {k: result["config"][k] for k in stored} == stored
+        assert result["stages"]["encoder"]["out"] == stored["encoder_keep"]
+        drawn = demo.run(ckpt, "What is in the image?", max_new_tokens=2, repeats=1)
+        assert drawn["stages"]["encoder"]["out"] == stored["encoder_keep"]
+    with pytest.raises(FileNotFoundError, match="--image-file .*: no such file"):
+        demo.run(workspace.model, image_file=str(tmp_path / "none.png"))
+    assert main(["demo", "--image-file", str(picture)]) == 2  # the fidelity model knows only its scenes
