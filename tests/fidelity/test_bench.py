@@ -16,13 +16,13 @@ from meteor_plugin.fidelity.questions import KINDS
 def test_small_bench_reports_every_method_with_its_budget_and_cost(tmp_path, capsys):
     png = tmp_path / "fidelity.png"
     code = cli.main(["bench", "fidelity", "--per-kind", "6", "--val-per-kind", "6", "--budgets", "0.25,0.125",
-                     "--methods", "random,avgpool,drop-convnext,fastv,meteor-s3,meteor", "--plot", str(png),
+                     "--methods", "random,avgpool,drop-convnext,fastv,meteor-s3,meteor-s3-fixed,meteor", "--plot", str(png),
                      "--json", "--no-progress", "--flops-questions", "4"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     rows = {(r["method"], r["budget"]): r for r in result["rows"]}
     assert set(rows) == {("unpruned", 208)} | {(m, k) for k in (52, 26) for m in (
-        "random", "avgpool", "drop-convnext", "fastv", "meteor-s3", "meteor")} | {("meteor", 50)}
+        "random", "avgpool", "drop-convnext", "fastv", "meteor-s3", "meteor-s3-fixed", "meteor")} | {("meteor", 50)}
     assert rows[("unpruned", 208)]["kept"] == 208
     for run in result["runs"]:
         if run["kept_exact"] is not None:
@@ -54,8 +54,10 @@ def test_small_bench_reports_every_method_with_its_budget_and_cost(tmp_path, cap
             assert m["gflops"] < curve[0][0] and c["accuracy"]["overall"] == curve[0][1]
         else:
             assert m["gflops"] > curve[-1][0] and c["accuracy"]["overall"] is None
-    assert set(result["targets"]) == {"meteor_25_keeps_97", "meteor_24_keeps_99",
-                                      "meteor_beats_baselines_at_equal_flops", "stage3_adapts"}
+    assert set(result["targets"]) == {"meteor_25_keeps_97", "meteor_24_keeps_99", "meteor_beats_baselines_at_equal_flops",
+                                      "stage3_adapts", "stage3_adaptive_beats_fixed"}
+    fixed = result["targets"]["stage3_adaptive_beats_fixed"]["by_budget"]
+    assert [v["fixed_kept"] for v in fixed] == [52, 26]  # the same average, for every question
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == (3 * plot.W, 2 * plot.H + 24)
     text = fidelity.report(result)

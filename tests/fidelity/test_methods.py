@@ -51,6 +51,13 @@ def test_pre_llm_methods_keep_exactly_k_per_sample(setup, method, k):
         assert per_encoder["convnext-1024"][1] > per_encoder["clip-448"][1]  # split 30:50 by rank
 
 
+def test_fixed_stage3_keeps_exactly_k_after_meteors_layer(setup):
+    model, _, data, cal = setup
+    run, per_layer = _run(model, data, methods.config_for("meteor-s3-fixed", 40, cal))
+    assert [s["llm"].left for s in run.stages] == [40] * len(data)
+    assert per_layer[0] == [208] * len(data) and per_layer[1] == [40] * len(data)  # meteor_layer = 1
+
+
 def test_fastv_keeps_exactly_k_after_its_layer(setup):
     model, _, data, cal = setup
     run, per_layer = _run(model, data, methods.config_for("fastv", 32, cal))
