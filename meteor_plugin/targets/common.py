@@ -234,10 +234,12 @@ class AllLabelsMaskedError(RuntimeError):
 
 
 def check_supervised(model: Any, given: Any, spliced: Any, embeds: torch.Tensor) -> None:
-    """Refuse a batch whose labels are all ``IGNORE_INDEX`` once the image features are spliced in: the
+    """Refuse a training batch whose labels are all ``IGNORE_INDEX`` once the image features are spliced in: the
     loss would be 0 with a zero gradient at every step, and the run would end "successfully" having learned
     nothing. The usual cause is ``--model_max_length`` below the visual tokens plus the text: upstream cuts
     every sequence to it after the splice, answers first."""
+    if not (getattr(model, "training", False) and torch.is_grad_enabled()):
+        return  # labels in an evaluation forward also mark answer tokens (Stage 3's query skips them)
     if given is None or spliced is None or bool((spliced != IGNORE_INDEX).any()):
         return
     limit = getattr(getattr(model, "config", None), "tokenizer_model_max_length", None)
