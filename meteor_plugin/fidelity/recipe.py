@@ -156,17 +156,30 @@ def finetune(settings: RecipeSettings, model: str, data: Dict[str, str], echo=pr
     cmd = finetune_command(settings, model, data, out)
     echo("$ " + " ".join(cmd))
     began, load = time.perf_counter(), _loadavg()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - began
+    # Streamed: the log grows as the run goes, and each logged loss is echoed (an hour without a sign of
+    # life reads as a hang).
+    lines: List[str] = []
     with open(os.path.join(settings.workdir, "finetune.log"), "w", encoding="utf-8") as fh:
-        fh.write(proc.stdout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fine-tuning failed (exit {proc.returncode}); the end of its log:\n{proc.stdout[-4000:]}")
-    losses = logged_losses(proc.stdout)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            fh.write(line)
+            fh.flush()
+            lines.append(line)
+            if logged_losses(line):  # after the progress bar's carriage returns, if any
+                echo(f"fine-tuning {time.perf_counter() - began:.0f} s: {line[line.find(LOSS):].strip()[:160]}")
+        returncode = proc.wait()
+    seconds = time.perf_counter() - began
+    output = "".join(lines)
+    if returncode != 0:
+        raise RuntimeError(f"fine-tuning failed (exit {returncode}); the end of its log:\n{output[-4000:]}")
+    losses = logged_losses(output)
     settings.log.append({"phase": "finetune", "steps": settings.finetune_steps, "batch": settings.batch_size,
                          "seconds": round(seconds, 1), "loadavg_before": load, "loadavg_after": _loadavg(),
                          "losses": losses, "command": cmd[1:]})
     return out
+
+
+LOSS = "{'loss'"
 
 
 def logged_losses(log: str) -> List[float]:
@@ -175,7 +188,7 @@ def logged_losses(log: str) -> List[float]:
 
     out = []
     for line in log.splitlines():
-        start = line.find("{'loss'")
+        start = line.find(LOSS)
         if start >= 0:
             try:
                 out.append(float(ast.literal_eval(line[start:line.index("}", start) + 1])["loss"]))
