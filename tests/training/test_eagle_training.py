@@ -161,3 +161,21 @@ def test_eagle_lora_reloads_merges_and_opens_in_eagles_own_loader(eagle_workspac
     eagle.alias_eagle_config()
     _, from_lora, _, _ = load_pretrained_model(run.out, eagle_workspace.model, name, device="cpu", device_map="cpu")
     same_weights(from_lora)
+
+
+def test_the_eagle_recipe_with_the_default_config_trains_and_a_too_short_max_length_is_refused(eagle_workspace):
+    """As a newcomer runs it (``CODEBASE=eagle bash recipes/tiny-cpu.sh`` with the default config): most of the
+    656 fused tokens reach the LLM, the recipe's model_max_length fits them and the loss goes down; at 256 every
+    answer is cut away, and the run stops with an error instead of training 4 steps at loss 0."""
+    defaults = ("--save_strategy", "no", "--meteor-set", "encoder_keep=0.5", "--meteor-set", "fusion_keep=0.5",
+                "--meteor-set", "llm=false")
+    run = eagle_workspace.launch("eagle-defaults", os.path.join(eagle_workspace.root, "defaults"),
+                                 args=defaults).require_success()
+    steps = _steps(run)
+    assert len(steps) == 4 and all(e["meteor/fusion_tokens_kept"] > 256 for e in steps)
+    losses = [e["loss"] for e in steps]
+    assert losses[-1] < losses[0] - 0.1, losses
+    short = eagle_workspace.launch("eagle-short", os.path.join(eagle_workspace.root, "short"),
+                                   args=defaults + ("--model_max_length", "256"))
+    assert short.returncode != 0
+    assert "every label of this batch is masked" in short.log and "--model_max_length" in short.log
