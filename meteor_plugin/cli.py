@@ -134,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("fidelity")
     f.add_argument("--model-path", help="a trained fidelity checkpoint (default: the one shipped in the package)")
     f.add_argument("--train", action="store_true", help="train a fidelity model first, as the shipped one was "
-                   "(20 minutes of training on 2 cores, plus writing the data; the plan and its end time are printed)")
-    f.add_argument("--train-minutes", type=float, default=20.0, help="wall-clock budget of both training phases")
+                   "(85 minutes of training on 2 cores, plus writing the data; the plan and its end time are printed)")
+    f.add_argument("--train-minutes", type=float, default=85.0, help="wall-clock budget of both training phases")
     f.add_argument("--train-dir", help="work folder of --train (default: ./fidelity-train)")
     f.add_argument("--per-kind", type=int, default=500, help="test questions per question kind")
     f.add_argument("--val-per-kind", type=int, default=100, help="validation questions per kind, for calibration")
-    f.add_argument("--budgets", help="comma-separated ratios of the 128 visual tokens (default: 0.5,0.25,0.125,0.0625; "
+    f.add_argument("--budgets", help="comma-separated ratios of the 208 visual tokens (default: 0.5,0.25,0.125,0.0625; "
                                      "METEOR also runs at 0.24)")
     f.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     f.add_argument("--plot", default="fidelity.png", help="PNG of accuracy against retained tokens ('none': no plot)")

@@ -176,7 +176,7 @@ def run_fidelity(question: Optional[str] = None, seed: int = 0, config: Optional
 
     from .fidelity import checkpoint_path, make_sample
     from .fidelity.llava_format import prompt_ids
-    from .fidelity.model import load, pixels, unpruned_config
+    from .fidelity.model import VISUAL_TOKENS, load, pixels, unpruned_config
 
     if scenes < 1:
         raise ValueError(f"scenes={scenes} is invalid: allowed >= 1")
@@ -214,8 +214,8 @@ def run_fidelity(question: Optional[str] = None, seed: int = 0, config: Optional
                                  {"unpruned": unpruned_config(), "meteor": config}, repeats)
     meteor_plugin.disable()
     rows = [a for entry in asked_scenes for a in entry["answers"]]
-    result = {"model": f"fidelity checkpoint {path} (trained EAGLE-like model: CLIP ViT 32 px + ConvNeXt 64 px, "
-                       f"128 visual tokens)",
+    result = {"model": f"fidelity checkpoint {path} (trained EAGLE-like model: CLIP ViT 32 px + ConvNeXt 96 px, "
+                       f"{VISUAL_TOKENS} visual tokens)",
               "scenes": asked_scenes, "timing": timing, "config": config.to_dict(),
               "agreement": {"questions": sum(a["unpruned"] == a["meteor"] for a in rows), "of_questions": len(rows),
                             "scenes": sum(all(a["unpruned"] == a["meteor"] for a in e["answers"]) for e in asked_scenes),
@@ -231,9 +231,10 @@ def run_fidelity(question: Optional[str] = None, seed: int = 0, config: Optional
 
 
 def _describe(scene) -> str:
-    objects = ", ".join(f"{o.colour} {o.shape} (row {o.row}, col {o.col})" for o in scene.objects)
-    digit = f"; digit {scene.digit.value} (row {scene.digit.row}, col {scene.digit.col})" if scene.digit else ""
-    return objects + digit
+    at = lambda box: f"at x {(box[0] + box[2]) // 2}, y {(box[1] + box[3]) // 2}"  # noqa: E731
+    objects = ", ".join(f"{o.colour} {o.shape} {at(o.box)}" for o in scene.objects)
+    digit = f"; digit {scene.digit.value} {at(scene.digit.box)}" if scene.digit else ""
+    return f"{scene.background} background; {objects}{digit}"
 
 
 def _stage_lines(stages: Dict[str, Any], indent: str) -> List[str]:

@@ -63,8 +63,7 @@ def _bar(total: int, desc: str, enabled: bool):
 def _accuracies(r: ev.EvalResult) -> Dict[str, float]:
     out = {k: r.accuracy(k) for k in KINDS}
     out["overall"] = r.accuracy()
-    out["fine"] = statistics.mean(r.accuracy(k) for k in mt.FINE_KINDS)
-    out["coarse"] = statistics.mean(r.accuracy(k) for k in mt.COARSE_KINDS)
+    out["needs_tokens"] = statistics.mean(r.accuracy(k) for k in mt.TOKEN_KINDS)
     return out
 
 
@@ -120,7 +119,7 @@ def equal_flops(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> List[Dict
         if budget not in meteor:
             continue
         m = meteor[budget]
-        for method in mt.BASELINES + ("meteor-s3",):
+        for method in mt.BASELINES + ("meteor-s3", "meteor-s3-fixed"):
             curve = [r for r in rows if r["method"] == method]
             if not curve:
                 continue
@@ -132,7 +131,8 @@ def equal_flops(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> List[Dict
     return out
 
 
-MANY_TOKEN_KIND, FEW_TOKEN_KIND = "count", "colour"  # every object of a colour, against one object's colour
+MANY_TOKEN_KIND, FEW_TOKEN_KIND = "count", "background"  # every object of a colour, against a global property
+COMPARED = ("overall", "needs_tokens") + mt.TOKEN_KINDS  # what METEOR must win at equal FLOPs
 
 
 def targets(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> Dict[str, Any]:
@@ -150,9 +150,11 @@ def targets(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> Dict[str, Any
     checked = [b for b in budgets if b in (mt.tokens_for(0.25), mt.tokens_for(0.125))]
     comparisons = []
     for c in equal_flops(rows, checked):
-        if c["baseline"] == "meteor-s3":
+        if c["baseline"] in ("meteor-s3", "meteor-s3-fixed"):
             continue
         for key, other in c["accuracy"].items():
+            if key not in COMPARED:
+                continue
             if other is None:
                 continue  # the baseline costs less than METEOR at every budget: no reading at METEOR's cost
             comparisons.append({"budget": c["budget"], "baseline": c["baseline"], "series": key,
@@ -169,6 +171,13 @@ def targets(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> Dict[str, Any
                           "ratio": many / few if few else float("inf"), "met": many >= 2 * few})
     if spend:
         out["stage3_adapts"] = {"met": all(x["met"] for x in spend), "by_run": spend}
+    fixed = {r["budget"]: r for r in rows if r["method"] == "meteor-s3-fixed"}
+    versus = [{"budget": r["budget"], "adaptive": r["accuracy"]["overall"], "fixed": fixed[r["budget"]]["accuracy"]["overall"],
+               "adaptive_kept": r["kept"], "fixed_kept": fixed[r["budget"]]["kept"],
+               "met": r["accuracy"]["overall"] > fixed[r["budget"]]["accuracy"]["overall"]}
+              for r in rows if r["method"] == "meteor-s3" and r["budget"] in fixed]
+    if versus:
+        out["stage3_adaptive_beats_fixed"] = {"met": all(x["met"] for x in versus), "by_budget": versus}
     return out
 
 
@@ -315,6 +324,11 @@ def report(result: Dict[str, Any]) -> str:
         x = t["stage3_adapts"]
         detail = "; ".join(f"{s['method']}@{s['budget']} {s['many']:.1f} vs {s['few']:.1f}" for s in x["by_run"])
         lines.append(f"  Stage 3 spends >= 2x the tokens on {MANY_TOKEN_KIND} as on {FEW_TOKEN_KIND}: "
+                     f"{'met' if x['met'] else 'NOT met'} ({detail})")
+    if "stage3_adaptive_beats_fixed" in t:
+        x = t["stage3_adaptive_beats_fixed"]
+        detail = "; ".join(f"{v['budget']}: {v['adaptive']:.3f} vs {v['fixed']:.3f}" for v in x["by_budget"])
+        lines.append(f"  Stage 3's adaptive budget beats the same scoring at a fixed budget of the same average: "
                      f"{'met' if x['met'] else 'NOT met'} ({detail})")
     if result.get("plot"):
         lines.append(f"\nplot: {result['plot']}")

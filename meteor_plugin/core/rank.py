@@ -5,7 +5,7 @@ paper's ``r_b[l]``, after HRank). Two definitions (``RANK_MEASURES``):
 
 - ``numerical``: singular values above ``rtol * largest`` (numpy's default tolerance). Measured, it
   saturates at min(tokens, channels) on every encoder we tried (CLIP 63.94 and ConvNeXt 64.00 of 64 on the
-  fidelity model; min(N, C) on EAGLE-X4 sizes), so the split it gives is uniform. Kept for the paper.
+  v1 fidelity model; min(N, C) on EAGLE-X4 sizes), so the split it gives is uniform. Kept for the paper.
 - ``effective`` (the default): the effective rank of Roy and Vetterli (2007), ``exp(H(p))`` with
   ``p_i = s_i / sum(s)`` the normalised singular values, of the features after removing the mean token.
   It is the number of directions the tokens really spread over: a few for an encoder whose tokens share

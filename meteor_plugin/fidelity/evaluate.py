@@ -35,7 +35,7 @@ class EvalSet:
     """Test questions ready for the model: ids (unpadded), uint8 images, answer ids and kinds."""
 
     ids: List[List[int]]
-    images: torch.Tensor  # uint8 (N, 3, 64, 64)
+    images: torch.Tensor  # uint8 (N, 3, 96, 96)
     answers: torch.Tensor  # (N,) answer token ids
     kinds: List[str]
     indices: List[int]

@@ -3,9 +3,9 @@
 - `save_hf_tokenizer`: the task's words as a Hugging Face word-level tokenizer that ``AutoTokenizer
   .from_pretrained(folder, use_fast=False)`` loads on transformers 4.37, 4.44 and 5.x (the loaders and
   ``train()`` call exactly that). Ids: ``<unk>`` 0 (LLaVA's v1 pad), ``<s>`` 1, ``</s>`` 2, the template
-  words, then `questions.vocabulary()`. The v1 system prompt is one added token: its 24 words say
-  nothing to a model trained from scratch, and as words they would make every training step about
-  13% longer (1+24 of ~190 tokens).
+  words, the system prompt's words, then `questions.vocabulary()`. The v1 system prompt is kept as its
+  22 words, as real checkpoints see it: those tokens before the image are where a trained LLaVA parks
+  much of its attention (the sink), which Stage 3's budget signal must cope with.
 - `conversation_record`: one image's packed turns as a LLaVA data record (``{"id", "image",
   "conversations"}``), what ``--data_path`` holds.
 - `prompt_ids`: the ids of a v1 prompt ending in ``ASSISTANT:``, where the answer word is read.
@@ -30,18 +30,21 @@ VERSION = "v1"
 
 
 def hf_vocab() -> Dict[str, int]:
-    words = [UNK, BOS, EOS, ROLES[0] + ":", ROLES[1] + ":"] + list(vocabulary())
+    words = [UNK, BOS, EOS, ROLES[0] + ":", ROLES[1] + ":"]
+    for w in SYSTEM.split() + list(vocabulary()):
+        if w not in words:
+            words.append(w)
     return {w: i for i, w in enumerate(words)}
 
 
 def vocab_size() -> int:
-    """Ids the model's embedding needs: the word vocabulary plus the system prompt's added token."""
-    return len(hf_vocab()) + 1
+    """Ids the model's embedding needs."""
+    return len(hf_vocab())
 
 
 def build_hf_tokenizer():
     """The task's ``PreTrainedTokenizerFast`` (see the module docstring)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = hf_vocab()
@@ -50,7 +53,6 @@ def build_hf_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
                                                        special_tokens=[(BOS, vocab[BOS])])
     out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=UNK)
-    out.add_tokens([AddedToken(SYSTEM, special=False, normalized=False)])
     if len(out) != vocab_size():
         raise RuntimeError(f"the fidelity tokenizer has {len(out)} ids, expected {vocab_size()}")
     return out

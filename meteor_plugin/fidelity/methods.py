@@ -1,6 +1,6 @@
 """The pruning methods the fidelity benchmark compares, as MeteorConfigs at equal budgets.
 
-A budget is the number of visual tokens that reach the language model (of the model's 128), or for
+A budget is the number of visual tokens that reach the language model (of the model's 208), or for
 Stage 3 the tokens left after ``llm_layer`` (the convention of METEOR's and FastV's papers); every
 method is run at the same budgets and the tokens really kept are read back from ``meteor_plugin.stats``.
 
@@ -8,13 +8,14 @@ method is run at the same budgets and the tokens really kept are read back from 
 |---|---|---|
 | unpruned | nothing pruned | all stages off |
 | random | a seeded uniform draw of K tokens per image (several seeds) | ``method="random"`` |
-| avgpool | each encoder's 8x8 grid average-pooled, K split by token count | ``method="avgpool"`` |
+| avgpool | each encoder's grid (8x8, 12x12) average-pooled, K split by token count | ``method="avgpool"`` |
 | visionzip | dominant tokens by CLIP attention / ConvNeXt feature norm + merged context | ``method="visionzip"`` |
 | drop-clip / drop-convnext | one encoder removed, the other evenly subsampled to K | ``method="drop_encoder"`` |
 | fastv | last instruction token's attention (all heads) at ``llm_layer``, K fixed | ``method="fastv"`` |
 | meteor-s1 | Stage 1 alone: K tokens split across encoders by rank, pruned inside them | ``encoder_keep=K`` |
 | meteor-s2 | Stage 2 alone: K tokens by the Stage 2 similarity | ``fusion_keep=K`` |
 | meteor-s3 | Stage 3 alone: adaptive, K on average after ``llm_layer`` | ``llm_lambda`` solved |
+| meteor-s3-fixed | Stage 3 alone with the same scoring, K for every question (what the adaptive budget must beat) | ``llm_min_keep = llm_max_keep = K`` |
 | meteor | all three: Stage 1 to E, Stage 2 to F = 2K, Stage 3 to K on average | see `fusion_share` |
 | meteor:NAME | ``meteor`` with one choice switched (`ABLATIONS`; ``paper``: all of them) | the same |
 
@@ -35,13 +36,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..config import LEGACY
-
-VISUAL_TOKENS = 128
+from .model import VISUAL_TOKENS
 BUDGETS = (0.5, 0.25, 0.125, 0.0625)
 METEOR_TARGET = 0.24  # the paper's setting: 242 of EAGLE's 1024 visual tokens
 RANDOM_SEEDS = (0, 1, 2)
 BASELINES = ("random", "avgpool", "visionzip", "drop-clip", "drop-convnext", "fastv")
-METEOR = ("meteor-s1", "meteor-s2", "meteor-s3", "meteor")
+METEOR = ("meteor-s1", "meteor-s2", "meteor-s3", "meteor-s3-fixed", "meteor")
 ALL_METHODS = BASELINES + METEOR
 # METEOR (all stages) with one choice switched to its alternative: the paper's where ours differs
 # (``paper`` switches them all: the method as version 1 of the config ran it). Run as ``meteor:<name>``.
@@ -56,8 +56,8 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     # Version 1's values of every field added since (llm_lambda aside: the bench solves it per run).
     "paper": {"rank": "numerical", **{k: v for k, v in LEGACY[1].items() if k != "llm_lambda"}},
 }
-FINE_KINDS = ("digit", "next_to_digit")  # localised, read best by the full-resolution encoder
-COARSE_KINDS = ("colour", "count")
+GLOBAL_KINDS = ("background",)  # any few tokens answer it
+TOKEN_KINDS = ("colour", "digit", "count")  # the kinds that need the right tokens (the targets compare these)
 
 
 def tokens_for(ratio: float, total: int = VISUAL_TOKENS) -> int:
@@ -139,6 +139,8 @@ def config_for(method: str, k: int, cal: Calibration, seed: int = 0):
         return b.replace(**cal.meteor, encoder=True, encoder_keep=k, encoder_ranks=cal.encoder_ranks)
     if method == "meteor-s2":
         return b.replace(**cal.meteor, fusion=True, fusion_keep=k)
+    if method == "meteor-s3-fixed":
+        return b.replace(**cal.meteor, llm=True, llm_layer=cal.meteor_layer, llm_min_keep=k, llm_max_keep=k)
     if method in ("meteor-s3", "meteor") or is_ablation(method):
         lam = cal.lambdas.get(stage3_key(method, k))
         if lam is None:

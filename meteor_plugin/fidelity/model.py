@@ -1,18 +1,19 @@
-"""The fidelity model: a small EAGLE-like model with two encoders of different kinds and resolutions.
+"""The fidelity model (v2): a small EAGLE-like model with two encoders of different kinds and resolutions.
 
-Built through the EAGLE stand-in (``testing/eagle_like``) with the sizes of the shared note, which
-learned the task on 2 CPU cores:
+Built through the EAGLE stand-in (``testing/eagle_like``), with what the testbed issue asks of a model
+on which pruning behaves as on a real EAGLE: unequal encoders, a deep language model, many tokens.
 
-- ``clip-448``: a CLIP ViT on the image downsampled to 32 px (EAGLE's fusion tower resizes it),
-  patch 4, width 64, 3 blocks, 4 heads: 8x8 = 64 tokens that cannot read the 6x8 px digit well;
-- ``convnext-1024``: a ConvNeXt on the full 64 px image, stem 4, stages [48, 96] x [2, 2], layer scale
-  off (HF's 1e-6 default makes every block start as an identity and slows learning): an 8x8 map;
+- ``clip-448``: a CLIP ViT with 6 blocks on the image downsampled to 32 px (EAGLE's fusion tower
+  resizes it), patch 4, width 64, 4 heads: 8x8 = 64 tokens of 12 px that cannot read the 6x8 px digit;
+- ``convnext-1024``: a ConvNeXt on the full 96 px image, stem 4, stages [48, 96] x [2, 2], layer scale
+  off (HF's 1e-6 default makes every block start as an identity and slows learning): 12x12 = 144
+  tokens of 8 px, 2.25x CLIP's;
 - per-encoder ``mlp2x_gelu`` projectors (METEOR's post-projection fusion, ``mm_projectors``) into a
-  Llama of width 128, 3 layers, 4 heads, MLP 384: 128 visual tokens per image.
+  Llama of width 96, 8 layers, 6 heads, MLP 256: 208 visual tokens per image.
 
-Both grids are 8x8 over the same image, so a token covers 8x8 px and a 16 px cell is 2x2 tokens of
-each encoder. A converted model runs only with meteor-plugin enabled (its projectors replace EAGLE's
-channel concatenation), so `enable_unpruned` comes with it.
+Narrow, so that it trains on 2 CPU cores; deep, so that pruning inside the LLM (FastV, Stage 3) has
+early layers to prune after, as in a 32-layer LLaVA. A converted model runs only with meteor-plugin
+enabled (its projectors replace EAGLE's channel concatenation), so `enable_unpruned` comes with it.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ import torch
 from . import llava_format
 
 ENCODERS = ("clip-448", "convnext-1024")
-IMAGE_SIZE = 64
-GRID = 8  # tokens per side of each encoder's map
+IMAGE_SIZE = 96
+GRIDS = (8, 12)  # tokens per side of each encoder's map, in fusion order
+VISUAL_TOKENS = sum(g * g for g in GRIDS)
 TOWERS: Dict[str, Dict[str, Any]] = {
     "clip-448": {"input_image_size": 32, "patch_size": 4, "hidden_size": 64, "intermediate_size": 256,
-                 "num_hidden_layers": 3, "num_attention_heads": 4},
-    "convnext-1024": {"input_image_size": 64, "patch_size": 4, "hidden_sizes": [48, 96], "depths": [2, 2],
+                 "num_hidden_layers": 6, "num_attention_heads": 4},
+    "convnext-1024": {"input_image_size": 96, "patch_size": 4, "hidden_sizes": [48, 96], "depths": [2, 2],
                       "layer_scale_init_value": 0.0},
 }
-LLM = {"llm_hidden": 128, "llm_layers": 3, "llm_heads": 4, "llm_kv_heads": 4, "llm_intermediate": 384}
+LLM = {"llm_hidden": 96, "llm_layers": 8, "llm_heads": 6, "llm_kv_heads": 6, "llm_intermediate": 256}
 # CLIP normalisation, what the towers' image processor applies (``clip_style_image_processor``).
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -72,7 +74,7 @@ def enable_unpruned() -> None:
 
 
 def pixels(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, 64, 64) images to the normalised float input the model's image processor makes."""
+    """uint8 (B, 3, 96, 96) images to the normalised float input the model's image processor makes."""
     if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(f"images must be uint8 (B, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {images.dtype} {tuple(images.shape)}")
     x = images.float() / 255.0

@@ -16,7 +16,7 @@ PALETTE = {
     "random": (150, 150, 150), "avgpool": (31, 119, 180), "visionzip": (44, 160, 44),
     "drop-clip": (188, 189, 34), "drop-convnext": (140, 86, 75), "fastv": (148, 103, 189),
     "meteor-s1": (255, 152, 150), "meteor-s2": (255, 127, 14), "meteor-s3": (227, 119, 194),
-    "meteor": (214, 39, 40),
+    "meteor-s3-fixed": (247, 182, 210), "meteor": (214, 39, 40),
 }
 W, H = 560, 420
 MARGIN = (64, 36, 20, 52)  # left, top, right, bottom
@@ -72,9 +72,9 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, y0: int, title: str,
             draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
 
 
-PANELS = (("overall", "overall"), ("colour", "colour (one object)"), ("count", "count (every object of a colour)"),
-          ("digit", "digit (a small glyph)"), ("next_to_digit", "next_to_digit"),
-          ("fine", "fine questions (digit, next_to_digit)"))
+PANELS = (("overall", "overall"), ("background", "background (global)"), ("colour", "colour (one object)"),
+          ("digit", "digit (a small glyph)"), ("count", "count (every object of a colour)"),
+          ("needs_tokens", "kinds that need tokens (colour, digit, count)"))
 
 
 def draw(rows: Sequence[Dict[str, object]], path: str, panels: Sequence[Tuple[str, str]] = PANELS,

@@ -6,7 +6,8 @@ stays at chance for 10 CPU minutes, and that a dense per-token loss on the visua
 what each token's cell holds, breaks that. This phase is that loss alone, on the two encoders and
 their per-encoder projectors: every projected token of both encoders predicts its cell's content
 (``what``: nothing/shape/digit, ``colour``, ``digit`` value) through three linear heads shared by the
-encoders. The heads are thrown away; the encoders and projectors are saved in the checkpoint that
+encoders, and ``centre``: whether the token holds an object's centre, which counting reads). The heads
+are thrown away; the encoders and projectors are saved in the checkpoint that
 phase 2 (VQA fine-tuning through ``python -m meteor_plugin.train``) starts from.
 
 The projected tokens come from the model's own ``encode_images`` with meteor-plugin enabled and
@@ -27,7 +28,8 @@ from torch import nn
 from .datasets import iter_batches
 from .scenes import COLOUR_CLASSES, DIGIT_CLASSES, WHAT_CLASSES
 
-LABELS = (("what", len(WHAT_CLASSES)), ("colour", len(COLOUR_CLASSES)), ("digit", len(DIGIT_CLASSES)))
+LABELS = (("what", len(WHAT_CLASSES)), ("colour", len(COLOUR_CLASSES)), ("digit", len(DIGIT_CLASSES)),
+          ("centre", 2))
 
 
 @dataclass
@@ -60,34 +62,35 @@ def vision_parameters(model) -> List[nn.Parameter]:
     return list(inner.get_vision_tower().parameters()) + list(inner.mm_projectors.parameters())
 
 
-def aux_loss(model, heads: CellHeads, batch: Dict[str, object], encoders: int) -> Dict[str, torch.Tensor]:
-    """Cross-entropy of every projected token's cell labels, and per-label accuracy.
+def aux_loss(model, heads: CellHeads, batch: Dict[str, object]) -> Dict[str, torch.Tensor]:
+    """Cross-entropy of every projected token's labels, and per-label accuracy.
 
     Factorised so that rare classes are learned: ``what`` on every token and again on the tokens of
-    non-empty cells (three quarters of the tokens are empty), ``colour`` only on tokens of an object's
-    cell, ``digit`` only on tokens of the digit's cell. Unmasked, "nothing here" is 95% of
-    the digit targets and a 300-step run never learned a digit value (accuracy stayed at the share of
-    empty tokens).
+    objects and the digit (most tokens are background), ``colour`` and ``centre`` only on tokens of an
+    object, ``digit`` only on tokens of the digit. Unmasked, "nothing here" was 95% of the digit targets
+    in v1 and a 300-step run never learned a digit value (accuracy stayed at the share of empty tokens).
     """
     from .model import pixels
 
-    tokens = model.encode_images(pixels(batch["images"]))  # (B, encoders * 64, D), encoder by encoder
+    tokens = model.encode_images(pixels(batch["images"]))  # (B, 208, D), encoder by encoder
     logits = heads(tokens)
-    what = batch["cell_what"].flatten(1).repeat(1, encoders)  # (B, encoders * 64)
-    on = {"what": torch.ones_like(what, dtype=torch.bool),
-          "colour": (what > 0) & (what < WHAT_CLASSES.index("digit")),
+    what = batch["token_what"]  # (B, 208), in the same order (``scenes.token_labels``)
+    if what.shape != tokens.shape[:2]:
+        raise ValueError(f"labels for {tuple(what.shape)} tokens, the model made {tuple(tokens.shape[:2])}")
+    shape = (what > 0) & (what < WHAT_CLASSES.index("digit"))
+    on = {"what": torch.ones_like(what, dtype=torch.bool), "colour": shape, "centre": shape,
           "digit": what == WHAT_CLASSES.index("digit")}
     out: Dict[str, torch.Tensor] = {}
     total = tokens.new_zeros(())
     for name, n in LABELS:
-        target = batch["cell_" + name].flatten(1).repeat(1, encoders)
+        target = batch["token_" + name]
         mask = on[name]
         if not bool(mask.any()):
             continue
         picked, wanted = logits[name][mask], target[mask]
         total = total + F.cross_entropy(picked, wanted)
         out[name + "_acc"] = (picked.argmax(-1) == wanted).float().mean().detach()
-    # "what" again on the tokens of non-empty cells (a quarter of them): which shape, or the digit
+    # "what" again on the tokens of things: which shape, or the digit
     occupied = what > 0
     if bool(occupied.any()):
         picked = logits["what"][occupied]
@@ -113,7 +116,7 @@ def pretrain(model, settings: Optional[PretrainSettings] = None,
 
     meteor-plugin must be enabled with nothing pruned (``model.enable_unpruned``).
     """
-    from .model import ENCODERS, GRID
+    from .model import GRIDS
 
     settings = settings or PretrainSettings()
     torch.manual_seed(settings.seed)
@@ -125,7 +128,7 @@ def pretrain(model, settings: Optional[PretrainSettings] = None,
     model.eval()
     history: List[Dict[str, float]] = []
     batches = iter_batches("train", settings.batch_size, settings.data_seed, start=settings.start,
-                           stop=settings.start + settings.steps * settings.batch_size, max_turns=1, label_grid=GRID)
+                           stop=settings.start + settings.steps * settings.batch_size, max_turns=1, label_grids=GRIDS)
     began = time.perf_counter()
     for step, batch in enumerate(batches):
         elapsed = time.perf_counter() - began
@@ -133,7 +136,7 @@ def pretrain(model, settings: Optional[PretrainSettings] = None,
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings, elapsed)
-        out = aux_loss(model, heads, batch, len(ENCODERS))
+        out = aux_loss(model, heads, batch)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,28 +1,21 @@
-"""Questions of the fidelity testbed: kinds, answers computed from the scene, and balanced generation.
+"""Questions of the fidelity testbed (v2): kinds, answers computed from the scene, balanced generation.
 
-| kind            | question                                       | answers          | chance |
-|-----------------|------------------------------------------------|------------------|--------|
-| colour          | what colour is the <shape> ?                   | 6 colours        | 1/6    |
-| count           | how many <colour> objects are there ?          | zero..three      | 1/4    |
-| digit           | what digit is in the image ?                   | 0..9             | 1/10   |
-| next_to_digit   | what colour is the object next to the digit ?  | 6 colours        | 1/6    |
+| kind       | question                              | answers                   | chance | visual demand         |
+|------------|---------------------------------------|---------------------------|--------|-----------------------|
+| background | what colour is the background ?       | grey, cream, sky, rose    | 1/4    | global: any few tokens |
+| colour     | what colour is the <shape> ?          | 6 colours                 | 1/6    | one object             |
+| digit      | what digit is in the image ?          | 0..9                      | 1/10   | one small glyph        |
+| count      | how many <colour> objects are there ? | zero..three               | 1/4    | every object, spread   |
 
-They differ in visual demand: ``count`` needs every object (global coverage), ``colour`` one object
-found by its shape (binding), ``digit`` a 6x8 px glyph in one cell (fine and local: only a
-full-resolution encoder reads it), ``next_to_digit`` two local regions and the relation between them.
-
-Why ``next_to_digit`` and no positional question: in the measured run (shared note) "which shape is
-at row r column c ?" stayed near chance (0.48 against 0.25) after 22 CPU minutes, flat across rows
-and columns, so it did not separate pruning methods. The note suggests a relational localised
-question in its place. "Next to" means the 3x3 block of cells around the digit (diagonals count), and
-the question is asked only when exactly one object lies there. The shipped checkpoint, trained in
-under 20 minutes, answers it at 0.542 on 500 test questions (chance 1/6), colour and digit at 0.97-1.00
-and count at 0.61 (chance 1/4).
+They span visual demand as the testbed issue asks: ``background`` is answered by any handful of
+background tokens, ``colour`` needs the one object of that shape, ``digit`` a 6x8 px glyph (1-4 tokens
+of the full-resolution encoder; the low-resolution one cannot read it), ``count`` every object of a
+colour among 3-7 spread over the image, so each pruned object can change the answer.
 
 Answers come from one place, `answer_for(scene, kind, target)`, which also says when a question is not
 valid for a scene (``None``). Generation is conditioned on the kind and the answer, so a split cycles
-through every answer evenly. A digit is drawn in every digit and next_to_digit scene and, as a
-distractor, in half of the colour and count scenes.
+through every answer evenly. A digit is drawn in every digit scene and, as a distractor, in half of the
+others.
 """
 
 from __future__ import annotations
@@ -33,32 +26,32 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .scenes import COLOURS, GRID, MAX_PER_COLOUR, SHAPES, Scene, box_tokens, make_scene
+from .scenes import BACKGROUNDS, COLOURS, MAX_PER_COLOUR, SHAPES, Scene, box_tokens, make_scene
 
-KINDS = ("colour", "count", "digit", "next_to_digit")
+KINDS = ("background", "colour", "digit", "count")
 COUNT_WORDS = ("zero", "one", "two", "three")
 DIGIT_WORDS = tuple(str(d) for d in range(10))
 ANSWERS: Dict[str, Tuple[str, ...]] = {
+    "background": BACKGROUNDS,
     "colour": COLOURS,
-    "count": COUNT_WORDS,
     "digit": DIGIT_WORDS,
-    "next_to_digit": COLOURS,
+    "count": COUNT_WORDS,
 }
 # What a question of each kind is about: a shape, a colour, or nothing.
 TARGETS: Dict[str, Tuple[Optional[str], ...]] = {
+    "background": (None,),
     "colour": SHAPES,
-    "count": COLOURS,
     "digit": (None,),
-    "next_to_digit": (None,),
+    "count": COLOURS,
 }
 TEMPLATES = {
+    "background": "what colour is the background ?",
     "colour": "what colour is the {} ?",
-    "count": "how many {} objects are there ?",
     "digit": "what digit is in the image ?",
-    "next_to_digit": "what colour is the object next to the digit ?",
+    "count": "how many {} objects are there ?",
 }
-OBJECTS = (2, 5)  # inclusive range of shapes per scene
-DISTRACTOR_DIGIT = 0.5  # chance of a digit in colour and count scenes
+OBJECTS = (3, 7)  # inclusive range of shapes per scene
+DISTRACTOR_DIGIT = 0.5  # chance of a digit in scenes whose question is not about it
 
 
 @dataclass(frozen=True)
@@ -86,28 +79,19 @@ def question_text(kind: str, target: Optional[str] = None) -> str:
     return TEMPLATES[kind].format(target)
 
 
-def neighbours_of_digit(scene: Scene):
-    """Objects in the 3x3 block of cells around the digit (empty when there is no digit)."""
-    d = scene.digit
-    if d is None:
-        return ()
-    return tuple(o for o in scene.objects if max(abs(o.row - d.row), abs(o.col - d.col)) == 1)
-
-
 def answer_for(scene: Scene, kind: str, target: Optional[str] = None) -> Optional[str]:
     """The answer to a question about ``scene``, or None when the question has no single answer."""
     _check_kind(kind)
     _check_target(kind, target)
+    if kind == "background":
+        return scene.background
     if kind == "colour":
         found = scene.with_shape(target)
         return found[0].colour if len(found) == 1 else None
     if kind == "count":
         n = scene.count(target)
         return COUNT_WORDS[n] if n < len(COUNT_WORDS) else None
-    if kind == "digit":
-        return str(scene.digit.value) if scene.digit is not None else None
-    near = neighbours_of_digit(scene)
-    return near[0].colour if len(near) == 1 else None
+    return str(scene.digit.value) if scene.digit is not None else None
 
 
 def valid_questions(scene: Scene, kind: str) -> List[Question]:
@@ -121,25 +105,22 @@ def valid_questions(scene: Scene, kind: str) -> List[Question]:
     return out
 
 
-def answer_region(scene: Scene, question: Question, grid: int = 8) -> np.ndarray:
+def answer_region(scene: Scene, question: Question, grid: int = 12) -> np.ndarray:
     """Boolean (grid, grid) mask of the patches that hold what the answer depends on.
 
     For pruning diagnostics ("did the kept tokens cover the evidence?"): the queried shape, every
-    object of the counted colour (none when the count is zero), the digit's ink, or the digit and its
-    neighbour.
+    object of the counted colour (none when the count is zero), the digit's ink; nothing for the
+    background (any background token will do).
     """
+    _check_kind(question.kind)
     mask = np.zeros((grid, grid), dtype=bool)
     boxes = []
     if question.kind == "colour":
         boxes = [o.box for o in scene.with_shape(question.target)]
     elif question.kind == "count":
         boxes = [o.box for o in scene.objects if o.colour == question.target]
-    elif question.kind in ("digit", "next_to_digit"):
+    elif question.kind == "digit":
         boxes = [scene.digit.box] if scene.digit is not None else []
-        if question.kind == "next_to_digit":
-            boxes += [o.box for o in neighbours_of_digit(scene)]
-    else:
-        _check_kind(question.kind)
     for box in boxes:
         mask |= box_tokens(box, grid)
     return mask
@@ -164,40 +145,31 @@ def generate(kind: str, answer: str, rng: random.Random) -> Tuple[Scene, Questio
     _check_kind(kind)
     if answer not in ANSWERS[kind]:
         raise ValueError(f"answer={answer!r} is invalid for kind {kind!r}: allowed {', '.join(ANSWERS[kind])}")
-    cells = [(i // GRID, i % GRID) for i in range(GRID * GRID)]
-    rng.shuffle(cells)
-    target = None
+    target, background = None, None
+    n = rng.randint(*OBJECTS)
     if kind == "colour":
         target = rng.choice(SHAPES)
-        n = rng.randint(*OBJECTS)
         others = [s for s in SHAPES if s != target]
         shapes = [target] + [rng.choice(others) for _ in range(n - 1)]
         colours = [answer] + _colours(rng, n - 1, COLOURS, [answer])
     elif kind == "count":
         target = rng.choice(COLOURS)
         want = COUNT_WORDS.index(answer)
-        n = rng.randint(max(OBJECTS[0], want), OBJECTS[1])
         shapes = [rng.choice(SHAPES) for _ in range(n)]
         colours = [target] * want + _colours(rng, n - want, [c for c in COLOURS if c != target], [])
-    elif kind == "digit":
-        n = rng.randint(*OBJECTS)
+    else:
         shapes = [rng.choice(SHAPES) for _ in range(n)]
         colours = _colours(rng, n, COLOURS, [])
-    else:  # next_to_digit: one object in the digit's 3x3 block, the others outside it
-        (dr, dc), rest = cells[0], cells[1:]
-        near = [c for c in rest if max(abs(c[0] - dr), abs(c[1] - dc)) == 1]
-        far = [c for c in rest if max(abs(c[0] - dr), abs(c[1] - dc)) > 1]
-        cells = [cells[0], near[0]] + far  # cells is a permutation, so near[0] is a random neighbour
-        n = rng.randint(*OBJECTS)
-        shapes = [rng.choice(SHAPES) for _ in range(n)]
-        colours = [answer] + _colours(rng, n - 1, COLOURS, [answer])
-    if kind in ("digit", "next_to_digit") or rng.random() < DISTRACTOR_DIGIT:
-        value = int(answer) if kind == "digit" else rng.randrange(10)
-        digit, object_cells = (*cells[0], value), cells[1:n + 1]
+        if kind == "background":
+            background = answer
+    order = list(range(n))
+    rng.shuffle(order)  # the object list's order says nothing about the question
+    objects = [(shapes[i], colours[i]) for i in order]
+    if kind == "digit":
+        digit = int(answer)
     else:
-        digit, object_cells = None, cells[:n]
-    objects = [(r, c, s, k) for (r, c), s, k in zip(object_cells, shapes, colours)]
-    scene = make_scene(rng, objects, digit)
+        digit = rng.randrange(10) if rng.random() < DISTRACTOR_DIGIT else None
+    scene = make_scene(rng, objects, digit, background)
     question = Question(kind, target, question_text(kind, target), answer)
     if answer_for(scene, kind, target) != answer:  # a bug here would silently corrupt every label
         raise RuntimeError(f"generated scene answers {answer_for(scene, kind, target)!r}, not {answer!r}")
@@ -212,9 +184,8 @@ def pack_turns(scene: Scene, primary: Question, rng: random.Random,
     it, in random order, at most ``max_turns`` (None: no limit).
 
     The note found packing several answered questions per image (about 3.4 there) needed for
-    learning; one per kind gives about 3.0 here, as next_to_digit fits only some scenes. ``per_kind``
-    > 1 packs more answers per image (more colours to count, more shapes to name) for little more
-    sequence: the 128 visual tokens dominate a step's cost.
+    learning. ``per_kind`` > 1 packs more answers per image (more colours to count, more shapes to
+    name) for little more sequence: the visual tokens dominate a step's cost.
     """
     if max_turns is not None and (isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1):
         raise ValueError(f"max_turns={max_turns!r} is invalid: allowed None or an int >= 1")

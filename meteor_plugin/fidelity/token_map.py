@@ -1,6 +1,6 @@
 """Where the kept visual tokens are: the demo's ``--save-map`` picture, one row per encoder, one panel per stage.
 
-The fidelity model's encoders each cover the whole image with a square grid of tokens (8x8 here). Stage 1
+The fidelity model's encoders each cover the whole image with a square grid of tokens (8x8 and 12x12 here). Stage 1
 records the grid position of every token it kept, per encoder, in the order the tokens reach Stage 2;
 Stage 2 records which of those it kept; Stage 3 which of the visual tokens entering the language model
 it kept. Chained, they give each stage's survivors as grid cells, drawn over the image (dropped cells

@@ -7,7 +7,7 @@ boundaries, before the block that starts the next segment:
 - deep boundary: keep the tokens with the highest CLS-to-patch attention, computed from that block's
   own q/k (never by asking the model for attention maps); without a CLS token (EAGLE's CLIP drops it),
   the mean attention each token receives. ``encoder_deep_score="similarity"`` scores the deep boundary
-  like the shallow one instead (on the fidelity model's validation split the two were within noise,
+  like the shallow one instead (on the v1 fidelity model's validation split the two were within noise,
   attention slightly ahead in the full pipeline, so attention stays the default).
 All images of an encoder keep the same number of tokens (the encoder's budget), so tensors stay
 rectangular. Encoders that cannot lose tokens inside (CNNs, windowed attention) are pruned at their

@@ -4,7 +4,7 @@ Post-projection fusion (METEOR): each encoder has its own projector into the LLM
 tokens are joined along the sequence, and ``fusion_keep`` of them are kept by ``fusion_similarity``:
 - ``duplicate`` (default): greedy; a token is redundant when a token of another encoder already kept
   carries the same content (``core.token_scores.duplicate_aware_mask``). The paper's sum below measured,
-  on the fidelity model, the encoders' projector offsets rather than duplication and kept background.
+  on the v1 fidelity model, the encoders' projector offsets rather than duplication and kept background.
 - ``cosine`` (the paper's): redundancy is the summed cosine similarity to the surviving tokens of every
   *other* encoder; the least redundant are kept. ``centred_cosine``: the same after subtracting each
   encoder's mean token.

@@ -10,42 +10,43 @@ from PIL import Image
 from meteor_plugin import cli, demo
 from meteor_plugin.bench import fidelity
 from meteor_plugin.fidelity import methods, plot, token_map
+from meteor_plugin.fidelity.questions import KINDS
 
 
 def test_small_bench_reports_every_method_with_its_budget_and_cost(tmp_path, capsys):
     png = tmp_path / "fidelity.png"
     code = cli.main(["bench", "fidelity", "--per-kind", "6", "--val-per-kind", "6", "--budgets", "0.25,0.125",
-                     "--methods", "random,avgpool,drop-convnext,fastv,meteor-s3,meteor", "--plot", str(png),
+                     "--methods", "random,avgpool,drop-convnext,fastv,meteor-s3,meteor-s3-fixed,meteor", "--plot", str(png),
                      "--json", "--no-progress", "--flops-questions", "4"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     rows = {(r["method"], r["budget"]): r for r in result["rows"]}
-    assert set(rows) == {("unpruned", 128)} | {(m, k) for k in (32, 16) for m in (
-        "random", "avgpool", "drop-convnext", "fastv", "meteor-s3", "meteor")} | {("meteor", 31)}
-    assert rows[("unpruned", 128)]["kept"] == 128
+    assert set(rows) == {("unpruned", 208)} | {(m, k) for k in (52, 26) for m in (
+        "random", "avgpool", "drop-convnext", "fastv", "meteor-s3", "meteor-s3-fixed", "meteor")} | {("meteor", 50)}
+    assert rows[("unpruned", 208)]["kept"] == 208
     for run in result["runs"]:
         if run["kept_exact"] is not None:
             assert run["kept_exact"] and run["kept"] == run["budget"]
-    assert rows[("random", 32)]["seeds"] == [0, 1, 2] and "low" in rows[("random", 32)]
-    assert rows[("meteor", 32)]["llm_input"] == 64  # Stages 1-2 pass 2k, Stage 3 keeps k on average
+    assert rows[("random", 52)]["seeds"] == [0, 1, 2] and "low" in rows[("random", 52)]
+    assert rows[("meteor", 52)]["llm_input"] == 104  # Stages 1-2 pass 2k, Stage 3 keeps k on average
     layers = result["calibration"]["meteor_layer"]
     # What each decoder layer ran on: pre-LLM methods k everywhere, Stage 3 the full input before its layer.
-    assert rows[("avgpool", 16)]["visual_per_layer"] == [16, 16, 16]
-    assert rows[("meteor", 32)]["visual_per_layer"][:layers] == [64] * layers
+    assert rows[("avgpool", 26)]["visual_per_layer"] == [26] * 8
+    assert rows[("meteor", 52)]["visual_per_layer"][:layers] == [104] * layers
     fastv_layer = result["calibration"]["fastv_layer"]
-    assert rows[("fastv", 16)]["visual_per_layer"] == [128] * fastv_layer + [16] * (3 - fastv_layer)
+    assert rows[("fastv", 26)]["visual_per_layer"] == [208] * fastv_layer + [26] * (8 - fastv_layer)
     # FLOPs counted: fewer tokens cost less, and a method that prunes later costs more at the same final count.
-    assert rows[("unpruned", 128)]["gflops"] > rows[("avgpool", 32)]["gflops"] > rows[("avgpool", 16)]["gflops"] > 0
-    assert rows[("fastv", 32)]["gflops"] > rows[("avgpool", 32)]["gflops"]
+    assert rows[("unpruned", 208)]["gflops"] > rows[("avgpool", 52)]["gflops"] > rows[("avgpool", 26)]["gflops"] > 0
+    assert rows[("fastv", 52)]["gflops"] > rows[("avgpool", 52)]["gflops"]
     for row in result["rows"]:
-        assert set(row["accuracy"]) == {"colour", "count", "digit", "next_to_digit", "overall", "fine", "coarse"}
+        assert set(row["accuracy"]) == {"background", "colour", "digit", "count", "overall", "needs_tokens"}
         assert 0.0 <= row["accuracy"]["overall"] <= 1.0
     # Equal-FLOPs readings: avgpool's curve interpolated at METEOR's cost where that lies inside it.
     for c in result["equal_flops"]:
         m = rows[("meteor", c["budget"])]
         assert c["gflops"] == m["gflops"]
         curve = sorted((rows[(c["baseline"], k)]["gflops"], rows[(c["baseline"], k)]["accuracy"]["overall"])
-                       for k in (32, 16))
+                       for k in (52, 26))
         if c["read"] == "interpolated":
             (x0, y0), (x1, y1) = curve
             assert c["accuracy"]["overall"] == pytest.approx(y0 + (y1 - y0) * (m["gflops"] - x0) / (x1 - x0))
@@ -53,8 +54,10 @@ def test_small_bench_reports_every_method_with_its_budget_and_cost(tmp_path, cap
             assert m["gflops"] < curve[0][0] and c["accuracy"]["overall"] == curve[0][1]
         else:
             assert m["gflops"] > curve[-1][0] and c["accuracy"]["overall"] is None
-    assert set(result["targets"]) == {"meteor_25_keeps_97", "meteor_24_keeps_99",
-                                      "meteor_beats_baselines_at_equal_flops", "stage3_adapts"}
+    assert set(result["targets"]) == {"meteor_25_keeps_97", "meteor_24_keeps_99", "meteor_beats_baselines_at_equal_flops",
+                                      "stage3_adapts", "stage3_adaptive_beats_fixed"}
+    fixed = result["targets"]["stage3_adaptive_beats_fixed"]["by_budget"]
+    assert [v["fixed_kept"] for v in fixed] == [52, 26]  # the same average, for every question
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == (3 * plot.W, 2 * plot.H + 24)
     text = fidelity.report(result)
@@ -76,9 +79,9 @@ def test_meteor_fields_and_ablations_reach_only_the_meteor_runs(capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     similarity = {(r["method"], r["budget"]): r["config"]["fusion_similarity"] for r in result["runs"]}
-    assert similarity[("meteor-s2", 32)] == similarity[("meteor", 32)] == similarity[("meteor", 31)] == "centred_cosine"
-    assert similarity[("random", 32)] == "duplicate"  # a baseline keeps the defaults: it has no Stage 2
-    assert similarity[("meteor:cosine-s2", 16)] == similarity[("meteor:paper", 32)] == "cosine"
+    assert similarity[("meteor-s2", 52)] == similarity[("meteor", 52)] == similarity[("meteor", 50)] == "centred_cosine"
+    assert similarity[("random", 52)] == "duplicate"  # a baseline keeps the defaults: it has no Stage 2
+    assert similarity[("meteor:cosine-s2", 26)] == similarity[("meteor:paper", 52)] == "cosine"
     assert {r["method"] for r in result["rows"]} >= {f"meteor:{n}" for n in methods.ABLATIONS}
     assert result["meteor"] == result["calibration"]["meteor"] == {"fusion_similarity": "centred_cosine"}
     assert result["test_seed"] == 5
@@ -118,10 +121,11 @@ def test_demo_asks_every_kind_about_its_scenes_and_times_interleaved(tmp_path, c
     assert cli.main(["demo", "--seed", "3", "--scenes", "2", "--repeats", "3", "--save-map", str(png), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [e["seed"] for e in result["scenes"]] == [3, 4]
-    assert [a["kind"] for a in result["scenes"][0]["answers"]] == ["colour", "count", "digit", "next_to_digit"]
+    kinds = [a["kind"] for a in result["scenes"][0]["answers"]]  # one of each kind the scene answers
+    assert kinds == [k for k in KINDS if k in kinds] and {"background", "count"} <= set(kinds)
     answers = [a for e in result["scenes"] for a in e["answers"]]
     for a in answers:
-        assert a["stages"]["llm"]["out"] < a["stages"]["fusion"]["out"] < a["stages"]["encoder"]["out"] < 128
+        assert a["stages"]["llm"]["out"] < a["stages"]["fusion"]["out"] < a["stages"]["encoder"]["out"] < 208
     g = result["agreement"]
     assert g["of_questions"] == len(answers) and g["questions"] == sum(a["unpruned"] == a["meteor"] for a in answers)
     assert g["of_scenes"] == 2 and 0 <= g["scenes"] <= 2

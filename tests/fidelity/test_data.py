@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from meteor_plugin.fidelity import (ANSWERS, COLOURS, IGNORE_INDEX, IMAGE_TOKEN_INDEX, KINDS, SHAPES,
-                                    FidelityDataset, WordTokenizer, answer_region, build_llava_batch,
-                                    cell_labels, iter_batches, make_sample, question_text, render,
-                                    vocabulary)
-from meteor_plugin.fidelity.questions import TARGETS, generate
-from meteor_plugin.fidelity.scenes import (BACKGROUND, CELL, COLOUR_RGB, COLOUR_JITTER, NOISE,
-                                           COLOUR_CLASSES, DIGIT_CLASSES, WHAT_CLASSES)
+from meteor_plugin.fidelity import (ANSWERS, BACKGROUNDS, COLOURS, IGNORE_INDEX, IMAGE_TOKEN_INDEX, KINDS,
+                                    LABEL_GRIDS, SHAPES, FidelityDataset, WordTokenizer, answer_region,
+                                    build_llava_batch, iter_batches, make_sample, question_text, render,
+                                    token_labels, vocabulary)
+from meteor_plugin.fidelity.questions import OBJECTS, TARGETS, generate
+from meteor_plugin.fidelity.scenes import (BACKGROUND_RGB, COLOUR_CLASSES, COLOUR_JITTER, COLOUR_RGB, DIGIT_CLASSES,
+                                           GAP, GRADIENT, IMAGE_SIZE, NOISE, STRIPES, WHAT_CLASSES)
 
-N = 240  # samples per check: 60 per kind, a multiple of every answer count (6, 4, 10) over 4 kinds
+N = 240  # samples per check: 60 per kind, a multiple of every answer count (4, 6, 10, 4) over 4 kinds
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +35,15 @@ def _digest(sample):
 
 def _expected_answer(scene, kind, target):
     """The answer from the scene description, written independently of the package."""
+    if kind == "background":
+        return scene.background
     if kind == "colour":
         found = [o.colour for o in scene.objects if o.shape == target]
         return found[0] if len(found) == 1 else None
     if kind == "count":
         n = len([o for o in scene.objects if o.colour == target])
         return ["zero", "one", "two", "three"][n] if n <= 3 else None
-    d = scene.digit
-    if d is None:
-        return None
-    if kind == "digit":
-        return "0123456789"[d.value]
-    near = [o.colour for o in scene.objects
-            if (o.row, o.col) != (d.row, d.col) and abs(o.row - d.row) <= 1 and abs(o.col - d.col) <= 1]
-    return near[0] if len(near) == 1 else None
+    return None if scene.digit is None else "0123456789"[scene.digit.value]
 
 
 def _nearest_colour(rgb):
@@ -61,13 +56,13 @@ def test_same_seed_same_bytes_and_different_seed_differs():
     for i in (0, 1, 2, 3, 17):
         a, b = make_sample("train", i, seed=5), make_sample("train", i, seed=5)
         assert torch.equal(a.image, b.image) and a.scene == b.scene and a.turns == b.turns
-        assert a.image.dtype == torch.uint8 and a.image.shape == (3, 64, 64)
+        assert a.image.dtype == torch.uint8 and a.image.shape == (3, 96, 96)
         c = make_sample("train", i, seed=6)
         assert not torch.equal(a.image, c.image) and a.scene != c.scene
     # a whole batch stream is reproducible too
     x = next(iter_batches("test", 8, seed=1))
     y = next(iter_batches("test", 8, seed=1))
-    for key in ("images", "input_ids", "labels", "attention_mask", "cell_what"):
+    for key in ("images", "input_ids", "labels", "attention_mask", "token_what"):
         assert torch.equal(x[key], y[key])
 
 
@@ -115,44 +110,54 @@ def test_every_answer_matches_the_scene(val_samples):
 
 
 def test_scene_description_matches_the_pixels(val_samples):
-    """Each object's colour is the one its pixels show, inside its cell; empty cells are background."""
+    """Each object's colour is the one its pixels show; things never overlap and lie inside the image at
+    positions that follow no grid; the background's tint is the named one, textured."""
+    xs = set()
     for s in val_samples[:60]:
         img = s.image.numpy().astype(int)
-        occupied = {(o.row, o.col) for o in s.scene.objects}
-        if s.scene.digit is not None:
-            occupied.add((s.scene.digit.row, s.scene.digit.col))
+        assert OBJECTS[0] <= len(s.scene.objects) <= OBJECTS[1]
+        boxes = [o.box for o in s.scene.objects] + ([s.scene.digit.box] if s.scene.digit else [])
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            assert 0 < x0 < x1 < IMAGE_SIZE and 0 < y0 < y1 < IMAGE_SIZE
+            xs.add(x0 % 16)
+            for a0, b0, a1, b1 in boxes[i + 1:]:
+                assert x1 + GAP <= a0 or a1 + GAP <= x0 or y1 + GAP <= b0 or b1 + GAP <= y0
         for o in s.scene.objects:
             x0, y0, x1, y1 = o.box
-            assert o.row * CELL <= y0 < y1 <= (o.row + 1) * CELL and o.col * CELL <= x0 < x1 <= (o.col + 1) * CELL
             centre = img[:, (y0 + y1) // 2 + 1, (x0 + x1) // 2]  # +1: inside a triangle too
             assert _nearest_colour(centre) == o.colour
             assert np.abs(centre - np.array(COLOUR_RGB[o.colour])).max() <= COLOUR_JITTER + NOISE + 1
-        for r in range(4):
-            for c in range(4):
-                if (r, c) not in occupied:
-                    cell = img[:, r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
-                    assert BACKGROUND[0] - NOISE <= cell.min() and cell.max() <= 255
-                    assert cell.max() - cell.min() <= 2 * NOISE
+        # the background's median is its tint, up to the texture; and the texture is there
+        free = np.ones(img.shape[1:], dtype=bool)
+        for x0, y0, x1, y1 in boxes:
+            free[y0:y1, x0:x1] = False
+        tint = np.array(BACKGROUND_RGB[s.scene.background])
+        median = np.median(img[:, free], axis=1)
+        assert np.abs(median - tint).max() <= GRADIENT + STRIPES
+        assert min(BACKGROUNDS, key=lambda b: np.abs(median - BACKGROUND_RGB[b]).sum()) == s.scene.background
+        assert img[:, free].std(axis=1).min() > NOISE  # not flat
+    assert len(xs) >= 12  # object positions modulo 16 px: no pooling grid lines them up
 
 
-def test_digit_pixels_lie_in_the_digit_cell(val_samples):
+def test_digit_pixels_lie_in_the_digit_box(val_samples):
     with_digit = [s for s in val_samples if s.scene.digit is not None]
     assert len(with_digit) > N // 2
     for s in with_digit[:40]:
         d = s.scene.digit
-        without = render(dataclasses.replace(s.scene, digit=None))  # same noise: only the digit differs
+        without = render(dataclasses.replace(s.scene, digit=None))  # same texture and noise
         changed = np.argwhere(np.any(without != s.image.numpy(), axis=0))
         assert len(changed) >= 8, "the digit left almost no ink"
         rows, cols = changed[:, 0], changed[:, 1]
-        assert (rows // CELL == d.row).all() and (cols // CELL == d.col).all()
         x0, y0, x1, y1 = d.box
-        assert rows.min() >= y0 and rows.max() < y1 and cols.min() >= x0 and cols.max() < x1
+        # the digit's ink, and clutter that may fall where the digit and its margin were
+        assert rows.min() >= y0 - GAP and rows.max() < y1 + GAP and cols.min() >= x0 - GAP and cols.max() < x1 + GAP
         # the pixels draw the digit the scene names, in the default font: the ink coverage read back
-        # from the image (background -> 0, ink -> 1) is the glyph's, up to noise
+        # from the image (background -> 0, ink -> 1) is the glyph's, up to rounding
         glyph = _glyph(d.value)
-        coverage = (s.scene.background - s.image.numpy()[:, y0:y1, x0:x1].astype(float)) / (s.scene.background - d.ink)
+        ground = without[:, y0:y1, x0:x1].astype(float)
+        coverage = (ground - s.image.numpy()[:, y0:y1, x0:x1]) / (ground - d.ink)
         assert coverage.shape[1:] == glyph.shape
-        assert np.abs(coverage - glyph).max() < (NOISE + 1) / (s.scene.background - d.ink) + 0.01
+        assert np.median(np.abs(coverage - glyph)) < 0.02 and (np.abs(coverage - glyph) < 0.1).mean() > 0.95
 
 
 def _glyph(value):
@@ -170,11 +175,13 @@ def test_answers_and_kinds_are_balanced(val_samples):
         got = collections.Counter(s.question.answer for s in val_samples if s.kind == kind)
         assert set(got) == set(ANSWERS[kind])
         assert max(got.values()) - min(got.values()) <= 1, (kind, got)
-    # what is not cycled is still spread: the queried shape, and the distractor digit (about half)
+    # what is not cycled is still spread: the queried shape, the background, the distractor digit (about half)
     shapes = collections.Counter(s.question.target for s in val_samples if s.kind == "colour")
     assert set(shapes) == set(SHAPES) and min(shapes.values()) >= 10
-    coarse = [s for s in val_samples if s.kind in ("colour", "count")]
-    share = sum(s.scene.digit is not None for s in coarse) / len(coarse)
+    backgrounds = collections.Counter(s.scene.background for s in val_samples if s.kind != "background")
+    assert set(backgrounds) == set(BACKGROUNDS) and min(backgrounds.values()) >= 25
+    others = [s for s in val_samples if s.kind != "digit"]
+    share = sum(s.scene.digit is not None for s in others) / len(others)
     assert 0.35 < share < 0.65
 
 
@@ -192,35 +199,48 @@ def test_generate_rejects_bad_arguments():
 
 # ---- dense labels ----------------------------------------------------------------------------------------
 
-def test_cell_labels_agree_with_the_scene(val_samples):
-    for s in val_samples[:80]:
-        what, colour, digit = (s.cell_labels[k].numpy() for k in ("what", "colour", "digit"))
-        assert what.shape == (4, 4)
-        expected = {(o.row, o.col): (o.shape, o.colour, "none") for o in s.scene.objects}
-        if s.scene.digit is not None:
-            expected[(s.scene.digit.row, s.scene.digit.col)] = ("digit", "none", str(s.scene.digit.value))
-        for r in range(4):
-            for c in range(4):
-                w, k, v = expected.get((r, c), ("none", "none", "none"))
-                assert (WHAT_CLASSES[what[r, c]], COLOUR_CLASSES[colour[r, c]], DIGIT_CLASSES[digit[r, c]]) == (w, k, v)
-        fine = cell_labels(s.scene, grid=8)
-        for name, coarse in s.cell_labels.items():
-            assert (fine[name] == np.kron(coarse.numpy(), np.ones((2, 2), dtype=np.int64))).all()
-    with pytest.raises(ValueError, match="grid=6"):
-        cell_labels(val_samples[0].scene, grid=6)
+def test_token_labels_agree_with_the_scene(val_samples):
+    """Per encoder grid: each object's centre token is marked once, with the object's shape and colour;
+    the digit's tokens hold its value; tokens far from everything are empty."""
+    sizes = [g * g for g in LABEL_GRIDS]
+    for s in val_samples[:60]:
+        labels = {k: v.numpy() for k, v in s.token_labels.items()}
+        assert all(v.shape == (sum(sizes),) for v in labels.values())
+        offset = 0
+        for grid, size in zip(LABEL_GRIDS, sizes):
+            what, colour, digit, centre = (labels[k][offset:offset + size].reshape(grid, grid)
+                                           for k in ("what", "colour", "digit", "centre"))
+            patch = IMAGE_SIZE // grid
+            assert centre.sum() == len(s.scene.objects)
+            for o in s.scene.objects:
+                r, c = int((o.box[1] + o.box[3]) / 2 // patch), int((o.box[0] + o.box[2]) / 2 // patch)
+                assert centre[r, c] == 1
+                assert (WHAT_CLASSES[what[r, c]], COLOUR_CLASSES[colour[r, c]]) == (o.shape, o.colour)
+            if s.scene.digit is not None:
+                values = {DIGIT_CLASSES[v] for v in digit[digit > 0]}
+                assert values == {str(s.scene.digit.value)}
+            else:
+                assert not digit.any()
+            near = np.zeros((grid, grid), dtype=bool)
+            for x0, y0, x1, y1 in [o.box for o in s.scene.objects] + ([s.scene.digit.box] if s.scene.digit else []):
+                near[y0 // patch:(y1 - 1) // patch + 1, x0 // patch:(x1 - 1) // patch + 1] = True
+            assert not what[~near].any() and not colour[~near].any()
+            offset += size
+    with pytest.raises(ValueError, match="grid=7"):
+        token_labels(val_samples[0].scene, (7,))
 
 
 def test_answer_region_covers_the_evidence(val_samples):
     for s in val_samples[:40]:
         q = s.question
-        region = answer_region(s.scene, q, grid=8)
-        if q.kind in ("digit", "next_to_digit"):
+        region = answer_region(s.scene, q, grid=12)
+        if q.kind == "digit":
             x0, y0, x1, y1 = s.scene.digit.box
             assert region[y0 // 8, x0 // 8] and region[(y1 - 1) // 8, (x1 - 1) // 8]
-        if q.kind == "count" and q.answer == "zero":
+        if q.kind == "background" or (q.kind == "count" and q.answer == "zero"):
             assert not region.any()
-        # never more than the cells of the objects and digit in the scene
-        assert region.sum() <= 4 * (len(s.scene.objects) + 1)
+        # never more than the tokens of the objects and digit in the scene (at most 3x3 tokens each)
+        assert region.sum() <= 9 * (len(s.scene.objects) + 1)
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------------
@@ -259,7 +279,7 @@ def test_batch_marks_the_image_once_and_labels_only_answers():
     batch = next(iter_batches("train", 16, seed=3, tokenizer=tok))
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     assert ids.shape == labels.shape == mask.shape and ids.dtype == torch.long
-    assert batch["images"].shape == (16, 3, 64, 64) and batch["cell_what"].shape == (16, 4, 4)
+    assert batch["images"].shape == (16, 3, 96, 96) and batch["token_what"].shape == (16, sum(g * g for g in LABEL_GRIDS))
     assert ((ids == IMAGE_TOKEN_INDEX).sum(1) == 1).all() and (ids[:, 1] == IMAGE_TOKEN_INDEX).all()
     assert (ids[:, 0] == tok.bos_token_id).all()
     question_mark = tok("?")[0]

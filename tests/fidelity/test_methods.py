@@ -51,11 +51,18 @@ def test_pre_llm_methods_keep_exactly_k_per_sample(setup, method, k):
         assert per_encoder["convnext-1024"][1] > per_encoder["clip-448"][1]  # split 30:50 by rank
 
 
+def test_fixed_stage3_keeps_exactly_k_after_meteors_layer(setup):
+    model, _, data, cal = setup
+    run, per_layer = _run(model, data, methods.config_for("meteor-s3-fixed", 40, cal))
+    assert [s["llm"].left for s in run.stages] == [40] * len(data)
+    assert per_layer[0] == [208] * len(data) and per_layer[1] == [40] * len(data)  # meteor_layer = 1
+
+
 def test_fastv_keeps_exactly_k_after_its_layer(setup):
     model, _, data, cal = setup
     run, per_layer = _run(model, data, methods.config_for("fastv", 32, cal))
     assert [s["llm"].left for s in run.stages] == [32] * len(data)
-    assert per_layer[:2] == [[128] * len(data)] * 2 and per_layer[2] == [32] * len(data)  # fastv_layer = 2
+    assert per_layer[:2] == [[208] * len(data)] * 2 and per_layer[2] == [32] * len(data)  # fastv_layer = 2
 
 
 @pytest.mark.parametrize("method", ["meteor-s3", "meteor", "meteor:paper", "meteor:cosine-s2"])
@@ -85,8 +92,8 @@ def test_adaptive_stage3_keeps_its_per_sample_budget_and_the_calibrated_mean(set
 def test_unpruned_keeps_everything(setup):
     model, _, data, _ = setup
     run, per_layer = _run(model, data, methods.unpruned())
-    assert ev.tokens_from_stats(run, len(data))[0] == [128] * len(data)
-    assert all(layer == [128] * len(data) for layer in per_layer)
+    assert ev.tokens_from_stats(run, len(data))[0] == [208] * len(data)
+    assert len(per_layer) == 8 and all(layer == [208] * len(data) for layer in per_layer)
 
 
 def test_solve_lambda_hits_the_clipped_mean():

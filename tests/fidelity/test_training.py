@@ -63,8 +63,10 @@ def test_hf_tokenizer_round_trip_and_prompt(tmp_path):
     tokenizer = llava_format.load_hf_tokenizer(str(tmp_path))
     assert len(tokenizer) == llava_format.vocab_size()
     ids = llava_format.prompt_ids(tokenizer, "what digit is in the image ?")
-    assert ids[:2] == [1, len(tokenizer) - 1]  # <s>, then the system prompt as one token
-    assert ids[3] == -200 and tokenizer.convert_ids_to_tokens(ids[-1]) == "ASSISTANT:"
+    system = llava_format.SYSTEM.split()  # <s>, the system prompt word by word (the sink real models have)
+    assert ids[0] == 1 and tokenizer.convert_ids_to_tokens(ids[1:1 + len(system)]) == system
+    assert tokenizer.convert_ids_to_tokens(ids[1 + len(system)]) == "USER:" and ids[2 + len(system)] == -200
+    assert tokenizer.convert_ids_to_tokens(ids[-1]) == "ASSISTANT:"
     assert tokenizer.unk_token_id not in ids
     q = Question("digit", None, "what digit is in the image ?", "7")
     record = llava_format.conversation_record("x", "x.png", [q, q])
