@@ -4,7 +4,7 @@ Built through the EAGLE stand-in (``testing/eagle_like``), with what the testbed
 on which pruning behaves as on a real EAGLE: unequal encoders, a deep language model, many tokens.
 
 - ``clip-448``: a CLIP ViT with 6 blocks on the image downsampled to 32 px (EAGLE's fusion tower
-  resizes it), patch 4, width 64, 4 heads: 8x8 = 64 tokens of 12 px that cannot read the 6x8 px digit;
+  resizes it), patch 4, width 64, 4 heads: 8x8 = 64 tokens of 12 px, where the 10x16 px digit is a smudge;
 - ``convnext-1024``: a ConvNeXt on the full 96 px image, stem 4, stages [48, 96] x [2, 2], layer scale
   off (HF's 1e-6 default makes every block start as an identity and slows learning): 12x12 = 144
   tokens of 8 px, 2.25x CLIP's;

@@ -8,7 +8,7 @@
 | count      | how many <colour> objects are there ? | zero..three               | 1/4    | every object, spread   |
 
 They span visual demand as the testbed issue asks: ``background`` is answered by any handful of
-background tokens, ``colour`` needs the one object of that shape, ``digit`` a 6x8 px glyph (1-4 tokens
+background tokens, ``colour`` needs the one object of that shape, ``digit`` a 10x16 px glyph (2x2 to 3x3 tokens
 of the full-resolution encoder; the low-resolution one cannot read it), ``count`` every object of a
 colour among 3-7 spread over the image, so each pruned object can change the answer.
 

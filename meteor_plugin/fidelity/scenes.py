@@ -9,8 +9,10 @@ v1 testbed lacked (objects on a 4x4 cell grid that 4x4 average pooling hit exact
 - **clutter**: 4-10 thin marks and dots in a darker shade of the background, which are not objects;
 - 3-7 **objects** (circle, square, triangle; 10-18 px; six colours with +-20 jitter) at arbitrary
   pixel positions, never overlapping (2 px apart at least), so they align with no pooling grid;
-- an optional small dark **digit** (Pillow's default font, about 6x8 px) at an arbitrary position.
-  The low-resolution encoder sees the image at a third of its size, where the digit is a 2x3 smudge.
+- an optional small dark **digit** (Pillow's default font drawn at twice its size, about 10x16 px, 2% of
+  the image) at an arbitrary position. The low-resolution encoder sees the image at a third of its
+  size, where the digit is a 3x5 smudge. (At the font's own 5x8 px, inside one 8 px ConvNeXt patch, a
+  90-minute CPU run read it at chance.)
 
 `Scene` is the ground truth: answers (`questions.py`) and the dense labels (`token_labels`) are
 computed from it, never from pixels. `render` is a pure function of the scene (texture and noise come
@@ -58,6 +60,7 @@ CLUTTER_SHADE = (45, 75)  # how much darker than the background tint a mark is
 SHAPE_SIZES = (10, 18)  # inclusive range of a shape's side, px
 GAP = 2  # px between any two things
 DIGIT_INK = (20, 60)  # inclusive range of the digit's grey level
+DIGIT_SCALE = 2  # the default font's glyph, each pixel drawn as a DIGIT_SCALE x DIGIT_SCALE block
 MAX_PER_COLOUR = 3  # so that every count question has an answer in 0-3
 
 # Dense label classes; index 0 is always "nothing here".
@@ -134,7 +137,8 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def digit_alpha(value: int) -> np.ndarray:
-    """Float (h, w) coverage in [0, 1] of a digit's ink, cropped to the ink, from the default font.
+    """Float (h, w) coverage in [0, 1] of a digit's ink, cropped to the ink, from the default font,
+    enlarged ``DIGIT_SCALE`` times (nearest neighbour: the font's own pixels, not a smoother glyph).
 
     The default font differs across Pillow versions (FreeType in recent ones, a bitmap font before
     10.1), so the glyph is measured here rather than assumed.
@@ -148,8 +152,9 @@ def digit_alpha(value: int) -> np.ndarray:
     if bbox is None:
         raise RuntimeError(f"Pillow's default font drew nothing for digit {value}")
     alpha = np.asarray(canvas.crop(bbox), dtype=np.float32) / 255.0
-    if alpha.shape[0] > 14 or alpha.shape[1] > 14:
-        raise RuntimeError(f"digit glyph {alpha.shape} is not a small glyph (at most 14 px)")
+    alpha = np.kron(alpha, np.ones((DIGIT_SCALE, DIGIT_SCALE), dtype=np.float32))
+    if alpha.shape[0] > 20 or alpha.shape[1] > 20:
+        raise RuntimeError(f"digit glyph {alpha.shape} is not a small glyph (at most 20 px)")
     alpha.setflags(write=False)
     return alpha
 
@@ -280,7 +285,8 @@ def token_labels(scene: Scene, grids: Sequence[int]) -> Dict[str, np.ndarray]:
     A token is labelled with the thing (object or digit) that covers most of it, when it covers at
     least a tenth of the token or a third of the thing (and the digit always labels its best token that
     holds no object's centre); ``centre`` is 1 on the token that holds an
-    object's centre (what counting reads: one per object per encoder), else 0.
+    object's centre (what counting reads: one per object per encoder), else 0, and that token is
+    labelled with its object.
     """
     out = {name: [] for name in LABELS}
     for grid in grids:
@@ -303,9 +309,16 @@ def token_labels(scene: Scene, grids: Sequence[int]) -> Dict[str, np.ndarray]:
             else:
                 what[wins], colour[wins], digit[wins] = (WHAT_CLASSES.index(thing.shape),
                                                          COLOUR_CLASSES.index(thing.colour), 0)
-                cx, cy = thing.centre
-                p = IMAGE_SIZE // grid
-                centre[min(grid - 1, int(cy // p)), min(grid - 1, int(cx // p))] = 1
+        p = IMAGE_SIZE // grid
+        for thing in scene.objects:
+            # An object's centre token is its own even where a neighbour covers more of it, so that the
+            # token counting reads names the object it counts. (Objects are >= 10 px and 2 px apart, so
+            # no two centres share a token of <= 12 px.)
+            cx, cy = thing.centre
+            r, c = min(grid - 1, int(cy // p)), min(grid - 1, int(cx // p))
+            what[r, c], colour[r, c], digit[r, c] = (WHAT_CLASSES.index(thing.shape),
+                                                     COLOUR_CLASSES.index(thing.colour), 0)
+            centre[r, c] = 1
         if scene.digit is not None and not digit.any():
             # a small digit split over four tokens, or beside an object, still labels its best token
             cov = _coverage(scene.digit.box, digit_alpha(scene.digit.value) > 0.3, grid).reshape(-1)

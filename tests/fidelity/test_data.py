@@ -161,11 +161,13 @@ def test_digit_pixels_lie_in_the_digit_box(val_samples):
 
 
 def _glyph(value):
-    """Pillow's default font's coverage of ``value`` in [0, 1], cropped to the ink."""
+    """Pillow's default font's coverage of ``value`` in [0, 1], cropped to the ink, each pixel drawn as a
+    2x2 block (the scenes draw the glyph at twice the font's size)."""
     from PIL import Image, ImageDraw, ImageFont
     canvas = Image.new("L", (32, 32), 0)
     ImageDraw.Draw(canvas).text((8, 8), str(value), fill=255, font=ImageFont.load_default())
-    return np.asarray(canvas.crop(canvas.getbbox()), dtype=float) / 255
+    glyph = np.asarray(canvas.crop(canvas.getbbox()), dtype=float) / 255
+    return glyph.repeat(2, axis=0).repeat(2, axis=1)
 
 
 def test_answers_and_kinds_are_balanced(val_samples):
