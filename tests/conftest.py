@@ -27,7 +27,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_llava(model_dir):
-    """Factory: tiny_llava(**TinyLlavaSpec fields) -> LlavaLlamaForCausalLM (eval, seeded)."""
+    """Factory: tiny_llava(**TinyLlavaSpec fields) -> LlavaLlamaForCausalLM (eval, seeded), or
+    LlavaMistralForCausalLM with language="mistral"."""
     from meteor_plugin.testing.llava import TinyLlavaSpec, build_tiny_llava
 
     def make(**fields):

@@ -361,37 +361,63 @@ def patch_family(registry: Any, causal_cls: type, llm_cls: type) -> None:
 
 
 class FamilyTarget:
-    """One LLaVA-family codebase: where its model module is and what its classes are called."""
+    """One LLaVA-family codebase: where its model module is and what its classes are called.
 
-    def __init__(self, name: str, module: str, causal: str, llm: str, vision: Sequence[Any] = ()):
+    ``variants`` are the codebase's other (module, causal class, inner model class) triples built on the
+    same ``*_arch.py`` with another language model (LLaVA's Mistral one): patched alike when their module
+    is there. Its ``refused`` classes are named in the error a forward of theirs raises while enabled.
+    """
+
+    def __init__(self, name: str, module: str, causal: str, llm: str, vision: Sequence[Any] = (),
+                 variants: Sequence[tuple] = (), refused: Optional[dict] = None):
         self.name = name
         self.module = module
         self.causal = causal
         self.llm = llm
         self.vision = tuple(vision)  # functions(registry) that patch this codebase's vision towers
+        self.variants = tuple(variants)
+        self.refused = dict(refused or {})  # class name -> why it is not pruned
 
-    def is_installed(self) -> bool:
-        """True if the package holds this codebase's model file (found without importing it)."""
+    @staticmethod
+    def _has_file(module: str) -> bool:
         import importlib.util
         import os
 
-        package = self.module.split(".")[0]
+        package = module.split(".")[0]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             return False
-        relative = os.path.join(*self.module.split(".")[1:]) + ".py"
+        relative = os.path.join(*module.split(".")[1:]) + ".py"
         return any(os.path.isfile(os.path.join(p, relative)) for p in spec.submodule_search_locations)
 
-    def classes(self) -> tuple:
+    def is_installed(self) -> bool:
+        """True if the package holds this codebase's model file (found without importing it)."""
+        return self._has_file(self.module)
+
+    @staticmethod
+    def _load(module_name: str, causal: str, llm: str) -> tuple:
         import importlib
 
         # Import the model module itself: LLaVA's model/__init__.py hides import errors behind a bare except.
-        module = importlib.import_module(self.module)
-        require(module, (self.causal, self.llm), self.module)
-        return getattr(module, self.causal), getattr(module, self.llm)
+        module = importlib.import_module(module_name)
+        require(module, (causal, llm), module_name)
+        return getattr(module, causal), getattr(module, llm)
 
-    def patch(self, registry: Any) -> None:
-        causal, llm = self.classes()
-        patch_family(registry, causal, llm)
+    def classes(self) -> tuple:
+        """(causal class, inner model class) of the codebase's main model file."""
+        return self._load(self.module, self.causal, self.llm)
+
+    def all_classes(self) -> List[tuple]:
+        """Every (causal, inner) pair this target prunes that is installed: the main one, then the variants."""
+        pairs = [self.classes()]
+        pairs += [self._load(*variant) for variant in self.variants if self._has_file(variant[0])]
+        return pairs
+
+    def patch(self, registry: Any) -> List[type]:
+        """Patch every installed class pair and the vision towers; returns the causal classes now pruned."""
+        pairs = self.all_classes()
+        for causal, llm in pairs:
+            patch_family(registry, causal, llm)
         for patch_vision in self.vision:
             patch_vision(registry)
+        return [causal for causal, _ in pairs]

@@ -9,4 +9,8 @@ TARGET = FamilyTarget(
     causal="LlavaLlamaForCausalLM",
     llm="LlavaLlamaModel",
     vision=(patch_llava_clip,),
+    # llava-v1.6-mistral: the same llava_arch on MistralModel, whose decoder layers are Llama's
+    variants=(("llava.model.language_model.llava_mistral", "LlavaMistralForCausalLM", "LlavaMistralModel"),),
+    refused={"LlavaMptForCausalLM": "its upstream forward does not run in llava-torch 1.2.2 (MPT's "
+                                    "transformers port changed under it), and MPT's blocks are not Llama's"},
 )

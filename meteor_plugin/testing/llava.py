@@ -24,6 +24,7 @@ class TinyLlavaSpec(TinyLlm):
     vision_hidden: int = 32
     vision_layers: int = 4  # select layer -2 leaves 3 blocks: one per Stage 1 segment
     vision_heads: int = 2
+    language: str = "llama"  # or "mistral": LlavaMistralForCausalLM, llava-v1.6-mistral's class
 
     @property
     def visual_tokens(self) -> int:
@@ -46,10 +47,27 @@ def save_tiny_clip(folder: str, spec: TinyLlavaSpec) -> str:
     return folder
 
 
-def tiny_llava_config(vision_folder: str, spec: TinyLlavaSpec):
-    from llava.model.language_model.llava_llama import LlavaConfig
+# language -> (module, config class, causal class) in the llava package
+LANGUAGES = {
+    "llama": ("llava.model.language_model.llava_llama", "LlavaConfig", "LlavaLlamaForCausalLM"),
+    "mistral": ("llava.model.language_model.llava_mistral", "LlavaMistralConfig", "LlavaMistralForCausalLM"),
+}
 
-    config = LlavaConfig(
+
+def _classes(spec: TinyLlavaSpec):
+    import importlib
+
+    if spec.language not in LANGUAGES:
+        raise ValueError(f"language={spec.language!r} is invalid: allowed {', '.join(LANGUAGES)}")
+    module, config_cls, causal_cls = LANGUAGES[spec.language]
+    module = importlib.import_module(module)
+    return getattr(module, config_cls), getattr(module, causal_cls)
+
+
+def tiny_llava_config(vision_folder: str, spec: TinyLlavaSpec):
+    config_cls, _ = _classes(spec)
+    extra = {"sliding_window": None} if spec.language == "mistral" else {}  # as llava-v1.6-mistral's base
+    config = config_cls(**extra,
         **llm_config_kwargs(spec),
         mm_vision_tower=vision_folder, mm_hidden_size=spec.vision_hidden, mm_projector_type="mlp2x_gelu",
         mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
@@ -60,10 +78,9 @@ def tiny_llava_config(vision_folder: str, spec: TinyLlavaSpec):
 
 
 def build_tiny_llava(spec: Optional[TinyLlavaSpec] = None, folder: Optional[str] = None):
-    """A LlavaLlamaForCausalLM in eval mode with seeded random weights."""
-    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-
+    """A LlavaLlamaForCausalLM (or ``spec.language``'s class) in eval mode with seeded random weights."""
     spec = spec or TinyLlavaSpec()
+    _, causal_cls = _classes(spec)
     folder = folder or tempfile.mkdtemp(prefix="meteor-tiny-clip-")
     vision = os.path.join(folder, "clip-{}-{}-{}-{}-{}-{}".format(
         spec.image_size, spec.patch_size, spec.vision_hidden, spec.vision_layers, spec.vision_heads, spec.seed))
@@ -71,7 +88,7 @@ def build_tiny_llava(spec: Optional[TinyLlavaSpec] = None, folder: Optional[str]
         save_tiny_clip(vision, spec)
     config = tiny_llava_config(vision, spec)
     torch.manual_seed(spec.seed + 1)
-    model = LlavaLlamaForCausalLM(config)
+    model = causal_cls(config)
     model.get_vision_tower().load_model()
     model.generation_config.pad_token_id = 0
     return model.eval()

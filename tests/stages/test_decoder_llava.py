@@ -1,4 +1,9 @@
-"""Stage 3 (text-guided pruning inside the LLM) on a tiny LLaVA, against the unpatched model."""
+"""Stage 3 (text-guided pruning inside the LLM) on a tiny LLaVA, against the unpatched model.
+
+The guarantees a family must keep (pruning off equals unpatched, fewer tokens after ``llm_layer``, cached
+equals uncached, a batch equals its samples alone, disable restores) run for each of the llava package's
+language models: Llama (LLaVA-1.5, 1.6-vicuna) and Mistral (1.6-mistral).
+"""
 
 import pytest
 import torch
@@ -7,6 +12,7 @@ import meteor_plugin
 from meteor_plugin.testing.llava import IMAGE_TOKEN_INDEX, make_batch
 
 VISUAL = 64  # tokens per image of the default tiny LLaVA
+LANGUAGES = pytest.mark.parametrize("language", ["llama", "mistral"])
 STAGE3 = dict(encoder=False, fusion=False, llm=True)
 
 
@@ -47,9 +53,10 @@ def forward_logits(model, ids, mask, images):
 
 
 # Pruning off equals the unpatched model -------------------------------------------------------------------
+@LANGUAGES
 @pytest.mark.parametrize("how", ["stages_off", "keep_everything"])
-def test_pruning_off_matches_unpatched(tiny_llava, how):
-    model = tiny_llava()
+def test_pruning_off_matches_unpatched(tiny_llava, how, language):
+    model = tiny_llava(language=language)
     ids, mask, images = make_batch([(4, 6), (3, 9)], [True, True], seed=1)
     ref_logits = forward_logits(model, ids, mask, images)
     ref_tokens = greedy_without_cache(model, ids[:1], mask[:1], images[:1], 5)
@@ -80,10 +87,12 @@ def test_unpatched_generate_matches_reference_loop(tiny_llava):
 
 
 # Patching --------------------------------------------------------------------------------------------------
-def test_disable_restores_original_functions_and_enable_is_idempotent(tiny_llava):
-    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM, LlavaLlamaModel
+@LANGUAGES
+def test_disable_restores_original_functions_and_enable_is_idempotent(tiny_llava, language):
     from meteor_plugin.registry import REGISTRY
 
+    model = tiny_llava(language=language)
+    LlavaLlamaForCausalLM, LlavaLlamaModel = type(model), type(model.model)  # noqa: N806 (the classes)
     before = {name: LlavaLlamaForCausalLM.__dict__.get(name) for name in
               ("forward", "generate", "encode_images", "prepare_inputs_labels_for_multimodal")}
     model_forward_owned = "forward" in LlavaLlamaModel.__dict__
@@ -94,7 +103,6 @@ def test_disable_restores_original_functions_and_enable_is_idempotent(tiny_llava
     meteor_plugin.enable(**STAGE3, llm_max_keep=0.1)
     assert LlavaLlamaForCausalLM.forward is patched
     assert len(REGISTRY.patched()) == count
-    model = tiny_llava()
     layer_cls = type(model.model.layers[0])
     layer_forward = layer_cls.__dict__["forward"]
     ids, mask, images = make_batch([(2, 5)], [True])
@@ -110,8 +118,9 @@ def test_disable_restores_original_functions_and_enable_is_idempotent(tiny_llava
 
 
 # Decoder layers after llm_layer see the shortened sequence --------------------------------------------------
-def test_layers_after_llm_layer_run_on_fewer_tokens(tiny_llava):
-    model = tiny_llava()
+@LANGUAGES
+def test_layers_after_llm_layer_run_on_fewer_tokens(tiny_llava, language):
+    model = tiny_llava(language=language)
     ids, mask, images = make_batch([(3, 7)], [True])
     full = ids.shape[1] - 1 + VISUAL
     meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=16, llm_max_keep=16)
@@ -133,9 +142,10 @@ def test_layers_after_llm_layer_run_on_fewer_tokens(tiny_llava):
 
 
 # KV cache ---------------------------------------------------------------------------------------------------
+@LANGUAGES
 @pytest.mark.parametrize("query", ["all", "last"])
-def test_cached_generate_equals_greedy_without_cache(tiny_llava, query):
-    model = tiny_llava(padding_side="left")
+def test_cached_generate_equals_greedy_without_cache(tiny_llava, query, language):
+    model = tiny_llava(padding_side="left", language=language)
     ids, mask, images = make_batch([(4, 8), (2, 5)], [True, True], pad_side="left", seed=3)
     meteor_plugin.enable(**STAGE3, llm_min_keep=12, llm_max_keep=20, llm_lambda=30.0, text_query=query)
     steps = 6
@@ -156,9 +166,10 @@ def test_beam_search_is_refused_with_stage3(tiny_llava):
 
 
 # Batches -----------------------------------------------------------------------------------------------------
+@LANGUAGES
 @pytest.mark.parametrize("input_padding", ["left", "right"])
-def test_batch_generate_equals_each_sample_alone(tiny_llava, input_padding):
-    model = tiny_llava(padding_side="left")  # the spliced sequence is re-padded on this side
+def test_batch_generate_equals_each_sample_alone(tiny_llava, input_padding, language):
+    model = tiny_llava(padding_side="left", language=language)  # the spliced sequence is re-padded on this side
     lengths = [(3, 4), (5, 11), (2, 7)]
     ids, mask, images = make_batch(lengths, [True, True, True], pad_side=input_padding, seed=5)
     meteor_plugin.enable(**STAGE3, llm_lambda=40.0, llm_min_keep=8, llm_max_keep=0.5)
