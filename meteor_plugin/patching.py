@@ -12,6 +12,7 @@ from .config import MeteorConfig
 from .registry import REGISTRY
 from .percall import forget_stats
 from .runtime import ACTIVE, restore_configs
+from .targets import refusal
 
 ConfigLike = Union[MeteorConfig, dict, str, os.PathLike, None]
 
@@ -35,6 +36,9 @@ def enable(
 ) -> MeteorConfig:
     """Patch the classes of every installed target (LLaVA, EAGLE) so their models prune visual tokens.
 
+    While enabled, a forward of a vision-language model no target prunes raises
+    ``UnsupportedModelError`` naming its class (``targets/refusal.py``); text-only models run as usual.
+
     ``config`` applies to every model; without it each model uses the config saved in its checkpoint
     (``config.meteor``) or the defaults. ``overrides`` are MeteorConfig fields applied on top.
     Calling ``enable`` again changes the config without patching twice. Returns the config that
@@ -57,6 +61,7 @@ def enable(
         )
     for target in chosen:
         target.patch(REGISTRY)
+    refusal.install(REGISTRY, {cls: why for t in _targets.ALL for cls, why in t.refused.items()})
     compat.patch_rotary_floor(REGISTRY)
     ACTIVE.enabled = True
     ACTIVE.config = cfg
