@@ -148,6 +148,8 @@ def rope_cos_sin(layer: torch.nn.Module, call: LayerCall, hidden: torch.Tensor) 
         raise RuntimeError(
             f"meteor-plugin: {type(attn).__name__} has no rotary_emb and the layer got no position_embeddings"
         )
+    if "position_ids" in inspect.signature(rotary.forward).parameters:
+        return rotary(hidden, position_ids)  # 4.38-4.47 layers that compute their own (Mistral in 4.44)
     need = int(position_ids.max().item()) + 1
     cos, sin = rotary(hidden, seq_len=need)  # 4.37: tables indexed by position
     return cos[position_ids], sin[position_ids]
@@ -167,12 +169,14 @@ def patch_rotary_floor(registry: Any) -> None:
     if generation() != "4.37":
         return
     from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
 
-    cls = modeling_llama.LlamaRotaryEmbedding
-    if registry.is_patched(cls, "forward"):
-        return
-    original = cls.forward
+    for cls in (modeling_llama.LlamaRotaryEmbedding, modeling_mistral.MistralRotaryEmbedding):
+        if not registry.is_patched(cls, "forward"):
+            registry.patch(cls, "forward", _floored(cls.forward))
 
+
+def _floored(original: Callable) -> Callable:
     def forward(self, x, seq_len=None):
         floor = _ROTARY_FLOOR.get()
         if seq_len is not None and floor > seq_len:
@@ -180,7 +184,7 @@ def patch_rotary_floor(registry: Any) -> None:
         return original(self, x, seq_len=seq_len)
 
     forward.__wrapped__ = original  # type: ignore[attr-defined]
-    registry.patch(cls, "forward", forward)
+    return forward
 
 
 @contextlib.contextmanager
