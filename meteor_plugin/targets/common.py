@@ -29,6 +29,7 @@ from ..runtime import config_for
 from ..stages.decoder import wrap_model_forward
 from ..stages.layout import IGNORE_INDEX, VisualLayout, query_mask
 from ..stats import RunStats, StageCount
+from . import anyres
 from .vision import VISION_HANDLERS, VisionRecord
 
 IMAGE_TOKEN_INDEX = -200
@@ -154,6 +155,23 @@ def vision_stats(record: Optional[VisionRecord], owners: List[Optional[int]], ba
     return stats
 
 
+def spatial_stats(model: Any, stats: RunStats, record: Optional[VisionRecord], owners: List[Optional[int]],
+                  visual: torch.Tensor, newlines: Optional[torch.Tensor]) -> None:
+    """Per sample of a spatial merge: the visual tokens from the base image and from the crops (after
+    Stage 1 and upstream's unpad), and the row separators, as the ``anyres`` entry of its stats."""
+    tower = model.get_model().get_vision_tower()
+    encoder = record.stages.get("encoder") if record is not None else None
+    for i in range(visual.shape[0]):
+        first = next((j for j, owner in enumerate(owners) if owner == i), None)
+        if first is None:
+            continue
+        base = encoder.left[first] if encoder is not None else int(tower.num_patches)
+        total = int(visual[i].sum())
+        rows = int(newlines[i].sum()) if newlines is not None else 0
+        made = sum(1 for owner in owners if owner == i) * int(tower.num_patches)
+        stats.stages[i]["anyres"] = StageCount(made, total, {"base": base, "crops": total - base, "newlines": rows})
+
+
 # Wrappers ----------------------------------------------------------------------------------------------------
 def wrap_encode_images(original: Any) -> Any:
     @functools.wraps(original)
@@ -192,19 +210,32 @@ def wrap_prepare(original: Any) -> Any:
         a = bound.arguments
         call.features = call.vision = None
         out = original(self, *args, **kwargs)
-        embeds = out[4]
         call.layout = None
-        if embeds is None:  # decoding step or no images: nothing spliced
+        if out[4] is None:  # decoding step or no images: nothing spliced
             return out
+        spatial = anyres.is_spatial(self)
+        if spatial:  # Stage 1's pruned patches went through upstream's grid merge as NaN rows
+            out, _ = anyres.drop_pruned_rows(self, out)
+        embeds = out[4]
         cfg = config_for(self)
         visual, valid, owners = locate_visual_tokens(
             self, a["input_ids"], a.get("attention_mask"), a.get("images"), call.features, embeds, out[2],
         )
         labels = out[5]
         check_supervised(self, a.get("labels"), labels, embeds)
+        newlines = anyres.newline_rows(self, embeds) if spatial else None
+        image = visual
+        if newlines is not None:  # row separators: structure that Stage 3 keeps, not content it scores
+            newlines = newlines & visual
+            visual = visual & ~newlines
+        crops = anyres.crops_per_image(a.get("images")) if spatial else None
+        if crops is not None:  # the vision records are per CLIP input: base image and crops
+            owners = [owner for owner, n in zip(owners, crops) for _ in range(n)]
+        stats = vision_stats(call.vision, owners, visual.shape[0])
+        if crops is not None:
+            spatial_stats(self, stats, call.vision, owners, visual, newlines)
         layout = VisualLayout(
-            visual=visual, valid=valid, stats=vision_stats(call.vision, owners, visual.shape[0]),
-            query=query_mask(visual, valid, labels, cfg.text_query),
+            visual=visual, valid=valid, stats=stats, query=query_mask(image, valid, labels, cfg.text_query),
         )
         call.features = call.vision = None
         if call.defer_labels and labels is not None:

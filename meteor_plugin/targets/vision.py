@@ -104,16 +104,27 @@ def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
 
 def llava_clip_encode(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any):
     """``encode_images`` of a LLaVA model: the CLIP tower runs Stage 1 when handed a request."""
+    from .anyres import is_spatial, spread_to_grid
+
+    spatial = is_spatial(model)
     if cfg.method in baselines.PRE_LLM:
+        if spatial:
+            raise NotImplementedError(
+                f"meteor-plugin: the {cfg.method!r} baseline does not run on LLaVA-1.6's spatial merges "
+                f"(mm_patch_merge_type={model.config.mm_patch_merge_type!r}); METEOR's stages do")
         return llava_baseline(model, images, cfg, record, original)
     if not cfg.encoder:
         return original(model, images)
     call = percall.current()
     call.encoder_request = EncoderRequest(cfg, record)
     try:
-        return original(model, images)
+        features = original(model, images)
     finally:
         call.encoder_request = None
+    if spatial:  # upstream reshapes full grids: the kept tokens go back to their patch positions
+        patches = model.get_model().get_vision_tower().num_patches
+        features = spread_to_grid(features, record.stage("encoder").kept[-features.shape[0]:], patches)
+    return features
 
 
 def llava_baseline(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any):

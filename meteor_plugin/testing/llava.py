@@ -25,6 +25,7 @@ class TinyLlavaSpec(TinyLlm):
     vision_layers: int = 4  # select layer -2 leaves 3 blocks: one per Stage 1 segment
     vision_heads: int = 2
     language: str = "llama"  # or "mistral": LlavaMistralForCausalLM, llava-v1.6-mistral's class
+    merge: str = "flat"  # LLaVA-1.5; "spatial_unpad" (or "spatial") with anyres images: LLaVA-1.6
 
     @property
     def visual_tokens(self) -> int:
@@ -70,9 +71,12 @@ def tiny_llava_config(vision_folder: str, spec: TinyLlavaSpec):
     config = config_cls(**extra,
         **llm_config_kwargs(spec),
         mm_vision_tower=vision_folder, mm_hidden_size=spec.vision_hidden, mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
-        image_aspect_ratio="square", use_mm_proj=True,
+        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_patch_merge_type=spec.merge,
+        image_aspect_ratio="square" if spec.merge == "flat" else "anyres", use_mm_proj=True,
     )
+    if spec.merge != "flat":  # LLaVA-1.6's grids, at the tiny CLIP's size: 1x2, 2x1 and 2x2 crops
+        s = spec.image_size
+        config.image_grid_pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
     config._attn_implementation = spec.attn_implementation
     return config
 
@@ -90,6 +94,10 @@ def build_tiny_llava(spec: Optional[TinyLlavaSpec] = None, folder: Optional[str]
     torch.manual_seed(spec.seed + 1)
     model = causal_cls(config)
     model.get_vision_tower().load_model()
+    newline = getattr(model.get_model(), "image_newline", None)
+    if newline is not None:  # upstream leaves it uninitialised (torch.empty) for checkpoints to fill
+        with torch.no_grad():
+            newline.copy_(torch.randn(newline.shape, generator=torch.Generator().manual_seed(spec.seed + 2)))
     model.generation_config.pad_token_id = 0
     return model.eval()
 
