@@ -44,6 +44,12 @@ class MeteorCall:
     decoder: Any = None  # DecoderPruner of this call's language model (its plan and pruned prefix)
     embeds_from_elsewhere: bool = False  # forward(inputs_embeds=...) the plugin did not build
     kept: List[Any] = field(default_factory=list)  # recompute steps this call must keep alive
+    # transformers' LLaVA (targets/hf_llava.py): the language model this call prunes and the config it runs,
+    # whether generate already shortened the prompt for Stage 1, and whether the forward takes a loss
+    hf_language_model: Any = None
+    hf_config: Any = None
+    hf_short: bool = False
+    hf_labels: bool = False
 
 
 _CURRENT: contextvars.ContextVar[Optional[MeteorCall]] = contextvars.ContextVar("meteor_call", default=None)

@@ -38,7 +38,10 @@ def test_supported_version_ranges(version, ok):
 
 
 def test_nothing_to_patch_is_an_error(monkeypatch):
+    from meteor_plugin.targets.hf_llava import TransformersLlavaTarget
+
     monkeypatch.setattr(FamilyTarget, "is_installed", lambda self: False)
+    monkeypatch.setattr(TransformersLlavaTarget, "is_installed", lambda self: False)
     with pytest.raises(RuntimeError, match="found nothing to patch: install LLaVA"):
         meteor_plugin.enable()
 

@@ -11,18 +11,21 @@ TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidde
                   num_key_value_heads=2, max_position_embeddings=128)
 TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                  patch_size=8)
-PATCHES = 16  # (32 / 8)^2, CLS dropped
 
 
-def hf_llava():
-    """transformers' own LlavaForConditionalGeneration, tiny (no adapter for it yet)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def unsupported_vlm():
+    """A transformers vision-language model without an adapter on this stack: LLaVA-NeXT on 5.x, LLaVA on 4.x."""
+    import transformers
 
+    from meteor_plugin.compat.transformers import generation
+
+    name = "LlavaNext" if generation() == "5" else "Llava"
+    config_cls = getattr(transformers, name + "Config")
+    model_cls = getattr(transformers, name + "ForConditionalGeneration")
     torch.manual_seed(0)
-    config = LlavaConfig(vision_config=dict(model_type="clip_vision_model", **TINY_CLIP),
-                         text_config=dict(model_type="llama", **TINY_LLAMA), image_token_index=63,
-                         image_seq_length=PATCHES)
-    return LlavaForConditionalGeneration(config).eval()
+    config = config_cls(vision_config=dict(model_type="clip_vision_model", **TINY_CLIP),
+                        text_config=dict(model_type="llama", **TINY_LLAMA), image_token_index=63)
+    return model_cls(config).eval()
 
 
 def llava_mpt():
@@ -33,32 +36,22 @@ def llava_mpt():
     return model.eval()
 
 
-def llava_inputs(model):
-    from meteor_plugin.compat.transformers import transformers_version
-
-    # 4.37 expands one image token per image itself; later versions take one per patch (the processor's job)
-    image = [63] if transformers_version() < (4, 44, 0) else [63] * PATCHES
-    ids = torch.tensor([[1, 5] + image + [7, 9]])
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 32, 32))
-
-
-def test_transformers_llava_is_refused_by_name_at_its_first_forward_and_runs_after_disable():
-    model = hf_llava()
-    inputs = llava_inputs(model)
+def test_a_vision_language_model_without_an_adapter_is_refused_by_name_and_runs_after_disable():
+    model = unsupported_vlm()
+    ids = torch.tensor([[1, 5, 7, 9]])  # text only: the refusal is about the class, before any image
     with torch.no_grad():
-        reference = model(**inputs).logits
+        reference = model(input_ids=ids).logits
     meteor_plugin.enable()
     with pytest.raises(UnsupportedModelError) as info:
-        model(**inputs)
+        model(input_ids=ids)
     message = str(info.value)
-    assert "transformers.models.llava.modeling_llava.LlavaForConditionalGeneration" in message
-    assert "no adapter covers its family" in message
+    assert f"{type(model).__module__}.{type(model).__name__}" in message
     assert "LlavaLlamaForCausalLM" in message and "LlavaMistralForCausalLM" in message  # what is pruned
     with pytest.raises(UnsupportedModelError):  # generate goes through the same call
-        model.generate(**inputs, max_new_tokens=1)
+        model.generate(input_ids=ids, max_new_tokens=1)
     meteor_plugin.disable()
     with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, reference)
+        assert torch.equal(model(input_ids=ids).logits, reference)
 
 
 def test_llava_mpt_is_refused_with_its_reason():

@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 # mm_vision_tower; transformers' own VLMs vision_config and an image token).
 VISION_SIGNALS = ("vision_config", "mm_vision_tower", "vision_tower", "image_token_index", "image_token_id")
 # The method every adapter wraps on the causal class it prunes: its being patched marks a pruned class.
-PRUNED_MARK = "prepare_inputs_labels_for_multimodal"
+PRUNED_MARK = "generate"
 
 
 class UnsupportedModelError(RuntimeError):

@@ -133,3 +133,53 @@ def make_batch(
             mask[i, : r.shape[0]] = 1
     images = torch.randn(len(rows), 3, image_size, image_size, generator=g)
     return input_ids, mask, images
+
+
+HF_IMAGE_TOKEN = 255  # the tiny transformers LLaVA's image token: the last id of its vocabulary
+
+
+def build_tiny_hf_llava(spec: Optional[TinyLlavaSpec] = None):
+    """transformers' own LlavaForConditionalGeneration (as llava-hf checkpoints load), tiny, seeded, eval mode.
+
+    The same sizes as ``build_tiny_llava``; its prompts hold one ``HF_IMAGE_TOKEN`` per visual token
+    (``hf_batch``), as the processor writes them on transformers 5.
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    spec = spec or TinyLlavaSpec()
+    text = llm_config_kwargs(spec)
+    padding_side = text.pop("tokenizer_padding_side")
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=spec.vision_hidden,
+                           intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
+                           num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size),
+        text_config=dict(model_type=spec.language, **text), image_token_index=HF_IMAGE_TOKEN,
+        image_seq_length=spec.visual_tokens, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    config.text_config._attn_implementation = spec.attn_implementation
+    torch.manual_seed(spec.seed + 1)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.padding_side = padding_side
+    return model
+
+
+def hf_batch(text_lengths: Sequence[Tuple[int, int]], visual_tokens: int = 64, pad_side: str = "left",
+             image_size: int = 32, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids with ``visual_tokens`` image tokens per sample (one image each), attention_mask, pixel_values."""
+    ids, mask, images = make_batch(text_lengths, [True] * len(text_lengths), pad_side=pad_side, vocab_size=250,
+                                   image_size=image_size, seed=seed)
+    rows = []
+    for row, m in zip(ids, mask):
+        real = row[m.bool()].tolist()
+        at = real.index(IMAGE_TOKEN_INDEX)
+        rows.append(real[:at] + [HF_IMAGE_TOKEN] * visual_tokens + real[at + 1:])
+    width = max(len(r) for r in rows)
+    out = torch.zeros(len(rows), width, dtype=torch.long)
+    out_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if pad_side == "left" else slice(0, len(r))
+        out[i, span] = torch.tensor(r)
+        out_mask[i, span] = 1
+    return out, out_mask, images

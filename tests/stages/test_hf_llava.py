@@ -1,0 +1,167 @@
+"""transformers' own LlavaForConditionalGeneration (llava-hf checkpoints), against the unpatched model.
+
+Pruned on transformers 5.x; on 4.x the class is refused by name at its first forward.
+"""
+
+import pytest
+import torch
+
+import meteor_plugin
+from meteor_plugin.compat.transformers import generation
+from meteor_plugin.testing.llava import HF_IMAGE_TOKEN, TinyLlavaSpec, build_tiny_hf_llava, hf_batch
+
+VISUAL = 64
+STAGE3 = dict(encoder=False, fusion=False, llm=True)
+on_5 = pytest.mark.skipif(generation() != "5", reason="transformers' LLaVA is pruned on transformers 5.x only")
+
+
+def model_of(**fields):
+    return build_tiny_hf_llava(TinyLlavaSpec(**fields))
+
+
+def logits(model, ids, mask, pixels):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+
+
+def generate(model, ids, mask, pixels, steps=4):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=steps,
+                              do_sample=False, num_beams=1)
+
+
+def layer_lengths(model, fn):
+    seen = {}
+    handles = [layer.self_attn.k_proj.register_forward_hook(
+        lambda mod, inp, out, i=i: seen.setdefault(i, []).append(inp[0].shape[1]))
+        for i, layer in enumerate(model.model.language_model.layers)]
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.skipif(generation() == "5", reason="on transformers 5.x the class is pruned")
+def test_refused_on_transformers_4_with_the_reason():
+    model = model_of()
+    ids, mask, pixels = hf_batch([(2, 3)], visual_tokens=1)
+    meteor_plugin.enable()
+    with pytest.raises(meteor_plugin.UnsupportedModelError, match="pruned on transformers 5.x only"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+
+
+@on_5
+@pytest.mark.parametrize("how", ["stages_off", "keep_everything"])
+def test_pruning_off_matches_unpatched(how):
+    model = model_of()
+    ids, mask, pixels = hf_batch([(4, 6), (3, 9)], seed=1)
+    reference, ref_tokens = logits(model, ids, mask, pixels), generate(model, ids, mask, pixels)
+    if how == "stages_off":
+        meteor_plugin.enable(encoder=False, fusion=False, llm=False)
+    else:
+        meteor_plugin.enable(**STAGE3, llm_min_keep=1.0, llm_max_keep=1.0)
+    torch.testing.assert_close(logits(model, ids, mask, pixels), reference, atol=1e-5, rtol=0)
+    assert torch.equal(generate(model, ids, mask, pixels), ref_tokens)
+
+
+@on_5
+@pytest.mark.parametrize("language", ["llama", "mistral"])
+def test_layers_after_llm_layer_run_on_fewer_tokens(language):
+    model = model_of(language=language)
+    ids, mask, pixels = hf_batch([(3, 7)])
+    full = ids.shape[1]
+    meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=16, llm_max_keep=16)
+    seen = layer_lengths(model, lambda: logits(model, ids, mask, pixels))
+    assert seen[0] == [full] and seen[1] == [full]
+    assert seen[2] == [full, full - VISUAL + 16] and seen[3] == [full - VISUAL + 16]
+    llm = meteor_plugin.stats(model).stages[0]["llm"]
+    assert (llm.entered, llm.left) == (VISUAL, 16)
+
+
+@on_5
+def test_stage1_prunes_inside_clip_and_generate_gives_back_the_users_prompt():
+    model = model_of()
+    ids, mask, pixels = hf_batch([(3, 7)])
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=0.25)
+    seen = layer_lengths(model, lambda: logits(model, ids, mask, pixels))
+    assert seen[0] == [ids.shape[1] - VISUAL + 16]  # the language model never sees the pruned patches
+    encoder = meteor_plugin.stats(model).stages[0]["encoder"]
+    assert (encoder.entered, encoder.left, len(encoder.detail["kept"][0])) == (VISUAL, 16, 16)
+    out = generate(model, ids, mask, pixels, steps=3)
+    assert out.shape == (1, ids.shape[1] + 3) and torch.equal(out[:, :ids.shape[1]], ids)
+
+
+@on_5
+def test_stage1_cached_generate_equals_greedy_without_cache():
+    model = model_of()
+    ids, mask, pixels = hf_batch([(4, 8)], seed=3)
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=0.25)
+    steps = 4
+    cached = generate(model, ids, mask, pixels, steps)[:, ids.shape[1]:]
+    grown, grown_mask = ids, mask
+    for _ in range(steps):
+        nxt = logits(model, grown, grown_mask, pixels)[:, -1].argmax(-1, keepdim=True)
+        grown, grown_mask = torch.cat([grown, nxt], 1), torch.cat([grown_mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(cached, grown[:, ids.shape[1]:])
+
+
+@on_5
+def test_stage3_prefill_picks_what_the_pruned_forward_predicts():
+    model = model_of()
+    ids, mask, pixels = hf_batch([(4, 8)], seed=2)
+    meteor_plugin.enable(**STAGE3, llm_min_keep=8, llm_max_keep=8)
+    first = logits(model, ids, mask, pixels)[:, -1].argmax(-1)
+    kept = meteor_plugin.stats(model).stages[0]["llm"].detail["kept"]
+    assert torch.equal(generate(model, ids, mask, pixels, steps=1)[:, -1], first)
+    assert meteor_plugin.stats(model).stages[0]["llm"].detail["kept"] == kept
+
+
+@on_5
+def test_batch_generate_equals_each_sample_alone():
+    model = model_of()
+    ids, mask, pixels = hf_batch([(3, 4), (5, 11), (2, 7)], seed=5)
+    meteor_plugin.enable(fusion=False, llm_lambda=40.0, llm_min_keep=8, llm_max_keep=0.5)
+    batch = generate(model, ids, mask, pixels)[:, ids.shape[1]:]
+    kept = [(s["encoder"].left, s["llm"].left) for s in meteor_plugin.stats(model).stages]
+    for i in range(3):
+        row = ids[i][mask[i].bool()].unsqueeze(0)
+        alone = generate(model, row, torch.ones_like(row), pixels[i:i + 1])[:, row.shape[1]:]
+        assert torch.equal(batch[i:i + 1], alone), f"sample {i}"
+        s = meteor_plugin.stats(model).stages[0]
+        assert (s["encoder"].left, s["llm"].left) == kept[i]
+
+
+@on_5
+def test_text_only_model_of_the_same_class_runs_unchanged_and_disable_restores():
+    from transformers import LlavaModel, LlamaConfig, LlamaForCausalLM
+
+    model = model_of()
+    torch.manual_seed(0)
+    text = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2)).eval()
+    prompt = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        reference = text(input_ids=prompt).logits
+    from transformers import LlamaModel
+
+    forward, lm_forward = LlavaModel.__dict__["forward"], LlamaModel.__dict__["forward"]
+    meteor_plugin.enable(**STAGE3, llm_min_keep=8, llm_max_keep=8)
+    ids, mask, pixels = hf_batch([(2, 5)])
+    logits(model, ids, mask, pixels)  # patches the language model's class (LlamaModel) at the first forward
+    with torch.no_grad():
+        assert torch.equal(text(input_ids=prompt).logits, reference)
+    assert LlamaModel.__dict__["forward"] is not lm_forward
+    meteor_plugin.disable()
+    assert LlavaModel.__dict__["forward"] is forward and LlamaModel.__dict__["forward"] is lm_forward
+
+
+@on_5
+def test_a_loss_or_training_forward_with_pruning_is_refused():
+    model = model_of()
+    ids, mask, pixels = hf_batch([(2, 5)])
+    meteor_plugin.enable()
+    with pytest.raises(NotImplementedError, match="labels would not follow the pruned sequence"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids)
+    assert HF_IMAGE_TOKEN == model.config.image_token_id
