@@ -45,10 +45,12 @@ class MeteorCall:
     embeds_from_elsewhere: bool = False  # forward(inputs_embeds=...) the plugin did not build
     kept: List[Any] = field(default_factory=list)  # recompute steps this call must keep alive
     # transformers' LLaVA (targets/hf_llava.py): the language model this call prunes and the config it runs,
-    # whether generate already shortened the prompt for Stage 1, and whether the forward takes a loss
+    # the layout generate built for its prefill, Stage 1's plan while the tower runs, whether a loss is taken
     hf_language_model: Any = None
     hf_config: Any = None
-    hf_short: bool = False
+    hf_layout: Any = None
+    hf_plan: Any = None
+    hf_kept: Any = None  # Stage 1's kept patches per CLIP input, from the last get_image_features
     hf_labels: bool = False
 
 

@@ -1,28 +1,36 @@
-"""transformers' own LLaVA (``LlavaForConditionalGeneration``, the llava-hf checkpoints), on transformers 5.x.
+"""transformers' own LLaVA and LLaVA-NeXT (the llava-hf checkpoints), on transformers 5.x.
 
-Its processor writes one image token per visual token, and ``LlavaModel.forward`` scatters the projected
-CLIP features into those positions (refusing a count that differs), then runs the language model
-(any decoder with Llama-style layers: Llama/Vicuna, Mistral, Qwen2). So:
+Their processors write one image token per visual token (LLaVA-NeXT's count includes its row
+separators and depends on the image size), and the model scatters the projected features into those
+positions, refusing a count that differs; the language model is any decoder with Llama-style layers
+(Llama/Vicuna, Mistral, Qwen2). The adapter therefore encodes the images itself before the model runs:
 
-- **Stage 1** keeps ``K`` of an image's ``N`` patches inside CLIP, and every image-token run of the prompt
-  is shortened from ``N`` to ``K`` first (in ``generate`` before generation starts, so its own length
-  bookkeeping sees the short prompt; in a direct forward before the model runs), with the attention
-  mask re-padded on the prompt's side;
-- **Stage 3** reads the image tokens straight from ``input_ids`` and runs in the language model as on
-  the llava package's models (``stages/decoder.py``).
+- **Stage 1** keeps ``K`` of every CLIP input's patches inside the tower (``get_image_features``). For
+  LLaVA-NeXT the kept tokens go back to their patch positions (NaN rows elsewhere) so that its own
+  ``pack_image_features`` (crop grid, unpad, row separators) runs unchanged, and the NaN rows are
+  dropped after it (``anyres.spread_to_grid``);
+- each image's run of image tokens in the prompt is then cut to the features it really has, and the
+  model gets the features (``mm_encoder_outputs``) instead of the pixels: in ``generate`` before
+  generation starts, so its own bookkeeping sees the short prompt (and the user's prompt is given back
+  in the output), in a direct forward before the model runs;
+- **Stage 3** runs in the language model as on the llava package's models (``stages/decoder.py``): the
+  visual tokens are the image-token positions, less LLaVA-NeXT's row separators (structure, never pruned).
 
-Wrapped: ``LlavaForConditionalGeneration.generate`` and ``LlavaModel.forward``, and at a model's first
-forward the class of its language model (whose ``forward`` acts only inside a call that a LLaVA model
-started, for that model: a text-only model of the same class runs as it is). Training with labels and
-Stage 3 or Stage 1 is refused (the llava package's classes train pruned). transformers 4.x's LLaVA
-(which splices in the model) is refused by name at its first forward, like every class not pruned.
+Wrapped: each class's ``generate`` and inner ``forward``/``get_image_features`` (and LLaVA-NeXT's
+``pack_image_features``), and at a model's first forward the class of its language model, whose
+``forward`` acts only inside a call that a LLaVA model started, for that model (a text-only model of the
+same class runs as it is). A loss or training forward with pruning is refused (the llava package's
+classes train pruned). transformers 4.x, which splices images inside the model, is refused by name.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import inspect
-from typing import Any, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -34,19 +42,29 @@ from ..stages.decoder import wrap_model_forward
 from ..stages.encoder import HF_CLIP_BLOCK, VitPruner
 from ..stages.layout import VisualLayout, query_mask
 from ..stats import RunStats, StageCount
+from . import anyres
 from .common import require
-from .vision import VisionRecord, clip_layers, selected_depth
+from .vision import clip_layers, selected_depth
 
-MODULE = "transformers.models.llava.modeling_llava"
-CLASSES = ("LlavaForConditionalGeneration", "LlavaModel")
+
+@dataclass(frozen=True)
+class Family:
+    module: str
+    causal: str
+    inner: str
+    spatial: bool  # LLaVA-NeXT: crops packed with unpad and row separators
+
+
+FAMILIES = (
+    Family("transformers.models.llava.modeling_llava", "LlavaForConditionalGeneration", "LlavaModel", False),
+    Family("transformers.models.llava_next.modeling_llava_next", "LlavaNextForConditionalGeneration",
+           "LlavaNextModel", True),
+)
+VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 
 
 def is_installed() -> bool:
-    if compat.generation() != "5":
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec(MODULE) is not None
+    return compat.generation() == "5" and importlib.util.find_spec(FAMILIES[0].module) is not None
 
 
 def _patches(model: Any) -> int:
@@ -54,16 +72,11 @@ def _patches(model: Any) -> int:
     return (int(vision.image_size) // int(vision.patch_size)) ** 2
 
 
-def image_tokens_per_image(model: Any, cfg: Any) -> int:
-    """What an image becomes with ``cfg``: K of the N patches (Stage 1), plus CLS with the 'full' strategy."""
-    patches = _patches(model)
-    cls = 1 if getattr(model.config, "vision_feature_select_strategy", "default") == "full" else 0
-    if not cfg.encoder:
-        return patches + cls
-    return resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches) + cls
+def _spatial(model: Any) -> bool:
+    return hasattr(model, "pack_image_features")
 
 
-def _check_stage1(model: Any, cfg: Any) -> None:
+def _check(model: Any, cfg: Any) -> None:
     if not cfg.encoder:
         return
     layer = model.config.vision_feature_layer
@@ -71,40 +84,107 @@ def _check_stage1(model: Any, cfg: Any) -> None:
         raise NotImplementedError(
             f"meteor-plugin Stage 1 on {type(model).__name__}: vision_feature_layer={layer!r} concatenates several "
             "layers of different lengths once pruned; set encoder=False")
-    if getattr(model.config.vision_config, "model_type", "") not in ("clip_vision_model", "siglip_vision_model"):
-        raise NotImplementedError(
-            f"meteor-plugin Stage 1 knows CLIP and SigLIP towers, not {model.config.vision_config.model_type!r}; "
-            "set encoder=False")
+    kind = getattr(model.config.vision_config, "model_type", "")
+    if kind not in VISION_TYPES:
+        raise NotImplementedError(f"meteor-plugin Stage 1 knows CLIP and SigLIP towers, not {kind!r}; set encoder=False")
+    if getattr(model.config, "vision_feature_select_strategy", "default") == "full" and _spatial(model):
+        raise NotImplementedError("meteor-plugin Stage 1 on LLaVA-NeXT needs vision_feature_select_strategy='default'")
 
 
-def shorten_image_runs(ids: torch.Tensor, mask: Optional[torch.Tensor], image_token: int, full: int,
-                       keep: int) -> tuple:
-    """Every run of ``full`` image tokens cut to ``keep`` (the last ones dropped), rows re-padded on the side
-    the mask pads; returns (ids, mask). A run of another length is an error naming it."""
-    if keep == full:
-        return ids, mask
-    b, length = ids.shape
-    valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    image = (ids == image_token) & valid
-    drop = torch.zeros_like(image)
-    for i in range(b):
+# Encoding images with Stage 1 -------------------------------------------------------------------------------
+def wrap_image_features(original: Any, registry: Any) -> Any:
+    """The inner model's ``get_image_features``: Stage 1 inside the vision tower; the kept patches of every CLIP
+    input are put in the call (LLaVA-NeXT's ``pack_image_features`` reads them)."""
+
+    @functools.wraps(original)
+    @percall.entry
+    def get_image_features(self, pixel_values, *args, **kwargs):
+        cfg = config_for(self)
+        if not cfg.encoder:
+            return original(self, pixel_values, *args, **kwargs)
+        _check(self, cfg)
+        layers = clip_layers(self.vision_tower)
+        depth = selected_depth(len(layers), int(self.config.vision_feature_layer))
+        patches = _patches(self)
+        keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
+        pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
+        pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True, deep_score=cfg.encoder_deep_score)
+        call = percall.current()
+        with pruner.running() as plan:
+            call.hf_plan = plan
+            try:
+                out = original(self, pixel_values, *args, **kwargs)
+            finally:
+                call.hf_plan = None
+        call.hf_kept = plan.positions.tolist() if plan.positions is not None else None
+        return out
+
+    return get_image_features
+
+
+def wrap_pack(original: Any) -> Any:
+    """LLaVA-NeXT's ``pack_image_features`` on Stage 1's tokens: spread to full grids, packed, NaN rows dropped."""
+
+    @functools.wraps(original)
+    def pack_image_features(self, image_features, *args, **kwargs):
+        call = percall.current()
+        plan = call.hf_plan if call is not None else None
+        if plan is None:
+            return original(self, image_features, *args, **kwargs)
+        patches = _patches(self)
+        positions = plan.positions.tolist()
+        spread, at = [], 0
+        for feature in image_features:  # (crops, keep, D) per image, crops in the order the tower saw them
+            spread.append(anyres.spread_to_grid(feature, positions[at:at + feature.shape[0]], patches))
+            at += feature.shape[0]
+        packed, _ = original(self, spread, *args, **kwargs)
+        packed = [p[~torch.isnan(p).all(dim=-1)] for p in packed]
+        lens = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
+        return packed, lens
+
+    return pack_image_features
+
+
+def encode(inner: Any, pixel_values: Any, kwargs: Dict[str, Any]) -> Any:
+    """The images' features as the model would compute them (Stage 1 included), to hand it ready-made."""
+    names = inspect.signature(inner.get_image_features).parameters
+    given = {k: kwargs[k] for k in ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+             if k in names and kwargs.get(k) is not None}
+    return inner.get_image_features(pixel_values, return_dict=True, **given)
+
+
+# The prompt and the layout ------------------------------------------------------------------------------------
+def image_runs(ids: torch.Tensor, valid: torch.Tensor, token: int) -> List[Tuple[int, int, int]]:
+    """(sample, start, end) of every run of image tokens, in the order the model fills them."""
+    runs = []
+    image = (ids == token) & valid
+    for i in range(ids.shape[0]):
         positions = torch.nonzero(image[i]).flatten().tolist()
-        runs: List[List[int]] = []
         for p in positions:
-            if runs and p == runs[-1][-1] + 1:
-                runs[-1].append(p)
+            if runs and runs[-1][0] == i and runs[-1][2] == p:
+                runs[-1] = (i, runs[-1][1], p + 1)
             else:
-                runs.append([p])
-        for run in runs:
-            if len(run) % full:
-                raise ValueError(
-                    f"meteor-plugin: sample {i} has a run of {len(run)} image tokens; this model turns each image "
-                    f"into {full}: was the prompt built by this model's processor?")
-            for start in range(0, len(run), full):
-                drop[i, run[start + keep:start + full]] = True
-    kept = valid & ~drop
-    counts = kept.sum(dim=1)
-    width = int(counts.max())
+                runs.append((i, p, p + 1))
+    return runs
+
+
+def fit_prompt(ids: torch.Tensor, mask: Optional[torch.Tensor], token: int, counts: List[int]) -> tuple:
+    """Each image's run of image tokens cut to its feature count (its last tokens dropped), rows re-padded on
+    the side the mask pads; returns (ids, mask, runs after the cut)."""
+    valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    runs = image_runs(ids, valid, token)
+    if len(runs) != len(counts) or any(end - start < n for (_, start, end), n in zip(runs, counts)):
+        raise ValueError(
+            f"meteor-plugin: the prompt has {len(runs)} runs of image tokens of lengths "
+            f"{[end - start for _, start, end in runs]} for {len(counts)} images of {counts} features; was it built "
+            "by this model's processor (one run per image, images not adjacent)?")
+    kept = valid.clone()
+    for (i, start, end), n in zip(runs, counts):
+        kept[i, start + n:end] = False
+    if bool(kept.eq(valid).all()):
+        return ids, mask, runs
+    b = ids.shape[0]
+    width = int(kept.sum(dim=1).max())
     left = mask is not None and bool((~valid[:, 0]).any()) and bool(valid[:, -1].all())
     new_ids = ids.new_zeros(b, width)
     new_mask = torch.zeros(b, width, dtype=mask.dtype if mask is not None else torch.long, device=ids.device)
@@ -113,24 +193,77 @@ def shorten_image_runs(ids: torch.Tensor, mask: Optional[torch.Tensor], image_to
         span = slice(width - row.shape[0], width) if left else slice(0, row.shape[0])
         new_ids[i, span] = row
         new_mask[i, span] = 1
-    return new_ids, (new_mask if mask is not None or not bool((counts == width).all()) else None)
+    new_valid = new_mask.bool()
+    return new_ids, (new_mask if mask is not None or not bool(new_valid.all()) else None), image_runs(
+        new_ids, new_valid, token)
 
 
-def _layout(model: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.Tensor], per_image: int) -> VisualLayout:
-    """Where the image tokens are (straight from the ids), with Stage 1's counts per sample when it runs."""
-    visual = ids == model.config.image_token_id
-    valid = mask.bool() if mask is not None else torch.ones_like(visual)
-    visual = visual & valid
+def build_layout(model: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.Tensor], features: List[torch.Tensor],
+                 crops: List[int], runs: List[Tuple[int, int, int]]) -> VisualLayout:
+    """Visual tokens = image-token positions less the row separators; stats of Stages 1 and the crops."""
+    valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    visual = torch.zeros_like(valid)
+    newlines = torch.zeros_like(valid)
+    line = getattr(model, "image_newline", None)
     stats = RunStats(ids.shape[0])
-    if cfg.encoder:
-        patches = _patches(model)
-        for i, n in enumerate((visual.sum(dim=1) // max(1, per_image)).tolist()):
-            if n:
-                stats.stages[i]["encoder"] = StageCount(n * patches, int(visual[i].sum()), {"images": n})
-    return VisualLayout(visual=visual, valid=valid, stats=stats, query=query_mask(visual, valid, None, cfg.text_query))
+    patches = _patches(model)
+    keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches) if cfg.encoder else patches
+    call = percall.current()
+    kept = list(call.hf_kept or []) if call is not None else []
+    for (i, start, end), feature, n in zip(runs, features, crops):
+        visual[i, start:end] = True
+        if line is not None:
+            newlines[i, start:end] = (feature == line.to(feature.dtype).view(1, -1)).all(dim=-1).to(newlines.device)
+        sample = stats.stages[i]
+        if cfg.encoder:
+            count = sample.setdefault("encoder", StageCount(0, 0, {"kept": []}))
+            count.entered += n * patches
+            count.left += n * keep
+            count.detail["kept"] += kept[:n]  # per CLIP input (base image, then crops): the patches kept
+            kept = kept[n:]
+        if _spatial(model):
+            rows = int(newlines[i, start:end].sum())
+            base = keep if n > 1 else end - start - rows
+            entry = sample.setdefault("anyres", StageCount(0, 0, {"base": 0, "crops": 0, "newlines": 0}))
+            entry.entered += n * patches
+            entry.left += end - start - rows
+            for key, value in (("base", base), ("crops", end - start - rows - base), ("newlines", rows)):
+                entry.detail[key] += value
+    visual &= ~newlines
+    return VisualLayout(visual=visual, valid=valid, stats=stats,
+                        query=query_mask(visual | newlines, valid, None, cfg.text_query))
+
+
+def prepare(model: Any, inner: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.Tensor], pixels: Any,
+            kwargs: Dict[str, Any]) -> tuple:
+    """Encode the images (Stage 1), fit the prompt to them, and build Stage 3's layout.
+
+    Returns (ids, mask, encoder outputs, layout)."""
+    _check(inner, cfg)
+    out = encode(inner, pixels, kwargs)
+    features = list(out.pooler_output)
+    ids, mask, runs = fit_prompt(ids, mask, inner.config.image_token_id, [f.shape[0] for f in features])
+    crops = _crops_per_image(inner, pixels, kwargs, len(features))
+    return ids, mask, out, build_layout(inner, cfg, ids, mask, features, crops, runs)
+
+
+def _crops_per_image(inner: Any, pixels: Any, kwargs: Dict[str, Any], images: int) -> List[int]:
+    if not _spatial(inner):
+        return [1] * images
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return [image_size_to_num_patches(size, inner.config.image_grid_pinpoints, inner.config.vision_config.image_size)
+            for size in kwargs["image_sizes"]]
+
+
+# Wrappers ------------------------------------------------------------------------------------------------------
+def _pruning(cfg: Any) -> bool:
+    return bool(cfg.encoder or cfg.llm)
 
 
 def wrap_generate(original: Any) -> Any:
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
     @percall.entry
     def generate(self, *args, **kwargs):
@@ -141,24 +274,24 @@ def wrap_generate(original: Any) -> Any:
                 raise NotImplementedError(
                     f"meteor-plugin Stage 3 does not support beam search (num_beams={beams}); use num_beams=1 "
                     "or enable(..., llm=False)")
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        prompt = None
-        if cfg.encoder and kwargs.get("pixel_values") is not None and torch.is_tensor(ids):
-            _check_stage1(self, cfg)
-            full = image_tokens_per_image(self, cfg.replace(encoder=False))
-            prompt = ids
-            ids, mask = shorten_image_runs(ids, kwargs.get("attention_mask"), self.config.image_token_id, full,
-                                           image_tokens_per_image(self, cfg))
-            args = args[1:]
-            kwargs["input_ids"], kwargs["attention_mask"] = ids, mask
+        a = signature.bind(self, *args, **kwargs).arguments
+        extra = dict(a.get("kwargs", {}))
+        prompt, pixels = a.get("inputs", extra.get("input_ids")), extra.get("pixel_values")
         call = percall.current()
-        call.in_generate = True
-        call.hf_short = True  # the prompt is already short: the prefill forward must not cut it again
+        if not _pruning(cfg) or pixels is None or not torch.is_tensor(prompt):
+            return original(self, *args, **kwargs)
+        ids, mask, encoded, layout = prepare(self, self.model, cfg, prompt, extra.get("attention_mask"), pixels, extra)
+        extra.pop("inputs", None)
+        extra.pop("pixel_values")
+        extra.update(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": encoded})
+        if mask is None:
+            extra.pop("attention_mask")
+        call.in_generate, call.hf_layout = True, layout
         try:
-            out = original(self, *args, **kwargs)
+            out = original(self, **extra)
         finally:
-            call.in_generate, call.hf_short = False, False
-        if prompt is None:
+            call.in_generate, call.hf_layout = False, None
+        if ids.shape == prompt.shape:
             return out
         # Give back the user's prompt, as unpruned generate does: callers slice the new tokens off at its length.
         sequences = out if torch.is_tensor(out) else out.sequences
@@ -173,7 +306,7 @@ def wrap_generate(original: Any) -> Any:
 
 
 def wrap_causal_forward(original: Any) -> Any:
-    """``LlavaForConditionalGeneration.forward``: notes for the inner forward whether labels were given."""
+    """The causal class's ``forward``: notes for the inner forward whether labels were given."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -189,8 +322,8 @@ def wrap_causal_forward(original: Any) -> Any:
     return forward
 
 
-def wrap_model_forward_hf(original: Any, registry: Any) -> Any:
-    """``LlavaModel.forward``: shortens the prompt for Stage 1, prunes CLIP, hands Stage 3 its layout."""
+def wrap_inner_forward(original: Any, registry: Any) -> Any:
+    """The inner model's ``forward``: images encoded and the prompt fitted first, Stage 3's layout handed on."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -204,69 +337,27 @@ def wrap_model_forward_hf(original: Any, registry: Any) -> Any:
         lm = self.language_model
         _patch_language_model(type(lm), registry)
         call.hf_language_model, call.hf_config = lm, cfg
-        ids = a.get("input_ids")
-        encoded = (a.get("mm_encoder_outputs") or {}).get("image") is not None  # generate encodes first
-        if ids is None or (a.get("pixel_values") is None and not encoded):
-            call.layout = None
-            return original(*bound.args, **bound.kwargs)
-        if call.hf_labels or (self.training and torch.is_grad_enabled()):
-            if cfg.encoder or cfg.llm:
+        layout, call.hf_layout = call.hf_layout, None  # generate's, for its prefill
+        ids, pixels = a.get("input_ids"), a.get("pixel_values")
+        if layout is None and _pruning(cfg) and ids is not None and pixels is not None:
+            if call.hf_labels or (self.training and torch.is_grad_enabled()):
                 raise NotImplementedError(
                     f"meteor-plugin: a loss or training forward of transformers' {type(self).__name__} with pruning "
                     "is not supported (its labels would not follow the pruned sequence); the llava package's "
-                    "LlavaLlamaForCausalLM trains pruned (meteor_plugin.train), or set encoder=False, llm=False")
-        full = image_tokens_per_image(self, cfg.replace(encoder=False))
-        per_image = image_tokens_per_image(self, cfg)
-        if cfg.encoder and not call.hf_short:
-            _check_stage1(self, cfg)
-            ids, mask = shorten_image_runs(ids, a.get("attention_mask"), self.config.image_token_id, full, per_image)
-            a["input_ids"], a["attention_mask"] = ids, mask
+                    "classes train pruned (meteor_plugin.train), or set encoder=False, llm=False")
             if a.get("position_ids") is not None or extra.get("cache_position") is not None:
                 raise NotImplementedError(
-                    "meteor-plugin Stage 1 on transformers' LLaVA shortens the prompt: pass no position_ids or "
-                    "cache_position to a direct prefill forward (generate handles them)")
-        if not encoded:
-            call.vision = None
-        call.layout = layout = _layout(self, cfg, a["input_ids"], a.get("attention_mask"), per_image)
-        out = original(*bound.args, **bound.kwargs)
-        record = call.vision.stages.get("encoder") if call.vision is not None else None
-        kept = list(record.kept) if record is not None else []
-        for sample in layout.stats.stages:  # the stats object Stage 3 recorded: the kept patches per image
-            count = sample.get("encoder")
-            if count is not None:
-                n = count.detail.pop("images")
-                count.detail["kept"], kept = kept[:n], kept[n:]
-        call.vision = None
-        return out
+                    "meteor-plugin on transformers' LLaVA fits the prompt to the pruned image: pass no position_ids "
+                    "or cache_position to a direct prefill forward (generate handles them)")
+            ids, mask, encoded, layout = prepare(self, self, cfg, ids, a.get("attention_mask"), pixels, {**a, **extra})
+            a["input_ids"], a["attention_mask"], a["pixel_values"] = ids, mask, None
+            a["mm_encoder_outputs"] = {"image": encoded}
+        call.layout = layout
+        # By keyword: the class's decorators fill some arguments from its config by name.
+        given = {k: v for k, v in a.items() if k not in ("self", "kwargs")}
+        return original(self, **given, **extra)
 
     return forward
-
-
-def wrap_image_features(original: Any, registry: Any) -> Any:
-    """``LlavaModel.get_image_features``: Stage 1 inside the CLIP tower, the kept patches recorded in the call
-    (forward calls it, and so does generate before its prefill)."""
-
-    @functools.wraps(original)
-    @percall.entry
-    def get_image_features(self, pixel_values, *args, **kwargs):
-        cfg = config_for(self)
-        if not cfg.encoder:
-            return original(self, pixel_values, *args, **kwargs)
-        _check_stage1(self, cfg)
-        layers = clip_layers(self.vision_tower)
-        depth = selected_depth(len(layers), int(self.config.vision_feature_layer))
-        patches = _patches(self)
-        keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
-        pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
-        pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True, deep_score=cfg.encoder_deep_score)
-        with pruner.running() as plan:
-            out = original(self, pixel_values, *args, **kwargs)
-        call = percall.current()
-        call.vision = VisionRecord()
-        call.vision.stage("encoder").add(patches, keep, plan.positions)
-        return out
-
-    return get_image_features
 
 
 def _patch_language_model(cls: type, registry: Any) -> None:
@@ -287,19 +378,25 @@ def _patch_language_model(cls: type, registry: Any) -> None:
 
 
 def patch(registry: Any) -> List[type]:
-    import importlib
-
-    module = importlib.import_module(MODULE)
-    require(module, CLASSES, MODULE)
-    causal, inner = module.LlavaForConditionalGeneration, module.LlavaModel
-    require(inner, ("forward", "get_image_features"), "LlavaModel")
-    if not registry.is_patched(causal, "generate"):
-        registry.patch(causal, "generate", wrap_generate(causal.generate))
-        registry.patch(causal, "forward", wrap_causal_forward(causal.forward))
-    if not registry.is_patched(inner, "forward"):
-        registry.patch(inner, "forward", wrap_model_forward_hf(inner.forward, registry))
-        registry.patch(inner, "get_image_features", wrap_image_features(inner.get_image_features, registry))
-    return [causal]
+    pruned = []
+    for family in FAMILIES:
+        if importlib.util.find_spec(family.module) is None:
+            continue
+        module = importlib.import_module(family.module)
+        require(module, (family.causal, family.inner), family.module)
+        causal, inner = getattr(module, family.causal), getattr(module, family.inner)
+        require(inner, ("forward", "get_image_features"), family.inner)
+        if not registry.is_patched(causal, "generate"):
+            registry.patch(causal, "generate", wrap_generate(causal.generate))
+            registry.patch(causal, "forward", wrap_causal_forward(causal.forward))
+        if not registry.is_patched(inner, "forward"):
+            registry.patch(inner, "forward", wrap_inner_forward(inner.forward, registry))
+            registry.patch(inner, "get_image_features", wrap_image_features(inner.get_image_features, registry))
+            if family.spatial:
+                require(inner, ("pack_image_features",), family.inner)
+                registry.patch(inner, "pack_image_features", wrap_pack(inner.pack_image_features))
+        pruned.append(causal)
+    return pruned
 
 
 class TransformersLlavaTarget:
@@ -309,8 +406,8 @@ class TransformersLlavaTarget:
     refused = {
         "LlavaForConditionalGeneration": "transformers' LLaVA is pruned on transformers 5.x only (4.x splices "
                                          "images inside the model)",
-        "LlavaNextForConditionalGeneration": "transformers' LLaVA-NeXT has no adapter yet (the llava package's "
-                                             "LLaVA-1.6 classes are pruned)",
+        "LlavaNextForConditionalGeneration": "transformers' LLaVA-NeXT is pruned on transformers 5.x only (4.x "
+                                             "splices images inside the model)",
         "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision has no adapter yet",
     }
 

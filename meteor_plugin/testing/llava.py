@@ -139,17 +139,22 @@ HF_IMAGE_TOKEN = 255  # the tiny transformers LLaVA's image token: the last id o
 
 
 def build_tiny_hf_llava(spec: Optional[TinyLlavaSpec] = None):
-    """transformers' own LlavaForConditionalGeneration (as llava-hf checkpoints load), tiny, seeded, eval mode.
+    """transformers' own LlavaForConditionalGeneration (as llava-hf checkpoints load), or with
+    ``spec.merge != "flat"`` its LlavaNextForConditionalGeneration, tiny, seeded, eval mode.
 
     The same sizes as ``build_tiny_llava``; its prompts hold one ``HF_IMAGE_TOKEN`` per visual token
     (``hf_batch``), as the processor writes them on transformers 5.
     """
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    import transformers
 
     spec = spec or TinyLlavaSpec()
+    name = "Llava" if spec.merge == "flat" else "LlavaNext"  # LLaVA-NeXT: anyres crops, unpad, newlines
     text = llm_config_kwargs(spec)
     padding_side = text.pop("tokenizer_padding_side")
-    config = LlavaConfig(
+    extra = {} if spec.merge == "flat" else {"image_grid_pinpoints": [[spec.image_size, 2 * spec.image_size],
+                                                                      [2 * spec.image_size, spec.image_size],
+                                                                      [2 * spec.image_size, 2 * spec.image_size]]}
+    config = getattr(transformers, name + "Config")(**extra,
         vision_config=dict(model_type="clip_vision_model", hidden_size=spec.vision_hidden,
                            intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
                            num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size),
@@ -158,7 +163,7 @@ def build_tiny_hf_llava(spec: Optional[TinyLlavaSpec] = None):
     )
     config.text_config._attn_implementation = spec.attn_implementation
     torch.manual_seed(spec.seed + 1)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = getattr(transformers, name + "ForConditionalGeneration")(config).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.padding_side = padding_side
@@ -183,3 +188,30 @@ def hf_batch(text_lengths: Sequence[Tuple[int, int]], visual_tokens: int = 64, p
         out[i, span] = torch.tensor(r)
         out_mask[i, span] = 1
     return out, out_mask, images
+
+
+def hf_next_batch(model, text_lengths: Sequence[Tuple[int, int]], sizes: Sequence[Tuple[int, int]],
+                  pad_side: str = "left", seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A LLaVA-NeXT batch: (input_ids, attention_mask, pixel_values (B, 5, 3, S, S), image_sizes (B, 2) as
+    (height, width)), each prompt with as many image tokens as the unpruned model makes of its image (what
+    the processor counts). Call it with the plugin disabled."""
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(len(sizes), 5, 3, size, size, generator=g)
+    image_sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        counts = [f.shape[0] for f in model.model.get_image_features(pixels, image_sizes, return_dict=True).pooler_output]
+    ids, mask, _ = hf_batch(text_lengths, visual_tokens=1, pad_side=pad_side, seed=seed)
+    rows = []
+    for row, m, n in zip(ids, mask, counts):
+        real = row[m.bool()].tolist()
+        at = real.index(HF_IMAGE_TOKEN)
+        rows.append(real[:at] + [HF_IMAGE_TOKEN] * n + real[at + 1:])
+    width = max(len(r) for r in rows)
+    out = torch.zeros(len(rows), width, dtype=torch.long)
+    out_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if pad_side == "left" else slice(0, len(r))
+        out[i, span] = torch.tensor(r)
+        out_mask[i, span] = 1
+    return out, out_mask, pixels, image_sizes

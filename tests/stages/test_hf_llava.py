@@ -1,6 +1,7 @@
-"""transformers' own LlavaForConditionalGeneration (llava-hf checkpoints), against the unpatched model.
+"""transformers' own LlavaForConditionalGeneration and LlavaNextForConditionalGeneration (llava-hf
+checkpoints), against the unpatched models.
 
-Pruned on transformers 5.x; on 4.x the class is refused by name at its first forward.
+Pruned on transformers 5.x; on 4.x the classes are refused by name at their first forward.
 """
 
 import pytest
@@ -165,3 +166,87 @@ def test_a_loss_or_training_forward_with_pruning_is_refused():
     with pytest.raises(NotImplementedError, match="labels would not follow the pruned sequence"):
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids)
     assert HF_IMAGE_TOKEN == model.config.image_token_id
+
+
+# LLaVA-NeXT: anyres crops, unpad, row separators -------------------------------------------------------------
+NEXT_SIZES = [(48, 64), (64, 30), (64, 64)]  # (height, width): 2x2 crops unpadded, 2x1 crops, 2x2 crops
+
+
+def next_model_and_batch(lengths, seed=0):
+    from meteor_plugin.testing.llava import hf_next_batch
+
+    model = model_of(merge="spatial_unpad")
+    return model, hf_next_batch(model, lengths, NEXT_SIZES[:len(lengths)], seed=seed)
+
+
+def next_logits(model, ids, mask, pixels, sizes):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes).logits
+
+
+def next_generate(model, ids, mask, pixels, sizes, steps=4):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes,
+                             max_new_tokens=steps, do_sample=False, num_beams=1)
+    return out[:, ids.shape[1]:]
+
+
+def separators(model, pixels, sizes):
+    """Row separators per image in the unpruned features (the plugin disabled)."""
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output
+    return [int((f == model.model.image_newline.view(1, -1)).all(-1).sum()) for f in feats]
+
+
+@on_5
+def test_next_pruning_off_matches_unpatched():
+    model, (ids, mask, pixels, sizes) = next_model_and_batch([(4, 6), (3, 9)], seed=1)
+    reference = next_logits(model, ids, mask, pixels, sizes)
+    tokens = next_generate(model, ids, mask, pixels, sizes)
+    meteor_plugin.enable(encoder=False, fusion=False, llm=False)
+    torch.testing.assert_close(next_logits(model, ids, mask, pixels, sizes), reference, atol=1e-5, rtol=0)
+    assert torch.equal(next_generate(model, ids, mask, pixels, sizes), tokens)
+
+
+@on_5
+def test_next_default_config_keeps_every_row_separator_and_counts_base_and_crops():
+    model, (ids, mask, pixels, sizes) = next_model_and_batch([(3, 7)])
+    rows = separators(model, pixels, sizes)[0]
+    text = int(mask.sum()) - int((ids == HF_IMAGE_TOKEN).sum())
+    cfg = meteor_plugin.enable(fusion=False)
+    seen = layer_lengths(model, lambda: next_logits(model, ids, mask, pixels, sizes))
+    s = meteor_plugin.stats(model).stages[0]
+    keep = int(cfg.encoder_keep * VISUAL)
+    assert (s["encoder"].entered, s["encoder"].left) == (5 * VISUAL, 5 * keep)
+    assert s["anyres"].detail["newlines"] == rows and s["anyres"].detail["base"] == keep
+    assert s["anyres"].detail["crops"] == s["anyres"].left - keep and s["llm"].entered == s["anyres"].left
+    last = len(model.model.language_model.layers) - 1
+    assert seen[0] == [text + s["anyres"].left + rows]
+    assert seen[last] == [text + s["llm"].left + rows] and s["llm"].left < s["llm"].entered
+
+
+@on_5
+def test_next_batch_generate_equals_each_sample_alone():
+    model, (ids, mask, pixels, sizes) = next_model_and_batch([(3, 4), (5, 9), (2, 6)], seed=4)
+    meteor_plugin.enable(fusion=False, llm_lambda=40.0, llm_min_keep=8, llm_max_keep=0.5)
+    batch = next_generate(model, ids, mask, pixels, sizes)
+    kept = [(s["encoder"].left, s["llm"].left) for s in meteor_plugin.stats(model).stages]
+    for i in range(3):
+        row = ids[i][mask[i].bool()].unsqueeze(0)
+        alone = next_generate(model, row, torch.ones_like(row), pixels[i:i + 1], sizes[i:i + 1])
+        assert torch.equal(batch[i:i + 1], alone), f"sample {i}"
+        s = meteor_plugin.stats(model).stages[0]
+        assert (s["encoder"].left, s["llm"].left) == kept[i]
+
+
+@on_5
+def test_next_stage1_cached_generate_equals_greedy_without_cache():
+    model, (ids, mask, pixels, sizes) = next_model_and_batch([(4, 8)], seed=3)
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=0.25)
+    steps = 4
+    cached = next_generate(model, ids, mask, pixels, sizes, steps)
+    grown, grown_mask = ids, mask
+    for _ in range(steps):
+        nxt = next_logits(model, grown, grown_mask, pixels, sizes)[:, -1].argmax(-1, keepdim=True)
+        grown, grown_mask = torch.cat([grown, nxt], 1), torch.cat([grown_mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(cached, grown[:, ids.shape[1]:])
