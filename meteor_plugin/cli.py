@@ -73,6 +73,16 @@ def _bench(args: argparse.Namespace) -> int:
             spec = llava_prefill.QUICK
         results.append(llava_prefill.run(settings, spec))
         reports.append(llava_prefill.report(results[-1]))
+    if args.which in ("llava-next", "all"):
+        from meteor_plugin.bench import llava_next_prefill
+
+        settings = llava_next_prefill.NextBench(repeats=args.repeats, device=args.device, dtype=args.dtype)
+        spec = llava_next_prefill.LLAVA16_SCALED
+        if args.quick:
+            settings.llm_keep, settings.text_before, settings.text_after = 40, 5, 5
+            spec = llava_next_prefill.QUICK_NEXT
+        results.append(llava_next_prefill.run(settings, spec))
+        reports.append(llava_next_prefill.report(results[-1]))
     if args.which in ("eagle", "all"):
         from meteor_plugin.testing.eagle_like import install
 
@@ -121,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="prefill latency and memory, or accuracy against retained tokens (fidelity)")
-    p.add_argument("which", nargs="?", default="all", choices=["llava", "eagle", "all", "fidelity"],
-                   help="llava: Stage 3 on a LLaVA-1.5-shaped model; eagle: all stages on an EAGLE-X4-shaped one "
-                        "(llava, eagle and all measure speed); fidelity: accuracy per question kind of a trained "
+    p.add_argument("which", nargs="?", default="all", choices=["llava", "llava-next", "eagle", "all", "fidelity"],
+                   help="llava: Stage 3 on a LLaVA-1.5-shaped model; llava-next: Stages 1 and 3 on a LLaVA-1.6-shaped "
+                        "one (anyres, 2880 patch tokens); eagle: all stages on an EAGLE-X4-shaped one "
+                        "(llava, llava-next, eagle and all measure speed); fidelity: accuracy per question kind of a trained "
                         "two-encoder model under every pruning method at equal budgets")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each variant (median reported)")
     p.add_argument("--device", default="cpu", help="where the speed benches run (cpu, cuda, cuda:1...)")

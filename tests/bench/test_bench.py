@@ -7,12 +7,19 @@ from meteor_plugin.cli import main
 
 def test_quick_benchmarks_report_token_counts_and_counted_flops(capsys):
     assert main(["bench", "all", "--quick", "--repeats", "1", "--json"]) == 0
-    llava, eagle = json.loads(capsys.readouterr().out)
+    llava, next_, eagle = json.loads(capsys.readouterr().out)
     stage3 = llava["variants"]["stage3"]
     assert stage3["visual_tokens"] == 36 and llava["variants"]["unpruned"]["visual_tokens"] == 144
     assert stage3["layer_tokens"][:2] == llava["variants"]["unpruned"]["layer_tokens"][:2]
     assert stage3["layer_tokens"][2] == stage3["layer_tokens"][1] - (144 - 36)
     assert llava["flops_ratio"] > 1 and 0 < llava["scoring_share_of_pruned_prefill"] < 1
+    # LLaVA-1.6 shape: 5 CLIP inputs of 144 patches, half kept in CLIP, 40 after Stage 3, separators kept
+    unpruned, pruned = next_["variants"]["unpruned"], next_["variants"]["meteor"]
+    assert (unpruned["encoder_tokens"], pruned["encoder_tokens"]) == (720, 360)
+    assert (unpruned["visual_tokens"], pruned["visual_tokens"]) == (720, 40) and unpruned["separators"] == 24
+    assert unpruned["layer_tokens"] == [10 + 720 + 24] * 4
+    assert pruned["layer_tokens"] == [10 + 360 + 24] * 2 + [10 + 40 + 24] * 2
+    assert next_["flops_ratio"] > 1
     meteor = eagle["variants"]["meteor"]
     assert meteor["stages"] == {"encoders": 3648, "after stage 1": 1200, "after stage 2": 300, "after stage 3": 100}
     assert sum(k for _, k in meteor["per_encoder"].values()) == 1200
@@ -26,6 +33,6 @@ def test_quick_benchmarks_report_token_counts_and_counted_flops(capsys):
     kept = [meteor["per_encoder"][n][1] for n in by_rank]
     assert kept[-1] >= kept[0]
     assert eagle["flops_ratio"] > 1 and abs(eagle["visual_tokens_reduction"] - (1 - 100 / 1024)) < 1e-9
-    for result in (llava, eagle):
+    for result in (llava, next_, eagle):
         for variant in result["variants"].values():
             assert variant["seconds"] > 0 and variant["peak_memory_mib"] > 0 and len(variant["runs"]) == 1
