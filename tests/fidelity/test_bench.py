@@ -125,7 +125,8 @@ def test_demo_asks_every_kind_about_its_scenes_and_times_interleaved(tmp_path, c
     assert kinds == [k for k in KINDS if k in kinds] and {"background", "count"} <= set(kinds)
     answers = [a for e in result["scenes"] for a in e["answers"]]
     for a in answers:
-        assert a["stages"]["llm"]["out"] < a["stages"]["fusion"]["out"] < a["stages"]["encoder"]["out"] < 208
+        # Stage 3 may keep all it gets: a question whose attention spreads over the image (background)
+        assert a["stages"]["llm"]["out"] <= a["stages"]["fusion"]["out"] < a["stages"]["encoder"]["out"] < 208
     g = result["agreement"]
     assert g["of_questions"] == len(answers) and g["questions"] == sum(a["unpruned"] == a["meteor"] for a in answers)
     assert g["of_scenes"] == 2 and 0 <= g["scenes"] <= 2
