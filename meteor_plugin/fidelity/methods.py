@@ -10,7 +10,7 @@ method is run at the same budgets and the tokens really kept are read back from 
 | random | a seeded uniform draw of K tokens per image (several seeds) | ``method="random"`` |
 | avgpool | each encoder's grid (8x8, 12x12) average-pooled, K split by token count | ``method="avgpool"`` |
 | visionzip | dominant tokens by CLIP attention / ConvNeXt feature norm + merged context | ``method="visionzip"`` |
-| drop-clip / drop-convnext | one encoder removed, the other evenly subsampled to K | ``method="drop_encoder"`` |
+| drop-clip / drop-convnext | one encoder removed, the other evenly subsampled to K (not run where K exceeds its tokens) | ``method="drop_encoder"`` |
 | fastv | last instruction token's attention (all heads) at ``llm_layer``, K fixed | ``method="fastv"`` |
 | meteor-s1 | Stage 1 alone: K tokens split across encoders by rank, pruned inside them | ``encoder_keep=K`` |
 | meteor-s2 | Stage 2 alone: K tokens by the Stage 2 similarity | ``fusion_keep=K`` |
@@ -211,6 +211,8 @@ def configs(methods: Sequence[str], budgets: Sequence[int], cal: Calibration,
     out: List[Tuple[str, int, int, object]] = [("unpruned", VISUAL_TOKENS, 0, unpruned())]
     for k in budgets:
         for method in methods:
+            if k > remaining_tokens(method):
+                continue  # dropping the ConvNeXt leaves CLIP's 64 tokens: no run keeps 104 (50%) of them
             seeds = RANDOM_SEEDS if method == "random" else (0,)
             for seed in seeds:
                 out.append((method, k, seed, config_for(method, k, cal, seed)))
@@ -221,6 +223,16 @@ def configs(methods: Sequence[str], budgets: Sequence[int], cal: Calibration,
         for name in ablations:
             out.append((f"meteor:{name}", k, 0, config_for(f"meteor:{name}", k, cal)))
     return out
+
+
+def remaining_tokens(method: str) -> int:
+    """The most tokens ``method`` can keep: one encoder's grid for drop-clip / drop-convnext."""
+    from .model import GRIDS
+
+    if method in ("drop-clip", "drop-convnext"):
+        kept = GRIDS[1] if method == "drop-clip" else GRIDS[0]
+        return kept * kept
+    return VISUAL_TOKENS
 
 
 def needed_lambdas(methods: Sequence[str], budgets: Sequence[int], meteor_extra: Sequence[int] = (),

@@ -122,3 +122,11 @@ def test_ablations_switch_exactly_their_choice(setup):
     assert methods.config_for("meteor:paper", 32, cal).encoder_ranks == cal.numerical_ranks
     with pytest.raises(ValueError, match="unknown ablation\\(s\\) fancy"):
         methods.check_ablations(["fancy"])
+
+
+def test_dropping_an_encoder_is_not_run_above_the_other_encoders_tokens():
+    cal = methods.Calibration({"clip-448": 30.0, "convnext-1024": 50.0}, meteor_layer=1, fastv_layer=2)
+    runs = [(m, k) for m, k, _, _ in methods.configs(["drop-clip", "drop-convnext", "avgpool"], [104, 52], cal)]
+    # without the ConvNeXt only CLIP's 64 tokens remain: no drop-convnext run at 104 (50% of 208)
+    assert runs == [("unpruned", 208), ("drop-clip", 104), ("avgpool", 104), ("drop-clip", 52),
+                    ("drop-convnext", 52), ("avgpool", 52)]
