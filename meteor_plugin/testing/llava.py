@@ -175,11 +175,18 @@ def hf_batch(text_lengths: Sequence[Tuple[int, int]], visual_tokens: int = 64, p
     """input_ids with ``visual_tokens`` image tokens per sample (one image each), attention_mask, pixel_values."""
     ids, mask, images = make_batch(text_lengths, [True] * len(text_lengths), pad_side=pad_side, vocab_size=250,
                                    image_size=image_size, seed=seed)
+    ids, mask = _expand_image_token(ids, mask, IMAGE_TOKEN_INDEX, [visual_tokens] * len(ids), pad_side)
+    return ids, mask, images
+
+
+def _expand_image_token(ids: torch.Tensor, mask: torch.Tensor, token: int, counts: Sequence[int],
+                        pad_side: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``token`` replaced by ``counts[i]`` image tokens, rows re-padded on ``pad_side``."""
     rows = []
-    for row, m in zip(ids, mask):
+    for row, m, n in zip(ids, mask, counts):
         real = row[m.bool()].tolist()
-        at = real.index(IMAGE_TOKEN_INDEX)
-        rows.append(real[:at] + [HF_IMAGE_TOKEN] * visual_tokens + real[at + 1:])
+        at = real.index(token)
+        rows.append(real[:at] + [HF_IMAGE_TOKEN] * n + real[at + 1:])
     width = max(len(r) for r in rows)
     out = torch.zeros(len(rows), width, dtype=torch.long)
     out_mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -187,7 +194,7 @@ def hf_batch(text_lengths: Sequence[Tuple[int, int]], visual_tokens: int = 64, p
         span = slice(width - len(r), width) if pad_side == "left" else slice(0, len(r))
         out[i, span] = torch.tensor(r)
         out_mask[i, span] = 1
-    return out, out_mask, images
+    return out, out_mask
 
 
 def hf_next_batch(model, text_lengths: Sequence[Tuple[int, int]], sizes: Sequence[Tuple[int, int]],
@@ -201,17 +208,6 @@ def hf_next_batch(model, text_lengths: Sequence[Tuple[int, int]], sizes: Sequenc
     image_sizes = torch.tensor(sizes)
     with torch.no_grad():
         counts = [f.shape[0] for f in model.model.get_image_features(pixels, image_sizes, return_dict=True).pooler_output]
-    ids, mask, _ = hf_batch(text_lengths, visual_tokens=1, pad_side=pad_side, seed=seed)
-    rows = []
-    for row, m, n in zip(ids, mask, counts):
-        real = row[m.bool()].tolist()
-        at = real.index(HF_IMAGE_TOKEN)
-        rows.append(real[:at] + [HF_IMAGE_TOKEN] * n + real[at + 1:])
-    width = max(len(r) for r in rows)
-    out = torch.zeros(len(rows), width, dtype=torch.long)
-    out_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if pad_side == "left" else slice(0, len(r))
-        out[i, span] = torch.tensor(r)
-        out_mask[i, span] = 1
-    return out, out_mask, pixels, image_sizes
+    ids, mask, _ = make_batch(text_lengths, [True] * len(text_lengths), pad_side=pad_side, vocab_size=250, seed=seed)
+    ids, mask = _expand_image_token(ids, mask, IMAGE_TOKEN_INDEX, counts, pad_side)
+    return ids, mask, pixels, image_sizes
