@@ -72,3 +72,15 @@ def runs_text(values: List[int]) -> str:
         out.append(f"{values[i]}x{j - i}")
         i = j
     return " ".join(out)
+
+
+def cost_rows(unpruned: Dict[str, Any], pruned: Dict[str, Any], width: int = 16) -> List[str]:
+    """The report rows every speed bench prints: latency, counted FLOPs and peak memory, side by side."""
+    return [f"  {label:26}{unpruned[key]:>{width}.{digits}f}{pruned[key]:>{width}.{digits}f}"
+            for label, key, digits in (("prefill latency (s)", "seconds", 3), ("GFLOPs (counted)", "gflops", 1),
+                                       ("peak memory (MiB)", "peak_memory_mib", 1))]
+
+
+def speedup_line(result: Dict[str, Any]) -> str:
+    return (f"  measured speedup {result['speedup']:.2f}x, FLOPs ratio {result['flops_ratio']:.2f}x: "
+            f"the speedup reaches {100 * result['speedup_over_flops_ratio']:.0f}% of the FLOPs ratio")

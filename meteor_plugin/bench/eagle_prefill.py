@@ -16,7 +16,7 @@ from typing import Any, Dict
 import torch
 
 import meteor_plugin
-from meteor_plugin.bench.compare import Variant, compare, runs_text
+from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text
 from meteor_plugin.bench.machine import describe
 from meteor_plugin.calibrate import encoder_ranks, load_images, pixels
 from meteor_plugin.testing.eagle_like import TinyEagleSpec, build_tiny_eagle
@@ -131,9 +131,7 @@ def report(result: Dict[str, Any]) -> str:
         f"  {'  after stage 2 (to LLM)':26}{u['stages']['llm input']:>18}{st['after stage 2']:>18}",
         f"  {'  after stage 3':26}{'-':>18}{st['after stage 3']:>18}",
         f"  {'tokens per LLM layer':26}{runs_text(u['layer_tokens']):>18}{runs_text(m['layer_tokens']):>18}",
-        f"  {'prefill latency (s)':26}{u['seconds']:>18.3f}{m['seconds']:>18.3f}",
-        f"  {'GFLOPs (counted)':26}{u['gflops']:>18.1f}{m['gflops']:>18.1f}",
-        f"  {'peak memory (MiB)':26}{u['peak_memory_mib']:>18.1f}{m['peak_memory_mib']:>18.1f}",
+        *cost_rows(u, m, width=18),
         "",
         f"  {100 * result['visual_tokens_reduction']:.0f}% fewer visual tokens past Stage 3 than EAGLE's 1024; "
         f"measured speedup {result['speedup']:.2f}x, FLOPs ratio {result['flops_ratio']:.2f}x",

@@ -18,7 +18,7 @@ from typing import Any, Dict
 import torch
 
 import meteor_plugin
-from meteor_plugin.bench.compare import Variant, compare, runs_text
+from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text, speedup_line
 from meteor_plugin.bench.llava_prefill import LLAVA15_SCALED, QUICK
 from meteor_plugin.bench.machine import describe
 from meteor_plugin.testing.llava import TinyLlavaSpec, build_tiny_llava, make_batch
@@ -99,11 +99,8 @@ def report(result: Dict[str, Any]) -> str:
         f"  {'tokens out of CLIP':26}{u['encoder_tokens']:>16}{p['encoder_tokens']:>16}",
         f"  {'visual tokens at the end':26}{u['visual_tokens']:>16}{p['visual_tokens']:>16}",
         f"  {'tokens per LLM layer':26}{runs_text(u['layer_tokens']):>16}{runs_text(p['layer_tokens']):>16}",
-        f"  {'prefill latency (s)':26}{u['seconds']:>16.3f}{p['seconds']:>16.3f}",
-        f"  {'GFLOPs (counted)':26}{u['gflops']:>16.1f}{p['gflops']:>16.1f}",
-        f"  {'peak memory (MiB)':26}{u['peak_memory_mib']:>16.1f}{p['peak_memory_mib']:>16.1f}",
+        *cost_rows(u, p),
         "",
-        f"  measured speedup {result['speedup']:.2f}x, FLOPs ratio {result['flops_ratio']:.2f}x: "
-        f"the speedup reaches {100 * result['speedup_over_flops_ratio']:.0f}% of the FLOPs ratio",
+        speedup_line(result),
     ]
     return "\n".join(lines)
