@@ -5,7 +5,7 @@ separators and depends on the image size), and the model scatters the projected 
 positions, refusing a count that differs; the language model is any decoder with Llama-style layers
 (Llama/Vicuna, Mistral, Qwen2). The adapter therefore encodes the images itself before the model runs:
 
-- **Stage 1** keeps ``K`` of every CLIP input's patches inside the tower (``get_image_features``). For
+- **Stage 1** keeps ``K`` of every CLIP input's patches inside the (CLIP) tower (``get_image_features``). For
   LLaVA-NeXT the kept tokens go back to their patch positions (NaN rows elsewhere) so that its own
   ``pack_image_features`` (crop grid, unpad, row separators) runs unchanged, and the NaN rows are
   dropped after it (``anyres.spread_to_grid``);
@@ -60,7 +60,8 @@ FAMILIES = (
     Family("transformers.models.llava_next.modeling_llava_next", "LlavaNextForConditionalGeneration",
            "LlavaNextModel", True),
 )
-VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
+# Stage 1's plan assumes CLIP's CLS token first; SigLIP has none (untested here): refused by name for now.
+VISION_TYPES = ("clip_vision_model",)
 
 
 def is_installed() -> bool:
@@ -86,7 +87,8 @@ def _check(model: Any, cfg: Any) -> None:
             "layers of different lengths once pruned; set encoder=False")
     kind = getattr(model.config.vision_config, "model_type", "")
     if kind not in VISION_TYPES:
-        raise NotImplementedError(f"meteor-plugin Stage 1 knows CLIP and SigLIP towers, not {kind!r}; set encoder=False")
+        raise NotImplementedError(f"meteor-plugin Stage 1 on transformers' LLaVA knows CLIP towers, not {kind!r}; "
+                                  "set encoder=False (Stage 3 runs)")
     if getattr(model.config, "vision_feature_select_strategy", "default") == "full" and _spatial(model):
         raise NotImplementedError("meteor-plugin Stage 1 on LLaVA-NeXT needs vision_feature_select_strategy='default'")
 

@@ -250,3 +250,22 @@ def test_next_stage1_cached_generate_equals_greedy_without_cache():
         nxt = next_logits(model, grown, grown_mask, pixels, sizes)[:, -1].argmax(-1, keepdim=True)
         grown, grown_mask = torch.cat([grown, nxt], 1), torch.cat([grown_mask, torch.ones_like(nxt)], 1)
     assert torch.equal(cached, grown[:, ids.shape[1]:])
+
+
+@on_5
+def test_stage1_on_a_tower_it_does_not_know_is_refused_by_name_and_stage3_still_runs():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4),
+                         text_config=dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+                         image_token_index=HF_IMAGE_TOKEN, vision_feature_select_strategy="full")
+    model = LlavaForConditionalGeneration(config).eval()
+    ids, mask, pixels = hf_batch([(2, 5)])  # 64 image tokens: SigLIP's 8x8 patches, no CLS
+    meteor_plugin.enable()
+    with pytest.raises(NotImplementedError, match="knows CLIP towers, not 'siglip_vision_model'"):
+        logits(model, ids, mask, pixels)
+    meteor_plugin.enable(encoder=False, fusion=False, llm=True, llm_min_keep=8, llm_max_keep=8)
+    logits(model, ids, mask, pixels)
+    assert meteor_plugin.stats(model).stages[0]["llm"].left == 8
