@@ -64,3 +64,40 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         x = x.expand(index.shape[0], *x.shape[1:])
     view = index.view(*index.shape, *([1] * (x.dim() - 2)))
     return torch.gather(x, 1, view.expand(*index.shape, *x.shape[2:]))
+
+
+def floor_count(share: float, k: int) -> int:
+    """How many of ``k`` kept tokens a floor of ``share`` reserves: ``round(share * k)``, at least one when both
+    are positive, and never all ``k`` while ``k`` > 1 (the stage's own score chooses the rest)."""
+    if share <= 0 or k <= 0:
+        return 0
+    return min(max(1, int(round(share * k))), max(1, k - 1))
+
+
+def spread(n: int, m: int, device=None) -> torch.Tensor:
+    """(n,) bool: ``m`` of ``n`` positions, evenly spaced (the middle of each of m equal stretches)."""
+    out = torch.zeros(n, dtype=torch.bool, device=device)
+    if m > 0 and n > 0:
+        out[((torch.arange(min(m, n), device=device) + 0.5) * n / min(m, n)).long().clamp(max=n - 1)] = True
+    return out
+
+
+def owner_spread(owner: torch.Tensor, m: int) -> torch.Tensor:
+    """(T,) bool: ``m`` positions spread over each owner's own tokens, shared in proportion to their counts
+    (at least one each when ``m`` > 0). owner: (T,) encoder of each token, its tokens in their grid order."""
+    out = torch.zeros(owner.shape[0], dtype=torch.bool, device=owner.device)
+    if m <= 0:
+        return out
+    for j in owner.unique().tolist():
+        cols = (owner == j).nonzero().flatten()
+        out[cols] = spread(len(cols), max(1, int(round(m * len(cols) / owner.shape[0]))), owner.device)
+    return out
+
+
+def topk_beyond(scores: torch.Tensor, k: torch.Tensor, reserved: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The ``reserved`` valid entries of each row, and its other ``k[b]`` - (reserved) by ``scores``.
+    reserved: (N,) or (B, N) bool, at most ``k[b]`` per row. Returns a (B, N) bool mask."""
+    reserved = reserved.expand_as(valid) & valid
+    if not reserved.any():
+        return topk_mask(scores, k, valid)
+    return reserved | topk_mask(scores, k.to(scores.device) - reserved.sum(dim=1), valid & ~reserved)

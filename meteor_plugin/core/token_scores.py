@@ -92,7 +92,8 @@ def owner_normalised_importance(c: torch.Tensor, owner: torch.Tensor) -> torch.T
     return out
 
 
-def duplicate_aware_mask(z: torch.Tensor, owner: torch.Tensor, keep: int) -> torch.Tensor:
+def duplicate_aware_mask(z: torch.Tensor, owner: torch.Tensor, keep: int,
+                         reserved: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Stage 2's duplicate-aware selection: keep ``keep`` of the T tokens of each sample, greedily.
 
     z: (B, T, D) projected tokens of all encoders; owner: (T,) encoder of each. Tokens are centred per
@@ -100,7 +101,9 @@ def duplicate_aware_mask(z: torch.Tensor, owner: torch.Tensor, keep: int) -> tor
     redundancy the highest centred cosine (floored at 0) to a token already kept *from another encoder*.
     Each step keeps the token of highest importance minus redundancy (ties: lower index). Two encoders
     that see the same object keep it once; what only one encoder sees is never penalised, however
-    similar the background of the other. Returns a (B, T) bool mask with exactly min(keep, T) per row.
+    similar the background of the other. ``reserved``: (T,) bool, tokens kept before the greedy starts (the
+    spread floor; they count as kept for redundancy). Returns a (B, T) bool mask with exactly min(keep, T)
+    per row.
     """
     b, t, _ = z.shape
     owner = owner.to(z.device)
@@ -109,12 +112,14 @@ def duplicate_aware_mask(z: torch.Tensor, owner: torch.Tensor, keep: int) -> tor
     cn = F.normalize(c, dim=-1)
     sim = torch.matmul(cn, cn.transpose(-1, -2)).clamp(min=0)  # (B, T, T)
     sim = sim * (owner.view(-1, 1) != owner.view(1, -1)).unsqueeze(0)  # same encoder: no redundancy
-    redundancy = torch.zeros(b, t, device=z.device)
     kept = torch.zeros(b, t, dtype=torch.bool, device=z.device)
+    if reserved is not None:
+        kept |= reserved.to(z.device)
+    redundancy = (sim * kept.unsqueeze(-1)).amax(dim=1)  # the highest similarity to a kept token
     rows = torch.arange(b, device=z.device)
     # Equal gains go to the lower index: a tiny decreasing tie-break, below any real difference.
     tie = torch.arange(t, device=z.device, dtype=torch.float32) * -1e-7
-    for _ in range(min(keep, t)):
+    for _ in range(min(keep, t) - int(kept[0].sum())):
         gain = (importance - redundancy + tie).masked_fill(kept, float("-inf"))
         pick = gain.argmax(dim=1)
         kept[rows, pick] = True

@@ -53,8 +53,10 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "one-head": {"llm_min_heads": 1},
     "mass-budget": {"llm_budget_signal": "mass"},
     "all-query": {"text_query": "all"},
+    "no-spread-floor": {"spread_floor": 0.0},
     # Version 1's values of every field added since (llm_lambda aside: the bench solves it per run).
-    "paper": {"rank": "numerical", **{k: v for k, v in LEGACY[1].items() if k != "llm_lambda"}},
+    "paper": {"rank": "numerical", **{k: v for old in sorted(LEGACY) for k, v in LEGACY[old].items()
+                                      if k != "llm_lambda"}},
 }
 GLOBAL_KINDS = ("background",)  # any few tokens answer it
 TOKEN_KINDS = ("colour", "digit", "count")  # the kinds that need the right tokens (the targets compare these)

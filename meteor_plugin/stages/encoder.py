@@ -6,7 +6,10 @@ boundaries, before the block that starts the next segment:
   neither sparse nor stable, so similarity is the better redundancy signal);
 - deep boundary: keep the tokens with the highest CLS-to-patch attention, computed from that block's
   own q/k (never by asking the model for attention maps); without a CLS token (EAGLE's CLIP drops it),
-  the mean attention each token receives. ``encoder_deep_score="similarity"`` scores the deep boundary
+  the mean attention each token receives.
+- at both, ``spread_floor`` of the kept tokens are evenly spaced over the tokens entering instead: both
+  scores favour distinctive tokens and would keep no look-alike background, and a question about the
+  whole image reads it from a sample that still represents the image. ``encoder_deep_score="similarity"`` scores the deep boundary
   like the shallow one instead (on the v1 fidelity model's validation split the two were within noise,
   attention slightly ahead in the full pipeline, so attention stays the default).
 All images of an encoder keep the same number of tokens (the encoder's budget), so tensors stay
@@ -28,7 +31,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Typ
 import torch
 
 from .. import percall
-from ..core.select import bottomk_mask, compaction_index, gather_tokens, topk_mask
+from ..core.select import compaction_index, floor_count, gather_tokens, spread, topk_beyond
 from ..core.token_scores import cls_attention, received_attention, similarity_to_mean
 
 
@@ -83,6 +86,7 @@ class VitPlan:
     after_shallow: int
     has_cls: bool
     deep_score: str = "attention"  # MeteorConfig.encoder_deep_score
+    spread_floor: float = 0.0  # MeteorConfig.spread_floor
     positions: Optional[torch.Tensor] = None  # (B, n) original patch index of each surviving token
     cache: Dict[int, torch.Tensor] = field(default_factory=dict)  # boundary -> gather index
 
@@ -108,10 +112,10 @@ class VitPruner:
         return cls(layers, block)
 
     def start(self, patches: int, keep: int, depth: int, shallow_share: float, has_cls: bool,
-              deep_score: str = "attention") -> VitPlan:
+              deep_score: str = "attention", spread_floor: float = 0.0) -> VitPlan:
         shallow, deep = boundaries(depth)
         after_shallow, keep = split_drop(patches, keep, shallow_share)
-        self.plan = VitPlan(patches, keep, shallow, deep, after_shallow, has_cls, deep_score)
+        self.plan = VitPlan(patches, keep, shallow, deep, after_shallow, has_cls, deep_score, spread_floor)
         return self.plan
 
     @contextlib.contextmanager
@@ -151,16 +155,19 @@ class VitPruner:
             plan.positions = torch.arange(patches, device=hidden.device).expand(b, patches)
         keep = torch.ones(b, patches, dtype=torch.bool, device=hidden.device)
         if idx == plan.shallow:
-            count = torch.full((b,), min(plan.after_shallow, patches), device=hidden.device)
-            keep = bottomk_mask(similarity_to_mean(hidden[:, start:]), count, keep)
+            count = min(plan.after_shallow, patches)
+            floor = spread(patches, floor_count(plan.spread_floor, count), hidden.device)
+            keep = topk_beyond(-similarity_to_mean(hidden[:, start:]), torch.full((b,), count, device=hidden.device),
+                               floor, keep)
         if idx == plan.deep:  # also the shallow block in encoders too shallow for two boundaries
-            count = torch.full((b,), min(plan.keep, patches), device=hidden.device)
+            count = min(plan.keep, patches)
             if plan.deep_score == "similarity":
-                keep = bottomk_mask(similarity_to_mean(hidden[:, start:]), count, keep)
+                scores = -similarity_to_mean(hidden[:, start:])
             else:
                 q, k, scale = self.block.qk(layer, hidden)
                 scores = cls_attention(q, k, scale) if plan.has_cls else received_attention(q, k, scale)[:, start:]
-                keep = topk_mask(scores, count, keep)
+            floor = spread(patches, floor_count(plan.spread_floor, count), hidden.device)
+            keep = topk_beyond(scores, torch.full((b,), count, device=hidden.device), floor, keep)
         index, _ = compaction_index(keep)
         plan.positions = torch.gather(plan.positions, 1, index)
         if start:
@@ -188,15 +195,17 @@ def _wrap_block_forward(original: Any) -> Any:
     return forward
 
 
-def prune_output(features: torch.Tensor, keep: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def prune_output(features: torch.Tensor, keep: int, spread_floor: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Output-level Stage 1 for encoders that cannot lose tokens inside: drop the tokens most similar
-    to the mean token. features: (B, N, C). Returns (kept features (B, keep, C), positions (B, keep))."""
+    to the mean token, but a ``spread_floor`` share of the kept ones, evenly spaced over the grid.
+    features: (B, N, C). Returns (kept features (B, keep, C), positions (B, keep))."""
     b, n, _ = features.shape
     if keep >= n:
         return features, torch.arange(n, device=features.device).expand(b, n)
     with torch.no_grad():
-        mask = bottomk_mask(similarity_to_mean(features), torch.full((b,), keep, device=features.device),
-                            torch.ones(b, n, dtype=torch.bool, device=features.device))
+        mask = topk_beyond(-similarity_to_mean(features), torch.full((b,), keep, device=features.device),
+                           spread(n, floor_count(spread_floor, keep), features.device),
+                           torch.ones(b, n, dtype=torch.bool, device=features.device))
         index, _ = compaction_index(mask)
     return gather_tokens(features, index), index
 

@@ -27,28 +27,31 @@ from torch import nn
 
 from ..config import FUSION_SIMILARITIES
 from ..core.budget import rank_weights
-from ..core.select import bottomk_mask, compaction_index, gather_tokens, topk_mask
+from ..core.select import compaction_index, floor_count, gather_tokens, owner_spread, spread, topk_beyond
 from ..core.token_scores import cooperative_redundancy, duplicate_aware_mask, similarity_to_mean
 
 
-def cooperative_prune(z: torch.Tensor, owner: torch.Tensor, keep: int,
-                      similarity: str = "cosine") -> Tuple[torch.Tensor, torch.Tensor]:
+def cooperative_prune(z: torch.Tensor, owner: torch.Tensor, keep: int, similarity: str = "cosine",
+                      spread_floor: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """z: (B, T, D) projected tokens of all encoders (joined along the sequence); owner: (T,) encoder
-    of each; similarity: ``MeteorConfig.fusion_similarity``. Keeps ``keep`` tokens by that
-    similarity (see the module docstring), in their original order. Returns (kept tokens (B, keep, D), their index
-    into T (B, keep))."""
+    of each; similarity: ``MeteorConfig.fusion_similarity``. Keeps ``keep`` tokens: a ``spread_floor`` share
+    evenly spaced over each encoder's tokens (``core.select.owner_spread``), the rest by that similarity (see
+    the module docstring), in their original order. Returns (kept tokens (B, keep, D), their index into T
+    (B, keep))."""
     if similarity not in FUSION_SIMILARITIES:
         raise ValueError(f"similarity={similarity!r} is invalid: allowed {', '.join(map(repr, FUSION_SIMILARITIES))}")
     b, t, _ = z.shape
     if keep >= t:
         return z, torch.arange(t, device=z.device).expand(b, t)
+    owner = owner.to(z.device)
+    floor = owner_spread(owner, floor_count(spread_floor, keep))
     with torch.no_grad():
         if similarity == "duplicate":
-            mask = duplicate_aware_mask(z, owner, keep)
+            mask = duplicate_aware_mask(z, owner, keep, floor)
         else:
-            redundancy = cooperative_redundancy(z, owner.to(z.device), centred=similarity == "centred_cosine")
-            mask = bottomk_mask(redundancy, torch.full((b,), keep, device=z.device),
-                                torch.ones(b, t, dtype=torch.bool, device=z.device))
+            redundancy = cooperative_redundancy(z, owner, centred=similarity == "centred_cosine")
+            mask = topk_beyond(-redundancy, torch.full((b,), keep, device=z.device), floor,
+                               torch.ones(b, t, dtype=torch.bool, device=z.device))
         index, _ = compaction_index(mask)
     return gather_tokens(z, index), index
 
@@ -61,17 +64,20 @@ def position_importance(grid_features: torch.Tensor) -> torch.Tensor:
     return (s - lo) / (hi - lo).clamp(min=1e-12)
 
 
-def rank_weighted_positions(per_encoder: Sequence[torch.Tensor], ranks: Sequence, keep: int) -> torch.Tensor:
+def rank_weighted_positions(per_encoder: Sequence[torch.Tensor], ranks: Sequence, keep: int,
+                            spread_floor: float = 0.0) -> torch.Tensor:
     """Training-free selection of shared grid positions. per_encoder: (B, N, C_l) features of each
-    encoder on the same N positions. Returns the kept positions (B, keep), in grid order."""
+    encoder on the same N positions; a ``spread_floor`` share of the kept positions evenly spaced over the
+    grid. Returns the kept positions (B, keep), in grid order."""
     b, n = per_encoder[0].shape[:2]
     if keep >= n:
         return torch.arange(n, device=per_encoder[0].device).expand(b, n)
     weights = rank_weights(list(ranks))  # uniform when uncalibrated
     with torch.no_grad():
         score = sum(w * position_importance(f) for w, f in zip(weights, per_encoder))
-        mask = topk_mask(score, torch.full((b,), keep, device=score.device),
-                         torch.ones(b, n, dtype=torch.bool, device=score.device))
+        mask = topk_beyond(score, torch.full((b,), keep, device=score.device),
+                           spread(n, floor_count(spread_floor, keep), score.device),
+                           torch.ones(b, n, dtype=torch.bool, device=score.device))
         index, _ = compaction_index(mask)
     return index
 

@@ -148,12 +148,12 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
         if budgets[i] == 0:
             continue  # an encoder without budget is not run at all
         if i in outputs:
-            kept, index = prune_output(outputs[i], budgets[i])
+            kept, index = prune_output(outputs[i], budgets[i], cfg.spread_floor)
         else:
             layers = clip_layers(tower.vision_tower)
             pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, REGISTRY)
             plan = pruner.start(counts[i], budgets[i], len(layers), cfg.encoder_shallow_share, has_cls=False,
-                                deep_score=cfg.encoder_deep_score)
+                                deep_score=cfg.encoder_deep_score, spread_floor=cfg.spread_floor)
             with pruner.running():
                 kept = _tokens(tower(_tower_input(mbcc, tower, images)))
             index = plan.positions if plan.positions is not None else torch.arange(counts[i]).expand(b, -1)
@@ -170,7 +170,7 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
     if cfg.fusion:
         keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, z.shape[1])
         entering = z.shape[1]
-        z, index = cooperative_prune(z, owner, keep, cfg.fusion_similarity)
+        z, index = cooperative_prune(z, owner, keep, cfg.fusion_similarity, cfg.spread_floor)
         survivors = owner.to(index.device)[index]  # (B, keep)
         record.stage("fusion").add(entering, z.shape[1], index, per_image=[
             {"per_encoder": {n: int((s == i).sum()) for i, n in enumerate(names)}} for s in survivors])
@@ -190,7 +190,7 @@ def encode_training_free(model: Any, images: torch.Tensor, cfg: Any, record: Vis
         for tower in mbcc.vision_towers:
             slices.append(fused[..., start:start + tower.hidden_size])
             start += tower.hidden_size
-        index = rank_weighted_positions(slices, _ranks(cfg, names, model), keep)
+        index = rank_weighted_positions(slices, _ranks(cfg, names, model), keep, cfg.spread_floor)
         fused = gather_tokens(fused, index)
         record.stage("fusion").add(n, keep, index)
     return llm.mm_projector(fused)

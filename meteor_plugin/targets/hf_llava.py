@@ -110,7 +110,8 @@ def wrap_image_features(original: Any, registry: Any) -> Any:
         patches = _patches(self)
         keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
         pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
-        pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True, deep_score=cfg.encoder_deep_score)
+        pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True, deep_score=cfg.encoder_deep_score,
+                     spread_floor=cfg.spread_floor)
         call = percall.current()
         with pruner.running() as plan:
             call.hf_plan = plan

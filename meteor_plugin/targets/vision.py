@@ -93,7 +93,8 @@ def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
         patches = tower.num_patches
         keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
         pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
-        pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True, deep_score=cfg.encoder_deep_score)
+        pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True, deep_score=cfg.encoder_deep_score,
+                     spread_floor=cfg.spread_floor)
         with pruner.running() as plan:
             features = original(tower, images)
         request.record.stage("encoder").add(patches, keep, plan.positions)

@@ -38,3 +38,41 @@ def test_gather_tokens_broadcasts_a_shared_batch_dimension():
     index = torch.tensor([[4, 0], [1, 2]])
     out = gather_tokens(x, index)
     assert out.tolist() == [[[8.0, 9.0], [0.0, 1.0]], [[2.0, 3.0], [4.0, 5.0]]]
+
+
+def test_floor_count_rounds_keeps_one_and_never_takes_the_whole_budget():
+    from meteor_plugin.core.select import floor_count
+
+    assert floor_count(0.25, 52) == 13
+    assert floor_count(0.25, 3) == 1  # at least one while the share is positive
+    assert floor_count(0.5, 2) == 1 and floor_count(0.5, 1) == 1
+    assert floor_count(0.0, 52) == 0 and floor_count(0.25, 0) == 0
+
+
+def test_spread_positions_are_evenly_spaced_over_the_grid():
+    from meteor_plugin.core.select import spread
+
+    assert torch.nonzero(spread(16, 4)).flatten().tolist() == [2, 6, 10, 14]
+    assert torch.nonzero(spread(5, 5)).flatten().tolist() == [0, 1, 2, 3, 4]
+    assert spread(5, 9).sum() == 5 and spread(7, 0).sum() == 0
+
+
+def test_owner_spread_shares_the_floor_by_token_count_and_spreads_within_each_encoder():
+    from meteor_plugin.core.select import owner_spread
+
+    owner = torch.tensor([0] * 4 + [1] * 12)
+    picked = owner_spread(owner, 8)
+    assert torch.nonzero(picked).flatten().tolist() == [1, 3, 5, 7, 9, 11, 13, 15]  # 2 of 4, 6 of 12
+    assert owner_spread(torch.tensor([0] * 30 + [1] * 2), 4)[30:].sum() == 1  # a small encoder keeps one
+
+
+def test_topk_beyond_keeps_the_reserved_and_fills_the_rest_by_score():
+    from meteor_plugin.core.select import topk_beyond
+
+    scores = torch.tensor([[9.0, 8, 7, 6, 5, 4], [0, 1, 2, 3, 4, 5]])
+    reserved = torch.tensor([False, False, False, False, False, True])
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    mask = topk_beyond(scores, torch.tensor([3, 2]), reserved, valid)
+    assert mask.tolist() == [[True, True, False, False, False, True], [False, False, False, False, True, True]]
+    assert torch.equal(topk_beyond(scores, torch.tensor([3, 2]), torch.zeros(6, dtype=torch.bool), valid),
+                       topk_mask(scores, torch.tensor([3, 2]), valid))

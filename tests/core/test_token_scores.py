@@ -118,3 +118,31 @@ def test_duplicate_aware_stage2_keeps_one_of_two_duplicates_and_both_of_two_diff
     assert masks.sum(dim=1).tolist() == [5, 5]
     plain = bottomk_mask(cooperative_redundancy(z, owner), torch.tensor([3]), torch.ones(1, 8, dtype=torch.bool))[0]
     assert plain[[0, 3, 4, 7]].any()
+
+
+def test_a_spread_floor_keeps_look_alike_background_that_the_scores_alone_drop():
+    # Two encoders over 4x4 grids: background tokens are near copies of each other, four objects are distinctive.
+    # Stage 2's scores keep objects first and no background; with the floor, its reserved tokens are kept and
+    # count as kept for redundancy, and the rest still goes to the objects.
+    from meteor_plugin.core.select import owner_spread
+    from meteor_plugin.stages.fusion import cooperative_prune
+
+    torch.manual_seed(0)
+    d = 16
+    owner = torch.tensor([0] * 16 + [1] * 16)
+    z = torch.randn(1, 32, d) * 0.01 + torch.where(owner == 0, 1.0, -1.0).view(1, -1, 1) * torch.eye(d)[0]
+    objects = [3, 9, 20, 30]
+    for n, i in enumerate(objects):
+        z[0, i] += 3 * torch.eye(d)[2 + n]
+    background = [i for i in range(32) if i not in objects]
+    reserved = torch.nonzero(owner_spread(owner, 2)).flatten().tolist()  # one per encoder
+    assert set(reserved) <= set(background)
+    _, plain = cooperative_prune(z, owner, 4, "duplicate")
+    assert sorted(plain[0].tolist()) == objects  # the scores alone keep no background
+    for similarity in ("duplicate", "cosine", "centred_cosine"):
+        _, floored = cooperative_prune(z, owner, 4, similarity, spread_floor=0.5)
+        assert set(reserved) <= set(floored[0].tolist()) and len(floored[0]) == 4
+    _, floored = cooperative_prune(z, owner, 4, "duplicate", spread_floor=0.5)
+    assert len(set(floored[0].tolist()) & set(objects)) == 2  # the rest still goes to objects
+    mask = duplicate_aware_mask(z, owner, 4, owner_spread(owner, 2))[0]
+    assert torch.nonzero(mask).flatten().tolist() == sorted(floored[0].tolist())

@@ -219,7 +219,7 @@ def _fusion_run(eagle, **config):
 def test_fusion_keeps_the_least_redundant_tokens_by_the_configured_similarity(eagle, similarity):
     from meteor_plugin.core.token_scores import cooperative_redundancy
 
-    z, owner, stages = _fusion_run(eagle, fusion_similarity=similarity)
+    z, owner, stages = _fusion_run(eagle, fusion_similarity=similarity, spread_floor=0.0)
     redundancy = cooperative_redundancy(z, owner, centred=similarity == "centred_cosine")
     expected = [sorted(r.topk(300, largest=False).indices.tolist()) for r in redundancy]
     assert [sorted(s["fusion"].detail["kept"]) for s in stages] == expected
@@ -227,13 +227,18 @@ def test_fusion_keeps_the_least_redundant_tokens_by_the_configured_similarity(ea
     assert expected != [sorted(r.topk(300, largest=False).indices.tolist()) for r in other]
 
 
-def test_duplicate_aware_fusion_keeps_the_reference_selection(eagle):
+@pytest.mark.parametrize("spread_floor", [0.0, 0.25])
+def test_duplicate_aware_fusion_keeps_the_reference_selection(eagle, spread_floor):
+    from meteor_plugin.core.select import owner_spread
     from meteor_plugin.core.token_scores import duplicate_aware_mask
 
-    z, owner, stages = _fusion_run(eagle)  # the default similarity
-    expected = [torch.nonzero(m).flatten().tolist() for m in duplicate_aware_mask(z, owner, 300)]
+    z, owner, stages = _fusion_run(eagle, spread_floor=spread_floor)  # the default similarity
+    reserved = owner_spread(owner, 75) if spread_floor else None  # a quarter of 300, spread per encoder
+    expected = [torch.nonzero(m).flatten().tolist() for m in duplicate_aware_mask(z, owner, 300, reserved)]
     assert [sorted(s["fusion"].detail["kept"]) for s in stages] == expected
     assert expected[0] != expected[1]
+    if spread_floor:
+        assert set(torch.nonzero(reserved).flatten().tolist()) <= set(expected[0]) & set(expected[1])
 
 
 def test_a_non_default_similarity_on_an_unconverted_model_is_refused(eagle):

@@ -74,13 +74,21 @@ def test_shallow_boundary_drops_tokens_most_similar_to_the_mean(tiny_llava):
 
     layers[1].register_forward_pre_hook(grab, with_kwargs=True)
     ids, mask, images = make_batch([(3, 5)], [True], seed=4)
-    meteor_plugin.enable(**STAGE1, encoder_keep=16, encoder_shallow_share=1.0)  # every drop at the shallow boundary
+    meteor_plugin.enable(**STAGE1, encoder_keep=16, encoder_shallow_share=1.0, spread_floor=0.0)  # every drop at the shallow boundary
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, images=images)
     kept = sorted(meteor_plugin.stats(model).stages[0]["encoder"].detail["kept"])
     sim = similarity_to_mean(inputs["h"][:, 1:])[0]
     expected = sorted(torch.argsort(sim, stable=True)[:16].tolist())
     assert kept == expected
+    # With a spread floor, 4 of the 16 are evenly spaced over the grid, the other 12 by the same score.
+    meteor_plugin.enable(**STAGE1, encoder_keep=16, encoder_shallow_share=1.0, spread_floor=0.25)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, images=images)
+    floored = sorted(meteor_plugin.stats(model).stages[0]["encoder"].detail["kept"])
+    spread = [8, 24, 40, 56]
+    rest = [i for i in torch.argsort(sim, stable=True).tolist() if i not in spread][:12]
+    assert floored == sorted(spread + rest) and floored != kept
 
 
 @pytest.mark.parametrize("deep_score", ["attention", "similarity"])
@@ -94,7 +102,8 @@ def test_deep_boundary_scores_by_the_configured_score(tiny_llava, deep_score):
 
     layers[2].register_forward_pre_hook(grab, with_kwargs=True)  # the deep boundary of 4 blocks at layer -2
     ids, mask, images = make_batch([(3, 5)], [True], seed=4)
-    meteor_plugin.enable(**STAGE1, encoder_keep=16, encoder_shallow_share=0.0, encoder_deep_score=deep_score)
+    meteor_plugin.enable(**STAGE1, encoder_keep=16, encoder_shallow_share=0.0, encoder_deep_score=deep_score,
+                         spread_floor=0.0)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, images=images)
     kept = sorted(meteor_plugin.stats(model).stages[0]["encoder"].detail["kept"])
