@@ -95,6 +95,16 @@ def _bench(args: argparse.Namespace) -> int:
             spec = eagle_prefill.QUICK
         results.append(eagle_prefill.run(settings, spec))
         reports.append(eagle_prefill.report(results[-1]))
+    if args.which == "decode":
+        from meteor_plugin.bench import decode
+
+        settings = decode.DecodeBench(repeats=args.repeats, device=args.device, dtype=args.dtype)
+        spec = decode.LLAVA15_SCALED
+        if args.quick:
+            settings.batch, settings.new_tokens, settings.keep, settings.text_before, settings.text_after = 2, 4, 36, 5, 5
+            spec = decode.QUICK_DECODE
+        results.append(decode.run(settings, spec))
+        reports.append(decode.report(results[-1]))
     print(json.dumps(results, indent=2) if args.json else "\n\n".join(reports))
     return 0
 
@@ -131,10 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="prefill latency and memory, or accuracy against retained tokens (fidelity)")
-    p.add_argument("which", nargs="?", default="all", choices=["llava", "llava-next", "eagle", "all", "fidelity"],
+    p.add_argument("which", nargs="?", default="all", choices=["llava", "llava-next", "eagle", "all", "decode", "fidelity"],
                    help="llava: Stage 3 on a LLaVA-1.5-shaped model; llava-next: Stages 1 and 3 on a LLaVA-1.6-shaped "
                         "one (anyres, 2880 patch tokens); eagle: all stages on an EAGLE-X4-shaped one "
-                        "(llava, llava-next, eagle and all measure speed); fidelity: accuracy per question kind of a trained "
+                        "(llava, llava-next, eagle and all measure prefill speed); decode: batched generate with the KV "
+                        "cache on the LLaVA-1.5 shape (batch 8, 64 new tokens), tokens per second and KV-cache bytes; "
+                        "fidelity: accuracy per question kind of a trained "
                         "two-encoder model under every pruning method at equal budgets")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each variant (median reported)")
     p.add_argument("--device", default="cpu", help="where the speed benches run (cpu, cuda, cuda:1...)")

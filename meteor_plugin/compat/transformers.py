@@ -132,6 +132,23 @@ def past_length(past: Any, layer_idx: int = 0) -> int:
         return 0
 
 
+def cache_bytes(past: Any) -> int:
+    """Bytes held by a KV cache's key and value tensors: legacy tuples, and Cache objects of 4.37-4.44
+    (``key_cache``/``value_cache`` lists) and 5.x (``layers`` with ``keys``/``values``)."""
+    if past is None:
+        return 0
+    if torch.is_tensor(past):
+        return past.numel() * past.element_size()
+    if isinstance(past, (tuple, list)):
+        return sum(cache_bytes(item) for item in past)
+    if hasattr(past, "layers"):
+        return sum(cache_bytes(getattr(layer, "keys", None)) + cache_bytes(getattr(layer, "values", None))
+                   for layer in past.layers)
+    if hasattr(past, "key_cache"):
+        return cache_bytes(list(past.key_cache)) + cache_bytes(list(past.value_cache))
+    raise TypeError(f"meteor-plugin cannot read the size of a {type(past).__name__} KV cache")
+
+
 # Rotary embeddings ----------------------------------------------------------------------------------
 def rope_cos_sin(layer: torch.nn.Module, call: LayerCall, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) of shape (B, L, d) for the tokens of this layer call, at their real positions."""

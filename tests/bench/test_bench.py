@@ -36,3 +36,20 @@ def test_quick_benchmarks_report_token_counts_and_counted_flops(capsys):
     for result in (llava, next_, eagle):
         for variant in result["variants"].values():
             assert variant["seconds"] > 0 and variant["peak_memory_mib"] > 0 and len(variant["runs"]) == 1
+
+
+def test_quick_decode_bench_reads_the_kv_cache_that_stage3_shrank(capsys):
+    assert main(["bench", "decode", "--quick", "--repeats", "1", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    unpruned, pruned = result["variants"]["unpruned"], result["variants"]["stage3"]
+    assert (unpruned["visual_tokens"], pruned["visual_tokens"]) == (144, 36)
+    # Quick shape: 4 layers, 2 KV heads of 16 channels, float32, batch 2. The cache holds the prompt (10 text
+    # + 144 visual tokens) and 3 of the 4 new tokens (the last is never fed back); Stage 3 removes 108 visual
+    # tokens from layers 2 and 3.
+    per_token = 2 * 2 * 2 * 16 * 4  # batch x (keys, values) x heads x channels x bytes
+    assert unpruned["kv_cache_mib"] * 2 ** 20 == per_token * 4 * 157
+    assert pruned["kv_cache_mib"] * 2 ** 20 == per_token * (2 * 157 + 2 * 49)
+    assert result["kv_cache_ratio"] == unpruned["kv_cache_mib"] / pruned["kv_cache_mib"]
+    for variant in (unpruned, pruned):
+        assert variant["tokens_per_second"] == 2 * 4 / variant["generate_seconds"] > 0
+        assert len(variant["runs"]["full"]) == 1 and variant["decode_seconds"] > 0
