@@ -76,7 +76,7 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
 
     def prefill():
         with torch.no_grad():
-            model(input_ids=ids, images=images, use_cache=True)
+            return model(input_ids=ids, images=images, use_cache=True)
 
     grid = spec.visual_tokens
 
@@ -94,7 +94,8 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
         }
 
     variants = [Variant("unpruned", meteor_plugin.disable), Variant("meteor", lambda: meteor_plugin.enable(config))]
-    results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=inspect)
+    results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=inspect,
+                      llm=model.get_model())
     meteor_plugin.disable()
     speedup = results["unpruned"]["seconds"] / results["meteor"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["meteor"]["gflops"]
@@ -135,5 +136,10 @@ def report(result: Dict[str, Any]) -> str:
         "",
         f"  {100 * result['visual_tokens_reduction']:.0f}% fewer visual tokens past Stage 3 than EAGLE's 1024; "
         f"measured speedup {result['speedup']:.2f}x, FLOPs ratio {result['flops_ratio']:.2f}x",
+        f"  peak memory: the whole prefill's peak is the encoders' (METEOR runs every encoder, pruning inside CLIP "
+        f"only), {u['peak_memory_mib']:.0f} -> {m['peak_memory_mib']:.0f} MiB; the language model's own peak "
+        f"{u['llm_peak_memory_mib']:.0f} -> {m['llm_peak_memory_mib']:.0f} MiB "
+        f"({u['llm_peak_memory_mib'] / m['llm_peak_memory_mib']:.2f}x less), its KV cache "
+        f"{u['kv_cache_mib']:.1f} -> {m['kv_cache_mib']:.1f} MiB ({u['kv_cache_mib'] / m['kv_cache_mib']:.2f}x less)",
     ]
     return "\n".join(lines)

@@ -56,7 +56,7 @@ def run(bench: NextBench = NextBench(), spec: TinyLlavaSpec = LLAVA16_SCALED) ->
 
     def prefill():
         with torch.no_grad():
-            model(input_ids=ids, images=images, image_sizes=sizes, use_cache=True)
+            return model(input_ids=ids, images=images, image_sizes=sizes, use_cache=True)
 
     def inspect(name):
         stats = meteor_plugin.stats(model)
@@ -71,7 +71,8 @@ def run(bench: NextBench = NextBench(), spec: TinyLlavaSpec = LLAVA16_SCALED) ->
                 "separators": s["anyres"].detail["newlines"]}
 
     variants = [Variant("unpruned", meteor_plugin.disable), Variant("meteor", lambda: meteor_plugin.enable(config))]
-    results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=inspect)
+    results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=inspect,
+                      llm=model.get_model())
     meteor_plugin.disable()
     speedup = results["unpruned"]["seconds"] / results["meteor"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["meteor"]["gflops"]

@@ -84,7 +84,7 @@ def run(bench: PrefillBench = PrefillBench(), spec: TinyLlavaSpec = LLAVA15_SCAL
 
     def prefill():
         with torch.no_grad():
-            model(input_ids=ids, images=images, use_cache=True)
+            return model(input_ids=ids, images=images, use_cache=True)
 
     def layers(name):
         run_stats = meteor_plugin.stats(model) if name == "stage3" else None
@@ -94,7 +94,7 @@ def run(bench: PrefillBench = PrefillBench(), spec: TinyLlavaSpec = LLAVA15_SCAL
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     variants = [Variant("unpruned", meteor_plugin.disable), Variant("stage3", lambda: meteor_plugin.enable(config))]
-    results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=layers)
+    results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=layers, llm=model.get_model())
     # Scoring's share: its time inside pruned prefills, both measured in the same runs.
     meteor_plugin.enable(config)
     elapsed = 0.0

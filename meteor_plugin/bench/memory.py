@@ -20,6 +20,7 @@ class PeakTensorMemory(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.region_peak = 0  # the largest total alive since `region_start`, see `peak_memory_in`
         self._sizes: Dict[int, int] = {}
 
     def _release(self, key: int) -> None:
@@ -40,6 +41,7 @@ class PeakTensorMemory(TorchDispatchMode):
             self.live += storage.nbytes()
             weakref.finalize(storage, self._release, key)
         self.peak = max(self.peak, self.live)
+        self.region_peak = max(self.region_peak, self.live)
         return out
 
 
@@ -55,3 +57,44 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     with PeakTensorMemory() as tracker:
         fn()
     return tracker.peak
+
+
+def peak_memory_in(fn: Callable[[], Any], module: torch.nn.Module, device: torch.device) -> int:
+    """Peak memory that ``module``'s forward adds while ``fn()`` runs, on top of what was alive when that forward
+    began (for the language model of a VLM: its own activations and KV cache, not the encoders'). The largest
+    of its calls if it runs more than once."""
+    peaks = []
+    if device.type == "cuda":
+        state = {}
+
+        def begin(*_):
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            state["before"] = torch.cuda.memory_allocated(device)
+
+        def end(*_):
+            torch.cuda.synchronize(device)
+            peaks.append(torch.cuda.max_memory_allocated(device) - state["before"])
+    else:
+        tracker = PeakTensorMemory()
+        state = {}
+
+        def begin(*_):
+            state["before"] = tracker.live
+            tracker.region_peak = tracker.live
+
+        def end(*_):
+            peaks.append(tracker.region_peak - state["before"])
+    handles = [module.register_forward_pre_hook(lambda m, a: begin()), module.register_forward_hook(lambda m, a, o: end())]
+    try:
+        if device.type == "cuda":
+            fn()
+        else:
+            with tracker:
+                fn()
+    finally:
+        for h in handles:
+            h.remove()
+    if not peaks:
+        raise RuntimeError(f"{type(module).__name__} never ran during the measured block")
+    return max(peaks)

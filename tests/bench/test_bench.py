@@ -33,9 +33,17 @@ def test_quick_benchmarks_report_token_counts_and_counted_flops(capsys):
     kept = [meteor["per_encoder"][n][1] for n in by_rank]
     assert kept[-1] >= kept[0]
     assert eagle["flops_ratio"] > 1 and abs(eagle["visual_tokens_reduction"] - (1 - 100 / 1024)) < 1e-9
+    # The KV cache read from the prefill's own cache: LLaVA's 4 layers of 2 KV heads x 16 channels in float32 hold
+    # 154 tokens each unpruned, and 154, 154, 46, 46 with Stage 3 keeping 36 of 144 from layer 2 on.
+    per_token = 2 * 2 * 16 * 4
+    assert llava["variants"]["unpruned"]["kv_cache_mib"] * 2 ** 20 == per_token * 4 * 154
+    assert stage3["kv_cache_mib"] * 2 ** 20 == per_token * (2 * 154 + 2 * 46)
     for result in (llava, next_, eagle):
+        full, pruned = result["variants"].values()
+        assert pruned["kv_cache_mib"] < full["kv_cache_mib"] and pruned["llm_peak_memory_mib"] < full["llm_peak_memory_mib"]
         for variant in result["variants"].values():
             assert variant["seconds"] > 0 and variant["peak_memory_mib"] > 0 and len(variant["runs"]) == 1
+            assert 0 < variant["llm_peak_memory_mib"] <= variant["peak_memory_mib"]
 
 
 def test_quick_decode_bench_reads_the_kv_cache_that_stage3_shrank(capsys):
