@@ -66,7 +66,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     results, reports = [], []
     if args.which in ("llava", "all"):
-        settings = llava_prefill.PrefillBench(repeats=args.repeats, device=args.device, dtype=args.dtype)
+        settings = llava_prefill.PrefillBench(repeats=args.repeats, device=args.device, dtype=args.dtype,
+                                             profile=args.profile)
         spec = llava_prefill.LLAVA15_SCALED
         if args.quick:
             settings.keep, settings.text_before, settings.text_after = 36, 5, 5
@@ -76,7 +77,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.which in ("llava-next", "all"):
         from meteor_plugin.bench import llava_next_prefill
 
-        settings = llava_next_prefill.NextBench(repeats=args.repeats, device=args.device, dtype=args.dtype)
+        settings = llava_next_prefill.NextBench(repeats=args.repeats, device=args.device, dtype=args.dtype,
+                                               profile=args.profile)
         spec = llava_next_prefill.LLAVA16_SCALED
         if args.quick:
             settings.llm_keep, settings.text_before, settings.text_after = 40, 5, 5
@@ -87,7 +89,8 @@ def _bench(args: argparse.Namespace) -> int:
         from meteor_plugin.testing.eagle_like import install
 
         install()
-        settings = eagle_prefill.EagleBench(repeats=args.repeats, device=args.device, dtype=args.dtype)
+        settings = eagle_prefill.EagleBench(repeats=args.repeats, device=args.device, dtype=args.dtype,
+                                           profile=args.profile)
         spec = eagle_prefill.X4_SCALED
         if args.quick:
             settings.fusion_keep, settings.llm_keep, settings.text_before, settings.text_after = 300, 100, 5, 5
@@ -153,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the speed benches' weights and activations (default float32)")
     p.add_argument("--quick", action="store_true", help="a tiny model: checks the benchmark runs, numbers mean little")
+    p.add_argument("--profile", action="store_true", help="llava, llava-next, eagle: also time each part of the pruned "
+                   "prefill (encoders, projectors, decoder layers, each stage's scoring, selection and gathering) beside "
+                   "its share of the FLOPs")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     f = p.add_argument_group("fidelity")
     f.add_argument("--model-path", help="a trained fidelity checkpoint (default: the one shipped in the package)")

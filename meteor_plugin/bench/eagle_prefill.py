@@ -35,6 +35,7 @@ class EagleBench:
     warmup: int = 1
     device: str = "cpu"
     dtype: str = "float32"
+    profile: bool = False  # also time each part of the pruned prefill (bench.profile)
 
 
 def x4_shaped_towers() -> Dict[str, Dict[str, Any]]:
@@ -96,6 +97,12 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
     variants = [Variant("unpruned", meteor_plugin.disable), Variant("meteor", lambda: meteor_plugin.enable(config))]
     results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=inspect,
                       llm=model.get_model())
+    profiled = None
+    if bench.profile:
+        from meteor_plugin.bench.profile import profile
+
+        meteor_plugin.enable(config)
+        profiled = profile(model, prefill, bench.repeats, device)
     meteor_plugin.disable()
     speedup = results["unpruned"]["seconds"] / results["meteor"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["meteor"]["gflops"]
@@ -106,6 +113,7 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
         "model": {"encoders": spec.vision_tower, "towers": spec.towers, "llm_hidden": spec.llm_hidden,
                   "llm_layers": spec.llm_layers, "llm_heads": spec.llm_heads, "vocab_size": spec.vocab_size},
         "settings": asdict(bench),
+        "profile": profiled,
         "encoder_ranks": ranks,
         "variants": results,
         "visual_tokens_reduction": 1 - results["meteor"]["stages"]["after stage 3"] / grid,
@@ -142,4 +150,8 @@ def report(result: Dict[str, Any]) -> str:
         f"({u['llm_peak_memory_mib'] / m['llm_peak_memory_mib']:.2f}x less), its KV cache "
         f"{u['kv_cache_mib']:.1f} -> {m['kv_cache_mib']:.1f} MiB ({u['kv_cache_mib'] / m['kv_cache_mib']:.2f}x less)",
     ]
+    if result.get("profile"):
+        from meteor_plugin.bench.profile import report as profile_report
+
+        lines += ["", profile_report(result["profile"], "pruned")]
     return "\n".join(lines)

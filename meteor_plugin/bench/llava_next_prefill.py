@@ -35,6 +35,7 @@ class NextBench:
     warmup: int = 1
     device: str = "cpu"
     dtype: str = "float32"
+    profile: bool = False  # also time each part of the pruned prefill (bench.profile)
 
 
 LLAVA16_SCALED = replace(LLAVA15_SCALED, merge="spatial_unpad")
@@ -73,12 +74,18 @@ def run(bench: NextBench = NextBench(), spec: TinyLlavaSpec = LLAVA16_SCALED) ->
     variants = [Variant("unpruned", meteor_plugin.disable), Variant("meteor", lambda: meteor_plugin.enable(config))]
     results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=inspect,
                       llm=model.get_model())
+    profiled = None
+    if bench.profile:
+        from meteor_plugin.bench.profile import profile
+
+        meteor_plugin.enable(config)
+        profiled = profile(model, prefill, bench.repeats, device)
     meteor_plugin.disable()
     speedup = results["unpruned"]["seconds"] / results["meteor"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["meteor"]["gflops"]
     return {
         "benchmark": "llava-next-prefill", "machine": describe(device), "dtype": bench.dtype, "model": asdict(spec),
-        "settings": asdict(bench), "variants": results, "speedup": speedup, "flops_ratio": flops_ratio,
+        "settings": asdict(bench), "profile": profiled, "variants": results, "speedup": speedup, "flops_ratio": flops_ratio,
         "speedup_over_flops_ratio": speedup / flops_ratio,
     }
 
@@ -104,4 +111,8 @@ def report(result: Dict[str, Any]) -> str:
         "",
         speedup_line(result),
     ]
+    if result.get("profile"):
+        from meteor_plugin.bench.profile import report as profile_report
+
+        lines += ["", profile_report(result["profile"], "pruned")]
     return "\n".join(lines)

@@ -30,6 +30,7 @@ class PrefillBench:
     warmup: int = 1
     device: str = "cpu"
     dtype: str = "float32"
+    profile: bool = False  # also time each part of the pruned prefill (bench.profile)
 
 
 LLAVA15_SCALED = TinyLlavaSpec(
@@ -104,6 +105,12 @@ def run(bench: PrefillBench = PrefillBench(), spec: TinyLlavaSpec = LLAVA15_SCAL
             prefill()
             sync()
             elapsed += time.perf_counter() - start
+    profiled = None
+    if bench.profile:
+        from meteor_plugin.bench.profile import profile
+
+        meteor_plugin.enable(config)
+        profiled = profile(model, prefill, bench.repeats, device)
     meteor_plugin.disable()
     speedup = results["unpruned"]["seconds"] / results["stage3"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["stage3"]["gflops"]
@@ -113,6 +120,7 @@ def run(bench: PrefillBench = PrefillBench(), spec: TinyLlavaSpec = LLAVA15_SCAL
         "dtype": bench.dtype,
         "model": asdict(spec),
         "settings": asdict(bench),
+        "profile": profiled,
         "sequence_length": ids.shape[1] - 1 + visual,
         "variants": results,
         "speedup": speedup,
@@ -141,4 +149,8 @@ def report(result: Dict[str, Any]) -> str:
         speedup_line(result),
         f"  Stage 3 scoring takes {100 * result['scoring_share_of_pruned_prefill']:.1f}% of the pruned prefill",
     ]
+    if result.get("profile"):
+        from meteor_plugin.bench.profile import report as profile_report
+
+        lines += ["", profile_report(result["profile"], "pruned")]
     return "\n".join(lines)

@@ -61,3 +61,18 @@ def test_quick_decode_bench_reads_the_kv_cache_that_stage3_shrank(capsys):
     for variant in (unpruned, pruned):
         assert variant["tokens_per_second"] == 2 * 4 / variant["generate_seconds"] > 0
         assert len(variant["runs"]["full"]) == 1 and variant["decode_seconds"] > 0
+
+
+def test_profile_splits_the_pruned_prefill_into_parts_that_add_up(capsys):
+    assert main(["bench", "eagle", "--quick", "--repeats", "1", "--profile", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    parts = {row["part"]: row for row in result["profile"]["parts"]}
+    assert {"stage 1: scoring and selection", "stage 2: scoring, selection, gathering",
+            "stage 3: scoring and selection", "LLM decoder layers", "projectors", "LM head"} <= set(parts)
+    assert sum(1 for p in parts if p.startswith("encoder ")) == 4
+    # Exclusive parts: shares add up to the whole (time: the prefill's own clock around them; FLOPs: all counted).
+    assert abs(sum(r["flops_share"] for r in parts.values()) - 1) < 1e-6
+    assert 0.9 < sum(r["time_share"] for r in parts.values()) < 1.05
+    assert all(r["ms"] >= 0 for r in parts.values())
+    # Stage 3's selection runs inside a decoder layer; the layers' FLOPs exclude it, and they still dominate the LLM.
+    assert parts["LLM decoder layers"]["flops_share"] > parts["stage 3: scoring and selection"]["flops_share"] > 0

@@ -1,0 +1,147 @@
+"""Where a pruned prefill's time goes (``meteor-plugin bench --profile``): per part, its time beside its share
+of the counted FLOPs.
+
+Parts are the model's modules (each encoder, the projectors, the decoder layers, the LM head) and the work
+the plugin adds (each stage's scoring and selection, and its gathering and bookkeeping). Each is timed
+exclusively: a part's time excludes the parts nested in it (Stage 3's selection runs inside a decoder
+layer's call, and is not counted twice). A part that takes a larger share of the time than of the FLOPs is
+where the speedup falls short of the FLOPs ratio. The plugin's methods are wrapped only while profiling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import defaultdict
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .flops import _custom
+
+# (owner, attribute, part) of the plugin's work; an owner is imported lazily so this module stays light.
+PLUGIN_PARTS = (
+    ("meteor_plugin.stages.encoder:VitPruner", "_select", "stage 1: scoring and selection"),
+    ("meteor_plugin.stages.encoder:VitPruner", "block_args", "stage 1: gathering"),
+    ("meteor_plugin.targets.eagle_vision", "prune_output", "stage 1: scoring and selection"),
+    ("meteor_plugin.targets.eagle_vision", "cooperative_prune", "stage 2: scoring, selection, gathering"),
+    ("meteor_plugin.stages.decoder:DecoderPruner", "_select", "stage 3: scoring and selection"),
+    ("meteor_plugin.stages.decoder:DecoderPruner", "layer_args", "stage 3: gathering and masks"),
+)
+
+
+class Parts:
+    """Exclusive time (and FLOPs, with a counter) per part over the runs it watches."""
+
+    def __init__(self, sync: Callable[[], None], counter: Optional[FlopCounterMode] = None):
+        self.sync, self.counter = sync, counter
+        self.stack: List[Tuple[str, float, float]] = []
+        self.seconds: Dict[str, float] = defaultdict(float)
+        self.flops: Dict[str, float] = defaultdict(float)
+
+    def _flops(self) -> float:
+        return float(self.counter.get_total_flops()) if self.counter is not None else 0.0
+
+    def enter(self, part: str) -> None:
+        self.sync()
+        self.stack.append((part, time.perf_counter(), self._flops()))
+
+    def exit(self) -> None:
+        self.sync()
+        part, start, flops = self.stack.pop()
+        seconds, done = time.perf_counter() - start, self._flops() - flops
+        self.seconds[part] += seconds
+        self.flops[part] += done
+        if self.stack:  # the parent's own time excludes this
+            self.seconds[self.stack[-1][0]] -= seconds
+            self.flops[self.stack[-1][0]] -= done
+
+
+def model_parts(model: Any) -> List[Tuple[torch.nn.Module, str]]:
+    """(module, part) of a LLaVA or EAGLE model: its encoders, projectors, decoder layers and LM head."""
+    llm = model.get_model()
+    tower = llm.get_vision_tower()
+    towers = list(getattr(tower, "vision_towers", None) or [tower])
+    names = [os.path.basename(str(getattr(t, "vision_tower_name", type(t).__name__))) for t in towers]
+    parts = [(t, f"encoder {n}") for t, n in zip(towers, names)]
+    projectors = getattr(llm, "mm_projectors", None)
+    if projectors is not None:
+        parts += [(p, "projectors") for p in projectors]
+    if getattr(llm, "mm_projector", None) is not None:
+        parts.append((llm.mm_projector, "projectors"))
+    parts += [(layer, "LLM decoder layers") for layer in llm.layers]
+    parts.append((model.lm_head, "LM head"))
+    return parts
+
+
+@contextlib.contextmanager
+def watching(model: Any, parts: Parts) -> Iterator[None]:
+    import importlib
+
+    handles = []
+    for module, part in model_parts(model):
+        handles.append(module.register_forward_pre_hook(lambda m, a, p=part: parts.enter(p)))
+        handles.append(module.register_forward_hook(lambda m, a, o: parts.exit()))
+    restore = []
+    for owner, attr, part in PLUGIN_PARTS:
+        path, _, cls = owner.partition(":")
+        target = importlib.import_module(path)
+        target = getattr(target, cls) if cls else target
+        original = getattr(target, attr)
+
+        def wrapped(*args, _original=original, _part=part, **kwargs):
+            parts.enter(_part)
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                parts.exit()
+
+        setattr(target, attr, wrapped)
+        restore.append((target, attr, original))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for target, attr, original in restore:
+            setattr(target, attr, original)
+
+
+def profile(model: Any, prefill: Callable[[], Any], repeats: int, device: torch.device) -> Dict[str, Any]:
+    """Run ``prefill`` (with the variant to profile already switched on) ``repeats`` times for the time, and
+    once more under a FLOPs counter; returns per part: seconds per prefill, share of time, share of FLOPs."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    prefill()  # warm-up
+    timed = Parts(sync)
+    total = 0.0
+    with watching(model, timed):
+        for _ in range(repeats):
+            timed.enter("other (embeddings, splicing, masks, ...)")
+            start = time.perf_counter()
+            prefill()
+            sync()
+            total += time.perf_counter() - start
+            timed.exit()
+    with FlopCounterMode(display=False, custom_mapping=_custom()) as counter:
+        counted = Parts(lambda: None, counter)
+        with watching(model, counted):
+            counted.enter("other (embeddings, splicing, masks, ...)")
+            prefill()
+            counted.exit()
+    all_flops = float(counter.get_total_flops())
+    rows = [{"part": part, "ms": 1000 * timed.seconds[part] / repeats, "time_share": timed.seconds[part] / total,
+             "flops_share": counted.flops.get(part, 0.0) / all_flops if all_flops else 0.0}
+            for part in sorted(timed.seconds, key=lambda p: -timed.seconds[p])]
+    return {"prefill_ms": 1000 * total / repeats, "repeats": repeats, "parts": rows}
+
+
+def report(result: Dict[str, Any], title: str) -> str:
+    lines = [f"  profile of the {title} prefill ({result['prefill_ms']:.1f} ms, mean of {result['repeats']} runs; "
+             "each part's own time, without the parts inside it):",
+             f"    {'part':42}{'ms':>9}{'time':>8}{'FLOPs':>8}"]
+    for row in result["parts"]:
+        lines.append(f"    {row['part']:42}{row['ms']:>9.2f}{100 * row['time_share']:>7.1f}%"
+                     f"{100 * row['flops_share']:>7.1f}%")
+    return "\n".join(lines)
