@@ -65,10 +65,11 @@ def _bench(args: argparse.Namespace) -> int:
     from meteor_plugin.bench import eagle_prefill, llava_prefill
 
     results, reports = [], []
+    full = _full_size(args)  # {bench: spec} of --shape, after its memory check
     if args.which in ("llava", "all"):
         settings = llava_prefill.PrefillBench(repeats=args.repeats, device=args.device, dtype=args.dtype,
                                              profile=args.profile)
-        spec = llava_prefill.LLAVA15_SCALED
+        spec = full.get("llava", llava_prefill.LLAVA15_SCALED)
         if args.quick:
             settings.keep, settings.text_before, settings.text_after = 36, 5, 5
             spec = llava_prefill.QUICK
@@ -79,7 +80,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         settings = llava_next_prefill.NextBench(repeats=args.repeats, device=args.device, dtype=args.dtype,
                                                profile=args.profile)
-        spec = llava_next_prefill.LLAVA16_SCALED
+        spec = full.get("llava-next", llava_next_prefill.LLAVA16_SCALED)
         if args.quick:
             settings.llm_keep, settings.text_before, settings.text_after = 40, 5, 5
             spec = llava_next_prefill.QUICK_NEXT
@@ -91,7 +92,7 @@ def _bench(args: argparse.Namespace) -> int:
         install()
         settings = eagle_prefill.EagleBench(repeats=args.repeats, device=args.device, dtype=args.dtype,
                                            profile=args.profile)
-        spec = eagle_prefill.X4_SCALED
+        spec = full.get("eagle", eagle_prefill.X4_SCALED)
         if args.quick:
             settings.fusion_keep, settings.llm_keep, settings.text_before, settings.text_after = 300, 100, 5, 5
             settings.encoder_keep = 1200
@@ -110,6 +111,26 @@ def _bench(args: argparse.Namespace) -> int:
         reports.append(decode.report(results[-1]))
     print(json.dumps(results, indent=2) if args.json else "\n\n".join(reports))
     return 0
+
+
+def _full_size(args: argparse.Namespace) -> dict:
+    """``--shape``: the full-size spec for its bench, refused early where the device cannot hold it."""
+    if not args.shape:
+        return {}
+    import dataclasses
+
+    import torch
+
+    from meteor_plugin.bench import shapes
+
+    which, spec = shapes.shape(args.shape)
+    if args.which not in (which, "all") or args.quick:
+        raise ValueError(f"--shape {args.shape} is a shape of the {which!r} bench: run `meteor-plugin bench {which} "
+                         f"--shape {args.shape}` (without --quick)")
+    args.which = which
+    device = torch.device(args.device)
+    shapes.check_memory(args.shape, spec, device, getattr(torch, args.dtype))
+    return {which: dataclasses.replace(spec, attn_implementation=shapes.attention_for(device))}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the speed benches' weights and activations (default float32)")
     p.add_argument("--quick", action="store_true", help="a tiny model: checks the benchmark runs, numbers mean little")
+    p.add_argument("--shape", help="a full-size model for GPUs, random weights with the real 7B dimensions: "
+                   "llava-1.5-7b, llava-next-7b or eagle-x4-7b (use --device cuda --dtype bfloat16; FlashAttention-2 "
+                   "where installed); refused where the device cannot hold it")
     p.add_argument("--profile", action="store_true", help="llava, llava-next, eagle: also time each part of the pruned "
                    "prefill (encoders, projectors, decoder layers, each stage's scoring, selection and gathering) beside "
                    "its share of the FLOPs")
@@ -207,7 +231,7 @@ def _user_errors() -> tuple:
     from meteor_plugin.training.calibration import CalibrationUnavailable
     from meteor_plugin.training.save import IncompleteCheckpointError
 
-    return (ValueError, OSError, CalibrationUnavailable, IncompleteCheckpointError, CodebaseMissing)
+    return (ValueError, OSError, MemoryError, CalibrationUnavailable, IncompleteCheckpointError, CodebaseMissing)
 
 
 def _version() -> str:

@@ -24,6 +24,7 @@ class TinyLlavaSpec(TinyLlm):
     vision_hidden: int = 32
     vision_layers: int = 4  # select layer -2 leaves 3 blocks: one per Stage 1 segment
     vision_heads: int = 2
+    vision_intermediate: Optional[int] = None  # CLIP's MLP width (None: twice vision_hidden; CLIP-L's is 4x)
     language: str = "llama"  # or "mistral": LlavaMistralForCausalLM, llava-v1.6-mistral's class
     merge: str = "flat"  # LLaVA-1.5; "spatial_unpad" (or "spatial") with anyres images: LLaVA-1.6
 
@@ -37,7 +38,7 @@ def save_tiny_clip(folder: str, spec: TinyLlavaSpec) -> str:
 
     torch.manual_seed(spec.seed)
     config = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate or spec.vision_hidden * 2,
         num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
         image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden,
     )
@@ -87,7 +88,8 @@ def build_tiny_llava(spec: Optional[TinyLlavaSpec] = None, folder: Optional[str]
     _, causal_cls = _classes(spec)
     folder = folder or tempfile.mkdtemp(prefix="meteor-tiny-clip-")
     vision = os.path.join(folder, "clip-{}-{}-{}-{}-{}-{}".format(
-        spec.image_size, spec.patch_size, spec.vision_hidden, spec.vision_layers, spec.vision_heads, spec.seed))
+        spec.image_size, spec.patch_size, spec.vision_hidden, spec.vision_layers, spec.vision_heads, spec.seed)
+        + (f"-mlp{spec.vision_intermediate}" if spec.vision_intermediate else ""))
     if not os.path.isdir(vision):
         save_tiny_clip(vision, spec)
     config = tiny_llava_config(vision, spec)
