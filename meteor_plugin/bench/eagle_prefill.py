@@ -18,6 +18,7 @@ import torch
 import meteor_plugin
 from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text
 from meteor_plugin.bench.machine import describe
+from meteor_plugin.bench.profile import profile, report as profile_report
 from meteor_plugin.calibrate import encoder_ranks, load_images, pixels
 from meteor_plugin.testing.eagle_like import TinyEagleSpec, build_tiny_eagle
 from meteor_plugin.testing.llava import make_batch
@@ -97,12 +98,7 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
     variants = [Variant("unpruned", meteor_plugin.disable), Variant("meteor", lambda: meteor_plugin.enable(config))]
     results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=inspect,
                       llm=model.get_model())
-    profiled = None
-    if bench.profile:
-        from meteor_plugin.bench.profile import profile
-
-        meteor_plugin.enable(config)
-        profiled = profile(model, prefill, bench.repeats, device)
+    profiled = profile(model, prefill, bench.repeats, device, variants[1]) if bench.profile else None
     meteor_plugin.disable()
     speedup = results["unpruned"]["seconds"] / results["meteor"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["meteor"]["gflops"]
@@ -151,7 +147,5 @@ def report(result: Dict[str, Any]) -> str:
         f"{u['kv_cache_mib']:.1f} -> {m['kv_cache_mib']:.1f} MiB ({u['kv_cache_mib'] / m['kv_cache_mib']:.2f}x less)",
     ]
     if result.get("profile"):
-        from meteor_plugin.bench.profile import report as profile_report
-
         lines += ["", profile_report(result["profile"], "pruned")]
     return "\n".join(lines)

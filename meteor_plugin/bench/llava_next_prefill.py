@@ -21,6 +21,7 @@ import meteor_plugin
 from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text, speedup_line
 from meteor_plugin.bench.llava_prefill import LLAVA15_SCALED, QUICK
 from meteor_plugin.bench.machine import describe
+from meteor_plugin.bench.profile import profile, report as profile_report
 from meteor_plugin.testing.llava import TinyLlavaSpec, build_tiny_llava, make_batch
 
 
@@ -74,12 +75,7 @@ def run(bench: NextBench = NextBench(), spec: TinyLlavaSpec = LLAVA16_SCALED) ->
     variants = [Variant("unpruned", meteor_plugin.disable), Variant("meteor", lambda: meteor_plugin.enable(config))]
     results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=inspect,
                       llm=model.get_model())
-    profiled = None
-    if bench.profile:
-        from meteor_plugin.bench.profile import profile
-
-        meteor_plugin.enable(config)
-        profiled = profile(model, prefill, bench.repeats, device)
+    profiled = profile(model, prefill, bench.repeats, device, variants[1]) if bench.profile else None
     meteor_plugin.disable()
     speedup = results["unpruned"]["seconds"] / results["meteor"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["meteor"]["gflops"]
@@ -112,7 +108,5 @@ def report(result: Dict[str, Any]) -> str:
         speedup_line(result),
     ]
     if result.get("profile"):
-        from meteor_plugin.bench.profile import report as profile_report
-
         lines += ["", profile_report(result["profile"], "pruned")]
     return "\n".join(lines)

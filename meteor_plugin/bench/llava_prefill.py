@@ -16,6 +16,7 @@ import torch
 import meteor_plugin
 from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text, speedup_line
 from meteor_plugin.bench.machine import describe
+from meteor_plugin.bench.profile import profile, report as profile_report
 from meteor_plugin.stages.decoder import DecoderPruner
 from meteor_plugin.testing.llava import TinyLlavaSpec, build_tiny_llava, make_batch
 
@@ -105,12 +106,7 @@ def run(bench: PrefillBench = PrefillBench(), spec: TinyLlavaSpec = LLAVA15_SCAL
             prefill()
             sync()
             elapsed += time.perf_counter() - start
-    profiled = None
-    if bench.profile:
-        from meteor_plugin.bench.profile import profile
-
-        meteor_plugin.enable(config)
-        profiled = profile(model, prefill, bench.repeats, device)
+    profiled = profile(model, prefill, bench.repeats, device, variants[1]) if bench.profile else None
     meteor_plugin.disable()
     speedup = results["unpruned"]["seconds"] / results["stage3"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["stage3"]["gflops"]
@@ -150,7 +146,5 @@ def report(result: Dict[str, Any]) -> str:
         f"  Stage 3 scoring takes {100 * result['scoring_share_of_pruned_prefill']:.1f}% of the pruned prefill",
     ]
     if result.get("profile"):
-        from meteor_plugin.bench.profile import report as profile_report
-
         lines += ["", profile_report(result["profile"], "pruned")]
     return "\n".join(lines)

@@ -109,9 +109,10 @@ def watching(model: Any, parts: Parts) -> Iterator[None]:
             setattr(target, attr, original)
 
 
-def profile(model: Any, prefill: Callable[[], Any], repeats: int, device: torch.device) -> Dict[str, Any]:
-    """Run ``prefill`` (with the variant to profile already switched on) ``repeats`` times for the time, and
-    once more under a FLOPs counter; returns per part: seconds per prefill, share of time, share of FLOPs."""
+def profile(model: Any, prefill: Callable[[], Any], repeats: int, device: torch.device, variant: Any) -> Dict[str, Any]:
+    """Switch ``variant`` (a ``compare.Variant``) on, run ``prefill`` ``repeats`` times for the time, and once more
+    under a FLOPs counter; returns per part: seconds per prefill, share of time, share of FLOPs."""
+    variant.switch()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     prefill()  # warm-up
     timed = Parts(sync)
