@@ -83,14 +83,22 @@ def spread(n: int, m: int, device=None) -> torch.Tensor:
 
 
 def owner_spread(owner: torch.Tensor, m: int) -> torch.Tensor:
-    """(T,) bool: ``m`` positions spread over each owner's own tokens, shared in proportion to their counts
-    (at least one each when ``m`` > 0). owner: (T,) encoder of each token, its tokens in their grid order."""
+    """(T,) bool: exactly ``m`` positions (at most T), shared among the owners in proportion to their token
+    counts (largest remainders; ties to the lower owner) and spread over each owner's own tokens.
+    owner: (T,) encoder of each token, its tokens in their grid order."""
     out = torch.zeros(owner.shape[0], dtype=torch.bool, device=owner.device)
+    m = min(m, owner.shape[0])
     if m <= 0:
         return out
-    for j in owner.unique().tolist():
+    owners = owner.unique().tolist()
+    counts = [int((owner == j).sum()) for j in owners]
+    quotas = [m * c / owner.shape[0] for c in counts]
+    shares = [int(q) for q in quotas]
+    for i in sorted(range(len(owners)), key=lambda i: (shares[i] - quotas[i], i))[:m - sum(shares)]:
+        shares[i] += 1
+    for j, share in zip(owners, shares):
         cols = (owner == j).nonzero().flatten()
-        out[cols] = spread(len(cols), max(1, int(round(m * len(cols) / owner.shape[0]))), owner.device)
+        out[cols] = spread(len(cols), share, owner.device)
     return out
 
 

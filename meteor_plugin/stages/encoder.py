@@ -6,12 +6,12 @@ boundaries, before the block that starts the next segment:
   neither sparse nor stable, so similarity is the better redundancy signal);
 - deep boundary: keep the tokens with the highest CLS-to-patch attention, computed from that block's
   own q/k (never by asking the model for attention maps); without a CLS token (EAGLE's CLIP drops it),
-  the mean attention each token receives.
-- at both, ``spread_floor`` of the kept tokens are evenly spaced over the tokens entering instead: both
-  scores favour distinctive tokens and would keep no look-alike background, and a question about the
-  whole image reads it from a sample that still represents the image. ``encoder_deep_score="similarity"`` scores the deep boundary
+  the mean attention each token receives. ``encoder_deep_score="similarity"`` scores the deep boundary
   like the shallow one instead (on the v1 fidelity model's validation split the two were within noise,
   attention slightly ahead in the full pipeline, so attention stays the default).
+- at both, ``spread_floor`` of the kept tokens are evenly spaced over the tokens entering instead: both
+  scores favour distinctive tokens and would keep no look-alike background, and a question about the
+  whole image reads it from a sample that still represents the image.
 All images of an encoder keep the same number of tokens (the encoder's budget), so tensors stay
 rectangular. Encoders that cannot lose tokens inside (CNNs, windowed attention) are pruned at their
 output with the similarity score instead (``prune_output``).

@@ -63,7 +63,10 @@ def test_owner_spread_shares_the_floor_by_token_count_and_spreads_within_each_en
     owner = torch.tensor([0] * 4 + [1] * 12)
     picked = owner_spread(owner, 8)
     assert torch.nonzero(picked).flatten().tolist() == [1, 3, 5, 7, 9, 11, 13, 15]  # 2 of 4, 6 of 12
-    assert owner_spread(torch.tensor([0] * 30 + [1] * 2), 4)[30:].sum() == 1  # a small encoder keeps one
+    # Exactly m in all, by largest remainders: 4 owners of 3 tokens share 2 positions, the first two get one.
+    four = owner_spread(torch.arange(4).repeat_interleave(3), 2)
+    assert four.sum() == 2 and torch.nonzero(four).flatten().tolist() == [1, 4]
+    assert owner_spread(torch.tensor([0] * 30 + [1] * 2), 9)[30:].sum() == 1  # quotas 8.44 and 0.56: 8 and 1
 
 
 def test_topk_beyond_keeps_the_reserved_and_fills_the_rest_by_score():
