@@ -60,7 +60,7 @@ def test_quick_decode_bench_reads_the_kv_cache_that_stage3_shrank(capsys):
     assert result["kv_cache_ratio"] == unpruned["kv_cache_mib"] / pruned["kv_cache_mib"]
     for variant in (unpruned, pruned):
         assert variant["tokens_per_second"] == 2 * 4 / variant["generate_seconds"] > 0
-        assert len(variant["runs"]["full"]) == 1 and variant["decode_seconds"] > 0
+        assert len(variant["runs"]["full"]) == len(variant["runs"]["first"]) == 1  # timings are not asserted
 
 
 def test_profile_splits_the_pruned_prefill_into_parts_that_add_up(capsys):
