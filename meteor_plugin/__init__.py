@@ -11,7 +11,7 @@ from .config import MeteorConfig
 from .patching import disable, enable, enable_from_env, is_enabled
 from .runtime import attach
 from .stats import RunStats, stats
-from .targets.refusal import UnsupportedModelError
+from .adapters.refusal import UnsupportedModelError
 
 __version__ = "0.1.0"
 __all__ = ["MeteorConfig", "enable", "disable", "is_enabled", "stats", "attach", "RunStats", "UnsupportedModelError",

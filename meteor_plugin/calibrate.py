@@ -23,6 +23,7 @@ from .config import MeteorConfig
 from .core.budget import Budget
 from .core.rank import RANK_MEASURES, encoder_rank
 from .progress import bar, counted
+from .training import codebases
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PROMPTS = (
@@ -71,7 +72,7 @@ def encoder_ranks(model: Any, images: torch.Tensor, measure: str = "effective",
     """Mean rank (``measure``, see ``core.rank``) of each encoder's output features (before any pruning)."""
     tower = model.get_model().get_vision_tower()
     if hasattr(tower, "vision_towers"):  # EAGLE
-        from .targets.eagle_vision import _tokens, _tower_input, encoder_names
+        from .adapters.eagle import _tokens, _tower_input, encoder_names
 
         names = encoder_names(model)
         out = {}
@@ -153,10 +154,9 @@ def load_checkpoint(model_path: str):
     with open(path) as fh:
         config = json.load(fh)
     model_type = config.get("model_type")
-    if model_type not in ("eagle_llama", "llava_llama"):
-        raise ValueError(f"{model_path} holds a {model_type!r} model: calibrate takes LLaVA or EAGLE checkpoints")
+    codebase = codebases.for_checkpoint(config, model_path)
     off = MeteorConfig(encoder=False, fusion=False, llm=False)
-    if model_type == "eagle_llama" and config.get("eagle_like_towers") is not None:
+    if codebase.name == "eagle" and config.get("eagle_like_towers") is not None:
         from .testing.eagle_like import install
 
         install()  # the stand-in's own checkpoints: the fidelity model, the tests' tiny EAGLE
@@ -170,17 +170,12 @@ def load_checkpoint(model_path: str):
     if config.get("meteor_fusion") and not meteor_plugin.is_enabled():
         meteor_plugin.enable(off)
     try:
-        if model_type == "eagle_llama":
-            from eagle.mm_utils import get_model_name_from_path
-            from eagle.model.builder import load_pretrained_model
-        else:
-            from llava.mm_utils import get_model_name_from_path
-            from llava.model.builder import load_pretrained_model
+        load_pretrained_model, get_model_name_from_path = codebase.loader()
     except ModuleNotFoundError as exc:
-        name, fix = (("an EAGLE", "put an NVlabs/EAGLE checkout on PYTHONPATH") if model_type == "eagle_llama"
-                     else ("a LLaVA", "pip install --no-deps llava-torch"))
-        raise CodebaseMissing(f"{model_path} is {name} checkpoint ({model_type}): calibrate loads it with "
-                              f"{name.split()[1]}'s own code, which is not importable here ({exc}); {fix}") from None
+        article = "an" if codebase.title[:1] in "AEIOU" else "a"
+        raise CodebaseMissing(f"{model_path} is {article} {codebase.title} checkpoint ({model_type}): calibrate loads "
+                              f"it with {codebase.title}'s own code, which is not importable here ({exc}); "
+                              f"{codebase.notes['install']}") from None
     tokenizer, model, _, _ = load_pretrained_model(model_path, None, get_model_name_from_path(model_path),
                                                    device_map="cpu", device="cpu")
     return tokenizer, model.float().eval()

@@ -1,4 +1,4 @@
-"""enable() and disable(): patch every installed target, and put everything back."""
+"""enable() and disable(): patch every installed model family (adapters/), and put everything back."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import os
 import sys
 from typing import Any, Iterable, Optional, Union
 
-from . import targets as _targets
+from . import adapters
 from .compat import transformers as compat
 from .config import MeteorConfig
 from .registry import REGISTRY
 from .percall import forget_stats
 from .runtime import ACTIVE, restore_configs
-from .targets import refusal
+from .adapters import refusal
 
 ConfigLike = Union[MeteorConfig, dict, str, os.PathLike, None]
 
@@ -34,10 +34,11 @@ def enable(
     allow_untested_transformers: Optional[bool] = None,
     **overrides: Any,
 ) -> MeteorConfig:
-    """Patch the classes of every installed target (LLaVA, EAGLE) so their models prune visual tokens.
+    """Patch the classes of every installed model family (``adapters/``: the llava package, EAGLE,
+    transformers' LLaVA) so their models prune visual tokens; ``targets`` names a subset of them.
 
-    While enabled, a forward of a vision-language model no target prunes raises
-    ``UnsupportedModelError`` naming its class (``targets/refusal.py``); text-only models run as usual.
+    While enabled, a forward of a vision-language model no family prunes raises
+    ``UnsupportedModelError`` naming its class (``adapters/refusal.py``); text-only models run as usual.
 
     ``config`` applies to every model; without it each model uses the config saved in its checkpoint
     (``config.meteor``) or the defaults. ``overrides`` are MeteorConfig fields applied on top.
@@ -49,11 +50,11 @@ def enable(
     compat.check_version(allow_untested_transformers)
     cfg = _as_config(config)
     effective = (cfg or MeteorConfig()).replace(**overrides) if overrides else (cfg or MeteorConfig())
-    names = list(targets) if targets is not None else [t.name for t in _targets.ALL]
-    unknown = [n for n in names if n not in _targets.BY_NAME]
+    names = list(targets) if targets is not None else [f.name for f in adapters.FAMILIES]
+    unknown = [n for n in names if n not in adapters.BY_NAME]
     if unknown:
-        raise ValueError(f"unknown target(s) {unknown}: choose from {sorted(_targets.BY_NAME)}")
-    chosen = [_targets.BY_NAME[n] for n in names if _targets.BY_NAME[n].is_installed()]
+        raise ValueError(f"unknown target(s) {unknown}: choose from {sorted(adapters.BY_NAME)}")
+    chosen = [adapters.BY_NAME[n] for n in names if adapters.BY_NAME[n].is_installed()]
     if not chosen:
         raise RuntimeError(
             "meteor-plugin found nothing to patch: install LLaVA (pip install --no-deps llava-torch==1.2.2.post1) "
@@ -61,7 +62,7 @@ def enable(
         )
     for target in chosen:
         target.patch(REGISTRY)
-    refusal.install(REGISTRY, {cls: why for t in _targets.ALL for cls, why in t.refused.items()})
+    refusal.install(REGISTRY, {cls: why for f in adapters.FAMILIES for cls, why in f.refused.items()})
     compat.patch_rotary_floor(REGISTRY)
     ACTIVE.enabled = True
     ACTIVE.config = cfg

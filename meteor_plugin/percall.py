@@ -44,7 +44,7 @@ class MeteorCall:
     decoder: Any = None  # DecoderPruner of this call's language model (its plan and pruned prefix)
     embeds_from_elsewhere: bool = False  # forward(inputs_embeds=...) the plugin did not build
     kept: List[Any] = field(default_factory=list)  # recompute steps this call must keep alive
-    # transformers' LLaVA (targets/hf_llava.py): the language model this call prunes and the config it runs,
+    # transformers' LLaVA (adapters/hf_llava.py): the language model this call prunes and the config it runs,
     # the layout generate built for its prefill, Stage 1's plan while the tower runs, whether a loss is taken
     hf_language_model: Any = None
     hf_config: Any = None

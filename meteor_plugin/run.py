@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import runpy
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 USAGE = "usage: python -m meteor_plugin.run [--meteor-config PATH] [--meteor-set FIELD=VALUE] MODULE [ARGS...]"
-# module -> (codebase, attention) of meteor_plugin.train; train_mem is upstream's FlashAttention-2 entry
-TRAINING_MODULES = {
-    "llava.train.train_mem": ("llava", "flash_attention_2"),
-    "llava.train.train": ("llava", "sdpa"),
-    "llava.train.train_xformers": ("llava", "sdpa"),
-    "train_mem": ("eagle", "flash_attention_2"),
-    "train": ("eagle", "sdpa"),
-}
+
+
+def training_modules() -> Dict[str, Tuple[str, str]]:
+    """Training module -> (codebase, attention) for meteor_plugin.train, from each family's record."""
+    from meteor_plugin.training.codebases import known
+
+    return {module: (codebase.name, attention) for codebase in known().values()
+            for module, attention in codebase.entry_modules.items()}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -45,10 +45,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         argv = argv[2 if takes_value else 1:]
     if not argv:
         raise SystemExit(USAGE)
-    if argv[0] in TRAINING_MODULES:
+    entries = training_modules()
+    if argv[0] in entries:
         from meteor_plugin import train
 
-        codebase, attn = TRAINING_MODULES[argv[0]]
+        codebase, attn = entries[argv[0]]
         train.run_program(head + ["--meteor-codebase", codebase, "--meteor-attn", attn] + argv[1:])
         return
     from meteor_plugin.entry import config_path, pop_options

@@ -68,7 +68,7 @@ def test_calibrate_command_writes_ranks_and_lambda(tmp_path):
 
 
 def test_stage_budgets_are_validated_against_the_real_token_counts(tiny_llava):
-    from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+    from meteor_plugin.adapters.eagle import convert_to_post_projection
 
     model = build_tiny_eagle()
     convert_to_post_projection(model)

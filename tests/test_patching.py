@@ -13,7 +13,8 @@ import meteor_plugin
 from meteor_plugin import MeteorConfig
 from meteor_plugin.compat import transformers as compat
 from meteor_plugin.entry import enable_from_argv
-from meteor_plugin.targets.common import FamilyTarget, StructureError
+from meteor_plugin.adapters.family import StructureError
+from meteor_plugin.adapters.llava_arch import ArchTarget
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,9 +39,9 @@ def test_supported_version_ranges(version, ok):
 
 
 def test_nothing_to_patch_is_an_error(monkeypatch):
-    from meteor_plugin.targets.hf_llava import TransformersLlavaTarget
+    from meteor_plugin.adapters.hf_llava import TransformersLlavaTarget
 
-    monkeypatch.setattr(FamilyTarget, "is_installed", lambda self: False)
+    monkeypatch.setattr(ArchTarget, "is_installed", lambda self: False)
     monkeypatch.setattr(TransformersLlavaTarget, "is_installed", lambda self: False)
     with pytest.raises(RuntimeError, match="found nothing to patch: install LLaVA"):
         meteor_plugin.enable()
@@ -61,13 +62,13 @@ def test_unrecognised_model_structure_names_what_is_missing(tmp_path, monkeypatc
             def forward(self): pass
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    target = FamilyTarget("odd", "oddllava.model.language_model.odd_llama", "OddForCausalLM", "OddModel")
+    target = ArchTarget("odd", "oddllava.model.language_model.odd_llama", "OddForCausalLM", "OddModel")
     assert target.is_installed()
     from meteor_plugin.registry import PatchRegistry
 
     with pytest.raises(StructureError, match="OddForCausalLM has no prepare_inputs_labels_for_multimodal"):
         target.patch(PatchRegistry())
-    missing = FamilyTarget("odd", "oddllava.model.language_model.odd_llama", "OddForCausalLM", "NoSuchModel")
+    missing = ArchTarget("odd", "oddllava.model.language_model.odd_llama", "OddForCausalLM", "NoSuchModel")
     with pytest.raises(StructureError, match="odd_llama has no NoSuchModel"):
         missing.patch(PatchRegistry())
 

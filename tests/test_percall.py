@@ -110,7 +110,7 @@ def test_threads_forwarding_two_models_with_their_own_configs_equal_each_alone(t
 
 
 def test_threads_on_the_eagle_stand_in_with_all_three_stages_equal_each_alone():
-    from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+    from meteor_plugin.adapters.eagle import convert_to_post_projection
     from meteor_plugin.testing.eagle_like import build_tiny_eagle
 
     model = build_tiny_eagle()

@@ -59,7 +59,7 @@ QUICK = TinyEagleSpec()
 
 
 def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Dict[str, Any]:
-    from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+    from meteor_plugin.adapters.eagle import convert_to_post_projection
 
     device = torch.device(bench.device)
     dtype = getattr(torch, bench.dtype)

@@ -25,8 +25,8 @@ from .flops import _custom
 PLUGIN_PARTS = (
     ("meteor_plugin.stages.encoder:VitPruner", "_select", "stage 1: scoring and selection"),
     ("meteor_plugin.stages.encoder:VitPruner", "block_args", "stage 1: gathering"),
-    ("meteor_plugin.targets.eagle_vision", "prune_output", "stage 1: scoring and selection"),
-    ("meteor_plugin.targets.eagle_vision", "cooperative_prune", "stage 2: scoring, selection, gathering"),
+    ("meteor_plugin.adapters.eagle", "prune_output", "stage 1: scoring and selection"),
+    ("meteor_plugin.adapters.eagle", "cooperative_prune", "stage 2: scoring, selection, gathering"),
     ("meteor_plugin.stages.decoder:DecoderPruner", "_select", "stage 3: scoring and selection"),
     ("meteor_plugin.stages.decoder:DecoderPruner", "layer_args", "stage 3: gathering and masks"),
 )

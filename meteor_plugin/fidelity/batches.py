@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import torch
 
 from ..stages.layout import IGNORE_INDEX
-from ..targets.common import IMAGE_TOKEN_INDEX
+from ..adapters.family import IMAGE_TOKEN_INDEX
 from .questions import KINDS, Question
 from .tokenizer import WordTokenizer
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
-from ..targets.common import IMAGE_TOKEN_INDEX
+from ..adapters.family import IMAGE_TOKEN_INDEX
 from .questions import Question, vocabulary
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"

@@ -51,7 +51,7 @@ def spec(seed: int = 0):
 
 def build(seed: int = 0):
     """A fresh fidelity model with seeded random weights, converted to per-encoder projectors."""
-    from ..targets.eagle_vision import convert_to_post_projection
+    from ..adapters.eagle import convert_to_post_projection
     from ..testing.eagle_like import build_tiny_eagle
 
     model = build_tiny_eagle(spec(seed))
@@ -98,10 +98,11 @@ def load(path: str, config: Optional[Any] = None):
     from safetensors.torch import load_file
 
     import meteor_plugin
+    from ..adapters.eagle import TRAINING as EAGLE
     from ..testing.eagle_like import install
 
     install()
-    from eagle.model.language_model.eagle_llama import EagleConfig, EagleLlamaForCausalLM
+    EagleLlamaForCausalLM, EagleConfig = EAGLE.classes()
 
     meteor_plugin.enable(config or unpruned_config())
     model_config = EagleConfig.from_pretrained(path)

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
-from ..targets.common import IMAGE_TOKEN_INDEX  # LLaVA's placeholder id for the image in input_ids
+from ..adapters.family import IMAGE_TOKEN_INDEX  # LLaVA's placeholder id for the image in input_ids
 from .questions import vocabulary
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<image>")

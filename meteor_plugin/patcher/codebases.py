@@ -1,4 +1,7 @@
-"""The codebases the patcher knows, how a tree is recognised as one, and what is inserted in each file.
+"""What the patcher needs of a codebase, the edits codebases share, and how a tree is recognised.
+
+Each family's ``Codebase`` (its files and versions) is declared in its adapter module
+(``adapters/llava.py``, ``adapters/eagle.py``); ``known()`` reads them from there.
 
 Entry points get two lines that enable the plugin from ``--meteor-config PATH`` / ``--meteor-set
 FIELD=VALUE`` (taken out of ``sys.argv`` before the script's own parser sees them) or ``METEOR_CONFIG``,
@@ -10,16 +13,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
-from .anchors import (
-    AfterClass,
-    AfterImportsBefore,
-    AfterQuantizationKwargs,
-    MainBlockStart,
-    class_named,
-    statement_calling,
-)
+from .anchors import AfterQuantizationKwargs, MainBlockStart
 from .edits import Edit, FileSpec
 
 
@@ -55,20 +51,14 @@ QUANTIZATION_FIX = Edit(
     why="--bits 4/8: drop load_in_4bit/load_in_8bit beside quantization_config (a ValueError on transformers>=4.44)",
 )
 
-EAGLE_CONFIG_ALIAS = Edit(
-    name="eagleConfig-alias",
-    anchor=AfterClass("EagleConfig"),
-    code=("eagleConfig = EagleConfig  # [METEOR] the LoRA branch of eagle/model/builder.py imports this misspelt name",),
-    why="LoRA checkpoints: builder.py imports `eagleConfig`, which did not exist (ImportError)",
-)
-
-
-def _enable(anchor, loud: bool = False) -> Edit:
+def enable_edit(anchor, loud: bool = False) -> Edit:
+    """The two lines that enable the plugin, at ``anchor`` (``loud``: for a file that hides ImportErrors)."""
     return Edit(name="enable", anchor=anchor, code=ENABLE_LOUD_CODE if loud else ENABLE_CODE, why=ENABLE_WHY)
 
 
-def _main_script(path: str, role: str, calls: Tuple[str, ...], optional: bool = False, extra=()) -> FileSpec:
-    return FileSpec(path, role, (_enable(MainBlockStart(calls)),) + tuple(extra), optional)
+def main_script(path: str, role: str, calls: Tuple[str, ...], optional: bool = False, extra=()) -> FileSpec:
+    """A script whose ``__main__`` block calls one of ``calls``: the plugin is enabled first thing in it."""
+    return FileSpec(path, role, (enable_edit(MainBlockStart(calls)),) + tuple(extra), optional)
 
 
 @dataclass(frozen=True)
@@ -87,61 +77,18 @@ class Codebase:
     package: str  # the top-level package a tree must contain
     files: Tuple[FileSpec, ...]
     layouts: Tuple[Layout, ...]
+    # which layout a tree is (informational: the edits are the same for every layout); default: the first
+    recognise: Optional[Callable[[str], Optional[Layout]]] = None
 
     def spec(self, path: str) -> FileSpec:
         return next(f for f in self.files if f.path == path)
 
 
-LLAVA = Codebase(
-    name="llava",
-    title="LLaVA",
-    package="llava",
-    files=(
-        _main_script("llava/train/train.py", "training", ("train",), extra=(QUANTIZATION_FIX,)),
-        _main_script("llava/train/train_mem.py", "training", ("train",)),
-        _main_script("llava/train/train_xformers.py", "training", ("train",), optional=True),
-        _main_script("llava/eval/model_vqa_loader.py", "evaluation", ("eval_model",)),
-        _main_script("llava/eval/model_vqa.py", "evaluation", ("eval_model",)),
-        _main_script("llava/eval/model_vqa_science.py", "evaluation", ("eval_model",)),
-        _main_script("llava/eval/model_vqa_mmbench.py", "evaluation", ("eval_model",), optional=True),
-        _main_script("llava/eval/run_llava.py", "evaluation", ("eval_model",)),
-        _main_script("llava/serve/cli.py", "demo", ("main",)),
-        _main_script("llava/serve/model_worker.py", "demo", ("ModelWorker",), optional=True),
-    ),
-    layouts=(
-        Layout("c121f04", "haotian-liu/LLaVA at c121f04", "llava-c121f04.patch"),
-        Layout("llava-torch-1.2.2", "llava-torch 1.2.2 (PyPI)", "llava-torch-1.2.2.patch"),
-    ),
-)
+def known() -> Tuple[Codebase, ...]:
+    """Every family's patcher codebase (read from ``adapters``, which imports this module)."""
+    from ..adapters import FAMILIES
 
-EAGLE = Codebase(
-    name="eagle",
-    title="EAGLE",
-    package="eagle",
-    files=(
-        _main_script("train.py", "training", ("train",), extra=(QUANTIZATION_FIX,)),
-        _main_script("train_mem.py", "training", ("train",)),
-        _main_script("eagle/eval/model_vqa_loader.py", "evaluation", ("eval_model",)),
-        _main_script("eagle/eval/model_vqa.py", "evaluation", ("eval_model",)),
-        _main_script("eagle/eval/model_vqa_science.py", "evaluation", ("eval_model",)),
-        _main_script("eagle/eval/model_vqa_mmbench.py", "evaluation", ("eval_model",), optional=True),
-        _main_script("eagle/eval/model_vqa_mmmu.py", "evaluation", ("main",), optional=True),
-        _main_script("eagle/eval/run_eagle.py", "evaluation", ("eval_model",)),
-        FileSpec("lmms_eval/models/eagle.py", "evaluation",
-                 (_enable(AfterImportsBefore("`class Eagle`", class_named("Eagle")), loud=True),)),
-        FileSpec("predict_demo.py", "demo",
-                 (_enable(AfterImportsBefore("the call to load_pretrained_model()",
-                                             statement_calling("load_pretrained_model"))),)),
-        FileSpec("gradio_demo.py", "demo",
-                 (_enable(AfterImportsBefore("the argument parsing or model loading",
-                                             statement_calling("parse_args", "load_pretrained_model"))),),
-                 optional=True),
-        FileSpec("eagle/model/language_model/eagle_llama.py", "fix", (EAGLE_CONFIG_ALIAS,)),
-    ),
-    layouts=(Layout("fef95f1", "NVlabs/EAGLE at fef95f1", "eagle-fef95f1.patch"),),
-)
-
-CODEBASES = (LLAVA, EAGLE)
+    return tuple(f.patcher for f in FAMILIES if f.patcher is not None)
 
 
 def _landmark(root: str, codebase: Codebase) -> str:
@@ -152,31 +99,23 @@ def detect(root: str) -> Codebase:
     """The codebase whose tree ``root`` is (the folder that holds ``llava/`` or ``eagle/``)."""
     if not os.path.isdir(root):
         raise NotACodebase(f"{root}: no such directory")
-    found = [c for c in CODEBASES if os.path.isfile(_landmark(root, c))]
+    codebases = known()
+    found = [c for c in codebases if os.path.isfile(_landmark(root, c))]
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
         raise NotACodebase(f"{root} holds both llava/ and eagle/; patch each checkout on its own")
     inside = os.path.basename(os.path.normpath(root))
     hint = ""
-    if inside in {c.package for c in CODEBASES}:
+    if inside in {c.package for c in codebases}:
         hint = f" (give the folder that contains {inside}/, not {inside}/ itself)"
-    raise NotACodebase(
-        f"{root} is not a LLaVA or EAGLE tree: found neither llava/model/builder.py nor eagle/model/builder.py{hint}"
-    )
+    landmarks = " nor ".join(f"{c.package}/model/builder.py" for c in codebases)
+    names = " or ".join(c.title for c in codebases)
+    raise NotACodebase(f"{root} is not a {names} tree: found neither {landmarks}{hint}")
 
 
 def layout_of(root: str, codebase: Codebase) -> Optional[Layout]:
-    """Which known version the tree looks like (informational: the edits are the same for every layout).
-
-    LLaVA at c121f04 has the S2 vision tower that the llava-torch 1.2.2 wheel lacks.
-    """
-    if codebase is EAGLE:
-        return EAGLE.layouts[0]
-    path = os.path.join(root, "llava", "model", "multimodal_encoder", "builder.py")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            has_s2 = "CLIPVisionTowerS2" in fh.read()
-    except OSError:
-        return None
-    return LLAVA.layouts[0] if has_s2 else LLAVA.layouts[1]
+    """Which known version the tree looks like (informational: the edits are the same for every layout)."""
+    if codebase.recognise is None:
+        return codebase.layouts[0]
+    return codebase.recognise(root)

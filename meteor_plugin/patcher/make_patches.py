@@ -24,7 +24,9 @@ import sys
 import tempfile
 from typing import List, Optional
 
-from .codebases import EAGLE, LLAVA, Codebase, Layout, layout_of
+from ..adapters.eagle import PATCHER as EAGLE
+from ..adapters.llava import PATCHER as LLAVA
+from .codebases import Codebase, Layout, layout_of
 from .tree import patch_text
 
 COMMITS = {"c121f04": "c121f0432da27facab705978f83c4ada465e46fd", "fef95f1": "fef95f103b5e9899acbbe2c237e5b99147ab7e8e"}

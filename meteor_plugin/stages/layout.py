@@ -1,6 +1,6 @@
 """Where the visual tokens and the instruction sit in the language model's input sequence.
 
-The multimodal adapters (targets/) build a ``VisualLayout`` when they splice image features into the
+The multimodal adapters (adapters/) build a ``VisualLayout`` when they splice image features into the
 text, and hand it to the language model's next forward; Stage 3 reads it there.
 """
 

@@ -5,7 +5,7 @@
     meteor-plugin merge-lora --model-path LORA_RUN --out MERGED [--model-base BASE]
 
 Modules:
-- ``codebases.py``  what differs between LLaVA and EAGLE (a registry keyed by name, with per-codebase hooks)
+- ``codebases.py``  what training needs of a codebase (each family's record is in ``adapters/``) and lookups
 - ``convert.py``    ``meteor-plugin convert``; ``calibration.py``: the hook the calibrator fills
 - ``eagle_projectors.py``  EAGLE's per-encoder projectors: on disk for convert, split before training
   (ZeRO-3 gathered), on load for merge; ``checkpoint_files.py``: read and add tensors without the model
@@ -15,5 +15,5 @@ Modules:
 - ``lora.py``       adapter placement and the adapter + ``non_lora_trainables.bin`` layout; ``merge.py``
 - ``quant.py``      QLoRA loading that keeps vision towers, projectors and ``lm_head`` unquantised
 - ``deepspeed.py``  DeepSpeed on GPU and on CPU (gloo), ZeRO-3 gathers; ``compat.py``: Trainer API drift
-- ``eagle.py``      EAGLE's run-time fixes; ``tiny.py``: the tiny workspace of the CPU recipe and tests
+- ``tiny.py``       the tiny workspace of the CPU recipe and tests (EAGLE's run-time fix: ``adapters/eagle.py``)
 """

@@ -1,8 +1,10 @@
-"""The upstream codebases training and conversion know, keyed by name: what differs between them.
+"""What training and conversion need to know about an upstream codebase, and how one is found.
 
 LLaVA and EAGLE share the shape of their training script (EAGLE's root ``train.py`` is a renamed copy of
 ``llava/train/train.py``) and of their checkpoints; a ``Codebase`` records the names that differ and the
 codebase-specific steps. Everything else (arguments, the Trainer, saving, LoRA, quantisation) is shared.
+Each family's ``Codebase`` is declared in its adapter module (``adapters/llava.py``, ``adapters/eagle.py``)
+beside what inference and the patcher know of it; ``REGISTRY`` is read from there.
 
 Hooks a codebase fills in:
 - ``runtime_fixes``: functions ``fix(train_module)`` applied before ``train()`` runs (EAGLE: the
@@ -24,8 +26,6 @@ Hooks a codebase fills in:
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -50,12 +50,25 @@ class Codebase:
     after_load: Callable[[Any], None] = lambda model: None
     fully_trained: Tuple[str, ...] = ("mm_projector",)
     keep_unquantised: Tuple[str, ...] = ()
-    notes: Dict[str, str] = field(default_factory=dict)
+    notes: Dict[str, str] = field(default_factory=dict)  # "unavailable": why training cannot run; "install": how
+    title: str = ""  # what a message calls it ("LLaVA")
+    # where upstream's checkpoint loader lives (load_pretrained_model; get_model_name_from_path)
+    builder_module: str = ""
+    utils_module: str = ""
+    # training modules `python -m meteor_plugin.run` hands to meteor_plugin.train -> attention they run
+    entry_modules: Dict[str, str] = field(default_factory=dict)
+    from_checkout: bool = False  # trained from a checkout on the path: chosen before an installed package
 
     def classes(self) -> Tuple[type, type]:
         """(CausalLM class, config class)."""
         module = importlib.import_module(self.model_module)
         return getattr(module, self.causal_lm), getattr(module, self.config_class)
+
+    def loader(self) -> Tuple[Callable, Callable]:
+        """(load_pretrained_model, get_model_name_from_path) from the codebase's own code."""
+        builder = importlib.import_module(self.builder_module)
+        utils = importlib.import_module(self.utils_module)
+        return builder.load_pretrained_model, utils.get_model_name_from_path
 
     def import_train_module(self):
         return importlib.import_module(self.train_module)
@@ -74,126 +87,50 @@ def resolve(hook: Any) -> Optional[Callable]:
     return getattr(importlib.import_module(module), attr)
 
 
-REGISTRY: Dict[str, Codebase] = {}
+def known() -> Dict[str, Codebase]:
+    """Every family's training codebase by name (read from ``adapters``, which imports this module)."""
+    from ..adapters import FAMILIES
 
-
-def register(codebase: Codebase) -> Codebase:
-    """Add or replace a codebase (the EAGLE conversion is registered by the Stage 2 code)."""
-    REGISTRY[codebase.name] = codebase
-    return codebase
+    return {f.training.name: f.training for f in FAMILIES if f.training is not None}
 
 
 def get(name: str) -> Codebase:
     try:
-        return REGISTRY[name]
+        return known()[name]
     except KeyError:
-        raise ValueError(f"unknown codebase {name!r}: choose from {', '.join(sorted(REGISTRY))}") from None
+        raise ValueError(f"unknown codebase {name!r}: choose from {', '.join(sorted(known()))}") from None
 
 
 def for_checkpoint(config: Dict[str, Any], path: str = "") -> Codebase:
     """The codebase a checkpoint's config.json belongs to (by ``model_type``, then ``architectures``)."""
     model_type = config.get("model_type")
-    for codebase in REGISTRY.values():
+    codebases = list(known().values())
+    for codebase in codebases:
         if model_type in codebase.model_types:
             return codebase
     archs = config.get("architectures") or []
-    for codebase in REGISTRY.values():
+    for codebase in codebases:
         if codebase.causal_lm in archs:
             return codebase
-    known = ", ".join(f"{c.name} ({'/'.join(c.model_types)})" for c in REGISTRY.values())
+    names = ", ".join(f"{c.name} ({'/'.join(c.model_types)})" for c in codebases)
     raise ValueError(
         f"{path or 'this checkpoint'} has model_type={model_type!r} and architectures={archs}: not a checkpoint of "
-        f"a codebase meteor-plugin knows ({known})"
+        f"a codebase meteor-plugin knows ({names})"
     )
 
 
 def for_training(choice: str = "auto") -> Codebase:
-    """The codebase whose ``train()`` to wrap: EAGLE when run from an EAGLE checkout, else LLaVA."""
+    """The codebase whose ``train()`` to wrap: one trained from a checkout on the path (EAGLE) before an
+    installed package (LLaVA)."""
     if choice != "auto":
         codebase = get(choice)
         if not codebase.available():
             raise RuntimeError(f"--meteor-codebase {choice}: {codebase.notes.get('unavailable', 'not installed')}")
         return codebase
-    for name in ("eagle", "llava"):
-        codebase = REGISTRY.get(name)
-        if codebase is not None and codebase.available():
+    for codebase in sorted(known().values(), key=lambda c: not c.from_checkout):
+        if codebase.available():
             return codebase
     raise RuntimeError(
         "meteor_plugin.train found no training code: install LLaVA (pip install --no-deps llava-torch==1.2.2.post1) "
         "or run from the root of an EAGLE checkout (where train.py and the eagle package are)"
     )
-
-
-# LLaVA ---------------------------------------------------------------------------------------------------
-def _llava_available() -> bool:
-    from ..targets import LLAVA
-
-    return LLAVA.is_installed() and importlib.util.find_spec("llava.train") is not None
-
-
-def _load_delayed_tower(model: Any) -> None:
-    """LLaVA builds its CLIP tower with delay_load: its weights come from ``mm_vision_tower`` on load."""
-    get_tower = getattr(model, "get_vision_tower", None)
-    tower = get_tower() if get_tower else None
-    if tower is not None and not getattr(tower, "is_loaded", True):
-        tower.load_model()
-
-
-LLAVA = register(Codebase(
-    name="llava", keyword="llava",
-    model_module="llava.model.language_model.llava_llama", causal_lm="LlavaLlamaForCausalLM",
-    config_class="LlavaConfig", model_types=("llava_llama", "llava"),
-    train_module="llava.train.train", trainer_class="LLaVATrainer", model_global="LlavaLlamaForCausalLM",
-    available=_llava_available, after_load=_load_delayed_tower,
-    notes={"unavailable": "LLaVA is not installed (pip install --no-deps llava-torch==1.2.2.post1)"},
-))
-
-
-# EAGLE ---------------------------------------------------------------------------------------------------
-def eagle_train_script() -> Optional[str]:
-    """The path of an importable root ``train.py`` with EAGLE's structure, or None.
-
-    Read as text, not imported (importing it builds nothing but pulls in all of EAGLE). Our own
-    ``meteor_plugin/train.py`` never counts, in case it was run as a script from its folder.
-    """
-    spec = importlib.util.find_spec("train") if importlib.util.find_spec("eagle") is not None else None
-    origin = getattr(spec, "origin", None)
-    if not origin or not os.path.isfile(origin):
-        return None
-    if os.path.dirname(os.path.abspath(origin)) == os.path.dirname(os.path.dirname(os.path.abspath(__file__))):
-        return None
-    with open(origin, encoding="utf-8", errors="replace") as fh:
-        text = fh.read()
-    needed = ("def train(", "EagleTrainer", "class ModelArguments", "safe_save_model_for_hf_trainer")
-    return origin if all(n in text for n in needed) else None
-
-
-def _eagle_available() -> bool:
-    from ..targets import EAGLE as EAGLE_TARGET
-
-    return EAGLE_TARGET.is_installed() and eagle_train_script() is not None
-
-
-def _eagle_fixes():
-    from .eagle import alias_eagle_config
-
-    return (alias_eagle_config,)
-
-
-EAGLE = register(Codebase(
-    name="eagle", keyword="eagle",
-    model_module="eagle.model.language_model.eagle_llama", causal_lm="EagleLlamaForCausalLM",
-    config_class="EagleConfig", model_types=("eagle_llama",),
-    train_module="train", trainer_class="EagleTrainer", model_global="EagleLlamaForCausalLM",
-    available=_eagle_available, runtime_fixes=_eagle_fixes(),
-    # Stage 2's per-encoder projectors (eagle_projectors.py): added by convert, or split before training.
-    convert_weights="meteor_plugin.training.eagle_projectors:convert_weights",
-    weights_required=True,
-    weights_missing_reason="converting an EAGLE checkpoint needs the per-encoder projectors of METEOR's Stage 2",
-    before_training="meteor_plugin.training.eagle_projectors:before_training",
-    # EAGLE trains every encoder (freeze_vision=False) and the projector: so do its LoRA runs, beside the adapters.
-    fully_trained=("mm_projector", "vision_tower"),
-    # transformers 4.44 skips a module only if "<name>." is in its path: "mm_projector" misses mm_projectors.N.
-    keep_unquantised=("mm_projectors",),
-    notes={"unavailable": "run from the root of an EAGLE checkout: its train.py and eagle/ must be importable"},
-))

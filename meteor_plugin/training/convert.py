@@ -196,6 +196,6 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="the new folder; its name must keep 'llava' (or 'eagle')")
     parser.add_argument("--config", help="a MeteorConfig .json/.yaml to store (default: MeteorConfig's defaults)")
     parser.add_argument("--calibration-images", help="a folder of images to calibrate ranks and lambda on")
-    parser.add_argument("--codebase", choices=sorted(codebases.REGISTRY), help="default: from config.json's model_type")
+    parser.add_argument("--codebase", choices=sorted(codebases.known()), help="default: from config.json's model_type")
     parser.set_defaults(func=_run)
     return parser

@@ -1,9 +1,9 @@
 """EAGLE's per-encoder projectors (METEOR's Stage 2) where training and conversion need them.
 
 METEOR fuses EAGLE's encoders after projection: each encoder gets its own projector (``mm_projectors``),
-split from the shared one by ``targets.eagle_vision.convert_to_post_projection`` and recorded in
+split from the shared one by ``adapters.eagle.convert_to_post_projection`` and recorded in
 ``config.meteor_fusion``, from which the plugin rebuilds them when a checkpoint loads. Three places need
-them besides inference, each registered as a hook of ``codebases.EAGLE``:
+them besides inference, each registered as a hook of ``adapters.eagle.TRAINING``:
 
 - ``convert_weights`` (``meteor-plugin convert``): the split is done on the checkpoint's tensors: only the
   shared projector is read and only the new projectors are written (``checkpoint_files.py``), so EAGLE
@@ -27,8 +27,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 
 from ..stages.fusion import empty_projectors, split_projector
-from ..targets import eagle_vision
-from ..targets.eagle_vision import FUSION_KEY, KNOWN_ENCODERS, FusionConfigError
+from ..adapters import eagle
+from ..adapters.eagle import ENCODER_CHANNELS, FUSION_KEY, KNOWN_ENCODERS, FusionConfigError
 from . import checkpoint_files
 
 # The split each model got when training started (model -> counts), kept beside the model, not on it.
@@ -36,12 +36,6 @@ SPLIT_IN_TRAINING: "weakref.WeakKeyDictionary[Any, Dict[str, int]]" = weakref.We
 
 SHARED = "model.mm_projector."
 PER_ENCODER = "model.mm_projectors."
-
-# Channels each EAGLE encoder adds to the fused features (NVlabs/EAGLE fef95f1): CLIP-L, ConvNeXt-XXL's
-# last stage, SAM-L after pixel_unshuffle, EVA-02-L, Pix2Struct-large.
-EAGLE_CHANNELS = {"clip-448": 1024, "convnext-1024": 3072, "sam-1024": 1024, "det-1024": 1024,
-                  "pix2struct-1024": 1536}
-
 
 def encoders_and_channels(model_config: Dict[str, Any], folder: str = "") -> Tuple[List[str], List[int]]:
     """The encoders a checkpoint's config builds (in fusion order) and the channels each contributes.
@@ -56,21 +50,18 @@ def encoders_and_channels(model_config: Dict[str, Any], folder: str = "") -> Tup
             f"EAGLE's encoders ({', '.join(KNOWN_ENCODERS)}): not a multi-encoder EAGLE checkpoint"
         )
     hidden = int(model_config.get("mm_hidden_size") or 0)
-    channels = [EAGLE_CHANNELS[n] for n in names]
+    channels = [ENCODER_CHANNELS[n] for n in names]
     if sum(channels) == hidden:
         return names, channels
+    fields = {k: v for k, v in model_config.items() if k not in ("architectures", "model_type", "transformers_version")}
     try:
-        from eagle.model.language_model.eagle_llama import EagleConfig
-        from eagle.model.multimodal_encoder.builder import build_vision_tower
+        built = eagle.built_tower_channels(fields)
     except ImportError as exc:
         raise FusionConfigError(
             f"{folder or 'this checkpoint'}: its encoders {names} would give {sum(channels)} channels with EAGLE's "
             f"sizes, but mm_hidden_size is {hidden}; telling how its channels split needs the towers built: run "
             f"from the root of the EAGLE checkout that trained it ({exc})"
         ) from None
-    fields = {k: v for k, v in model_config.items() if k not in ("architectures", "model_type", "transformers_version")}
-    tower = build_vision_tower(EagleConfig(**fields))
-    built = [int(t.hidden_size) for t in tower.vision_towers]
     if sum(built) != hidden or len(built) != len(names):
         raise FusionConfigError(f"{folder}: the towers built from its config give channels {built}, which do not "
                                 f"match its {len(names)} encoders and mm_hidden_size {hidden}")
@@ -110,7 +101,7 @@ def convert_weights(job: Any) -> None:
     shared = shared_projector(state, projector_type, int(config["mm_hidden_size"]), int(config["hidden_size"]))
     projectors = split_projector(shared, channels)
     checkpoint_files.add_tensors(files, {PER_ENCODER + k: v for k, v in projectors.state_dict().items()})
-    config[FUSION_KEY] = eagle_vision.fusion_record(names, channels, projector_type)
+    config[FUSION_KEY] = eagle.fusion_record(names, channels, projector_type)
 
 
 # python -m meteor_plugin.train ------------------------------------------------------------------------------
@@ -149,7 +140,7 @@ def split_for_training(model: Any) -> Dict[str, int]:
     shared = llm.mm_projector
     partitioned = _zero3_params(shared)
     projector_type = getattr(model.config, "mm_projector_type", "linear")
-    eagle_vision.convert_to_post_projection(model, source=_gathered_copy(shared, projector_type))
+    eagle.convert_to_post_projection(model, source=_gathered_copy(shared, projector_type))
     new = list(llm.mm_projectors.parameters())
     _trained_like_the_shared_one(llm)
     if partitioned:
@@ -175,11 +166,11 @@ def before_training(model: Any, training_args: Any) -> None:
                 "Train the unconverted checkpoint for a baseline, or drop --meteor-off"
             )
         return
-    if eagle_vision.is_converted(bare):
+    if eagle.is_converted(bare):
         _trained_like_the_shared_one(bare.get_model())
         return
     if recorded:
-        eagle_vision.resolve_mode(bare, config_for(bare))  # raises: recorded but not built
+        eagle.resolve_mode(bare, config_for(bare))  # raises: recorded but not built
     if config_for(bare).fusion_mode == "training_free":
         return  # the user asked for EAGLE's channel concatenation
     done = split_for_training(bare)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from meteor_plugin.patcher.codebases import EAGLE, LLAVA
+from meteor_plugin.adapters.eagle import PATCHER as EAGLE
+from meteor_plugin.adapters.llava import PATCHER as LLAVA
 from meteor_plugin.patcher.edits import plan
 
 LAYOUTS = ("c121f04", "llava-torch-1.2.2", "fef95f1")

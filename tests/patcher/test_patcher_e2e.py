@@ -20,7 +20,7 @@ from patcher_fixtures import snapshot
 
 from meteor_plugin import patcher
 from meteor_plugin.patcher import make_patches
-from meteor_plugin.patcher.codebases import LLAVA
+from meteor_plugin.adapters.llava import PATCHER as LLAVA
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))

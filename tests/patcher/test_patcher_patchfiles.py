@@ -10,7 +10,8 @@ from patcher_fixtures import LAYOUTS, build_tree, snapshot
 
 from meteor_plugin import patcher
 from meteor_plugin.patcher import make_patches
-from meteor_plugin.patcher.codebases import EAGLE, LLAVA
+from meteor_plugin.adapters.eagle import PATCHER as EAGLE
+from meteor_plugin.adapters.llava import PATCHER as LLAVA
 
 PATCHES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "patches")
 HUNK = re.compile(r"^@@ -(\d+),0 \+(\d+)(?:,(\d+))? @@$")

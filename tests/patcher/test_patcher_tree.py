@@ -9,7 +9,7 @@ import pytest
 from patcher_fixtures import LAYOUTS, build_tree, snapshot
 
 from meteor_plugin import patcher
-from meteor_plugin.patcher import codebases, edits
+from meteor_plugin.patcher import anchors, edits
 
 MAIN = 'if __name__ == "__main__":\n'
 
@@ -69,7 +69,7 @@ def test_enable_lines_open_the_main_block_of_every_entry_script(tmp_path, layout
     root = _tree(tmp_path, layout)
     patcher.apply(root)
     for spec in patcher.detect(root).files:
-        if not isinstance(spec.edits[0].anchor, codebases.MainBlockStart):
+        if not isinstance(spec.edits[0].anchor, anchors.MainBlockStart):
             continue
         text = _read(root, spec.path)
         after_header = text.split(MAIN, 1)[1].splitlines()
@@ -288,7 +288,7 @@ def test_not_a_tree(tmp_path):
 
 
 def test_every_inserted_line_carries_the_marker():
-    for codebase in patcher.CODEBASES:
+    for codebase in patcher.known():
         for spec in codebase.files:
             for edit in spec.edits:
                 assert edit.code and all("# [METEOR]" in line for line in edit.code)

@@ -49,7 +49,7 @@ def test_drop_encoder_removes_one_encoder_and_refuses_an_impossible_budget():
 
 @pytest.mark.parametrize("method", ["random", "avgpool", "visionzip", "drop_encoder"])
 def test_every_pre_llm_method_returns_exactly_its_budget_per_sample(method):
-    from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+    from meteor_plugin.adapters.eagle import convert_to_post_projection
 
     model = build_tiny_eagle()
     convert_to_post_projection(model)

@@ -20,7 +20,7 @@ def batch(n=2, seed=0, pad="right"):
 @pytest.fixture
 def eagle():
     def make(converted=False, **fields):
-        from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+        from meteor_plugin.adapters.eagle import convert_to_post_projection
 
         model = build_tiny_eagle(TinyEagleSpec(**fields))
         if converted:
@@ -77,7 +77,7 @@ def test_post_projection_counts_per_encoder_and_stage_match_budgets_and_hooks(ea
 
 
 def test_clip_blocks_run_on_fewer_tokens_inside_eagle(eagle):
-    from meteor_plugin.targets.vision import clip_layers
+    from meteor_plugin.adapters.vision import clip_layers
 
     model = eagle(converted=True)
     clip = model.get_model().get_vision_tower().vision_towers[0]
@@ -167,7 +167,7 @@ def test_converted_checkpoint_saves_and_reloads_its_projectors(eagle, tmp_path):
 
 
 def test_split_projectors_reproduce_the_shared_first_layer(eagle):
-    from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+    from meteor_plugin.adapters.eagle import convert_to_post_projection
 
     model = eagle()
     shared = model.get_model().mm_projector

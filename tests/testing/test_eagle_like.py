@@ -77,10 +77,10 @@ def test_install_is_idempotent_and_makes_eagle_importable():
     import eagle
 
     assert os.path.realpath(eagle.__file__).startswith(os.path.realpath(eagle_like.ROOT))
-    from meteor_plugin.targets import EAGLE
+    from meteor_plugin.adapters.eagle import TARGET
 
-    assert EAGLE.is_installed()
-    assert EAGLE.classes() == (EagleLlamaForCausalLM, EagleLlamaModel)
+    assert TARGET.is_installed()
+    assert TARGET.classes() == (EagleLlamaForCausalLM, EagleLlamaModel)
 
 
 def test_install_refuses_a_different_eagle(tmp_path, monkeypatch):

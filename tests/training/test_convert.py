@@ -167,7 +167,7 @@ def _restored(source, folder, storage):
 def test_an_eagle_checkpoint_gets_per_encoder_projectors_split_from_its_shared_one(eagle_source, tmp_path, storage):
     from eagle.model.language_model.eagle_llama import EagleLlamaForCausalLM
 
-    from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+    from meteor_plugin.adapters.eagle import convert_to_post_projection
     from meteor_plugin.training import checkpoint_files
 
     source = _restored(eagle_source, str(tmp_path / "tiny-eagle-x3"), storage)
@@ -340,12 +340,12 @@ def _fake_eagle_conversion(job):
 
 
 def test_a_codebase_conversion_hook_given_as_module_function_runs_on_the_copy(tmp_path, monkeypatch):
-    from meteor_plugin.training import codebases
+    from meteor_plugin.adapters.eagle import TRAINING
 
     eagle = tmp_path / "eagle-x4"
     eagle.mkdir()
     (eagle / "config.json").write_text(json.dumps({"model_type": "eagle_llama"}))
-    monkeypatch.setattr(codebases.EAGLE, "convert_weights", f"{__name__}:_fake_eagle_conversion")
+    monkeypatch.setattr(TRAINING, "convert_weights", f"{__name__}:_fake_eagle_conversion")
     with pytest.raises(ConversionError, match="lacks 'eagle'"):
         convert(str(eagle), str(tmp_path / "x4-meteor"))
     out = convert(str(eagle), str(tmp_path / "eagle-x4-meteor"), MeteorConfig(fusion_keep=0.25))

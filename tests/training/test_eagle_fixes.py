@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import meteor_plugin
-from meteor_plugin.training import eagle, hooks, lora
-from meteor_plugin.training.codebases import EAGLE
+from meteor_plugin.adapters import eagle
+from meteor_plugin.adapters.eagle import TRAINING as EAGLE
+from meteor_plugin.training import hooks, lora
 
 
 def _fake_eagle_llama():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import meteor_plugin
-from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+from meteor_plugin.adapters.eagle import convert_to_post_projection
 from meteor_plugin.training import eagle_projectors
 from meteor_plugin.training.eagle_projectors import before_training
 from meteor_plugin.training.tiny import EAGLE_TOWERS

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import meteor_plugin
+from meteor_plugin.adapters import eagle
 from meteor_plugin.training import codebases, hooks, lora
 from meteor_plugin.training.deepspeed import cpu_training_flags
 from meteor_plugin.training.tiny import EAGLE_TOWERS
@@ -46,11 +47,11 @@ def _globals_loaded(code):
 def test_the_entry_finds_the_stand_ins_train_py_and_installs_into_it(train):
     from meteor_plugin.testing.eagle_like import ROOT
 
-    assert train.__file__ == os.path.join(ROOT, "train.py") == codebases.eagle_train_script()
-    assert codebases.for_training("eagle") is codebases.EAGLE
+    assert train.__file__ == os.path.join(ROOT, "train.py") == eagle.eagle_train_script()
+    assert codebases.for_training("eagle") is eagle.TRAINING
     before = {n: getattr(train, n) for n in ("EagleTrainer", "EagleLlamaForCausalLM", "find_all_linear_names",
                                               "safe_save_model_for_hf_trainer", "TrainingArguments")}
-    session = hooks.install(train, codebases.EAGLE)
+    session = hooks.install(train, eagle.TRAINING)
     assert train.EagleTrainer.meteor_session is session and issubclass(train.EagleTrainer, before["EagleTrainer"])
     assert train.EagleLlamaForCausalLM.meteor_wrapped is before["EagleLlamaForCausalLM"]
     assert train.find_all_linear_names is lora.target_regex
@@ -131,7 +132,7 @@ def test_eagles_own_final_save_keeps_only_the_adapter_and_the_entrys_keeps_every
 
     model = tiny_eagle()
     model = get_peft_model(model, LoraConfig(r=4, target_modules=lora.target_regex(model)))
-    trained = lora.train_fully(model, codebases.EAGLE.fully_trained)
+    trained = lora.train_fully(model, eagle.TRAINING.fully_trained)
     trainer = train.EagleTrainer(model=model, args=_args(train, tmp_path / "run", lora_enable=True))
     trainer.save_state()  # the end of training: from here train() saves as EAGLE does, LoRA or not
     assert trainer.args.lora_enable is False

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import meteor_plugin
-from meteor_plugin.training import eagle, lora, merge, save
+from meteor_plugin.adapters.eagle import alias_eagle_config
+from meteor_plugin.training import lora, merge, save
 
 from training_support import (EAGLE_KEPT, LLM_LINEAR, adapter_modules, load_trained_eagle, probe_forward,
                               tower_dtype)
@@ -158,7 +159,7 @@ def test_eagle_lora_reloads_merges_and_opens_in_eagles_own_loader(eagle_workspac
     name = get_model_name_from_path(run.out)
     with pytest.raises(ImportError, match="eagleConfig"):
         load_pretrained_model(run.out, eagle_workspace.model, name, device="cpu", device_map="cpu")
-    eagle.alias_eagle_config()
+    alias_eagle_config()
     _, from_lora, _, _ = load_pretrained_model(run.out, eagle_workspace.model, name, device="cpu", device_map="cpu")
     same_weights(from_lora)
 

@@ -9,6 +9,7 @@ import pytest
 
 import meteor_plugin
 from meteor_plugin.train import attention_implementation
+from meteor_plugin.adapters import eagle, llava
 from meteor_plugin.training import arguments, codebases, compat, hooks
 from meteor_plugin.training.deepspeed import cpu_training_flags
 
@@ -91,12 +92,12 @@ def test_install_replaces_llavas_train_globals_and_disable_restores_them():
     before = {name: getattr(train, name) for name in ("ModelArguments", "TrainingArguments", "find_all_linear_names",
                                                       "safe_save_model_for_hf_trainer", "LLaVATrainer",
                                                       "LlavaLlamaForCausalLM")}
-    session = hooks.install(train, codebases.LLAVA)
+    session = hooks.install(train, llava.TRAINING)
     assert train.find_all_linear_names.__name__ == "target_regex"
     assert train.LLaVATrainer.meteor_session is session and issubclass(train.LLaVATrainer, before["LLaVATrainer"])
     assert {"meteor_config", "meteor_llm"} <= set(train.ModelArguments.__dataclass_fields__)
     assert train.LlavaLlamaForCausalLM.meteor_wrapped is before["LlavaLlamaForCausalLM"]
-    hooks.install(train, codebases.LLAVA)  # a second run in the same process wraps nothing twice
+    hooks.install(train, llava.TRAINING)  # a second run in the same process wraps nothing twice
     assert train.LLaVATrainer.__mro__[2] is before["LLaVATrainer"]
     meteor_plugin.disable()
     assert {name: getattr(train, name) for name in before} == before
@@ -109,7 +110,7 @@ def test_the_codebase_is_llava_here_and_eagle_from_an_eagle_checkout(tmp_path, m
     monkeypatch.setattr(sys, "path", [p for p in sys.path if not eagle_like._same_dir(p or ".", eagle_like.ROOT)])
     for name in [m for m in sys.modules if m == "eagle" or m.startswith("eagle.") or m == "train"]:
         monkeypatch.delitem(sys.modules, name)
-    assert codebases.for_training("auto") is codebases.LLAVA
+    assert codebases.for_training("auto") is llava.TRAINING
     with pytest.raises(RuntimeError, match="root of an EAGLE checkout"):
         codebases.for_training("eagle")
     # An EAGLE-shaped root: eagle/model/language_model/eagle_llama.py and a train.py with EAGLE's names.
@@ -123,15 +124,15 @@ def test_the_codebase_is_llava_here_and_eagle_from_an_eagle_checkout(tmp_path, m
                                    "def safe_save_model_for_hf_trainer(trainer, output_dir): ...\n"
                                    "def train(attn_implementation=None): ...\n")
     monkeypatch.syspath_prepend(str(root))
-    assert codebases.eagle_train_script() == str(root / "train.py")
-    assert codebases.for_training("auto") is codebases.EAGLE
+    assert eagle.eagle_train_script() == str(root / "train.py")
+    assert codebases.for_training("auto") is eagle.TRAINING
     (root / "train.py").write_text("def train(): ...\n")  # another project's train.py
-    assert codebases.eagle_train_script() is None
+    assert eagle.eagle_train_script() is None
 
 
 def test_checkpoints_are_matched_to_their_codebase():
-    assert codebases.for_checkpoint({"model_type": "llava_llama"}) is codebases.LLAVA
-    assert codebases.for_checkpoint({"architectures": ["EagleLlamaForCausalLM"]}) is codebases.EAGLE
+    assert codebases.for_checkpoint({"model_type": "llava_llama"}) is llava.TRAINING
+    assert codebases.for_checkpoint({"architectures": ["EagleLlamaForCausalLM"]}) is eagle.TRAINING
     with pytest.raises(ValueError, match="not a checkpoint of a codebase meteor-plugin knows"):
         codebases.for_checkpoint({"model_type": "llama"}, "vicuna-7b")
 
@@ -162,7 +163,7 @@ def test_main_enables_the_plugin_with_the_flags_and_hands_the_rest_to_upstream(m
     module.safe_save_model_for_hf_trainer = lambda trainer, output_dir: None
     module.LLaVATrainer = transformers.Trainer
     module.LlavaLlamaForCausalLM = object
-    monkeypatch.setattr(codebases.LLAVA, "import_train_module", lambda: module)
+    monkeypatch.setattr(llava.TRAINING, "import_train_module", lambda: module)
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() hands upstream its own sys.argv
     monkeypatch.setattr(hooks, "install", lambda module, codebase: hooks.Session(codebase))
 

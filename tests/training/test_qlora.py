@@ -66,7 +66,7 @@ def test_upstream_bits_kwargs_are_made_valid():
 
 
 def _converted_tiny_eagle():
-    from meteor_plugin.targets.eagle_vision import convert_to_post_projection
+    from meteor_plugin.adapters.eagle import convert_to_post_projection
     from meteor_plugin.testing.eagle_like import TinyEagleSpec, build_tiny_eagle
     from meteor_plugin.training.tiny import EAGLE_TOWERS
 
@@ -76,7 +76,7 @@ def _converted_tiny_eagle():
 
 
 def test_eagles_skip_list_keeps_towers_per_encoder_projectors_and_lm_head_under_this_transformers(monkeypatch):
-    from meteor_plugin.training.codebases import EAGLE
+    from meteor_plugin.adapters.eagle import TRAINING as EAGLE
 
     # EAGLE builds its towers inside from_pretrained: they, every projector and lm_head must be skipped.
     converted = converted_by_transformers(_converted_tiny_eagle(), quant.skip_modules(EAGLE.keep_unquantised),
@@ -100,7 +100,7 @@ def test_a_4bit_eagle_step_trains_adapters_and_per_encoder_projectors_with_stage
     from eagle.model.language_model.eagle_llama import EagleLlamaForCausalLM
     from meteor_plugin.testing.llava import make_batch
     from meteor_plugin.training import hooks, lora
-    from meteor_plugin.training.codebases import EAGLE
+    from meteor_plugin.adapters.eagle import TRAINING as EAGLE
 
     folder = str(tmp_path / "tiny-eagle-meteor")
     _converted_tiny_eagle().save_pretrained(folder)

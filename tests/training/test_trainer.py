@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import transformers
 
-from meteor_plugin.training import codebases, hooks, lora
+from meteor_plugin.adapters import llava
+from meteor_plugin.training import hooks, lora
 from meteor_plugin.training.deepspeed import cpu_training_flags
 from meteor_plugin.training.trainer import make_trainer
 
@@ -19,7 +20,7 @@ def _args(tmp_path, **extra):
 
 def test_the_before_training_hook_sees_the_model_before_the_optimizer(tiny_llava, tmp_path, monkeypatch):
     calls = []
-    codebase = dataclasses.replace(codebases.LLAVA, before_training=lambda model, args: calls.append((model, args)))
+    codebase = dataclasses.replace(llava.TRAINING, before_training=lambda model, args: calls.append((model, args)))
     session = hooks.Session(codebase)
     model = tiny_llava()
     args = _args(tmp_path)
@@ -31,7 +32,7 @@ def test_a_trainer_with_adapters_in_the_vision_tower_is_refused(tiny_llava, tmp_
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_llava(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    cls = make_trainer(transformers.Trainer, hooks.Session(codebases.LLAVA))
+    cls = make_trainer(transformers.Trainer, hooks.Session(llava.TRAINING))
     with pytest.raises(lora.LoraPlacementError, match="vision/projector"):
         cls(model=model, args=_args(tmp_path, lora_enable=True))
 
@@ -42,7 +43,7 @@ def test_lora_runs_keep_the_projector_trainable(tiny_llava, tmp_path):
     model = tiny_llava()
     model = get_peft_model(model, LoraConfig(r=4, target_modules=lora.target_regex(model)))
     assert not any(p.requires_grad for n, p in model.named_parameters() if "mm_projector" in n)  # peft froze it
-    session = hooks.Session(codebases.LLAVA)
+    session = hooks.Session(llava.TRAINING)
     make_trainer(transformers.Trainer, session)(model=model, args=_args(tmp_path, lora_enable=True))
     assert session.fully_trained and all("mm_projector" in n for n in session.fully_trained)
     assert all(p.requires_grad for n, p in model.named_parameters() if "mm_projector" in n)

@@ -1,4 +1,4 @@
-"""The part of the LLaVA and EAGLE adapters that is the same for both.
+"""The wrappers the llava package's and EAGLE's adapters share (their ``*_arch.py`` is one design).
 
 EAGLE's ``eagle_arch.py`` / ``eagle_llama.py`` are line-for-line copies of LLaVA's ``llava_arch.py`` /
 ``llava_llama.py`` with other class names, so one set of wrappers serves both; each adapter module only
@@ -30,23 +30,10 @@ from ..stages.decoder import wrap_model_forward
 from ..stages.layout import IGNORE_INDEX, VisualLayout, query_mask
 from ..stats import RunStats, StageCount
 from . import anyres
+from .family import IMAGE_TOKEN_INDEX, StructureError, require
 from .vision import VISION_HANDLERS, VisionRecord
 
-IMAGE_TOKEN_INDEX = -200
 _DROPPABLE_KWARGS = ("cache_position", "logits_to_keep", "num_logits_to_keep")
-
-
-class StructureError(RuntimeError):
-    """The model does not look like the codebase the adapter was written for."""
-
-
-def require(obj: Any, names: Sequence[str], what: str) -> None:
-    missing = [n for n in names if not hasattr(obj, n)]
-    if missing:
-        raise StructureError(
-            f"meteor-plugin: {what} has no {', '.join(missing)}; this version of the code is not one the "
-            "plugin recognises, so it cannot prune it (nothing was patched)"
-        )
 
 
 # Where the image tokens landed ---------------------------------------------------------------------------
@@ -391,8 +378,8 @@ def patch_family(registry: Any, causal_cls: type, llm_cls: type) -> None:
         registry.patch(llm_cls, "forward", wrap_model_forward(llm_cls.forward, registry, config_for))
 
 
-class FamilyTarget:
-    """One LLaVA-family codebase: where its model module is and what its classes are called.
+class ArchTarget:
+    """What ``enable()`` patches in a codebase built on LLaVA's ``*_arch.py``: its model module and classes.
 
     ``variants`` are the codebase's other (module, causal class, inner model class) triples built on the
     same ``*_arch.py`` with another language model (LLaVA's Mistral one): patched alike when their module

@@ -43,29 +43,29 @@ from ..stages.encoder import HF_CLIP_BLOCK, VitPruner
 from ..stages.layout import VisualLayout, query_mask
 from ..stats import RunStats, StageCount
 from . import anyres
-from .common import require
+from .family import Family, require
 from .vision import clip_layers, selected_depth
 
 
 @dataclass(frozen=True)
-class Family:
+class ModelClasses:
     module: str
     causal: str
     inner: str
     spatial: bool  # LLaVA-NeXT: crops packed with unpad and row separators
 
 
-FAMILIES = (
-    Family("transformers.models.llava.modeling_llava", "LlavaForConditionalGeneration", "LlavaModel", False),
-    Family("transformers.models.llava_next.modeling_llava_next", "LlavaNextForConditionalGeneration",
-           "LlavaNextModel", True),
+CLASSES = (
+    ModelClasses("transformers.models.llava.modeling_llava", "LlavaForConditionalGeneration", "LlavaModel", False),
+    ModelClasses("transformers.models.llava_next.modeling_llava_next", "LlavaNextForConditionalGeneration",
+                 "LlavaNextModel", True),
 )
 # Stage 1's plan assumes CLIP's CLS token first; SigLIP has none (untested here): refused by name for now.
 VISION_TYPES = ("clip_vision_model",)
 
 
 def is_installed() -> bool:
-    return compat.generation() == "5" and importlib.util.find_spec(FAMILIES[0].module) is not None
+    return compat.generation() == "5" and importlib.util.find_spec(CLASSES[0].module) is not None
 
 
 def _patches(model: Any) -> int:
@@ -382,28 +382,28 @@ def _patch_language_model(cls: type, registry: Any) -> None:
 
 def patch(registry: Any) -> List[type]:
     pruned = []
-    for family in FAMILIES:
-        if importlib.util.find_spec(family.module) is None:
+    for classes in CLASSES:
+        if importlib.util.find_spec(classes.module) is None:
             continue
-        module = importlib.import_module(family.module)
-        require(module, (family.causal, family.inner), family.module)
-        causal, inner = getattr(module, family.causal), getattr(module, family.inner)
-        require(inner, ("forward", "get_image_features"), family.inner)
+        module = importlib.import_module(classes.module)
+        require(module, (classes.causal, classes.inner), classes.module)
+        causal, inner = getattr(module, classes.causal), getattr(module, classes.inner)
+        require(inner, ("forward", "get_image_features"), classes.inner)
         if not registry.is_patched(causal, "generate"):
             registry.patch(causal, "generate", wrap_generate(causal.generate))
             registry.patch(causal, "forward", wrap_causal_forward(causal.forward))
         if not registry.is_patched(inner, "forward"):
             registry.patch(inner, "forward", wrap_inner_forward(inner.forward, registry))
             registry.patch(inner, "get_image_features", wrap_image_features(inner.get_image_features, registry))
-            if family.spatial:
-                require(inner, ("pack_image_features",), family.inner)
+            if classes.spatial:
+                require(inner, ("pack_image_features",), classes.inner)
                 registry.patch(inner, "pack_image_features", wrap_pack(inner.pack_image_features))
         pruned.append(causal)
     return pruned
 
 
 class TransformersLlavaTarget:
-    """The target entry for ``targets.ALL`` (same interface as ``common.FamilyTarget``)."""
+    """What ``enable()`` patches here (the interface of ``llava_arch.ArchTarget``)."""
 
     name = "transformers-llava"
     refused = {
@@ -422,3 +422,5 @@ class TransformersLlavaTarget:
 
 
 TARGET = TransformersLlavaTarget()
+# Inference only: training goes through the llava package's classes, and there is no checkout to patch.
+FAMILY = Family(name=TARGET.name, target=TARGET)

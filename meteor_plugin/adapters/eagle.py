@@ -1,4 +1,13 @@
-"""Stages 1 and 2 for EAGLE's multi-encoder tower (``MultiBackboneChannelConcatenationVisionTower``).
+"""EAGLE (NVlabs/EAGLE at fef95f1, not on PyPI): everything the plugin knows about it.
+
+- What ``enable()`` patches (``TARGET``): the CausalLM and inner model classes (``llava_arch.py``'s
+  wrappers: EAGLE's ``eagle_arch.py`` is LLaVA's with other names) and the multi-encoder tower below.
+- What training needs (``TRAINING``): the root ``train.py``, its Trainer, the ``eagleConfig`` alias its
+  LoRA loader imports, and Stage 2's per-encoder projectors (``training/eagle_projectors.py``).
+- What the patcher inserts in a checkout (``PATCHER``).
+PyPI's ``eagle`` is an unrelated GUI library, so EAGLE is recognised by its model file, not its name.
+
+Stages 1 and 2 for EAGLE's multi-encoder tower (``MultiBackboneChannelConcatenationVisionTower``).
 
 Two ways to run, chosen by ``fusion_mode`` (``auto`` picks by whether the model has been converted):
 
@@ -20,6 +29,10 @@ positions / RoPE) and ``pix2struct-1024`` (its post-processing hard-codes its gr
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import os
 import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence
@@ -33,9 +46,23 @@ from ..registry import REGISTRY
 from ..stages import baselines
 from ..stages.encoder import HF_CLIP_BLOCK, VitPruner, attention_importance, prune_output
 from ..stages.fusion import cooperative_prune, empty_projectors, rank_weighted_positions, split_projector
-from .vision import VisionRecord, clip_layers
+from ..patcher.anchors import AfterClass, AfterImportsBefore, class_named, statement_calling
+from ..patcher.codebases import QUANTIZATION_FIX, Layout, enable_edit, main_script
+from ..patcher.codebases import Codebase as PatcherCodebase
+from ..patcher.edits import Edit, FileSpec
+from ..training.codebases import Codebase as TrainingCodebase
+from .family import Family, require
+from .llava_arch import ArchTarget
+from .vision import VISION_HANDLERS, VisionRecord, clip_layers
+
+MODEL_MODULE = "eagle.model.language_model.eagle_llama"
+CAUSAL = "EagleLlamaForCausalLM"
 
 KNOWN_ENCODERS = ("clip-448", "convnext-1024", "sam-1024", "det-1024", "pix2struct-1024")
+# Channels each encoder adds to the fused features (NVlabs/EAGLE fef95f1): CLIP-L, ConvNeXt-XXL's last
+# stage, SAM-L after pixel_unshuffle, EVA-02-L, Pix2Struct-large.
+ENCODER_CHANNELS = {"clip-448": 1024, "convnext-1024": 3072, "sam-1024": 1024, "det-1024": 1024,
+                    "pix2struct-1024": 1536}
 PRUNED_INSIDE = ("HRCLIPVisionTower",)  # ViT towers whose block loop runs Stage 1 between blocks
 FUSION_KEY = "meteor_fusion"  # model config entry written by the conversion
 
@@ -70,7 +97,7 @@ def resolve_mode(model: Any, cfg: Any) -> str:
     if cfg.fusion_mode == "post_projection" and not converted:
         raise FusionConfigError(
             "MeteorConfig.fusion_mode='post_projection' needs per-encoder projectors: convert the checkpoint "
-            "(meteor-plugin convert) or call meteor_plugin.targets.eagle_vision.convert_to_post_projection(model); "
+            "(meteor-plugin convert) or call meteor_plugin.adapters.eagle.convert_to_post_projection(model); "
             "allowed for an unconverted model: 'training_free' or 'auto'"
         )
     if cfg.fusion_mode == "training_free" and converted:
@@ -266,11 +293,19 @@ def convert_to_post_projection(model: Any, source: Any = None) -> None:
         encoder_names(model), channels, getattr(model.config, "mm_projector_type", "linear")))
 
 
+def built_tower_channels(config_fields: Dict[str, Any]) -> List[int]:
+    """The channels of each tower the installed ``eagle`` package builds from a checkpoint's config
+    (ImportError without one): for encoders whose sizes are not EAGLE's own."""
+    from eagle.model.multimodal_encoder.builder import build_vision_tower
+
+    _, config_class = TRAINING.classes()
+    tower = build_vision_tower(config_class(**config_fields))
+    return [int(t.hidden_size) for t in tower.vision_towers]
+
+
 def wrap_llm_init(original: Any) -> Any:
     """``EagleLlamaModel.__init__``: build the per-encoder projectors of a converted checkpoint, so that
     ``from_pretrained`` fills them from the saved weights like any other module."""
-    import functools
-
     @functools.wraps(original)
     def __init__(self, config, *args, **kwargs):
         original(self, config, *args, **kwargs)
@@ -287,10 +322,112 @@ def patch_eagle_vision(registry: Any) -> None:
         MultiBackboneChannelConcatenationVisionTower,
     )
 
-    from .common import require
-    from .vision import VISION_HANDLERS
-
     require(MultiBackboneChannelConcatenationVisionTower, ("forward",), "EAGLE's MultiBackboneChannelConcatenationVisionTower")
     if not registry.is_patched(EagleLlamaModel, "__init__"):
         registry.patch(EagleLlamaModel, "__init__", wrap_llm_init(EagleLlamaModel.__init__))
     VISION_HANDLERS[MultiBackboneChannelConcatenationVisionTower] = encode_images
+
+
+# The record ------------------------------------------------------------------------------------------------
+TARGET = ArchTarget(name="eagle", module=MODEL_MODULE, causal=CAUSAL, llm="EagleLlamaModel",
+                    vision=(patch_eagle_vision,))
+
+
+def alias_eagle_config(train_module: Any = None, llama_module: Optional[Any] = None) -> bool:
+    """Give ``eagle_llama`` the ``eagleConfig`` name its LoRA loader imports; True if it was missing.
+
+    ``eagle/model/builder.py``'s LoRA branch does ``from eagle.model.language_model.eagle_llama import
+    eagleConfig``; the class is ``EagleConfig`` (ImportError). ``train_module`` is unused (the signature of
+    a codebase runtime fix); ``llama_module`` defaults to the installed ``eagle_llama``. Recorded in the
+    patch registry, so ``meteor_plugin.disable()`` removes it again. The patched tree carries it as a
+    source edit too (``EAGLE_CONFIG_ALIAS``); both together are harmless.
+    """
+    module = llama_module if llama_module is not None else importlib.import_module(MODEL_MODULE)
+    if not hasattr(module, "EagleConfig"):
+        raise AttributeError(f"{module.__name__} has no EagleConfig: not EAGLE's eagle_llama.py")
+    if hasattr(module, "eagleConfig"):
+        return False
+    REGISTRY.patch(module, "eagleConfig", module.EagleConfig)
+    return True
+
+
+def eagle_train_script() -> Optional[str]:
+    """The path of an importable root ``train.py`` with EAGLE's structure, or None.
+
+    Read as text, not imported (importing it builds nothing but pulls in all of EAGLE). Our own
+    ``meteor_plugin/train.py`` never counts, in case it was run as a script from its folder.
+    """
+    spec = importlib.util.find_spec("train") if importlib.util.find_spec("eagle") is not None else None
+    origin = getattr(spec, "origin", None)
+    if not origin or not os.path.isfile(origin):
+        return None
+    if os.path.dirname(os.path.abspath(origin)) == os.path.dirname(os.path.dirname(os.path.abspath(__file__))):
+        return None
+    with open(origin, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    needed = ("def train(", "EagleTrainer", "class ModelArguments", "safe_save_model_for_hf_trainer")
+    return origin if all(n in text for n in needed) else None
+
+
+def _trainable() -> bool:
+    return TARGET.is_installed() and eagle_train_script() is not None
+
+
+TRAINING = TrainingCodebase(
+    name="eagle", keyword="eagle",
+    model_module=MODEL_MODULE, causal_lm=CAUSAL,
+    config_class="EagleConfig", model_types=("eagle_llama",),
+    train_module="train", trainer_class="EagleTrainer", model_global=CAUSAL,
+    available=_trainable, runtime_fixes=(alias_eagle_config,),
+    # Stage 2's per-encoder projectors (eagle_projectors.py): added by convert, or split before training.
+    convert_weights="meteor_plugin.training.eagle_projectors:convert_weights",
+    weights_required=True,
+    weights_missing_reason="converting an EAGLE checkpoint needs the per-encoder projectors of METEOR's Stage 2",
+    before_training="meteor_plugin.training.eagle_projectors:before_training",
+    # EAGLE trains every encoder (freeze_vision=False) and the projector: so do its LoRA runs, beside the adapters.
+    fully_trained=("mm_projector", "vision_tower"),
+    # transformers 4.44 skips a module only if "<name>." is in its path: "mm_projector" misses mm_projectors.N.
+    keep_unquantised=("mm_projectors",),
+    builder_module="eagle.model.builder", utils_module="eagle.mm_utils",
+    entry_modules={"train_mem": "flash_attention_2", "train": "sdpa"},
+    from_checkout=True,
+    title="EAGLE",
+    notes={"unavailable": "run from the root of an EAGLE checkout: its train.py and eagle/ must be importable",
+           "install": "put an NVlabs/EAGLE checkout on PYTHONPATH"},
+)
+
+EAGLE_CONFIG_ALIAS = Edit(
+    name="eagleConfig-alias",
+    anchor=AfterClass("EagleConfig"),
+    code=("eagleConfig = EagleConfig  # [METEOR] the LoRA branch of eagle/model/builder.py imports this misspelt name",),
+    why="LoRA checkpoints: builder.py imports `eagleConfig`, which did not exist (ImportError)",
+)
+
+PATCHER = PatcherCodebase(
+    name="eagle",
+    title="EAGLE",
+    package="eagle",
+    files=(
+        main_script("train.py", "training", ("train",), extra=(QUANTIZATION_FIX,)),
+        main_script("train_mem.py", "training", ("train",)),
+        main_script("eagle/eval/model_vqa_loader.py", "evaluation", ("eval_model",)),
+        main_script("eagle/eval/model_vqa.py", "evaluation", ("eval_model",)),
+        main_script("eagle/eval/model_vqa_science.py", "evaluation", ("eval_model",)),
+        main_script("eagle/eval/model_vqa_mmbench.py", "evaluation", ("eval_model",), optional=True),
+        main_script("eagle/eval/model_vqa_mmmu.py", "evaluation", ("main",), optional=True),
+        main_script("eagle/eval/run_eagle.py", "evaluation", ("eval_model",)),
+        FileSpec("lmms_eval/models/eagle.py", "evaluation",
+                 (enable_edit(AfterImportsBefore("`class Eagle`", class_named("Eagle")), loud=True),)),
+        FileSpec("predict_demo.py", "demo",
+                 (enable_edit(AfterImportsBefore("the call to load_pretrained_model()",
+                                                 statement_calling("load_pretrained_model"))),)),
+        FileSpec("gradio_demo.py", "demo",
+                 (enable_edit(AfterImportsBefore("the argument parsing or model loading",
+                                                 statement_calling("parse_args", "load_pretrained_model"))),),
+                 optional=True),
+        FileSpec("eagle/model/language_model/eagle_llama.py", "fix", (EAGLE_CONFIG_ALIAS,)),
+    ),
+    layouts=(Layout("fef95f1", "NVlabs/EAGLE at fef95f1", "eagle-fef95f1.patch"),),
+)
+
+FAMILY = Family(name="eagle", target=TARGET, training=TRAINING, patcher=PATCHER)

@@ -1,0 +1,68 @@
+"""What the adapters' vision sides share: the record that carries vision-side stats to the LLM forward,
+the request a model's ``encode_images`` hands its tower through the call (``MeteorCall.encoder_request``),
+CLIP's block list across transformers versions, and the table of vision-tower handlers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+
+
+@dataclass
+class StageRecord:
+    """Per image: visual tokens entering and leaving a stage, the kept positions, and details."""
+
+    entered: List[int] = field(default_factory=list)
+    left: List[int] = field(default_factory=list)
+    kept: List[Optional[List[int]]] = field(default_factory=list)
+    detail: List[Dict[str, Any]] = field(default_factory=list)
+
+    def add(self, entered: int, left: int, kept: Optional[torch.Tensor] = None, images: Optional[int] = None,
+            per_image: Optional[List[Dict[str, Any]]] = None, **shared: Any) -> None:
+        """One call per batch of images: ``kept`` is (images, n) or None (then give ``images``)."""
+        count = kept.shape[0] if kept is not None else int(images)
+        for i in range(count):
+            self.entered.append(int(entered))
+            self.left.append(int(left))
+            self.kept.append(kept[i].tolist() if kept is not None else None)
+            self.detail.append({**shared, **(per_image[i] if per_image else {})})
+
+
+@dataclass
+class VisionRecord:
+    """What the vision side did during one ``encode_images`` call, stage by stage."""
+
+    stages: Dict[str, StageRecord] = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageRecord:
+        return self.stages.setdefault(name, StageRecord())
+
+
+@dataclass
+class EncoderRequest:
+    """Handed by the model's ``encode_images`` wrapper to its vision tower for one call."""
+
+    config: Any
+    record: VisionRecord
+
+
+def clip_layers(clip: torch.nn.Module):
+    """CLIP's encoder blocks: ``vision_model.encoder.layers`` in transformers 4.x, ``encoder.layers`` in 5.x."""
+    inner = getattr(clip, "vision_model", clip)
+    return inner.encoder.layers
+
+
+def selected_depth(layers: int, select_layer: int) -> int:
+    """Blocks that feed ``hidden_states[select_layer]`` (index 0 is the embeddings)."""
+    depth = layers + 1 + select_layer if select_layer < 0 else select_layer
+    if not 0 < depth <= layers:
+        raise ValueError(f"mm_vision_select_layer={select_layer} is outside a CLIP of {layers} layers")
+    return depth
+
+
+# Vision tower class -> encode_images(model, images, config, record, original) running Stages 1 and 2.
+VISION_HANDLERS: Dict[type, Any] = {}
