@@ -1,9 +1,9 @@
-"""transformers' own LLaVA and LLaVA-NeXT (the llava-hf checkpoints), on transformers 5.x.
+"""transformers' own LLaVA, LLaVA-NeXT and LLaVA-OneVision (the llava-hf checkpoints), on transformers 5.x.
 
 Their processors write one image token per visual token (LLaVA-NeXT's count includes its row
 separators and depends on the image size), and the model scatters the projected features into those
 positions, refusing a count that differs; the language model is any decoder with Llama-style layers
-(Llama/Vicuna, Mistral, Qwen2). The adapter therefore encodes the images itself before the model runs:
+(Llama/Vicuna, Mistral, Qwen2: OneVision's). The adapter therefore encodes the images itself before the model runs:
 
 - **Stage 1** keeps ``K`` of every CLIP input's patches inside the (CLIP) tower (``get_image_features``). For
   LLaVA-NeXT the kept tokens go back to their patch positions (NaN rows elsewhere) so that its own
@@ -14,7 +14,13 @@ positions, refusing a count that differs; the language model is any decoder with
   generation starts, so its own bookkeeping sees the short prompt (and the user's prompt is given back
   in the output), in a direct forward before the model runs;
 - **Stage 3** runs in the language model as on the llava package's models (``stages/decoder.py``): the
-  visual tokens are the image-token positions, less LLaVA-NeXT's row separators (structure, never pruned).
+  visual tokens are the image-token positions, less LLaVA-NeXT's and OneVision's row separators (structure,
+  never pruned).
+
+LLaVA-OneVision packs like LLaVA-NeXT, but its ``anyres_max`` step interpolates the crop grid down to a
+budget of patches: pruned patches cannot be put back in a grid it resamples, so Stage 1 is refused there
+by name (its SigLIP tower is refused for Stage 1 anyway) and Stage 3 runs. Its video inputs are not
+pruned: a pruning call with ``pixel_values_videos`` is refused.
 
 Wrapped: each class's ``generate`` and inner ``forward``/``get_image_features`` (and LLaVA-NeXT's
 ``pack_image_features``), and at a model's first forward the class of its language model, whose
@@ -52,14 +58,20 @@ class ModelClasses:
     module: str
     causal: str
     inner: str
-    spatial: bool  # LLaVA-NeXT: crops packed with unpad and row separators
+    spatial: bool  # LLaVA-NeXT, OneVision: crops packed with unpad and row separators
+    no_stage1: str = ""  # why Stage 1 cannot run on this class ("" where it can)
 
 
 CLASSES = (
     ModelClasses("transformers.models.llava.modeling_llava", "LlavaForConditionalGeneration", "LlavaModel", False),
     ModelClasses("transformers.models.llava_next.modeling_llava_next", "LlavaNextForConditionalGeneration",
                  "LlavaNextModel", True),
+    ModelClasses("transformers.models.llava_onevision.modeling_llava_onevision",
+                 "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel", True,
+                 no_stage1="its anyres_max step interpolates the crop grid, so pruned patches cannot be placed back "
+                           "in it"),
 )
+INNER = {c.inner: c for c in CLASSES}
 # Stage 1's plan assumes CLIP's CLS token first; SigLIP has none (untested here): refused by name for now.
 VISION_TYPES = ("clip_vision_model",)
 
@@ -78,6 +90,10 @@ def _spatial(model: Any) -> bool:
 
 
 def _check(model: Any, cfg: Any) -> None:
+    classes = INNER.get(type(model).__name__)
+    if cfg.encoder and classes is not None and classes.no_stage1:
+        raise NotImplementedError(f"meteor-plugin Stage 1 on {classes.causal}: {classes.no_stage1}; set encoder=False "
+                                  "(Stage 3 runs)")
     if not cfg.encoder:
         return
     layer = model.config.vision_feature_layer
@@ -151,7 +167,8 @@ def wrap_pack(original: Any) -> Any:
 def encode(inner: Any, pixel_values: Any, kwargs: Dict[str, Any]) -> Any:
     """The images' features as the model would compute them (Stage 1 included), to hand it ready-made."""
     names = inspect.signature(inner.get_image_features).parameters
-    given = {k: kwargs[k] for k in ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+    given = {k: kwargs[k] for k in ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy",
+                                    "vision_aspect_ratio", "batch_num_images")
              if k in names and kwargs.get(k) is not None}
     return inner.get_image_features(pixel_values, return_dict=True, **given)
 
@@ -253,10 +270,22 @@ def prepare(model: Any, inner: Any, cfg: Any, ids: torch.Tensor, mask: Optional[
 def _crops_per_image(inner: Any, pixels: Any, kwargs: Dict[str, Any], images: int) -> List[int]:
     if not _spatial(inner):
         return [1] * images
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    module = importlib.import_module(INNER[type(inner).__name__].module)
+    crops = [module.image_size_to_num_patches(size, inner.config.image_grid_pinpoints,
+                                              inner.config.vision_config.image_size)
+             for size in kwargs["image_sizes"]]
+    per_sample = kwargs.get("batch_num_images")
+    if per_sample is not None:  # OneVision: an image that shares its sample with others is not cropped
+        alone = [int(n) == 1 for n in per_sample for _ in range(int(n))]
+        crops = [c if a else 1 for c, a in zip(crops, alone)]
+    return crops
 
-    return [image_size_to_num_patches(size, inner.config.image_grid_pinpoints, inner.config.vision_config.image_size)
-            for size in kwargs["image_sizes"]]
+
+def _refuse_video(cfg: Any, videos: Any) -> None:
+    if videos is not None and _pruning(cfg):
+        raise NotImplementedError(
+            "meteor-plugin does not prune video inputs (pixel_values_videos): their tokens would be treated as "
+            "text; run videos with meteor_plugin.disable() or enable(..., encoder=False, llm=False)")
 
 
 # Wrappers ------------------------------------------------------------------------------------------------------
@@ -280,6 +309,7 @@ def wrap_generate(original: Any) -> Any:
         a = signature.bind(self, *args, **kwargs).arguments
         extra = dict(a.get("kwargs", {}))
         prompt, pixels = a.get("inputs", extra.get("input_ids")), extra.get("pixel_values")
+        _refuse_video(cfg, extra.get("pixel_values_videos"))
         call = percall.current()
         if not _pruning(cfg) or pixels is None or not torch.is_tensor(prompt):
             return original(self, *args, **kwargs)
@@ -342,6 +372,7 @@ def wrap_inner_forward(original: Any, registry: Any) -> Any:
         call.hf_language_model, call.hf_config = lm, cfg
         layout, call.hf_layout = call.hf_layout, None  # generate's, for its prefill
         ids, pixels = a.get("input_ids"), a.get("pixel_values")
+        _refuse_video(cfg, a.get("pixel_values_videos", extra.get("pixel_values_videos")))
         if layout is None and _pruning(cfg) and ids is not None and pixels is not None:
             if call.hf_labels or (self.training and torch.is_grad_enabled()):
                 raise NotImplementedError(
@@ -411,7 +442,8 @@ class TransformersLlavaTarget:
                                          "images inside the model)",
         "LlavaNextForConditionalGeneration": "transformers' LLaVA-NeXT is pruned on transformers 5.x only (4.x "
                                              "splices images inside the model)",
-        "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision has no adapter yet",
+        "LlavaOnevisionForConditionalGeneration": "transformers' LLaVA-OneVision is pruned on transformers 5.x only "
+                                                  "(4.x splices images inside the model)",
     }
 
     def is_installed(self) -> bool:

@@ -172,6 +172,36 @@ def build_tiny_hf_llava(spec: Optional[TinyLlavaSpec] = None):
     return model
 
 
+def build_tiny_hf_onevision(spec: Optional[TinyLlavaSpec] = None, max_crops: int = 1):
+    """transformers' LlavaOnevisionForConditionalGeneration, tiny, seeded, eval mode: a SigLIP tower (no CLS,
+    every patch a token), a Qwen2 language model (``spec.language`` unless it is the default llama), the
+    anyres grids of ``build_tiny_hf_llava``'s LLaVA-NeXT, and ``anyres_max_{max_crops}``: with the default 1,
+    a 2x2 crop grid (16x16 patches) is interpolated down to about 8x8 before its row separators go in.
+    Prompts as for LLaVA-NeXT (``hf_next_batch``)."""
+    import transformers
+
+    spec = spec or TinyLlavaSpec(language="qwen2")
+    text = llm_config_kwargs(spec)
+    padding_side = text.pop("tokenizer_padding_side")
+    size = spec.image_size
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=spec.vision_hidden,
+                           intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
+                           num_attention_heads=spec.vision_heads, image_size=size, patch_size=spec.patch_size),
+        text_config=dict(model_type="qwen2" if spec.language == "llama" else spec.language, **text),
+        image_token_index=HF_IMAGE_TOKEN, video_token_index=HF_IMAGE_TOKEN - 1, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio=f"anyres_max_{max_crops}",
+        image_grid_pinpoints=[[size, 2 * size], [2 * size, size], [2 * size, 2 * size]],
+    )
+    config.text_config._attn_implementation = spec.attn_implementation
+    torch.manual_seed(spec.seed + 1)
+    model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.padding_side = padding_side
+    return model
+
+
 def hf_batch(text_lengths: Sequence[Tuple[int, int]], visual_tokens: int = 64, pad_side: str = "left",
              image_size: int = 32, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input_ids with ``visual_tokens`` image tokens per sample (one image each), attention_mask, pixel_values."""

@@ -1,0 +1,146 @@
+"""transformers' LlavaOnevisionForConditionalGeneration (SigLIP tower, Qwen2 language model, anyres_max
+pooling), against the unpatched model. Stage 3 prunes it on transformers 5.x; Stage 1 is refused by name
+(its anyres_max step resamples the crop grid); video inputs are refused while pruning."""
+
+import pytest
+import torch
+
+import meteor_plugin
+from meteor_plugin.compat.transformers import generation
+from meteor_plugin.testing.llava import HF_IMAGE_TOKEN, build_tiny_hf_onevision, hf_next_batch
+
+pytestmark = pytest.mark.skipif(generation() != "5", reason="transformers' LLaVA-OneVision is pruned on 5.x only")
+STAGE3 = dict(encoder=False, fusion=False, llm=True)
+SIZES = [(32, 64), (64, 64), (64, 32)]  # 1x2, 2x2 (interpolated down) and 2x1 crop grids
+
+
+def model_and_batch(text_lengths, seed=0):
+    model = build_tiny_hf_onevision()
+    return model, hf_next_batch(model, text_lengths, SIZES[:len(text_lengths)], seed=seed)
+
+
+def run(model, ids, mask, pixels, sizes, **extra):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes, **extra).logits
+
+
+def generate(model, ids, mask, pixels, sizes, steps=4):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes,
+                             max_new_tokens=steps, do_sample=False, num_beams=1)
+    return out[:, ids.shape[1]:]
+
+
+def separators(model, pixels, sizes, **extra):
+    """Row separators per image in the unpruned features (the plugin disabled)."""
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixels, sizes, return_dict=True, **extra).pooler_output
+    return [int((f == model.model.image_newline.view(1, -1)).all(-1).sum()) for f in feats]
+
+
+def layer_lengths(model, fn):
+    seen = {}
+    handles = [layer.self_attn.k_proj.register_forward_hook(
+        lambda mod, inp, out, i=i: seen.setdefault(i, []).append(inp[0].shape[1]))
+        for i, layer in enumerate(model.model.language_model.layers)]
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_pruning_off_matches_unpatched_and_disable_restores():
+    model, (ids, mask, pixels, sizes) = model_and_batch([(4, 6), (3, 9)], seed=1)
+    reference, tokens = run(model, ids, mask, pixels, sizes), generate(model, ids, mask, pixels, sizes)
+    meteor_plugin.enable(encoder=False, fusion=False, llm=False)
+    torch.testing.assert_close(run(model, ids, mask, pixels, sizes), reference, atol=1e-5, rtol=0)
+    assert torch.equal(generate(model, ids, mask, pixels, sizes), tokens)
+    meteor_plugin.enable(**STAGE3, llm_min_keep=8, llm_max_keep=8)
+    pruned = run(model, ids, mask, pixels, sizes)  # logits of the kept positions: the last is the prompt's last
+    assert pruned.shape[1] < reference.shape[1] and not torch.allclose(pruned[:, -1], reference[:, -1], atol=1e-3)
+    meteor_plugin.disable()
+    assert meteor_plugin.stats(model) is None
+    torch.testing.assert_close(run(model, ids, mask, pixels, sizes), reference, atol=0, rtol=0)
+
+
+def test_stage1_is_refused_by_name_and_stage3_runs():
+    model, (ids, mask, pixels, sizes) = model_and_batch([(3, 5)])
+    meteor_plugin.enable()  # the defaults: Stage 1 on
+    with pytest.raises(NotImplementedError, match="LlavaOnevisionForConditionalGeneration: its anyres_max step"):
+        run(model, ids, mask, pixels, sizes)
+    with pytest.raises(NotImplementedError, match="set encoder=False"):
+        generate(model, ids, mask, pixels, sizes)
+    meteor_plugin.enable(encoder=False)
+    run(model, ids, mask, pixels, sizes)
+    llm = meteor_plugin.stats(model).stages[0]["llm"]
+    assert 0 < llm.left < llm.entered
+
+
+def test_layers_after_llm_layer_run_on_fewer_tokens_and_every_row_separator_stays():
+    model, (ids, mask, pixels, sizes) = model_and_batch([(3, 7), (2, 4), (5, 3)], seed=2)
+    rows = separators(model, pixels, sizes)
+    meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=16, llm_max_keep=16)
+    seen = layer_lengths(model, lambda: run(model, ids, mask, pixels, sizes))
+    width = ids.shape[1]
+    assert seen[0] == [width] and seen[1] == [width]
+    for i, sample in enumerate(meteor_plugin.stats(model).stages):
+        images = int((ids[i] == HF_IMAGE_TOKEN).sum())
+        anyres = sample["anyres"]
+        assert anyres.detail["newlines"] == rows[i] and anyres.left == images - rows[i]
+        assert anyres.detail["base"] == 64 and anyres.entered == 64 * (1 + (2 if i != 1 else 4))
+        assert (sample["llm"].entered, sample["llm"].left) == (images - rows[i], 16)
+    # after llm_layer every sample has its text, its separators and 16 visual tokens: the longest sets the width
+    text = [int(mask[i].sum()) - int((ids[i] == HF_IMAGE_TOKEN).sum()) for i in range(3)]
+    assert seen[3] == [max(t + r + 16 for t, r in zip(text, rows))]
+
+
+def test_batch_generate_equals_each_sample_alone():
+    model, (ids, mask, pixels, sizes) = model_and_batch([(3, 4), (5, 9), (2, 6)], seed=4)
+    meteor_plugin.enable(encoder=False, llm_lambda=40.0, llm_min_keep=8, llm_max_keep=0.5)
+    batch = generate(model, ids, mask, pixels, sizes)
+    kept = [s["llm"].left for s in meteor_plugin.stats(model).stages]
+    for i in range(3):
+        row = ids[i][mask[i].bool()].unsqueeze(0)
+        alone = generate(model, row, torch.ones_like(row), pixels[i:i + 1], sizes[i:i + 1])
+        assert torch.equal(batch[i:i + 1], alone), f"sample {i}"
+        assert meteor_plugin.stats(model).stages[0]["llm"].left == kept[i]
+
+
+def test_prefill_of_generate_picks_what_the_pruned_forward_predicts():
+    model, (ids, mask, pixels, sizes) = model_and_batch([(4, 8)], seed=3)
+    meteor_plugin.enable(**STAGE3, llm_min_keep=8, llm_max_keep=8)
+    first = run(model, ids, mask, pixels, sizes)[:, -1].argmax(-1)
+    kept = meteor_plugin.stats(model).stages[0]["llm"].detail["kept"]
+    assert torch.equal(generate(model, ids, mask, pixels, sizes, steps=1)[:, -1], first)
+    assert meteor_plugin.stats(model).stages[0]["llm"].detail["kept"] == kept
+
+
+def test_several_images_in_one_sample_are_not_cropped_and_each_keeps_its_separator():
+    model = build_tiny_hf_onevision()
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.randn(2, 5, 3, 32, 32, generator=g)
+    sizes, per_sample = torch.tensor([[64, 64], [32, 64]]), torch.tensor([2])
+    counts = [65, 65]  # 8x8 patches and one separator each: images that share a sample are not cropped
+    ids = torch.tensor([[1, 5, 6] + [HF_IMAGE_TOKEN] * counts[0] + [7] + [HF_IMAGE_TOKEN] * counts[1] + [8, 9]])
+    mask = torch.ones_like(ids)
+    reference = run(model, ids, mask, pixels, sizes, batch_num_images=per_sample)
+    meteor_plugin.enable(**STAGE3, llm_min_keep=20, llm_max_keep=20)
+    pruned = run(model, ids, mask, pixels, sizes, batch_num_images=per_sample)
+    s = meteor_plugin.stats(model).stages[0]
+    assert (s["anyres"].entered, s["anyres"].left, s["anyres"].detail["newlines"]) == (128, 128, 2)
+    assert (s["llm"].entered, s["llm"].left) == (128, 20)
+    # logits of the kept positions: 6 text tokens, 2 separators and 20 of the 128 visual tokens
+    assert pruned.shape[1] == 6 + 2 + 20 and not torch.allclose(pruned[:, -1], reference[:, -1], atol=1e-3)
+
+
+def test_video_inputs_are_refused_while_pruning():
+    model, (ids, mask, pixels, sizes) = model_and_batch([(3, 5)])
+    videos = torch.randn(1, 2, 3, 32, 32)
+    meteor_plugin.enable(**STAGE3)
+    with pytest.raises(NotImplementedError, match="does not prune video inputs"):
+        run(model, ids, mask, pixels, sizes, pixel_values_videos=videos)
+    with pytest.raises(NotImplementedError, match="does not prune video inputs"):
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, pixel_values_videos=videos, max_new_tokens=1)
