@@ -37,7 +37,10 @@ def llava(checkpoint):
         args.pop("multimodal", None)
         tokenizer, model, processor, _ = load_pretrained_model(checkpoint, None, name, device_map="cpu", device="cpu",
                                                                **args)
-    model = model.float().eval()  # the loader gives float16 for a GPU
+    # The loader gives float16 for a GPU; and transformers 4.x leaves torch's default dtype at float16 after
+    # the failed first attempt (its from_pretrained restores it only on success).
+    torch.set_default_dtype(torch.float32)
+    model = model.float().eval()
     size = model.get_model().get_vision_tower().config.image_size
     answers, stats = [], []
     for q in range(QUESTIONS):
@@ -61,7 +64,7 @@ def llava_hf(checkpoint):
     classes = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
     config = AutoConfig.from_pretrained(checkpoint)
     cls = getattr(transformers, classes[config.model_type])
-    model = cls.from_pretrained(checkpoint, revision="main", dtype="auto", device_map="cpu", trust_remote_code=False,
+    model = cls.from_pretrained(checkpoint, revision="main", torch_dtype="auto", device_map="cpu", trust_remote_code=False,
                                 attn_implementation=None).eval()
     with open(f"{checkpoint}/prompts.json", encoding="utf-8") as fh:
         prompts = json.load(fh)  # what the processor would write: one image token per visual token
