@@ -5,7 +5,8 @@ separators and depends on the image size), and the model scatters the projected 
 positions, refusing a count that differs; the language model is any decoder with Llama-style layers
 (Llama/Vicuna, Mistral, Qwen2: OneVision's). The adapter therefore encodes the images itself before the model runs:
 
-- **Stage 1** keeps ``K`` of every CLIP input's patches inside the (CLIP) tower (``get_image_features``). For
+- **Stage 1** keeps ``K`` of every input's patches inside the CLIP or SigLIP tower (``get_image_features``;
+  CLIP's CLS scores the deep boundary, SigLIP, which has none, by the attention each patch receives). For
   LLaVA-NeXT the kept tokens go back to their patch positions (NaN rows elsewhere) so that its own
   ``pack_image_features`` (crop grid, unpad, row separators) runs unchanged, and the NaN rows are
   dropped after it (``anyres.spread_to_grid``);
@@ -72,8 +73,8 @@ CLASSES = (
                            "in it"),
 )
 INNER = {c.inner: c for c in CLASSES}
-# Stage 1's plan assumes CLIP's CLS token first; SigLIP has none (untested here): refused by name for now.
-VISION_TYPES = ("clip_vision_model",)
+# Towers Stage 1 prunes between blocks: CLIP (a CLS token first) and SigLIP (none, every token a patch).
+VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 
 
 def is_installed() -> bool:
@@ -103,10 +104,19 @@ def _check(model: Any, cfg: Any) -> None:
             "layers of different lengths once pruned; set encoder=False")
     kind = getattr(model.config.vision_config, "model_type", "")
     if kind not in VISION_TYPES:
-        raise NotImplementedError(f"meteor-plugin Stage 1 on transformers' LLaVA knows CLIP towers, not {kind!r}; "
-                                  "set encoder=False (Stage 3 runs)")
-    if getattr(model.config, "vision_feature_select_strategy", "default") == "full" and _spatial(model):
-        raise NotImplementedError("meteor-plugin Stage 1 on LLaVA-NeXT needs vision_feature_select_strategy='default'")
+        raise NotImplementedError(f"meteor-plugin Stage 1 on transformers' LLaVA knows CLIP and SigLIP towers, not "
+                                  f"{kind!r}; set encoder=False (Stage 3 runs)")
+    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+    if not _has_cls(model) and strategy == "default":
+        raise NotImplementedError(f"meteor-plugin Stage 1 on a {kind} tower needs vision_feature_select_strategy="
+                                  "'full': it has no CLS token, so 'default' would drop a kept patch")
+    if _has_cls(model) and strategy == "full" and _spatial(model):
+        raise NotImplementedError("meteor-plugin Stage 1 on LLaVA-NeXT with a CLIP tower needs "
+                                  "vision_feature_select_strategy='default'")
+
+
+def _has_cls(model: Any) -> bool:
+    return getattr(model.config.vision_config, "model_type", "") == "clip_vision_model"
 
 
 # Encoding images with Stage 1 -------------------------------------------------------------------------------
@@ -126,8 +136,8 @@ def wrap_image_features(original: Any, registry: Any) -> Any:
         patches = _patches(self)
         keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
         pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
-        pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True, deep_score=cfg.encoder_deep_score,
-                     spread_floor=cfg.spread_floor)
+        pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=_has_cls(self),
+                     deep_score=cfg.encoder_deep_score, spread_floor=cfg.spread_floor)
         call = percall.current()
         with pruner.running() as plan:
             call.hf_plan = plan

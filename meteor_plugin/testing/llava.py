@@ -140,12 +140,13 @@ def make_batch(
 HF_IMAGE_TOKEN = 255  # the tiny transformers LLaVA's image token: the last id of its vocabulary
 
 
-def build_tiny_hf_llava(spec: Optional[TinyLlavaSpec] = None):
+def build_tiny_hf_llava(spec: Optional[TinyLlavaSpec] = None, tower: str = "clip"):
     """transformers' own LlavaForConditionalGeneration (as llava-hf checkpoints load), or with
     ``spec.merge != "flat"`` its LlavaNextForConditionalGeneration, tiny, seeded, eval mode.
 
     The same sizes as ``build_tiny_llava``; its prompts hold one ``HF_IMAGE_TOKEN`` per visual token
-    (``hf_batch``), as the processor writes them on transformers 5.
+    (``hf_batch``), as the processor writes them on transformers 5. ``tower="siglip"``: a SigLIP tower (no
+    CLS, ``vision_feature_select_strategy="full"``, as llava-interleave's), with as many visual tokens.
     """
     import transformers
 
@@ -157,11 +158,12 @@ def build_tiny_hf_llava(spec: Optional[TinyLlavaSpec] = None):
                                                                       [2 * spec.image_size, spec.image_size],
                                                                       [2 * spec.image_size, 2 * spec.image_size]]}
     config = getattr(transformers, name + "Config")(**extra,
-        vision_config=dict(model_type="clip_vision_model", hidden_size=spec.vision_hidden,
+        vision_config=dict(model_type=f"{tower}_vision_model", hidden_size=spec.vision_hidden,
                            intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
                            num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size),
         text_config=dict(model_type=spec.language, **text), image_token_index=HF_IMAGE_TOKEN,
-        image_seq_length=spec.visual_tokens, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=spec.visual_tokens, vision_feature_layer=-2,
+        vision_feature_select_strategy="default" if tower == "clip" else "full",
     )
     config.text_config._attn_implementation = spec.attn_implementation
     torch.manual_seed(spec.seed + 1)

@@ -16,8 +16,11 @@ STAGE3 = dict(encoder=False, fusion=False, llm=True)
 on_5 = pytest.mark.skipif(generation() != "5", reason="transformers' LLaVA is pruned on transformers 5.x only")
 
 
-def model_of(**fields):
-    return build_tiny_hf_llava(TinyLlavaSpec(**fields))
+def model_of(tower="clip", **fields):
+    return build_tiny_hf_llava(TinyLlavaSpec(**fields), tower=tower)
+
+
+towers = pytest.mark.parametrize("tower", ["clip", "siglip"])
 
 
 def logits(model, ids, mask, pixels):
@@ -54,9 +57,10 @@ def test_refused_on_transformers_4_with_the_reason():
 
 
 @on_5
+@towers
 @pytest.mark.parametrize("how", ["stages_off", "keep_everything"])
-def test_pruning_off_matches_unpatched(how):
-    model = model_of()
+def test_pruning_off_matches_unpatched(how, tower):
+    model = model_of(tower)
     ids, mask, pixels = hf_batch([(4, 6), (3, 9)], seed=1)
     reference, ref_tokens = logits(model, ids, mask, pixels), generate(model, ids, mask, pixels)
     if how == "stages_off":
@@ -82,8 +86,9 @@ def test_layers_after_llm_layer_run_on_fewer_tokens(language):
 
 
 @on_5
-def test_stage1_prunes_inside_clip_and_generate_gives_back_the_users_prompt():
-    model = model_of()
+@towers
+def test_stage1_prunes_inside_the_tower_and_generate_gives_back_the_users_prompt(tower):
+    model = model_of(tower)
     ids, mask, pixels = hf_batch([(3, 7)])
     meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=0.25)
     seen = layer_lengths(model, lambda: logits(model, ids, mask, pixels))
@@ -95,8 +100,9 @@ def test_stage1_prunes_inside_clip_and_generate_gives_back_the_users_prompt():
 
 
 @on_5
-def test_stage1_cached_generate_equals_greedy_without_cache():
-    model = model_of()
+@towers
+def test_stage1_cached_generate_equals_greedy_without_cache(tower):
+    model = model_of(tower)
     ids, mask, pixels = hf_batch([(4, 8)], seed=3)
     meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=0.25)
     steps = 4
@@ -120,8 +126,9 @@ def test_stage3_prefill_picks_what_the_pruned_forward_predicts():
 
 
 @on_5
-def test_batch_generate_equals_each_sample_alone():
-    model = model_of()
+@towers
+def test_batch_generate_equals_each_sample_alone(tower):
+    model = model_of(tower)
     ids, mask, pixels = hf_batch([(3, 4), (5, 11), (2, 7)], seed=5)
     meteor_plugin.enable(fusion=False, llm_lambda=40.0, llm_min_keep=8, llm_max_keep=0.5)
     batch = generate(model, ids, mask, pixels)[:, ids.shape[1]:]
@@ -172,10 +179,10 @@ def test_a_loss_or_training_forward_with_pruning_is_refused():
 NEXT_SIZES = [(48, 64), (64, 30), (64, 64)]  # (height, width): 2x2 crops unpadded, 2x1 crops, 2x2 crops
 
 
-def next_model_and_batch(lengths, seed=0):
+def next_model_and_batch(lengths, seed=0, tower="clip"):
     from meteor_plugin.testing.llava import hf_next_batch
 
-    model = model_of(merge="spatial_unpad")
+    model = model_of(tower, merge="spatial_unpad")
     return model, hf_next_batch(model, lengths, NEXT_SIZES[:len(lengths)], seed=seed)
 
 
@@ -209,8 +216,9 @@ def test_next_pruning_off_matches_unpatched():
 
 
 @on_5
-def test_next_default_config_keeps_every_row_separator_and_counts_base_and_crops():
-    model, (ids, mask, pixels, sizes) = next_model_and_batch([(3, 7)])
+@towers
+def test_next_default_config_keeps_every_row_separator_and_counts_base_and_crops(tower):
+    model, (ids, mask, pixels, sizes) = next_model_and_batch([(3, 7)], tower=tower)
     rows = separators(model, pixels, sizes)[0]
     text = int(mask.sum()) - int((ids == HF_IMAGE_TOKEN).sum())
     cfg = meteor_plugin.enable(fusion=False)
@@ -240,8 +248,9 @@ def test_next_batch_generate_equals_each_sample_alone():
 
 
 @on_5
-def test_next_stage1_cached_generate_equals_greedy_without_cache():
-    model, (ids, mask, pixels, sizes) = next_model_and_batch([(4, 8)], seed=3)
+@towers
+def test_next_stage1_cached_generate_equals_greedy_without_cache(tower):
+    model, (ids, mask, pixels, sizes) = next_model_and_batch([(4, 8)], seed=3, tower=tower)
     meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=0.25)
     steps = 4
     cached = next_generate(model, ids, mask, pixels, sizes, steps)
@@ -256,16 +265,26 @@ def test_next_stage1_cached_generate_equals_greedy_without_cache():
 def test_stage1_on_a_tower_it_does_not_know_is_refused_by_name_and_stage3_still_runs():
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    config = LlavaConfig(vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+    config = LlavaConfig(vision_config=dict(model_type="dinov2", hidden_size=32, intermediate_size=64,
                                             num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4),
                          text_config=dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
                                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
-                         image_token_index=HF_IMAGE_TOKEN, vision_feature_select_strategy="full")
+                         image_token_index=HF_IMAGE_TOKEN, vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(config).eval()
-    ids, mask, pixels = hf_batch([(2, 5)])  # 64 image tokens: SigLIP's 8x8 patches, no CLS
+    ids, mask, pixels = hf_batch([(2, 5)])  # 64 image tokens: DINOv2's 8x8 patches after its CLS
     meteor_plugin.enable()
-    with pytest.raises(NotImplementedError, match="knows CLIP towers, not 'siglip_vision_model'"):
+    with pytest.raises(NotImplementedError, match="knows CLIP and SigLIP towers, not 'dinov2'"):
         logits(model, ids, mask, pixels)
     meteor_plugin.enable(encoder=False, fusion=False, llm=True, llm_min_keep=8, llm_max_keep=8)
     logits(model, ids, mask, pixels)
     assert meteor_plugin.stats(model).stages[0]["llm"].left == 8
+
+
+@on_5
+def test_stage1_on_siglip_with_the_default_select_strategy_is_refused():
+    model = model_of("siglip")
+    model.config.vision_feature_select_strategy = "default"  # upstream would drop a patch: SigLIP has no CLS
+    ids, mask, pixels = hf_batch([(2, 5)], visual_tokens=63)
+    meteor_plugin.enable()
+    with pytest.raises(NotImplementedError, match="siglip_vision_model tower needs vision_feature_select_strategy"):
+        logits(model, ids, mask, pixels)
