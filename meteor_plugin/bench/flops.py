@@ -17,6 +17,11 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return 4 * b * h * lq * key_shape[-2] * d
 
 
+def flop_counter() -> FlopCounterMode:
+    """torch's counter with the SDPA CPU kernels added (the one `count_flops` and the profile use)."""
+    return FlopCounterMode(display=False, custom_mapping=_custom())
+
+
 def _custom():
     ops = {}
     for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable"):
@@ -27,6 +32,6 @@ def _custom():
 
 
 def count_flops(fn: Callable[[], object]) -> float:
-    with FlopCounterMode(display=False, custom_mapping=_custom()) as counter:
+    with flop_counter() as counter:
         fn()
     return float(counter.get_total_flops())

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .flops import _custom
+from .flops import flop_counter
 
 # (owner, attribute, part) of the plugin's work; an owner is imported lazily so this module stays light.
 PLUGIN_PARTS = (
@@ -125,7 +125,7 @@ def profile(model: Any, prefill: Callable[[], Any], repeats: int, device: torch.
             sync()
             total += time.perf_counter() - start
             timed.exit()
-    with FlopCounterMode(display=False, custom_mapping=_custom()) as counter:
+    with flop_counter() as counter:
         counted = Parts(lambda: None, counter)
         with watching(model, counted):
             counted.enter("other (embeddings, splicing, masks, ...)")
