@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 
 @dataclass
@@ -28,3 +28,17 @@ def llm_config_kwargs(spec: TinyLlm) -> Dict[str, Any]:
         num_key_value_heads=spec.llm_kv_heads, max_position_embeddings=spec.max_positions, pad_token_id=0,
         bos_token_id=1, eos_token_id=2, tokenizer_padding_side=spec.padding_side,
     )
+
+
+def input_lengths(modules, fn) -> Dict[int, List[int]]:
+    """Run ``fn`` and return, for each of ``modules`` (by index), the sequence length of its input at every call:
+    what a decoder layer really ran on, measured with hooks rather than read from the plugin's stats."""
+    seen: Dict[int, List[int]] = {}
+    handles = [m.register_forward_hook(lambda mod, inp, out, i=i: seen.setdefault(i, []).append(inp[0].shape[1]))
+               for i, m in enumerate(modules)]
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

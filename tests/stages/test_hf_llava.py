@@ -9,6 +9,7 @@ import torch
 
 import meteor_plugin
 from meteor_plugin.compat.transformers import generation
+from meteor_plugin.testing.llm import input_lengths
 from meteor_plugin.testing.llava import HF_IMAGE_TOKEN, TinyLlavaSpec, build_tiny_hf_llava, hf_batch
 
 VISUAL = 64
@@ -35,16 +36,7 @@ def generate(model, ids, mask, pixels, steps=4):
 
 
 def layer_lengths(model, fn):
-    seen = {}
-    handles = [layer.self_attn.k_proj.register_forward_hook(
-        lambda mod, inp, out, i=i: seen.setdefault(i, []).append(inp[0].shape[1]))
-        for i, layer in enumerate(model.model.language_model.layers)]
-    try:
-        fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return input_lengths([layer.self_attn.k_proj for layer in model.model.language_model.layers], fn)
 
 
 @pytest.mark.skipif(generation() == "5", reason="on transformers 5.x the class is pruned")

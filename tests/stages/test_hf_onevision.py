@@ -7,6 +7,7 @@ import torch
 
 import meteor_plugin
 from meteor_plugin.compat.transformers import generation
+from meteor_plugin.testing.llm import input_lengths
 from meteor_plugin.testing.llava import HF_IMAGE_TOKEN, build_tiny_hf_onevision, hf_next_batch
 
 pytestmark = pytest.mark.skipif(generation() != "5", reason="transformers' LLaVA-OneVision is pruned on 5.x only")
@@ -39,16 +40,7 @@ def separators(model, pixels, sizes, **extra):
 
 
 def layer_lengths(model, fn):
-    seen = {}
-    handles = [layer.self_attn.k_proj.register_forward_hook(
-        lambda mod, inp, out, i=i: seen.setdefault(i, []).append(inp[0].shape[1]))
-        for i, layer in enumerate(model.model.language_model.layers)]
-    try:
-        fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return input_lengths([layer.self_attn.k_proj for layer in model.model.language_model.layers], fn)
 
 
 def test_pruning_off_matches_unpatched_and_disable_restores():
