@@ -85,7 +85,7 @@ def shared_projector(state: Dict[str, torch.Tensor], projector_type: str, in_fea
 
 # meteor-plugin convert ------------------------------------------------------------------------------------
 def convert_weights(job: Any) -> None:
-    """``codebases.EAGLE.convert_weights``: add per-encoder projectors to the copied checkpoint."""
+    """``adapters.eagle.TRAINING.convert_weights``: add per-encoder projectors to the copied checkpoint."""
     config = job.model_config
     if config.get(FUSION_KEY):
         raise FusionConfigError(f"{job.source} already records per-encoder projectors ({FUSION_KEY} in config.json)")
@@ -151,7 +151,7 @@ def split_for_training(model: Any) -> Dict[str, int]:
 
 
 def before_training(model: Any, training_args: Any) -> None:
-    """``codebases.EAGLE.before_training``: METEOR trains EAGLE with post-projection fusion."""
+    """``adapters.eagle.TRAINING.before_training``: METEOR trains EAGLE with post-projection fusion."""
     from ..runtime import ACTIVE, config_for
     from .deepspeed import rank
     from .trainer import bare_model
