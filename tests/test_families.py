@@ -89,7 +89,7 @@ class _ToyTarget:
         return []
 
 
-def _toy_family(tmp_path):
+def _toy_family():
     training = TrainingCodebase(
         name="toy", keyword="toy", model_module="toyvlm.model.toy_llama", causal_lm="ToyLlamaForCausalLM",
         config_class="ToyConfig", model_types=("toy_llama",), train_module="toyvlm.train.train",
@@ -103,7 +103,7 @@ def _toy_family(tmp_path):
 
 
 def test_a_family_added_as_one_record_reaches_inference_training_and_the_patcher(tmp_path, monkeypatch):
-    toy = _toy_family(tmp_path)
+    toy = _toy_family()
     monkeypatch.setattr(adapters, "FAMILIES", adapters.FAMILIES + (toy,))
     monkeypatch.setattr(adapters, "BY_NAME", {**adapters.BY_NAME, "toy": toy})
     # inference: enable() patches it, and its refused classes are named
