@@ -52,6 +52,7 @@ class MeteorCall:
     hf_plan: Any = None
     hf_kept: Any = None  # Stage 1's kept patches per CLIP input, from the last get_image_features
     hf_labels: bool = False
+    hf_embeds: Any = None  # transformers 4.x: the spliced prompt generate's prefill runs on (hf_llava_v4.py)
 
 
 _CURRENT: contextvars.ContextVar[Optional[MeteorCall]] = contextvars.ContextVar("meteor_call", default=None)

@@ -14,13 +14,13 @@ TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 
 
 def unsupported_vlm():
-    """A transformers vision-language model without an adapter on this stack: LLaVA-NeXT-Video on 5.x, LLaVA
-    on 4.x."""
+    """A transformers vision-language model without an adapter on this stack: LLaVA-NeXT-Video on 5.x,
+    VipLLaVA on 4.x (which has no LLaVA-NeXT-Video on 4.37)."""
     import transformers
 
     from meteor_plugin.compat.transformers import generation
 
-    name = "LlavaNextVideo" if generation() == "5" else "Llava"
+    name = "LlavaNextVideo" if generation() == "5" else "VipLlava"
     config_cls = getattr(transformers, name + "Config")
     model_cls = getattr(transformers, name + "ForConditionalGeneration")
     torch.manual_seed(0)

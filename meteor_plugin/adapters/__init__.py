@@ -2,7 +2,8 @@
 
     llava.py     the llava package: LLaVA-1.5 and 1.6 (anyres), Vicuna and Mistral
     eagle.py     EAGLE: its multi-encoder tower (Stages 1 and 2), training, the patcher's edits
-    hf_llava.py  transformers' LlavaForConditionalGeneration and LlavaNextForConditionalGeneration
+    hf_llava.py  transformers' LlavaForConditionalGeneration, LlavaNextForConditionalGeneration and
+                 LlavaOnevisionForConditionalGeneration (hf_llava_v4.py: its path on transformers 4.x)
 
 Each defines ``FAMILY`` (``family.Family``): what ``enable()`` patches, what training needs, what the
 patcher inserts in a checkout. Shared by several: ``llava_arch.py`` (the wrappers for models built on

@@ -1,4 +1,5 @@
-"""transformers' own LLaVA, LLaVA-NeXT and LLaVA-OneVision (the llava-hf checkpoints), on transformers 5.x.
+"""transformers' own LLaVA, LLaVA-NeXT and LLaVA-OneVision (the llava-hf checkpoints): the family's record, and
+its path on transformers 5.x (4.x's is ``hf_llava_v4.py``, which shares this module's pieces).
 
 Their processors write one image token per visual token (LLaVA-NeXT's count includes its row
 separators and depends on the image size), and the model scatters the projected features into those
@@ -27,17 +28,19 @@ Wrapped: each class's ``generate`` and inner ``forward``/``get_image_features`` 
 ``pack_image_features``), and at a model's first forward the class of its language model, whose
 ``forward`` acts only inside a call that a LLaVA model started, for that model (a text-only model of the
 same class runs as it is). A loss or training forward with pruning is refused (the llava package's
-classes train pruned). transformers 4.x, which splices images inside the model, is refused by name.
+classes train pruned). On transformers 4.x, which splices images inside the model, ``hf_llava_v4`` splices them
+itself (LLaVA and LLaVA-NeXT; 4.x's OneVision is refused by name).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import inspect
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -78,7 +81,7 @@ VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 
 
 def is_installed() -> bool:
-    return compat.generation() == "5" and importlib.util.find_spec(CLASSES[0].module) is not None
+    return importlib.util.find_spec(CLASSES[0].module) is not None
 
 
 def _patches(model: Any) -> int:
@@ -120,6 +123,31 @@ def _has_cls(model: Any) -> bool:
 
 
 # Encoding images with Stage 1 -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def stage1(model: Any, cfg: Any, registry: Any) -> Iterator[Any]:
+    """Stage 1 inside ``model``'s vision tower for what runs in the block (yields its plan, whose
+    ``positions`` are each CLIP input's kept patches afterwards), or nothing when Stage 1 is off."""
+    if not cfg.encoder:
+        yield None
+        return
+    _check(model, cfg)
+    layers = clip_layers(model.vision_tower)
+    depth = selected_depth(len(layers), int(model.config.vision_feature_layer))
+    patches = _patches(model)
+    keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
+    pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
+    pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=_has_cls(model),
+                 deep_score=cfg.encoder_deep_score, spread_floor=cfg.spread_floor)
+    call = percall.current()
+    with pruner.running() as plan:
+        call.hf_plan = plan
+        try:
+            yield plan
+        finally:
+            call.hf_plan = None
+    call.hf_kept = plan.positions.tolist() if plan.positions is not None else None
+
+
 def wrap_image_features(original: Any, registry: Any) -> Any:
     """The inner model's ``get_image_features``: Stage 1 inside the vision tower; the kept patches of every CLIP
     input are put in the call (LLaVA-NeXT's ``pack_image_features`` reads them)."""
@@ -127,28 +155,25 @@ def wrap_image_features(original: Any, registry: Any) -> Any:
     @functools.wraps(original)
     @percall.entry
     def get_image_features(self, pixel_values, *args, **kwargs):
-        cfg = config_for(self)
-        if not cfg.encoder:
+        with stage1(self, config_for(self), registry):
             return original(self, pixel_values, *args, **kwargs)
-        _check(self, cfg)
-        layers = clip_layers(self.vision_tower)
-        depth = selected_depth(len(layers), int(self.config.vision_feature_layer))
-        patches = _patches(self)
-        keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
-        pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
-        pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=_has_cls(self),
-                     deep_score=cfg.encoder_deep_score, spread_floor=cfg.spread_floor)
-        call = percall.current()
-        with pruner.running() as plan:
-            call.hf_plan = plan
-            try:
-                out = original(self, pixel_values, *args, **kwargs)
-            finally:
-                call.hf_plan = None
-        call.hf_kept = plan.positions.tolist() if plan.positions is not None else None
-        return out
 
     return get_image_features
+
+
+def spread_crops(image_features: Any, positions: List[List[int]], patches: int) -> List[torch.Tensor]:
+    """Stage 1's kept tokens of each image's crops (``(crops, keep, D)``, crops in the order the tower saw them)
+    put back at their patch positions, NaN rows elsewhere, for LLaVA-NeXT's ``pack_image_features``."""
+    spread, at = [], 0
+    for feature in image_features:
+        spread.append(anyres.spread_to_grid(feature, positions[at:at + feature.shape[0]], patches))
+        at += feature.shape[0]
+    return spread
+
+
+def drop_pruned(packed: Any) -> List[torch.Tensor]:
+    """Each packed image's features less the NaN rows `spread_crops` put at pruned patches."""
+    return [p[~torch.isnan(p).all(dim=-1)] for p in packed]
 
 
 def wrap_pack(original: Any) -> Any:
@@ -160,14 +185,9 @@ def wrap_pack(original: Any) -> Any:
         plan = call.hf_plan if call is not None else None
         if plan is None:
             return original(self, image_features, *args, **kwargs)
-        patches = _patches(self)
-        positions = plan.positions.tolist()
-        spread, at = [], 0
-        for feature in image_features:  # (crops, keep, D) per image, crops in the order the tower saw them
-            spread.append(anyres.spread_to_grid(feature, positions[at:at + feature.shape[0]], patches))
-            at += feature.shape[0]
+        spread = spread_crops(image_features, plan.positions.tolist(), _patches(self))
         packed, _ = original(self, spread, *args, **kwargs)
-        packed = [p[~torch.isnan(p).all(dim=-1)] for p in packed]
+        packed = drop_pruned(packed)
         lens = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
         return packed, lens
 
@@ -303,6 +323,23 @@ def _pruning(cfg: Any) -> bool:
     return bool(cfg.encoder or cfg.llm)
 
 
+def refuse_beams(model: Any, cfg: Any, kwargs: Dict[str, Any]) -> None:
+    if cfg.llm:
+        beams = kwargs.get("num_beams", getattr(getattr(model, "generation_config", None), "num_beams", 1)) or 1
+        if beams > 1:
+            raise NotImplementedError(
+                f"meteor-plugin Stage 3 does not support beam search (num_beams={beams}); use num_beams=1 "
+                "or enable(..., llm=False)")
+
+
+def refuse_training(model: Any, labels: bool) -> None:
+    if labels or (model.training and torch.is_grad_enabled()):
+        raise NotImplementedError(
+            f"meteor-plugin: a loss or training forward of transformers' {type(model).__name__} with pruning "
+            "is not supported (its labels would not follow the pruned sequence); the llava package's "
+            "classes train pruned (meteor_plugin.train), or set encoder=False, llm=False")
+
+
 def wrap_generate(original: Any) -> Any:
     signature = inspect.signature(original)
 
@@ -310,12 +347,7 @@ def wrap_generate(original: Any) -> Any:
     @percall.entry
     def generate(self, *args, **kwargs):
         cfg = config_for(self)
-        if cfg.llm:
-            beams = kwargs.get("num_beams", getattr(getattr(self, "generation_config", None), "num_beams", 1)) or 1
-            if beams > 1:
-                raise NotImplementedError(
-                    f"meteor-plugin Stage 3 does not support beam search (num_beams={beams}); use num_beams=1 "
-                    "or enable(..., llm=False)")
+        refuse_beams(self, cfg, kwargs)
         a = signature.bind(self, *args, **kwargs).arguments
         extra = dict(a.get("kwargs", {}))
         prompt, pixels = a.get("inputs", extra.get("input_ids")), extra.get("pixel_values")
@@ -384,11 +416,7 @@ def wrap_inner_forward(original: Any, registry: Any) -> Any:
         ids, pixels = a.get("input_ids"), a.get("pixel_values")
         _refuse_video(cfg, a.get("pixel_values_videos", extra.get("pixel_values_videos")))
         if layout is None and _pruning(cfg) and ids is not None and pixels is not None:
-            if call.hf_labels or (self.training and torch.is_grad_enabled()):
-                raise NotImplementedError(
-                    f"meteor-plugin: a loss or training forward of transformers' {type(self).__name__} with pruning "
-                    "is not supported (its labels would not follow the pruned sequence); the llava package's "
-                    "classes train pruned (meteor_plugin.train), or set encoder=False, llm=False")
+            refuse_training(self, call.hf_labels)
             if a.get("position_ids") is not None or extra.get("cache_position") is not None:
                 raise NotImplementedError(
                     "meteor-plugin on transformers' LLaVA fits the prompt to the pruned image: pass no position_ids "
@@ -448,10 +476,6 @@ class TransformersLlavaTarget:
 
     name = "transformers-llava"
     refused = {
-        "LlavaForConditionalGeneration": "transformers' LLaVA is pruned on transformers 5.x only (4.x splices "
-                                         "images inside the model)",
-        "LlavaNextForConditionalGeneration": "transformers' LLaVA-NeXT is pruned on transformers 5.x only (4.x "
-                                             "splices images inside the model)",
         "LlavaOnevisionForConditionalGeneration": "transformers' LLaVA-OneVision is pruned on transformers 5.x only "
                                                   "(4.x splices images inside the model)",
     }
@@ -460,7 +484,11 @@ class TransformersLlavaTarget:
         return is_installed()
 
     def patch(self, registry: Any) -> List[type]:
-        return patch(registry)
+        if compat.generation() == "5":
+            return patch(registry)
+        from . import hf_llava_v4  # 4.x splices images inside the model: the adapter splices them itself
+
+        return hf_llava_v4.patch(registry)
 
 
 TARGET = TransformersLlavaTarget()

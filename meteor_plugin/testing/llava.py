@@ -168,6 +168,8 @@ def build_tiny_hf_llava(spec: Optional[TinyLlavaSpec] = None, tower: str = "clip
     config.text_config._attn_implementation = spec.attn_implementation
     torch.manual_seed(spec.seed + 1)
     model = getattr(transformers, name + "ForConditionalGeneration")(config).eval()
+    with torch.no_grad():  # a trained pad row, not padding_idx's zeros: 4.x's merge takes zero rows for image slots
+        model.get_input_embeddings().weight[0].normal_(0.0, 0.02, generator=torch.Generator().manual_seed(spec.seed))
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.padding_side = padding_side
@@ -236,12 +238,44 @@ def hf_next_batch(model, text_lengths: Sequence[Tuple[int, int]], sizes: Sequenc
     """A LLaVA-NeXT batch: (input_ids, attention_mask, pixel_values (B, 5, 3, S, S), image_sizes (B, 2) as
     (height, width)), each prompt with as many image tokens as the unpruned model makes of its image (what
     the processor counts). Call it with the plugin disabled."""
+    from ..compat.transformers import generation
+
     g = torch.Generator().manual_seed(seed)
     size = model.config.vision_config.image_size
     pixels = torch.randn(len(sizes), 5, 3, size, size, generator=g)
     image_sizes = torch.tensor(sizes)
-    with torch.no_grad():
-        counts = [f.shape[0] for f in model.model.get_image_features(pixels, image_sizes, return_dict=True).pooler_output]
+    # transformers 4.x's processor writes one image token per image (the model splices the features in).
+    counts = [f.shape[0] for f in hf_image_features(model, pixels, image_sizes)] if generation() == "5" else [1] * len(
+        sizes)
     ids, mask, _ = make_batch(text_lengths, [True] * len(text_lengths), pad_side=pad_side, vocab_size=250, seed=seed)
     ids, mask = _expand_image_token(ids, mask, IMAGE_TOKEN_INDEX, counts, pad_side)
     return ids, mask, pixels, image_sizes
+
+
+def hf_image_features(model, pixels: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """Each image's unpruned features (row separators included) as transformers' LLaVA or LLaVA-NeXT splices
+    them, on transformers 5.x or 4.x. Call it with the plugin disabled."""
+    from ..adapters import hf_llava_v4
+    from ..compat.transformers import generation
+    from ..config import MeteorConfig
+
+    with torch.no_grad():
+        if generation() == "5":
+            kwargs = {"image_sizes": sizes} if sizes is not None else {}
+            return list(model.model.get_image_features(pixels, return_dict=True, **kwargs).pooler_output)
+        return hf_llava_v4.encode(model, MeteorConfig(encoder=False), None, pixels, sizes, {})[0]
+
+
+def hf_image_newline(model) -> Optional[torch.Tensor]:
+    """LLaVA-NeXT's row separator (the inner model's on transformers 5.x, the model's own on 4.x)."""
+    from ..compat.transformers import generation
+
+    return getattr(model.model if generation() == "5" else model, "image_newline", None)
+
+
+def hf_language_layers(model):
+    """The decoder layers of transformers' LLaVA's language model (5.x: ``model.model.language_model``, a
+    decoder; 4.x: ``model.language_model``, a causal LM around one)."""
+    from ..compat.transformers import generation
+
+    return (model.model.language_model if generation() == "5" else model.language_model.model).layers

@@ -1,24 +1,32 @@
 """transformers' own LlavaForConditionalGeneration and LlavaNextForConditionalGeneration (llava-hf
-checkpoints), against the unpatched models.
-
-Pruned on transformers 5.x; on 4.x the classes are refused by name at their first forward.
+checkpoints), against the unpatched models, on every stack: transformers 5.x (the processor writes one image
+token per visual token, the model scatters features into them) and 4.37/4.44 (one image token per image,
+spliced inside the model; the adapter splices the pruned image itself, adapters/hf_llava_v4.py).
 """
 
 import pytest
 import torch
+import transformers
 
 import meteor_plugin
 from meteor_plugin.compat.transformers import generation
+from meteor_plugin.testing.llava import (HF_IMAGE_TOKEN, TinyLlavaSpec, build_tiny_hf_llava, hf_batch,
+                                         hf_image_features, hf_image_newline, hf_language_layers)
 from meteor_plugin.testing.llm import input_lengths
-from meteor_plugin.testing.llava import HF_IMAGE_TOKEN, TinyLlavaSpec, build_tiny_hf_llava, hf_batch
 
 VISUAL = 64
 STAGE3 = dict(encoder=False, fusion=False, llm=True)
-on_5 = pytest.mark.skipif(generation() != "5", reason="transformers' LLaVA is pruned on transformers 5.x only")
+V5 = generation() == "5"
+PER_IMAGE = VISUAL if V5 else 1  # image tokens in a prompt per (LLaVA-1.5) image
+GROWN = VISUAL - PER_IMAGE  # how much longer the language model's sequence is than the prompt, per image
 
 
 def model_of(tower="clip", **fields):
     return build_tiny_hf_llava(TinyLlavaSpec(**fields), tower=tower)
+
+
+def prompts(lengths, seed=0, **kwargs):
+    return hf_batch(lengths, visual_tokens=PER_IMAGE, seed=seed, **kwargs)
 
 
 towers = pytest.mark.parametrize("tower", ["clip", "siglip"])
@@ -29,46 +37,53 @@ def logits(model, ids, mask, pixels):
         return model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
 
 
+def real_logits(model, ids, mask, pixels):
+    """Logits at the real (not padding) positions of the left-padded sequence the language model ran on."""
+    out = logits(model, ids, mask, pixels)
+    lengths = mask.sum(dim=1) + GROWN
+    return torch.cat([row[-int(n):] for row, n in zip(out, lengths)])
+
+
 def generate(model, ids, mask, pixels, steps=4):
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=steps,
                               do_sample=False, num_beams=1)
 
 
+def greedy(model, ids, mask, pixels, steps=4):
+    """Greedy decoding without a cache: a full forward per new token. The prompt and the new tokens."""
+    for _ in range(steps):
+        nxt = logits(model, ids, mask, pixels)[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
 def layer_lengths(model, fn):
-    return input_lengths([layer.self_attn.k_proj for layer in model.model.language_model.layers], fn)
+    return input_lengths([layer.self_attn.k_proj for layer in hf_language_layers(model)], fn)
 
 
-@pytest.mark.skipif(generation() == "5", reason="on transformers 5.x the class is pruned")
-def test_refused_on_transformers_4_with_the_reason():
-    model = model_of()
-    ids, mask, pixels = hf_batch([(2, 3)], visual_tokens=1)
-    meteor_plugin.enable()
-    with pytest.raises(meteor_plugin.UnsupportedModelError, match="pruned on transformers 5.x only"):
-        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-
-
-@on_5
 @towers
 @pytest.mark.parametrize("how", ["stages_off", "keep_everything"])
 def test_pruning_off_matches_unpatched(how, tower):
     model = model_of(tower)
-    ids, mask, pixels = hf_batch([(4, 6), (3, 9)], seed=1)
-    reference, ref_tokens = logits(model, ids, mask, pixels), generate(model, ids, mask, pixels)
+    ids, mask, pixels = prompts([(4, 6), (3, 9)], seed=1)
+    reference = real_logits(model, ids, mask, pixels)
+    # 4.x's own generate guesses later steps' mask from zero keys and gets a left-padded batch wrong once the
+    # adapter splices (keep_everything); the reference there is the unpatched model decoded without a cache.
+    ref_tokens = generate(model, ids, mask, pixels) if V5 or how == "stages_off" else greedy(model, ids, mask, pixels)
     if how == "stages_off":
         meteor_plugin.enable(encoder=False, fusion=False, llm=False)
     else:
         meteor_plugin.enable(**STAGE3, llm_min_keep=1.0, llm_max_keep=1.0)
-    torch.testing.assert_close(logits(model, ids, mask, pixels), reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(real_logits(model, ids, mask, pixels), reference, atol=1e-5, rtol=0)
     assert torch.equal(generate(model, ids, mask, pixels), ref_tokens)
 
 
-@on_5
 @pytest.mark.parametrize("language", ["llama", "mistral"])
 def test_layers_after_llm_layer_run_on_fewer_tokens(language):
     model = model_of(language=language)
-    ids, mask, pixels = hf_batch([(3, 7)])
-    full = ids.shape[1]
+    ids, mask, pixels = prompts([(3, 7)])
+    full = ids.shape[1] + GROWN
     meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=16, llm_max_keep=16)
     seen = layer_lengths(model, lambda: logits(model, ids, mask, pixels))
     assert seen[0] == [full] and seen[1] == [full]
@@ -77,39 +92,30 @@ def test_layers_after_llm_layer_run_on_fewer_tokens(language):
     assert (llm.entered, llm.left) == (VISUAL, 16)
 
 
-@on_5
 @towers
 def test_stage1_prunes_inside_the_tower_and_generate_gives_back_the_users_prompt(tower):
     model = model_of(tower)
-    ids, mask, pixels = hf_batch([(3, 7)])
+    ids, mask, pixels = prompts([(3, 7)])
     meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=0.25)
     seen = layer_lengths(model, lambda: logits(model, ids, mask, pixels))
-    assert seen[0] == [ids.shape[1] - VISUAL + 16]  # the language model never sees the pruned patches
+    assert seen[0] == [ids.shape[1] - PER_IMAGE + 16]  # the language model never sees the pruned patches
     encoder = meteor_plugin.stats(model).stages[0]["encoder"]
     assert (encoder.entered, encoder.left, len(encoder.detail["kept"][0])) == (VISUAL, 16, 16)
     out = generate(model, ids, mask, pixels, steps=3)
     assert out.shape == (1, ids.shape[1] + 3) and torch.equal(out[:, :ids.shape[1]], ids)
 
 
-@on_5
 @towers
 def test_stage1_cached_generate_equals_greedy_without_cache(tower):
     model = model_of(tower)
-    ids, mask, pixels = hf_batch([(4, 8)], seed=3)
+    ids, mask, pixels = prompts([(4, 8)], seed=3)
     meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=0.25)
-    steps = 4
-    cached = generate(model, ids, mask, pixels, steps)[:, ids.shape[1]:]
-    grown, grown_mask = ids, mask
-    for _ in range(steps):
-        nxt = logits(model, grown, grown_mask, pixels)[:, -1].argmax(-1, keepdim=True)
-        grown, grown_mask = torch.cat([grown, nxt], 1), torch.cat([grown_mask, torch.ones_like(nxt)], 1)
-    assert torch.equal(cached, grown[:, ids.shape[1]:])
+    assert torch.equal(generate(model, ids, mask, pixels), greedy(model, ids, mask, pixels))
 
 
-@on_5
 def test_stage3_prefill_picks_what_the_pruned_forward_predicts():
     model = model_of()
-    ids, mask, pixels = hf_batch([(4, 8)], seed=2)
+    ids, mask, pixels = prompts([(4, 8)], seed=2)
     meteor_plugin.enable(**STAGE3, llm_min_keep=8, llm_max_keep=8)
     first = logits(model, ids, mask, pixels)[:, -1].argmax(-1)
     kept = meteor_plugin.stats(model).stages[0]["llm"].detail["kept"]
@@ -117,11 +123,10 @@ def test_stage3_prefill_picks_what_the_pruned_forward_predicts():
     assert meteor_plugin.stats(model).stages[0]["llm"].detail["kept"] == kept
 
 
-@on_5
 @towers
 def test_batch_generate_equals_each_sample_alone(tower):
     model = model_of(tower)
-    ids, mask, pixels = hf_batch([(3, 4), (5, 11), (2, 7)], seed=5)
+    ids, mask, pixels = prompts([(3, 4), (5, 11), (2, 7)], seed=5)
     meteor_plugin.enable(fusion=False, llm_lambda=40.0, llm_min_keep=8, llm_max_keep=0.5)
     batch = generate(model, ids, mask, pixels)[:, ids.shape[1]:]
     kept = [(s["encoder"].left, s["llm"].left) for s in meteor_plugin.stats(model).stages]
@@ -133,9 +138,8 @@ def test_batch_generate_equals_each_sample_alone(tower):
         assert (s["encoder"].left, s["llm"].left) == kept[i]
 
 
-@on_5
 def test_text_only_model_of_the_same_class_runs_unchanged_and_disable_restores():
-    from transformers import LlavaModel, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
     model = model_of()
     torch.manual_seed(0)
@@ -144,27 +148,25 @@ def test_text_only_model_of_the_same_class_runs_unchanged_and_disable_restores()
     prompt = torch.tensor([[1, 5, 7, 9, 11]])
     with torch.no_grad():
         reference = text(input_ids=prompt).logits
-    from transformers import LlamaModel
-
-    forward, lm_forward = LlavaModel.__dict__["forward"], LlamaModel.__dict__["forward"]
+    owner = type(model.model) if V5 else type(model)  # whose forward fits the prompt: the inner model on 5.x
+    forward, lm_forward = owner.__dict__["forward"], LlamaModel.__dict__["forward"]
     meteor_plugin.enable(**STAGE3, llm_min_keep=8, llm_max_keep=8)
-    ids, mask, pixels = hf_batch([(2, 5)])
+    ids, mask, pixels = prompts([(2, 5)])
     logits(model, ids, mask, pixels)  # patches the language model's class (LlamaModel) at the first forward
     with torch.no_grad():
         assert torch.equal(text(input_ids=prompt).logits, reference)
     assert LlamaModel.__dict__["forward"] is not lm_forward
     meteor_plugin.disable()
-    assert LlavaModel.__dict__["forward"] is forward and LlamaModel.__dict__["forward"] is lm_forward
+    assert owner.__dict__["forward"] is forward and LlamaModel.__dict__["forward"] is lm_forward
 
 
-@on_5
 def test_a_loss_or_training_forward_with_pruning_is_refused():
     model = model_of()
-    ids, mask, pixels = hf_batch([(2, 5)])
+    ids, mask, pixels = prompts([(2, 5)])
     meteor_plugin.enable()
     with pytest.raises(NotImplementedError, match="labels would not follow the pruned sequence"):
         model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids)
-    assert HF_IMAGE_TOKEN == model.config.image_token_id
+    assert HF_IMAGE_TOKEN == (model.config.image_token_id if V5 else model.config.image_token_index)
 
 
 # LLaVA-NeXT: anyres crops, unpad, row separators -------------------------------------------------------------
@@ -174,6 +176,8 @@ NEXT_SIZES = [(48, 64), (64, 30), (64, 64)]  # (height, width): 2x2 crops unpadd
 def next_model_and_batch(lengths, seed=0, tower="clip"):
     from meteor_plugin.testing.llava import hf_next_batch
 
+    if not hasattr(transformers, "LlavaNextForConditionalGeneration"):
+        pytest.skip("transformers has LLaVA-NeXT from 4.39")
     model = model_of(tower, merge="spatial_unpad")
     return model, hf_next_batch(model, lengths, NEXT_SIZES[:len(lengths)], seed=seed)
 
@@ -192,27 +196,35 @@ def next_generate(model, ids, mask, pixels, sizes, steps=4):
 
 def separators(model, pixels, sizes):
     """Row separators per image in the unpruned features (the plugin disabled)."""
-    with torch.no_grad():
-        feats = model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output
-    return [int((f == model.model.image_newline.view(1, -1)).all(-1).sum()) for f in feats]
+    line = hf_image_newline(model).view(1, -1)
+    return [int((f == line).all(-1).sum()) for f in hf_image_features(model, pixels, sizes)]
 
 
-@on_5
-def test_next_pruning_off_matches_unpatched():
+@pytest.mark.parametrize("how", ["stages_off", "keep_everything"])
+def test_next_pruning_off_matches_unpatched(how):
     model, (ids, mask, pixels, sizes) = next_model_and_batch([(4, 6), (3, 9)], seed=1)
-    reference = next_logits(model, ids, mask, pixels, sizes)
-    tokens = next_generate(model, ids, mask, pixels, sizes)
-    meteor_plugin.enable(encoder=False, fusion=False, llm=False)
-    torch.testing.assert_close(next_logits(model, ids, mask, pixels, sizes), reference, atol=1e-5, rtol=0)
-    assert torch.equal(next_generate(model, ids, mask, pixels, sizes), tokens)
+    # 4.x splices each image's features (row separators included) in place of its one image token.
+    lengths = mask.sum(dim=1) if V5 else mask.sum(dim=1) - 1 + torch.tensor(
+        [f.shape[0] for f in hf_image_features(model, pixels, sizes)])
+
+    def real_next_logits():
+        return torch.cat([row[-int(n):] for row, n in zip(next_logits(model, ids, mask, pixels, sizes), lengths)])
+
+    reference = real_next_logits()
+    tokens = next_generate(model, ids[:1], mask[:1], pixels[:1], sizes[:1])  # 4.44's batched generate: see above
+    if how == "stages_off":
+        meteor_plugin.enable(encoder=False, fusion=False, llm=False)
+    else:
+        meteor_plugin.enable(**STAGE3, llm_min_keep=1.0, llm_max_keep=1.0)
+    torch.testing.assert_close(real_next_logits(), reference, atol=1e-5, rtol=0)
+    assert torch.equal(next_generate(model, ids[:1], mask[:1], pixels[:1], sizes[:1]), tokens)
 
 
-@on_5
 @towers
 def test_next_default_config_keeps_every_row_separator_and_counts_base_and_crops(tower):
     model, (ids, mask, pixels, sizes) = next_model_and_batch([(3, 7)], tower=tower)
     rows = separators(model, pixels, sizes)[0]
-    text = int(mask.sum()) - int((ids == HF_IMAGE_TOKEN).sum())
+    text = int(mask.sum()) - int((ids == HF_IMAGE_TOKEN).sum())  # the prompt's tokens less its image tokens
     cfg = meteor_plugin.enable(fusion=False)
     seen = layer_lengths(model, lambda: next_logits(model, ids, mask, pixels, sizes))
     s = meteor_plugin.stats(model).stages[0]
@@ -220,12 +232,11 @@ def test_next_default_config_keeps_every_row_separator_and_counts_base_and_crops
     assert (s["encoder"].entered, s["encoder"].left) == (5 * VISUAL, 5 * keep)
     assert s["anyres"].detail["newlines"] == rows and s["anyres"].detail["base"] == keep
     assert s["anyres"].detail["crops"] == s["anyres"].left - keep and s["llm"].entered == s["anyres"].left
-    last = len(model.model.language_model.layers) - 1
+    last = len(hf_language_layers(model)) - 1
     assert seen[0] == [text + s["anyres"].left + rows]
     assert seen[last] == [text + s["llm"].left + rows] and s["llm"].left < s["llm"].entered
 
 
-@on_5
 def test_next_batch_generate_equals_each_sample_alone():
     model, (ids, mask, pixels, sizes) = next_model_and_batch([(3, 4), (5, 9), (2, 6)], seed=4)
     meteor_plugin.enable(fusion=False, llm_lambda=40.0, llm_min_keep=8, llm_max_keep=0.5)
@@ -239,7 +250,6 @@ def test_next_batch_generate_equals_each_sample_alone():
         assert (s["encoder"].left, s["llm"].left) == kept[i]
 
 
-@on_5
 @towers
 def test_next_stage1_cached_generate_equals_greedy_without_cache(tower):
     model, (ids, mask, pixels, sizes) = next_model_and_batch([(4, 8)], seed=3, tower=tower)
@@ -253,7 +263,6 @@ def test_next_stage1_cached_generate_equals_greedy_without_cache(tower):
     assert torch.equal(cached, grown[:, ids.shape[1]:])
 
 
-@on_5
 def test_stage1_on_a_tower_it_does_not_know_is_refused_by_name_and_stage3_still_runs():
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -263,7 +272,7 @@ def test_stage1_on_a_tower_it_does_not_know_is_refused_by_name_and_stage3_still_
                                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
                          image_token_index=HF_IMAGE_TOKEN, vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(config).eval()
-    ids, mask, pixels = hf_batch([(2, 5)])  # 64 image tokens: DINOv2's 8x8 patches after its CLS
+    ids, mask, pixels = prompts([(2, 5)])  # 5.x: 64 image tokens, DINOv2's 8x8 patches after its CLS
     meteor_plugin.enable()
     with pytest.raises(NotImplementedError, match="knows CLIP and SigLIP towers, not 'dinov2'"):
         logits(model, ids, mask, pixels)
@@ -272,11 +281,19 @@ def test_stage1_on_a_tower_it_does_not_know_is_refused_by_name_and_stage3_still_
     assert meteor_plugin.stats(model).stages[0]["llm"].left == 8
 
 
-@on_5
 def test_stage1_on_siglip_with_the_default_select_strategy_is_refused():
     model = model_of("siglip")
     model.config.vision_feature_select_strategy = "default"  # upstream would drop a patch: SigLIP has no CLS
-    ids, mask, pixels = hf_batch([(2, 5)], visual_tokens=63)
+    ids, mask, pixels = hf_batch([(2, 5)], visual_tokens=VISUAL - 1 if V5 else 1)
     meteor_plugin.enable()
     with pytest.raises(NotImplementedError, match="siglip_vision_model tower needs vision_feature_select_strategy"):
+        logits(model, ids, mask, pixels)
+
+
+@pytest.mark.skipif(V5, reason="transformers 5.x's prompts hold one image token per visual token")
+def test_on_transformers_4_a_prompt_with_an_image_token_per_patch_is_refused_by_count():
+    model = model_of()
+    ids, mask, pixels = hf_batch([(2, 5)], visual_tokens=VISUAL)  # a 5.x processor's prompt
+    meteor_plugin.enable(**STAGE3, llm_min_keep=8, llm_max_keep=8)
+    with pytest.raises(ValueError, match="64 image tokens for 1 images; on transformers 4.x each image is one"):
         logits(model, ids, mask, pixels)
