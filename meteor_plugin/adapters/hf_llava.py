@@ -19,10 +19,11 @@ positions, refusing a count that differs; the language model is any decoder with
   visual tokens are the image-token positions, less LLaVA-NeXT's and OneVision's row separators (structure,
   never pruned).
 
-LLaVA-OneVision packs like LLaVA-NeXT, but its ``anyres_max`` step interpolates the crop grid down to a
-budget of patches: pruned patches cannot be put back in a grid it resamples, so Stage 1 is refused there
-by name (its SigLIP tower is refused for Stage 1 anyway) and Stage 3 runs. Its video inputs are not
-pruned: a pruning call with ``pixel_values_videos`` is refused.
+LLaVA-OneVision packs like LLaVA-NeXT (SigLIP tower: Stage 1 as above), but its ``anyres_max`` step
+interpolates a crop grid that holds more than its budget of patches down: pruned patches cannot be put back
+in a grid it resamples, so Stage 1 refuses such an image by name before the tower runs (``_refuse_resampled``;
+grids within the budget, and images that share a sample, are pruned), and Stage 3 runs on any. Its video
+inputs are not pruned: a pruning call with ``pixel_values_videos`` is refused.
 
 Wrapped: each class's ``generate`` and inner ``forward``/``get_image_features`` (and LLaVA-NeXT's
 ``pack_image_features``), and at a model's first forward the class of its language model, whose
@@ -39,6 +40,8 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -63,7 +66,6 @@ class ModelClasses:
     causal: str
     inner: str
     spatial: bool  # LLaVA-NeXT, OneVision: crops packed with unpad and row separators
-    no_stage1: str = ""  # why Stage 1 cannot run on this class ("" where it can)
 
 
 CLASSES = (
@@ -71,9 +73,7 @@ CLASSES = (
     ModelClasses("transformers.models.llava_next.modeling_llava_next", "LlavaNextForConditionalGeneration",
                  "LlavaNextModel", True),
     ModelClasses("transformers.models.llava_onevision.modeling_llava_onevision",
-                 "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel", True,
-                 no_stage1="its anyres_max step interpolates the crop grid, so pruned patches cannot be placed back "
-                           "in it"),
+                 "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel", True),
 )
 INNER = {c.inner: c for c in CLASSES}
 # Towers Stage 1 prunes between blocks: CLIP (a CLS token first) and SigLIP (none, every token a patch).
@@ -94,10 +94,6 @@ def _spatial(model: Any) -> bool:
 
 
 def _check(model: Any, cfg: Any) -> None:
-    classes = INNER.get(type(model).__name__)
-    if cfg.encoder and classes is not None and classes.no_stage1:
-        raise NotImplementedError(f"meteor-plugin Stage 1 on {classes.causal}: {classes.no_stage1}; set encoder=False "
-                                  "(Stage 3 runs)")
     if not cfg.encoder:
         return
     layer = model.config.vision_feature_layer
@@ -152,13 +148,44 @@ def wrap_image_features(original: Any, registry: Any) -> Any:
     """The inner model's ``get_image_features``: Stage 1 inside the vision tower; the kept patches of every CLIP
     input are put in the call (LLaVA-NeXT's ``pack_image_features`` reads them)."""
 
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
     @percall.entry
     def get_image_features(self, pixel_values, *args, **kwargs):
-        with stage1(self, config_for(self), registry):
+        cfg = config_for(self)
+        if cfg.encoder and hasattr(self.config, "vision_aspect_ratio"):
+            a = signature.bind(self, pixel_values, *args, **kwargs).arguments
+            _refuse_resampled(self, a.get("image_sizes"), a.get("vision_aspect_ratio"), a.get("batch_num_images"))
+        with stage1(self, cfg, registry):
             return original(self, pixel_values, *args, **kwargs)
 
     return get_image_features
+
+
+def _refuse_resampled(model: Any, sizes: Any, aspect: Optional[str], per_sample: Any) -> None:
+    """OneVision's ``anyres_max_N`` step interpolates an image's unpadded crop grid down when it holds more than
+    about N crops' patches (by 10%, as upstream's ``pack_image_features`` decides): pruned patches cannot be
+    placed back in a resampled grid, so Stage 1 refuses such an image by name (smaller grids are pruned)."""
+    aspect = aspect or model.config.vision_aspect_ratio
+    most = re.search(r"(\d+)$", str(aspect))
+    if sizes is None or most is None:
+        return
+    module = importlib.import_module(INNER[type(model).__name__].module)
+    vision = model.config.vision_config
+    side = int(vision.image_size) // int(vision.patch_size)
+    alone = [True] * len(sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(int(n))]
+    for k, (size, cropped) in enumerate(zip(sizes, alone)):
+        if not cropped:  # an image that shares its sample is not cropped
+            continue
+        rows, cols = module.get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, vision.image_size)
+        _, height, width = module.unpad_image(torch.empty(0, rows * side, cols * side), size).shape
+        if math.sqrt(height * width / (int(most.group(1)) * side ** 2)) > 1.1:
+            raise NotImplementedError(
+                f"meteor-plugin Stage 1 on {INNER[type(model).__name__].causal}: image {k} "
+                f"({int(size[0])}x{int(size[1])}) makes a {rows}x{cols} crop grid that its {aspect} step interpolates "
+                "down, so pruned patches cannot be placed back in it (Stage 1 prunes images whose unpadded grid fits "
+                "the budget); set encoder=False for such inputs (Stage 3 runs)")
 
 
 def spread_crops(image_features: Any, positions: List[List[int]], patches: int) -> List[torch.Tensor]:

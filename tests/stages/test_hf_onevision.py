@@ -1,6 +1,7 @@
 """transformers' LlavaOnevisionForConditionalGeneration (SigLIP tower, Qwen2 language model, anyres_max
-pooling), against the unpatched model. Stage 3 prunes it on transformers 5.x; Stage 1 is refused by name
-(its anyres_max step resamples the crop grid); video inputs are refused while pruning."""
+pooling), against the unpatched model, on transformers 5.x. Stage 3 prunes it; Stage 1 prunes inside SigLIP
+every image whose crop grid its anyres_max step keeps, and refuses by name an image whose grid it resamples;
+video inputs are refused while pruning."""
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ STAGE3 = dict(encoder=False, fusion=False, llm=True)
 SIZES = [(32, 64), (64, 64), (64, 32)]  # 1x2, 2x2 (interpolated down) and 2x1 crop grids
 
 
-def model_and_batch(text_lengths, seed=0):
-    model = build_tiny_hf_onevision()
+def model_and_batch(text_lengths, seed=0, max_crops=1):
+    model = build_tiny_hf_onevision(max_crops=max_crops)
     return model, hf_next_batch(model, text_lengths, SIZES[:len(text_lengths)], seed=seed)
 
 
@@ -57,10 +58,11 @@ def test_pruning_off_matches_unpatched_and_disable_restores():
     torch.testing.assert_close(run(model, ids, mask, pixels, sizes), reference, atol=0, rtol=0)
 
 
-def test_stage1_is_refused_by_name_and_stage3_runs():
-    model, (ids, mask, pixels, sizes) = model_and_batch([(3, 5)])
+def test_stage1_refuses_an_image_whose_crop_grid_anyres_max_resamples_and_stage3_runs():
+    model, (ids, mask, pixels, sizes) = model_and_batch([(3, 5)])  # anyres_max_1: a 1x2 grid is shrunk to 1 crop
     meteor_plugin.enable()  # the defaults: Stage 1 on
-    with pytest.raises(NotImplementedError, match="LlavaOnevisionForConditionalGeneration: its anyres_max step"):
+    with pytest.raises(NotImplementedError, match=r"LlavaOnevisionForConditionalGeneration: image 0 \(32x64\) makes "
+                                                  "a 1x2 crop grid that its anyres_max_1 step interpolates down"):
         run(model, ids, mask, pixels, sizes)
     with pytest.raises(NotImplementedError, match="set encoder=False"):
         generate(model, ids, mask, pixels, sizes)
@@ -68,6 +70,44 @@ def test_stage1_is_refused_by_name_and_stage3_runs():
     run(model, ids, mask, pixels, sizes)
     llm = meteor_plugin.stats(model).stages[0]["llm"]
     assert 0 < llm.left < llm.entered
+
+
+def test_stage1_prunes_inside_siglip_on_every_crop_and_keeps_every_row_separator():
+    # anyres_max_4: the 1x2, 2x2 and 2x1 grids fit, so none is resampled
+    model, (ids, mask, pixels, sizes) = model_and_batch([(3, 7), (2, 4), (5, 3)], seed=2, max_crops=4)
+    rows = separators(model, pixels, sizes)
+    cfg = meteor_plugin.enable(fusion=False, llm_min_keep=8, llm_max_keep=8)
+    seen = layer_lengths(model, lambda: run(model, ids, mask, pixels, sizes))
+    keep = int(cfg.encoder_keep * 64)
+    for i, sample in enumerate(meteor_plugin.stats(model).stages):
+        inputs = 1 + (2 if i != 1 else 4)  # the base image and its crops
+        assert (sample["encoder"].entered, sample["encoder"].left) == (64 * inputs, keep * inputs)
+        anyres = sample["anyres"]
+        assert anyres.detail["newlines"] == rows[i] and anyres.detail["base"] == keep
+        assert anyres.left == keep * inputs and sample["llm"].entered == anyres.left and sample["llm"].left == 8
+    text = [int(mask[i].sum()) - int((ids[i] == HF_IMAGE_TOKEN).sum()) for i in range(3)]
+    inputs = [3, 5, 3]
+    assert seen[0] == [max(t + r + keep * n for t, r, n in zip(text, rows, inputs))]  # the longest sets the width
+    assert seen[3] == [max(t + r + 8 for t, r in zip(text, rows))]
+
+
+def test_stage1_and_3_batch_generate_equals_each_sample_alone_and_greedy_without_cache():
+    model, (ids, mask, pixels, sizes) = model_and_batch([(3, 4), (5, 9), (2, 6)], seed=4, max_crops=4)
+    meteor_plugin.enable(fusion=False, llm_lambda=40.0, llm_min_keep=8, llm_max_keep=0.5)
+    batch = generate(model, ids, mask, pixels, sizes)
+    kept = [(s["encoder"].left, s["llm"].left) for s in meteor_plugin.stats(model).stages]
+    for i in range(3):
+        row = ids[i][mask[i].bool()].unsqueeze(0)
+        alone = generate(model, row, torch.ones_like(row), pixels[i:i + 1], sizes[i:i + 1])
+        assert torch.equal(batch[i:i + 1], alone), f"sample {i}"
+        s = meteor_plugin.stats(model).stages[0]
+        assert (s["encoder"].left, s["llm"].left) == kept[i]
+    meteor_plugin.enable(fusion=False, llm=False)
+    grown, grown_mask = ids[:1], mask[:1]
+    for _ in range(4):
+        nxt = run(model, grown, grown_mask, pixels[:1], sizes[:1])[:, -1].argmax(-1, keepdim=True)
+        grown, grown_mask = torch.cat([grown, nxt], 1), torch.cat([grown_mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(generate(model, ids[:1], mask[:1], pixels[:1], sizes[:1]), grown[:, ids.shape[1]:])
 
 
 def test_layers_after_llm_layer_run_on_fewer_tokens_and_every_row_separator_stays():
@@ -125,6 +165,12 @@ def test_several_images_in_one_sample_are_not_cropped_and_each_keeps_its_separat
     assert (s["llm"].entered, s["llm"].left) == (128, 20)
     # logits of the kept positions: 6 text tokens, 2 separators and 20 of the 128 visual tokens
     assert pruned.shape[1] == 6 + 2 + 20 and not torch.allclose(pruned[:, -1], reference[:, -1], atol=1e-3)
+    # Stage 1 too: uncropped images are never resampled, so even anyres_max_1 prunes them
+    cfg = meteor_plugin.enable(fusion=False, llm_min_keep=20, llm_max_keep=20)
+    run(model, ids, mask, pixels, sizes, batch_num_images=per_sample)
+    s = meteor_plugin.stats(model).stages[0]
+    keep = int(cfg.encoder_keep * 64)
+    assert (s["encoder"].entered, s["encoder"].left, s["anyres"].left) == (128, 2 * keep, 2 * keep)
 
 
 def test_video_inputs_are_refused_while_pruning():
