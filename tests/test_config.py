@@ -42,7 +42,7 @@ def test_unknown_fields_are_named():
 
 
 def test_files_in_json_and_yaml(tmp_path):
-    (tmp_path / "c.json").write_text(json.dumps({"version": 3, "llm_layer": 3, "llm_max_keep": 0.25}))
+    (tmp_path / "c.json").write_text(json.dumps({"version": 4, "llm_layer": 3, "llm_max_keep": 0.25}))
     (tmp_path / "c.yaml").write_text("llm_layer: 3\nllm_max_keep: 0.25\ntext_query: last\n")
     assert MeteorConfig.from_file(tmp_path / "c.json") == MeteorConfig(llm_layer=3, llm_max_keep=0.25)
     assert MeteorConfig.from_file(tmp_path / "c.yaml").text_query == "last"
@@ -59,19 +59,23 @@ def test_a_config_without_version_keeps_the_behaviour_it_was_written_for():
     old = MeteorConfig.from_dict({"llm_layer": 3})
     assert old.version == 1
     assert (old.fusion_similarity, old.text_query, old.llm_budget_signal, old.llm_min_heads) == ("cosine", "all", "mass", 1)
-    assert old.llm_lambda == 64.0 and MeteorConfig().llm_lambda == 0.6
+    assert old.llm_lambda == 64.0 and MeteorConfig().llm_lambda == 11.0
     assert old.spread_floor == 0.0
     v2 = MeteorConfig.from_dict({"llm_layer": 3, "version": 2})
-    assert v2 == MeteorConfig(llm_layer=3, spread_floor=0.0, version=2)
+    assert v2 == MeteorConfig(llm_layer=3, spread_floor=0.0, llm_budget_signal="spread", llm_lambda=0.6, version=2)
     assert (v2.fusion_similarity, v2.text_query, v2.llm_budget_signal, v2.llm_min_heads) == ("duplicate", "last", "spread", 4)
-    new = MeteorConfig.from_dict({"llm_layer": 3, "version": 3})
-    assert new == MeteorConfig(llm_layer=3) and new.spread_floor == 0.375 and v2.default_of("spread_floor") == 0.0
+    v3 = MeteorConfig.from_dict({"llm_layer": 3, "version": 3})
+    assert v3 == MeteorConfig(llm_layer=3, llm_budget_signal="spread", llm_lambda=0.6, version=3)
+    assert v3.spread_floor == 0.375 and v2.default_of("spread_floor") == 0.0
+    new = MeteorConfig.from_dict({"llm_layer": 3, "version": 4})
+    assert new == MeteorConfig(llm_layer=3) and (new.llm_budget_signal, new.llm_lambda) == ("regions", 11.0)
+    assert v3.default_of("llm_budget_signal") == "spread" and new.default_of("llm_budget_signal") == "regions"
     # A field a version 1 file does set wins over the legacy value; saving keeps everything explicit.
     assert MeteorConfig.from_dict({"text_query": "last"}).text_query == "last"
     assert MeteorConfig.from_json(old.to_json()) == old
     assert old.default_of("fusion_similarity") == "cosine" and new.default_of("fusion_similarity") == "duplicate"
-    with pytest.raises(ValueError, match=r"MeteorConfig.version=4 is invalid"):
-        MeteorConfig.from_dict({"version": 4})
+    with pytest.raises(ValueError, match=r"MeteorConfig.version=5 is invalid"):
+        MeteorConfig.from_dict({"version": 5})
 
 
 def _like_jq(text):
@@ -85,7 +89,7 @@ def test_a_budget_keeps_its_meaning_through_a_json_tool_that_drops_the_decimal(f
     cfg = MeteorConfig(**{field: 1.0, "llm_min_keep": 0.05})
     again = MeteorConfig.from_json(_like_jq(cfg.to_json()))
     assert again == cfg and getattr(again, field) == 1.0 and isinstance(getattr(again, field), float)
-    assert MeteorConfig.from_json(_like_jq(json.dumps({field: 2.0, "version": 3}))) == MeteorConfig(**{field: 2})
+    assert MeteorConfig.from_json(_like_jq(json.dumps({field: 2.0, "version": 4}))) == MeteorConfig(**{field: 2})
     assert MeteorConfig(**{field: "all"}) == cfg
 
 

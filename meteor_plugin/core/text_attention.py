@@ -99,3 +99,43 @@ def attention_spread(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor
     p = torch.where(total > 0, w / total.clamp(min=1e-300), torch.zeros_like(w))
     entropy = -(p * torch.log(p.clamp(min=1e-300))).sum(dim=1)
     return torch.where(total[:, 0] > 0, torch.exp(entropy), torch.zeros_like(entropy)).float()
+
+
+def attended_regions(scores: torch.Tensor, visual: torch.Tensor, hidden: torch.Tensor,
+                     sharpness: float = 16.0) -> torch.Tensor:
+    """How many distinct image regions the attention is spread over: the similarity-sensitive effective number
+    ``1 / sum_ij p_i p_j Z_ij`` (Leinster and Cobbold's diversity of order 2) of the scores renormalised over
+    each sample's visual tokens, with ``Z_ij = max(0, cos(h_i - m, h_j - m)) ** sharpness`` for the visual
+    tokens' hidden states ``h`` centred on their mean ``m``. scores: (B, L) >= 0; visual: (B, L) bool; hidden:
+    (B, L, D). (B,), in [1, visual count]; 0 for a sample without visual tokens or attention on them.
+
+    Stage 3's budget signal ``llm_budget_signal="regions"``. The perplexity (``attention_spread``) counts
+    tokens: a global question whose attention spreads evenly over many look-alike background tokens gets as
+    many as one that counts objects all over the image. Here tokens that look alike count as one region, so
+    the global question gets few and the counting question many. ``sharpness`` sets how alike two tokens
+    must be to count as one (``cos ** 16`` is 0.5 at a cosine of 0.957). Centring removes the offset that all
+    of a model's visual tokens share, which would otherwise make every pair look alike."""
+    out = torch.zeros(scores.shape[0], dtype=torch.float32, device=scores.device)
+    for i in range(scores.shape[0]):
+        v = visual[i]
+        w = scores[i][v].float().clamp(min=0)
+        if w.numel() == 0 or float(w.sum()) <= 0:
+            continue
+        p = w / w.sum()
+        x = hidden[i][v].float()
+        x = x - x.mean(dim=0, keepdim=True)
+        norm = x.norm(dim=-1)
+        typical = norm <= 1e-6 * float(norm.max().clamp(min=1e-30))  # at the mean: alike, whatever their cosine
+        x = x / norm.clamp(min=1e-30)[:, None]
+        zp = torch.empty_like(p)
+        for start in range(0, x.shape[0], _REGION_ROWS):  # Z p by blocks of rows: never the whole (N, N) matrix
+            rows = slice(start, start + _REGION_ROWS)
+            z = (x[rows] @ x.T).clamp_(min=0, max=1).pow_(sharpness)
+            z[typical[rows][:, None] & typical[None, :]] = 1.0
+            z[torch.arange(z.shape[0], device=z.device), torch.arange(start, start + z.shape[0], device=z.device)] = 1.0
+            zp[rows] = z @ p
+        out[i] = float(1.0 / (p.double() @ zp.double()))
+    return out
+
+
+_REGION_ROWS = 32  # rows of the similarity matrix held at once in `attended_regions`

@@ -52,11 +52,12 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "centred-s2": {"fusion_similarity": "centred_cosine"},
     "one-head": {"llm_min_heads": 1},
     "mass-budget": {"llm_budget_signal": "mass"},
+    "spread-budget": {"llm_budget_signal": "spread"},  # config versions 2-3: tokens covered, not regions
     "all-query": {"text_query": "all"},
     "no-spread-floor": {"spread_floor": 0.0},
     # Version 1's values of every field added since (llm_lambda aside: the bench solves it per run).
-    "paper": {"rank": "numerical", **{k: v for old in sorted(LEGACY) for k, v in LEGACY[old].items()
-                                      if k != "llm_lambda"}},
+    "paper": {"rank": "numerical", **{k: v for old in sorted(LEGACY, reverse=True) for k, v in LEGACY[old].items()
+                                      if k != "llm_lambda"}},  # the oldest version's value of each field wins
 }
 GLOBAL_KINDS = ("background",)  # any few tokens answer it
 TOKEN_KINDS = ("colour", "digit", "count")  # the kinds that need the right tokens (the targets compare these)

@@ -31,7 +31,8 @@ from ..compat import transformers as compat
 from ..config import MeteorConfig
 from ..core.budget import adaptive_keep, resolve_budget, resolve_budget_per_sample
 from ..core.select import compaction_index, gather_tokens, topk_mask
-from ..core.text_attention import apply_rope, attention_spread, mean_query_attention, select_heads
+from ..core.text_attention import (apply_rope, attended_regions, attention_spread, mean_query_attention,
+                                   select_heads)
 from ..stats import UNKNOWN_VISUAL, RunStats
 from .layout import IGNORE_INDEX, VisualLayout
 
@@ -258,7 +259,7 @@ class DecoderPruner:
             signal = rel.mass
         else:
             rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims), visual, self.heads_used)
-            signal = rel.mass if cfg.llm_budget_signal == "mass" else attention_spread(rel.scores, visual)
+            signal = self._budget_signal(cfg, layer, rel, visual, hidden)
             budget = adaptive_keep(signal, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
         kept_visual = topk_mask(rel.scores, budget, visual)
         keep = plan.valid & (~visual | kept_visual)
@@ -273,6 +274,15 @@ class DecoderPruner:
             kept=[torch.nonzero(k[v]).flatten() for k, v in zip(kept_visual, visual)],
         )
         self.prefix = _Prefix(plan.layer, plan.kept_valid, hidden.shape[1])
+
+    @staticmethod
+    def _budget_signal(cfg: MeteorConfig, layer: torch.nn.Module, rel: Any, visual: torch.Tensor,
+                       hidden: torch.Tensor) -> torch.Tensor:
+        if cfg.llm_budget_signal == "mass":
+            return rel.mass
+        if cfg.llm_budget_signal == "regions":  # on the states the layer's keys are computed from
+            return attended_regions(rel.scores, visual, layer.input_layernorm(hidden), cfg.llm_region_sharpness)
+        return attention_spread(rel.scores, visual)
 
     def _prefill_substitutes(self, plan: _Plan, call: compat.LayerCall, hidden: torch.Tensor) -> None:
         if plan.subs is not None:

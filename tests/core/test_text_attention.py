@@ -2,7 +2,7 @@ import torch
 
 import pytest
 
-from meteor_plugin.core.text_attention import attention_spread, mean_query_attention, select_heads
+from meteor_plugin.core.text_attention import attended_regions, attention_spread, mean_query_attention, select_heads
 
 
 def test_mean_query_attention_equals_dense_causal_softmax_rows():
@@ -47,3 +47,49 @@ def test_attention_spread_grows_with_the_number_of_regions_attended():
     # Independent of the mass on the image (the sink can take any share), unlike the paper's signal.
     torch.testing.assert_close(attention_spread(scores * torch.tensor([[1.0], [0.1], [3.0]]), visual), spread)
     assert attention_spread(torch.zeros(1, 17), visual[:1]).item() == pytest.approx(0.0)
+
+
+def _regions_image(regions=6, per_region=8, dim=32, seed=0):
+    """Visual tokens in ``regions`` groups of ``per_region`` look-alike tokens (a shared direction plus a little
+    noise), after two text tokens; hidden (1, L, D) and the visual mask (1, L)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0][:regions] * 10  # orthogonal regions
+    tokens = centres.repeat_interleave(per_region, dim=0) + 0.05 * torch.randn(regions * per_region, dim, generator=g)
+    hidden = torch.cat([torch.randn(2, dim, generator=g), tokens])[None]
+    visual = torch.zeros(1, hidden.shape[1], dtype=torch.bool)
+    visual[0, 2:] = True
+    return hidden, visual
+
+
+def test_attended_regions_counts_look_alike_tokens_once_and_grows_with_the_regions_attended():
+    hidden, visual = _regions_image(regions=6, per_region=8)
+    counts = []
+    for r in range(1, 7):  # attention spread evenly over every token of the first r regions
+        scores = torch.zeros(1, visual.shape[1])
+        scores[0, 2:2 + 8 * r] = 1.0
+        counts.append(attended_regions(scores, visual, hidden).item())
+    assert counts == sorted(counts) and counts[0] == pytest.approx(1.0, abs=0.05)
+    # centred on their mean, orthogonal regions are 120 degrees or more apart: each one counts fully
+    assert all(abs(c - r) < 0.1 for r, c in zip(range(1, 7), counts))
+    # the same 8 tokens of one region against 8 tokens from 8 different regions: one region against eight
+    spread_hidden, _ = _regions_image(regions=8, per_region=1, seed=1)
+    hidden8 = torch.cat([hidden, spread_hidden[:, 2:]], dim=1)
+    visual8 = torch.ones(1, hidden8.shape[1], dtype=torch.bool)
+    visual8[0, :2] = False
+    one, eight = torch.zeros(1, hidden8.shape[1]), torch.zeros(1, hidden8.shape[1])
+    one[0, 2:10], eight[0, -8:] = 1.0, 1.0
+    assert attended_regions(one, visual8, hidden8).item() < 1.1 < 6.0 < attended_regions(eight, visual8, hidden8).item()
+    # the token-counting perplexity sees 8 in both
+    torch.testing.assert_close(attention_spread(one, visual8), attention_spread(eight, visual8))
+
+
+def test_attended_regions_edge_cases():
+    hidden, visual = _regions_image(regions=2, per_region=4)
+    assert attended_regions(torch.zeros(1, visual.shape[1]), visual, hidden).item() == 0.0  # no attention
+    same = torch.ones(1, 10, 8)  # every visual token identical: one region, however spread the attention
+    visual_same = torch.ones(1, 10, dtype=torch.bool)
+    assert attended_regions(torch.rand(1, 10), visual_same, same).item() == pytest.approx(1.0)
+    scores = torch.rand(1, visual.shape[1])
+    torch.testing.assert_close(attended_regions(scores * 7.0, visual, hidden), attended_regions(scores, visual, hidden))
+    sharp = attended_regions(scores, visual, hidden, sharpness=64.0)
+    assert sharp.item() >= attended_regions(scores, visual, hidden, sharpness=1.0).item()  # sharper: fewer alike

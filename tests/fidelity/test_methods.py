@@ -119,7 +119,10 @@ def test_ablations_switch_exactly_their_choice(setup):
         differs = {k for k in default if default[k] != config[k]}
         expected = {k for k in change if k != "rank"} | ({"encoder_ranks"} if "rank" in change else set())
         assert differs == expected, name
-    assert methods.config_for("meteor:paper", 32, cal).encoder_ranks == cal.numerical_ranks
+    paper = methods.config_for("meteor:paper", 32, cal)
+    assert paper.encoder_ranks == cal.numerical_ranks
+    # every field at version 1's value, not at a later version's legacy value for the same field
+    assert (paper.llm_budget_signal, paper.fusion_similarity, paper.spread_floor) == ("mass", "cosine", 0.0)
     with pytest.raises(ValueError, match="unknown ablation\\(s\\) fancy"):
         methods.check_ablations(["fancy"])
 

@@ -308,6 +308,21 @@ def test_spread_budget_is_lambda_times_the_attention_perplexity(tiny_llava):
         assert llm.left == max(2, min(llm.entered, int(llm.detail["signal"] * 0.5 + 0.5)))
 
 
+def test_regions_budget_is_lambda_times_the_attended_regions_and_never_above_the_spread(tiny_llava):
+    model = tiny_llava()
+    ids, mask, images = make_batch([(3, 6), (5, 10)], [True, True], seed=17)
+    meteor_plugin.enable(**STAGE3, llm_budget_signal="spread", llm_min_keep=2, llm_max_keep=1.0)
+    forward_logits(model, ids, mask, images)
+    spread = [s["llm"].detail["signal"] for s in meteor_plugin.stats(model).stages]
+    meteor_plugin.enable(**STAGE3, llm_budget_signal="regions", llm_lambda=3.0, llm_min_keep=2, llm_max_keep=1.0)
+    forward_logits(model, ids, mask, images)
+    for sample, tokens in zip(meteor_plugin.stats(model).stages, spread):
+        llm = sample["llm"]
+        # order-2 diversity with similarity <= order-2 perplexity <= perplexity (Hill numbers fall with order)
+        assert 1.0 <= llm.detail["signal"] <= tokens + 1e-4
+        assert llm.left == max(2, min(llm.entered, int(llm.detail["signal"] * 3.0 + 0.5)))
+
+
 # Training ------------------------------------------------------------------------------------------------------
 def _training_batch(answer_seed=0):
     ids, mask, images = make_batch([(3, 5), (2, 8)], [True, True], seed=23)
