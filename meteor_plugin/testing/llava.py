@@ -279,3 +279,20 @@ def hf_language_layers(model):
     from ..compat.transformers import generation
 
     return (model.model.language_model if generation() == "5" else model.language_model.model).layers
+
+
+def batch_and_alone(model, generate, ids: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor,
+                    sizes: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor, tuple, tuple]]:
+    """``generate(model, ids, mask, pixels, sizes)`` (new tokens) on a left-padded batch and on each sample alone,
+    unpadded: per sample (its batch row, its tokens alone, (Stage 1, Stage 3) tokens kept in the batch, alone)."""
+    from ..stats import stats
+
+    batch = generate(model, ids, mask, pixels, sizes)
+    kept = [(s["encoder"].left, s["llm"].left) for s in stats(model).stages]
+    out = []
+    for i in range(ids.shape[0]):
+        row = ids[i][mask[i].bool()].unsqueeze(0)
+        alone = generate(model, row, torch.ones_like(row), pixels[i:i + 1], sizes[i:i + 1])
+        s = stats(model).stages[0]
+        out.append((batch[i:i + 1], alone, kept[i], (s["encoder"].left, s["llm"].left)))
+    return out

@@ -10,7 +10,7 @@ import transformers
 
 import meteor_plugin
 from meteor_plugin.compat.transformers import generation
-from meteor_plugin.testing.llava import (HF_IMAGE_TOKEN, TinyLlavaSpec, build_tiny_hf_llava, hf_batch,
+from meteor_plugin.testing.llava import (HF_IMAGE_TOKEN, batch_and_alone, TinyLlavaSpec, build_tiny_hf_llava, hf_batch,
                                          hf_image_features, hf_image_newline, hf_language_layers)
 from meteor_plugin.testing.llm import input_lengths
 
@@ -240,14 +240,8 @@ def test_next_default_config_keeps_every_row_separator_and_counts_base_and_crops
 def test_next_batch_generate_equals_each_sample_alone():
     model, (ids, mask, pixels, sizes) = next_model_and_batch([(3, 4), (5, 9), (2, 6)], seed=4)
     meteor_plugin.enable(fusion=False, llm_lambda=40.0, llm_min_keep=8, llm_max_keep=0.5)
-    batch = next_generate(model, ids, mask, pixels, sizes)
-    kept = [(s["encoder"].left, s["llm"].left) for s in meteor_plugin.stats(model).stages]
-    for i in range(3):
-        row = ids[i][mask[i].bool()].unsqueeze(0)
-        alone = next_generate(model, row, torch.ones_like(row), pixels[i:i + 1], sizes[i:i + 1])
-        assert torch.equal(batch[i:i + 1], alone), f"sample {i}"
-        s = meteor_plugin.stats(model).stages[0]
-        assert (s["encoder"].left, s["llm"].left) == kept[i]
+    for i, (in_batch, alone, kept, kept_alone) in enumerate(batch_and_alone(model, next_generate, ids, mask, pixels, sizes)):
+        assert torch.equal(in_batch, alone) and kept == kept_alone, f"sample {i}"
 
 
 @towers

@@ -9,7 +9,7 @@ import torch
 import meteor_plugin
 from meteor_plugin.compat.transformers import generation
 from meteor_plugin.testing.llm import input_lengths
-from meteor_plugin.testing.llava import HF_IMAGE_TOKEN, build_tiny_hf_onevision, hf_next_batch
+from meteor_plugin.testing.llava import HF_IMAGE_TOKEN, batch_and_alone, build_tiny_hf_onevision, hf_next_batch
 
 pytestmark = pytest.mark.skipif(generation() != "5", reason="transformers' LLaVA-OneVision is pruned on 5.x only")
 STAGE3 = dict(encoder=False, fusion=False, llm=True)
@@ -94,14 +94,8 @@ def test_stage1_prunes_inside_siglip_on_every_crop_and_keeps_every_row_separator
 def test_stage1_and_3_batch_generate_equals_each_sample_alone_and_greedy_without_cache():
     model, (ids, mask, pixels, sizes) = model_and_batch([(3, 4), (5, 9), (2, 6)], seed=4, max_crops=4)
     meteor_plugin.enable(fusion=False, llm_lambda=40.0, llm_min_keep=8, llm_max_keep=0.5)
-    batch = generate(model, ids, mask, pixels, sizes)
-    kept = [(s["encoder"].left, s["llm"].left) for s in meteor_plugin.stats(model).stages]
-    for i in range(3):
-        row = ids[i][mask[i].bool()].unsqueeze(0)
-        alone = generate(model, row, torch.ones_like(row), pixels[i:i + 1], sizes[i:i + 1])
-        assert torch.equal(batch[i:i + 1], alone), f"sample {i}"
-        s = meteor_plugin.stats(model).stages[0]
-        assert (s["encoder"].left, s["llm"].left) == kept[i]
+    for i, (in_batch, alone, kept, kept_alone) in enumerate(batch_and_alone(model, generate, ids, mask, pixels, sizes)):
+        assert torch.equal(in_batch, alone) and kept == kept_alone, f"sample {i}"
     meteor_plugin.enable(fusion=False, llm=False)
     grown, grown_mask = ids[:1], mask[:1]
     for _ in range(4):
