@@ -127,15 +127,21 @@ def attended_regions(scores: torch.Tensor, visual: torch.Tensor, hidden: torch.T
         norm = x.norm(dim=-1)
         typical = norm <= 1e-6 * float(norm.max().clamp(min=1e-30))  # at the mean: alike, whatever their cosine
         x = x / norm.clamp(min=1e-30)[:, None]
-        zp = torch.empty_like(p)
-        for start in range(0, x.shape[0], _REGION_ROWS):  # Z p by blocks of rows: never the whole (N, N) matrix
-            rows = slice(start, start + _REGION_ROWS)
-            z = (x[rows] @ x.T).clamp_(min=0, max=1).pow_(sharpness)
-            z[typical[rows][:, None] & typical[None, :]] = 1.0
-            z[torch.arange(z.shape[0], device=z.device), torch.arange(start, start + z.shape[0], device=z.device)] = 1.0
-            zp[rows] = z @ p
-        out[i] = float(1.0 / (p.double() @ zp.double()))
+        same = bool(typical.any())
+        total = torch.zeros((), dtype=torch.float64, device=p.device)
+        # p Z p by blocks of rows, each against its own and the later columns (Z is symmetric): never the whole
+        # (N, N) matrix in memory, and half its products.
+        for start in range(0, x.shape[0], _REGION_ROWS):
+            end = min(start + _REGION_ROWS, x.shape[0])
+            z = (x[start:end] @ x[start:].T).clamp_(min=0, max=1).pow_(sharpness)
+            if same:
+                z[typical[start:end][:, None] & typical[None, start:]] = 1.0
+            own = z[:, :end - start]
+            own.diagonal().fill_(1.0)  # each token is its own region's
+            zp = own @ p[start:end] + 2.0 * (z[:, end - start:] @ p[end:])
+            total += (p[start:end].double() * zp.double()).sum()
+        out[i] = float(1.0 / total)
     return out
 
 
-_REGION_ROWS = 32  # rows of the similarity matrix held at once in `attended_regions`
+_REGION_ROWS = 128  # rows of the similarity matrix held at once in `attended_regions`
