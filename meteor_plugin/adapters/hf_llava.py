@@ -84,12 +84,14 @@ def is_installed() -> bool:
     return importlib.util.find_spec(CLASSES[0].module) is not None
 
 
-def _patches(model: Any) -> int:
+def tower_patches(model: Any) -> int:
+    """Patch tokens the vision tower gives one image (or one crop), CLS excluded."""
     vision = model.config.vision_config
     return (int(vision.image_size) // int(vision.patch_size)) ** 2
 
 
-def _spatial(model: Any) -> bool:
+def is_anyres(model: Any) -> bool:
+    """LLaVA-NeXT and OneVision: images are cut into crops and packed by ``pack_image_features``."""
     return hasattr(model, "pack_image_features")
 
 
@@ -109,7 +111,7 @@ def _check(model: Any, cfg: Any) -> None:
     if not _has_cls(model) and strategy == "default":
         raise NotImplementedError(f"meteor-plugin Stage 1 on a {kind} tower needs vision_feature_select_strategy="
                                   "'full': it has no CLS token, so 'default' would drop a kept patch")
-    if _has_cls(model) and strategy == "full" and _spatial(model):
+    if _has_cls(model) and strategy == "full" and is_anyres(model):
         raise NotImplementedError("meteor-plugin Stage 1 on LLaVA-NeXT with a CLIP tower needs "
                                   "vision_feature_select_strategy='default'")
 
@@ -129,7 +131,7 @@ def stage1(model: Any, cfg: Any, registry: Any) -> Iterator[Any]:
     _check(model, cfg)
     layers = clip_layers(model.vision_tower)
     depth = selected_depth(len(layers), int(model.config.vision_feature_layer))
-    patches = _patches(model)
+    patches = tower_patches(model)
     keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
     pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
     pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=_has_cls(model),
@@ -212,7 +214,7 @@ def wrap_pack(original: Any) -> Any:
         plan = call.hf_plan if call is not None else None
         if plan is None:
             return original(self, image_features, *args, **kwargs)
-        spread = spread_crops(image_features, plan.positions.tolist(), _patches(self))
+        spread = spread_crops(image_features, plan.positions.tolist(), tower_patches(self))
         packed, _ = original(self, spread, *args, **kwargs)
         packed = drop_pruned(packed)
         lens = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)
@@ -283,7 +285,7 @@ def build_layout(model: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.T
     newlines = torch.zeros_like(valid)
     line = getattr(model, "image_newline", None)
     stats = RunStats(ids.shape[0])
-    patches = _patches(model)
+    patches = tower_patches(model)
     keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches) if cfg.encoder else patches
     call = percall.current()
     kept = list(call.hf_kept or []) if call is not None else []
@@ -298,7 +300,7 @@ def build_layout(model: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.T
             count.left += n * keep
             count.detail["kept"] += kept[:n]  # per CLIP input (base image, then crops): the patches kept
             kept = kept[n:]
-        if _spatial(model):
+        if is_anyres(model):
             rows = int(newlines[i, start:end].sum())
             base = keep if n > 1 else end - start - rows
             entry = sample.setdefault("anyres", StageCount(0, 0, {"base": 0, "crops": 0, "newlines": 0}))
@@ -325,7 +327,7 @@ def prepare(model: Any, inner: Any, cfg: Any, ids: torch.Tensor, mask: Optional[
 
 
 def _crops_per_image(inner: Any, pixels: Any, kwargs: Dict[str, Any], images: int) -> List[int]:
-    if not _spatial(inner):
+    if not is_anyres(inner):
         return [1] * images
     module = importlib.import_module(INNER[type(inner).__name__].module)
     crops = [module.image_size_to_num_patches(size, inner.config.image_grid_pinpoints,
@@ -339,14 +341,15 @@ def _crops_per_image(inner: Any, pixels: Any, kwargs: Dict[str, Any], images: in
 
 
 def _refuse_video(cfg: Any, videos: Any) -> None:
-    if videos is not None and _pruning(cfg):
+    if videos is not None and prunes(cfg):
         raise NotImplementedError(
             "meteor-plugin does not prune video inputs (pixel_values_videos): their tokens would be treated as "
             "text; run videos with meteor_plugin.disable() or enable(..., encoder=False, llm=False)")
 
 
 # Wrappers ------------------------------------------------------------------------------------------------------
-def _pruning(cfg: Any) -> bool:
+def prunes(cfg: Any) -> bool:
+    """Whether ``cfg`` removes tokens at all (Stage 2 has nothing to fuse in a one-tower LLaVA)."""
     return bool(cfg.encoder or cfg.llm)
 
 
@@ -380,7 +383,7 @@ def wrap_generate(original: Any) -> Any:
         prompt, pixels = a.get("inputs", extra.get("input_ids")), extra.get("pixel_values")
         _refuse_video(cfg, extra.get("pixel_values_videos"))
         call = percall.current()
-        if not _pruning(cfg) or pixels is None or not torch.is_tensor(prompt):
+        if not prunes(cfg) or pixels is None or not torch.is_tensor(prompt):
             return original(self, *args, **kwargs)
         ids, mask, encoded, layout = prepare(self, self.model, cfg, prompt, extra.get("attention_mask"), pixels, extra)
         extra.pop("inputs", None)
@@ -437,12 +440,12 @@ def wrap_inner_forward(original: Any, registry: Any) -> Any:
         cfg = config_for(self)
         call = percall.current()
         lm = self.language_model
-        _patch_language_model(type(lm), registry)
+        patch_language_model(type(lm), registry)
         call.hf_language_model, call.hf_config = lm, cfg
         layout, call.hf_layout = call.hf_layout, None  # generate's, for its prefill
         ids, pixels = a.get("input_ids"), a.get("pixel_values")
         _refuse_video(cfg, a.get("pixel_values_videos", extra.get("pixel_values_videos")))
-        if layout is None and _pruning(cfg) and ids is not None and pixels is not None:
+        if layout is None and prunes(cfg) and ids is not None and pixels is not None:
             refuse_training(self, call.hf_labels)
             if a.get("position_ids") is not None or extra.get("cache_position") is not None:
                 raise NotImplementedError(
@@ -459,7 +462,7 @@ def wrap_inner_forward(original: Any, registry: Any) -> Any:
     return forward
 
 
-def _patch_language_model(cls: type, registry: Any) -> None:
+def patch_language_model(cls: type, registry: Any) -> None:
     """The language model's class runs Stage 3 only inside a LLaVA call and for that call's model."""
     if registry.is_patched(cls, "forward"):
         return

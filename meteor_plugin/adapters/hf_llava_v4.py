@@ -59,7 +59,7 @@ def encode(model: Any, cfg: Any, registry: Any, pixels: torch.Tensor, sizes: Any
     strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
     if strategy not in ("default", "full"):
         raise ValueError(f"meteor-plugin: unknown vision_feature_select_strategy {strategy!r}")
-    spatial = hf_llava._spatial(model)
+    spatial = hf_llava.is_anyres(model)
     if spatial:
         if sizes is None:
             raise ValueError(f"meteor-plugin: {type(model).__name__} needs image_sizes with its pixel_values")
@@ -79,7 +79,7 @@ def encode(model: Any, cfg: Any, registry: Any, pixels: torch.Tensor, sizes: Any
         return list(features), crops
     per_image = list(torch.split(features, crops, dim=0))
     if plan is not None:
-        per_image = hf_llava.spread_crops(per_image, plan.positions.tolist(), hf_llava._patches(model))
+        per_image = hf_llava.spread_crops(per_image, plan.positions.tolist(), hf_llava.tower_patches(model))
     packed, lens = model.pack_image_features(per_image, sizes, image_newline=model.image_newline)
     packed = list(torch.split(packed, [int(n) for n in lens], dim=0)) if torch.is_tensor(packed) else list(packed)
     return (hf_llava.drop_pruned(packed) if plan is not None else packed), crops
@@ -144,7 +144,7 @@ def prepare(model: Any, cfg: Any, registry: Any, ids: torch.Tensor, mask: Option
 def _decoder(model: Any, registry: Any) -> Any:
     """The language model's decoder (the module with the layers), its class made to run Stage 3."""
     decoder = model.language_model.get_decoder()
-    hf_llava._patch_language_model(type(decoder), registry)
+    hf_llava.patch_language_model(type(decoder), registry)
     return decoder
 
 
@@ -165,7 +165,7 @@ def wrap_forward(original: Any, registry: Any) -> Any:
             a.update(input_ids=None, inputs_embeds=embeds, pixel_values=None, position_ids=_positions(
                 a["attention_mask"]))
         ids, pixels = a.get("input_ids"), a.get("pixel_values")
-        if (layout is None and hf_llava._pruning(cfg) and ids is not None and pixels is not None
+        if (layout is None and hf_llava.prunes(cfg) and ids is not None and pixels is not None
                 and ids.shape[1] != 1 and a.get("inputs_embeds") is None):
             hf_llava.refuse_training(self, a.get("labels") is not None)
             if compat.past_length(a.get("past_key_values"), 0):
@@ -196,7 +196,7 @@ def wrap_generate(original: Any, registry: Any) -> Any:
         a = signature.bind(self, *args, **kwargs).arguments
         extra = {**{k: v for k, v in a.items() if k not in ("self", "inputs", "kwargs")}, **a.get("kwargs", {})}
         prompt, pixels = a.get("inputs", extra.get("input_ids")), extra.get("pixel_values")
-        if not hf_llava._pruning(cfg) or pixels is None or not torch.is_tensor(prompt):
+        if not hf_llava.prunes(cfg) or pixels is None or not torch.is_tensor(prompt):
             return original(self, *args, **kwargs)
         embeds, mask, _, layout = prepare(self, cfg, registry, prompt, extra.get("attention_mask"), pixels, extra)
         for name in ("pixel_values", "image_sizes", "position_ids"):
