@@ -146,3 +146,32 @@ def test_a_spread_floor_keeps_look_alike_background_that_the_scores_alone_drop()
     assert len(set(floored[0].tolist()) & set(objects)) == 2  # the rest still goes to objects
     mask = duplicate_aware_mask(z, owner, 4, owner_spread(owner, 2))[0]
     assert torch.nonzero(mask).flatten().tolist() == sorted(floored[0].tolist())
+
+
+def test_stage2_greedy_on_the_cpu_picks_what_the_tensor_greedy_picks(monkeypatch):
+    # The CPU path runs the greedy in numpy (dispatch-bound otherwise); accelerators run it as tensor ops.
+    # Both must keep exactly the same tokens: random tokens, duplicates across encoders, exact ties
+    # (identical tokens within an encoder), reserved tokens, a batch whose rows differ.
+    from meteor_plugin.core import token_scores
+
+    g = torch.Generator().manual_seed(0)
+    owner = torch.tensor([0] * 30 + [1] * 50 + [2] * 20)
+    z = torch.randn(3, 100, 16, generator=g)
+    z[:, 40] = z[:, 5]  # the same content seen by encoders 0 and 1
+    z[:, 90] = z[:, 41]
+    z[:, 10:14] = z[:, 9:10]  # look-alike tokens of one encoder: equal importance, the tie-break decides
+    reserved = torch.zeros(100, dtype=torch.bool)
+    reserved[[0, 35, 85]] = True
+    ran = []
+    numpy_greedy, tensor_greedy = token_scores._greedy_numpy, token_scores._greedy_tensor
+    monkeypatch.setattr(token_scores, "_greedy_numpy", lambda *a: ran.append("numpy") or numpy_greedy(*a))
+    cpu = duplicate_aware_mask(z, owner, 40, reserved)
+    monkeypatch.setattr(token_scores, "_greedy_numpy", lambda *a: ran.append("tensor") or tensor_greedy(*a))
+    tensor = duplicate_aware_mask(z, owner, 40, reserved)
+    assert ran == ["numpy", "tensor"]
+    assert torch.equal(cpu, tensor)
+    assert cpu.sum(dim=1).tolist() == [40, 40, 40] and cpu[:, reserved].all()
+    assert not torch.equal(cpu[0], cpu[1])  # the rows were chosen each on its own
+    # Inputs that carry gradients (Stage 2 active in training) select without them.
+    grad = z.clone().requires_grad_(True)
+    assert torch.equal(duplicate_aware_mask(grad, owner, 40, reserved), cpu)
