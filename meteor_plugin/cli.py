@@ -44,8 +44,11 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
         from meteor_plugin.fidelity import recipe
 
         workdir = args.train_dir or os.path.join(os.getcwd(), "fidelity-train")
+        rounds = recipe.SHIPPED_ROUNDS if args.train_rounds else ()
         settings = recipe.RecipeSettings(workdir=workdir, threads=args.threads or 2,
-                                         budget_seconds=60.0 * args.train_minutes)
+                                         budget_seconds=60.0 * args.train_minutes,
+                                         continue_steps=tuple(n for n, _ in rounds),
+                                         continue_seeds=tuple(seed for _, seed in rounds))
         model_path = recipe.run(settings, echo=lambda *a: print(*a, file=sys.stderr))
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(methods.BUDGETS)
     settings = fidelity.FidelityBench(
@@ -188,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model-path", help="a trained fidelity checkpoint (default: the one shipped in the package)")
     f.add_argument("--train", action="store_true", help="train a fidelity model first, as the shipped one was "
                    "(85 minutes of training on 2 cores, plus writing the data; the plan and its end time are printed)")
-    f.add_argument("--train-minutes", type=float, default=85.0, help="wall-clock budget of both training phases")
+    f.add_argument("--train-minutes", type=float, default=85.0, help="wall-clock budget of pretraining and the first "
+                   "fine-tuning")
+    f.add_argument("--train-rounds", action=argparse.BooleanOptionalAction, default=True,
+                   help="then the shipped model's further fine-tuning rounds (where it learned to count; "
+                   "--no-train-rounds stops after the budget)")
     f.add_argument("--train-dir", help="work folder of --train (default: ./fidelity-train)")
     f.add_argument("--per-kind", type=int, default=500, help="test questions per question kind")
     f.add_argument("--val-per-kind", type=int, default=100, help="validation questions per kind, for calibration")

@@ -2,6 +2,7 @@
 same code as the real run (``recipe``: our pretraining loop, then ``python -m meteor_plugin.train`` driving
 the EAGLE stand-in's ``train.py``), and multi-turn v1 data is masked right with the task's tokenizer."""
 
+import json
 import os
 
 import pytest
@@ -72,3 +73,36 @@ def test_hf_tokenizer_round_trip_and_prompt(tmp_path):
     record = llava_format.conversation_record("x", "x.png", [q, q])
     assert record["conversations"][0]["value"].startswith("<image>\n")
     assert "<image>" not in record["conversations"][2]["value"]
+
+
+def test_further_rounds_chain_from_the_last_model_on_fresh_images(tmp_path, monkeypatch):
+    """Phase 5 (``keep_training``): each round fine-tunes the previous round's output on images of its own
+    seed, at the full lr; rounds that would reuse a phase's images are refused; a run from a trained
+    checkpoint records that checkpoint's own record as its base."""
+    calls = []
+
+    def fake_finetune(phase, model, data, echo, name):
+        calls.append((name, model, phase.seed, phase.finetune_steps, phase.lr, data["data_path"]))
+        return os.path.join(str(tmp_path), "out-" + name)
+
+    monkeypatch.setattr(recipe, "finetune", fake_finetune)
+    settings = recipe.RecipeSettings(workdir=str(tmp_path), batch_size=2, seed=0, continue_steps=(3, 2),
+                                     continue_seeds=(2, 4))
+    recipe.check_rounds(settings)
+    out = recipe.keep_training(settings, "first", echo=lambda *a: None)
+    assert out == os.path.join(str(tmp_path), "out-continue2")
+    assert [c[:5] for c in calls] == [("continue1", "first", 2, 3, settings.lr),
+                                      ("continue2", os.path.join(str(tmp_path), "out-continue1"), 4, 2, settings.lr)]
+    first = json.load(open(calls[0][5], encoding="utf-8"))
+    second = json.load(open(calls[1][5], encoding="utf-8"))
+    assert len(first) == 6 and len(second) == 4  # steps x batch conversations, each round its own images
+    assert first[0]["image"] == second[0]["image"] and first[0]["conversations"] != second[0]["conversations"]
+    for steps, seeds in (((3,), ()), ((3, 2), (2, 2)), ((3,), (0,)), ((0,), (2,))):
+        with pytest.raises(ValueError, match="continue_"):
+            recipe.check_rounds(recipe.RecipeSettings(workdir="", continue_steps=steps, continue_seeds=seeds))
+
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / recipe.RECORD).write_text(json.dumps({"fixed_test": {"accuracy": {"count": 0.5}}}))
+    assert recipe.base_record(str(trained))["fixed_test"]["accuracy"]["count"] == 0.5
+    assert recipe.base_record(str(tmp_path)) is None and recipe.base_record(None) is None
