@@ -24,6 +24,7 @@ TEXT_QUERIES = ("all", "last")
 METHODS = ("meteor", "random", "avgpool", "fastv", "visionzip", "drop_encoder")
 FUSION_MODES = ("auto", "post_projection", "training_free")
 FUSION_SIMILARITIES = ("cosine", "centred_cosine", "duplicate")
+FUSION_QUOTAS = ("none", "rank")
 DEEP_SCORES = ("attention", "similarity")
 BUDGET_SIGNALS = ("mass", "spread", "regions")
 VERSION = 4  # of the config format; see LEGACY
@@ -141,6 +142,10 @@ class MeteorConfig:
     # "cosine" (the paper's summed cosine), "centred_cosine" (after subtracting each encoder's mean token),
     # "duplicate" (greedy: a token is redundant when a kept token of another encoder has its content).
     fusion_similarity: str = "duplicate"
+    # How Stage 2's keep is shared among the encoders: "none" (one selection over all of them: an encoder gets
+    # what its tokens win) or "rank" (each encoder keeps its share in proportion to its rank, as in Stage 1,
+    # and the selection runs within those shares). The paper does not say which.
+    fusion_quota: str = "none"
     # Stages 1 and 2: this share of the tokens each keeps is evenly spaced over each encoder's tokens. Both
     # stages favour distinctive tokens and would keep almost no look-alike ones, and a question about the
     # whole image (its background, its lighting) reads the image from what is kept. 0: none (the paper's,
@@ -191,6 +196,7 @@ class MeteorConfig:
         _check_budget("fusion_keep", self.fusion_keep)
         _check_choice("fusion_mode", self.fusion_mode, FUSION_MODES)
         _check_choice("fusion_similarity", self.fusion_similarity, FUSION_SIMILARITIES)
+        _check_choice("fusion_quota", self.fusion_quota, FUSION_QUOTAS)
         _check_float("spread_floor", self.spread_floor, 0.0, 0.5)
         _check_int("llm_layer", self.llm_layer, 1)
         _check_budget("llm_top_heads", self.llm_top_heads)

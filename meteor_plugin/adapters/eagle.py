@@ -197,7 +197,10 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
     if cfg.fusion:
         keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, z.shape[1])
         entering = z.shape[1]
-        z, index = cooperative_prune(z, owner, keep, cfg.fusion_similarity, cfg.spread_floor)
+        quota = None
+        if cfg.fusion_quota == "rank":  # the encoders that reach Stage 2 (one without budget never ran)
+            quota = [r for r, n in zip(_ranks(cfg, names, model), budgets) if n > 0]
+        z, index = cooperative_prune(z, owner, keep, cfg.fusion_similarity, cfg.spread_floor, quota)
         survivors = owner.to(index.device)[index]  # (B, keep)
         record.stage("fusion").add(entering, z.shape[1], index, per_image=[
             {"per_encoder": {n: int((s == i).sum()) for i, n in enumerate(names)}} for s in survivors])

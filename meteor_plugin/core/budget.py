@@ -113,3 +113,15 @@ def cap_budgets(shares: Sequence[int], capacity: Sequence[int]) -> List[int]:
             out[i] += take
             spare -= take
     return out
+
+
+def bounded_shares(total: int, ranks: Sequence[Optional[float]], low: Sequence[int], high: Sequence[int]) -> List[int]:
+    """``rank_budgets`` of ``total`` with each share kept within [low, high] (what an encoder already has
+    reserved, what it has), still summing to ``total``. Needs sum(low) <= total <= sum(high)."""
+    if not sum(low) <= total <= sum(high):
+        raise ValueError(f"total={total} is invalid for shares between {list(low)} and {list(high)}")
+    shares = [max(s, lo) for s, lo in zip(cap_budgets(rank_budgets(total, ranks), high), low)]
+    for _ in range(sum(shares) - total):  # raising to the floors overshot: take from the largest slack
+        i = max(range(len(shares)), key=lambda j: (shares[j] - low[j], -j))
+        shares[i] -= 1
+    return shares

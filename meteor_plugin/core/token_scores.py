@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -94,7 +94,7 @@ def owner_normalised_importance(c: torch.Tensor, owner: torch.Tensor) -> torch.T
 
 
 def duplicate_aware_mask(z: torch.Tensor, owner: torch.Tensor, keep: int,
-                         reserved: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         reserved: Optional[torch.Tensor] = None, quota: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Stage 2's duplicate-aware selection: keep ``keep`` of the T tokens of each sample, greedily.
 
     z: (B, T, D) projected tokens of all encoders; owner: (T,) encoder of each. Tokens are centred per
@@ -103,8 +103,9 @@ def duplicate_aware_mask(z: torch.Tensor, owner: torch.Tensor, keep: int,
     Each step keeps the token of highest importance minus redundancy (ties: lower index). Two encoders
     that see the same object keep it once; what only one encoder sees is never penalised, however
     similar the background of the other. ``reserved``: (T,) bool, tokens kept before the greedy starts (the
-    spread floor; they count as kept for redundancy). Returns a (B, T) bool mask with exactly min(keep, T)
-    per row.
+    spread floor; they count as kept for redundancy). ``quota``: tokens each encoder keeps (owners in
+    ascending order, reserved ones included, summing to ``keep``): an encoder whose share is full takes no
+    more. Returns a (B, T) bool mask with exactly min(keep, T) per row.
     """
     b, t, _ = z.shape
     owner = owner.to(z.device)
@@ -120,38 +121,56 @@ def duplicate_aware_mask(z: torch.Tensor, owner: torch.Tensor, keep: int,
     # Equal gains go to the lower index: a tiny decreasing tie-break, below any real difference.
     tie = torch.arange(t, device=z.device, dtype=torch.float32) * -1e-7
     steps = min(keep, t) - int(kept[0].sum())
+    slot = owner.unique(return_inverse=True)[1]  # each token's encoder as 0..n-1
+    if quota is None:
+        room = torch.full((b, int(slot.max()) + 1), t, device=z.device)
+    else:
+        room = torch.as_tensor(list(quota), device=z.device).expand(b, -1).clone()
+        room -= torch.stack([(kept & (slot == j)).sum(dim=1) for j in range(room.shape[1])], dim=1)
+        if len(quota) != room.shape[1] or sum(quota) != min(keep, t) or (room < 0).any():
+            raise ValueError(f"quota={list(quota)} is invalid: allowed one share per encoder, summing to {min(keep, t)}, "
+                             "each at least the encoder's reserved tokens")
     greedy = _greedy_numpy if z.device.type == "cpu" else _greedy_tensor
     # A selection, not a function of z to differentiate: nothing here needs gradients (training runs it too).
-    return greedy(importance.detach().float(), tie, redundancy.detach().float(), sim.detach().float(), kept, steps)
+    return greedy(importance.detach().float(), tie, redundancy.detach().float(), sim.detach().float(), kept, steps,
+                  slot, room)
 
 
 def _greedy_tensor(importance: torch.Tensor, tie: torch.Tensor, redundancy: torch.Tensor, sim: torch.Tensor,
-                   kept: torch.Tensor, steps: int) -> torch.Tensor:
-    """The greedy as tensor ops, for accelerators (no copy to the host, no sync per step)."""
+                   kept: torch.Tensor, steps: int, slot: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    """The greedy as tensor ops, for accelerators (no copy to the host, no sync per step). slot: (T,) encoder
+    of each token as 0..n-1; room: (B, n) tokens each encoder may still take."""
     rows = torch.arange(kept.shape[0], device=kept.device)
     for _ in range(steps):
-        pick = (importance - redundancy + tie).masked_fill(kept, float("-inf")).argmax(dim=1)
+        closed = kept | (room[:, slot] <= 0)
+        pick = (importance - redundancy + tie).masked_fill(closed, float("-inf")).argmax(dim=1)
         kept[rows, pick] = True
+        room[rows, slot[pick]] -= 1
         redundancy = torch.maximum(redundancy, sim[rows, pick])
     return kept
 
 
 def _greedy_numpy(importance: torch.Tensor, tie: torch.Tensor, redundancy: torch.Tensor, sim: torch.Tensor,
-                  kept: torch.Tensor, steps: int) -> torch.Tensor:
+                  kept: torch.Tensor, steps: int, slot: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
     """The same greedy on the CPU in numpy, row by row: each of the hundreds of steps is a few small
     vector ops, which cost torch's per-op dispatch more than their arithmetic (EAGLE-X4 shape: 576 of
     1193 tokens, 3.9% of the pruned prefill before). Same float32 arithmetic, same picks."""
     out = kept.clone()
-    tie = tie.numpy()
+    tie, slot = tie.numpy(), slot.cpu().numpy()
     for row in range(kept.shape[0]):
         imp, r, s = importance[row].numpy(), redundancy[row].numpy().copy(), sim[row].numpy()
         taken = out[row].numpy()  # shares memory with ``out``
+        left = room[row].cpu().numpy().copy()
+        closed = taken | (left[slot] <= 0)
         gain = np.empty_like(imp)
         for _ in range(steps):
             np.subtract(imp, r, out=gain)
             gain += tie
-            gain[taken] = -np.inf
+            gain[closed] = -np.inf
             pick = int(gain.argmax())
-            taken[pick] = True
+            taken[pick] = closed[pick] = True
+            left[slot[pick]] -= 1
+            if left[slot[pick]] <= 0:
+                closed |= slot == slot[pick]
             np.maximum(r, s[pick], out=r)
     return out

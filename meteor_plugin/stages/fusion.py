@@ -20,24 +20,26 @@ columns per encoder (an approximation: the shared GELU saw the sum, so they stil
 from __future__ import annotations
 
 import copy
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..config import FUSION_SIMILARITIES
-from ..core.budget import rank_weights
+from ..core.budget import bounded_shares, rank_weights
 from ..core.select import compaction_index, floor_count, gather_tokens, owner_spread, spread, topk_beyond
 from ..core.token_scores import cooperative_redundancy, duplicate_aware_mask, similarity_to_mean
 
 
 def cooperative_prune(z: torch.Tensor, owner: torch.Tensor, keep: int, similarity: str = "cosine",
-                      spread_floor: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                      spread_floor: float = 0.0, quota_ranks: Optional[Sequence[Optional[float]]] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """z: (B, T, D) projected tokens of all encoders (joined along the sequence); owner: (T,) encoder
     of each; similarity: ``MeteorConfig.fusion_similarity``. Keeps ``keep`` tokens: a ``spread_floor`` share
     evenly spaced over each encoder's tokens (``core.select.owner_spread``), the rest by that similarity (see
-    the module docstring), in their original order. Returns (kept tokens (B, keep, D), their index into T
-    (B, keep))."""
+    the module docstring), in their original order. ``quota_ranks`` (one per encoder, in owner order; the
+    ``fusion_quota="rank"`` option): each encoder keeps a share of ``keep`` in proportion to its rank, and the
+    selection runs within the shares. Returns (kept tokens (B, keep, D), their index into T (B, keep))."""
     if similarity not in FUSION_SIMILARITIES:
         raise ValueError(f"similarity={similarity!r} is invalid: allowed {', '.join(map(repr, FUSION_SIMILARITIES))}")
     b, t, _ = z.shape
@@ -45,13 +47,26 @@ def cooperative_prune(z: torch.Tensor, owner: torch.Tensor, keep: int, similarit
         return z, torch.arange(t, device=z.device).expand(b, t)
     owner = owner.to(z.device)
     floor = owner_spread(owner, floor_count(spread_floor, keep))
+    quota = None
+    if quota_ranks is not None:
+        owners = owner.unique().tolist()
+        if len(quota_ranks) != len(owners):
+            raise ValueError(f"quota_ranks has {len(quota_ranks)} entries for {len(owners)} encoders")
+        quota = bounded_shares(keep, quota_ranks, [int(floor[owner == j].sum()) for j in owners],
+                               [int((owner == j).sum()) for j in owners])
     with torch.no_grad():
         if similarity == "duplicate":
-            mask = duplicate_aware_mask(z, owner, keep, floor)
+            mask = duplicate_aware_mask(z, owner, keep, floor, quota)
         else:
             redundancy = cooperative_redundancy(z, owner, centred=similarity == "centred_cosine")
-            mask = topk_beyond(-redundancy, torch.full((b,), keep, device=z.device), floor,
-                               torch.ones(b, t, dtype=torch.bool, device=z.device))
+            valid = torch.ones(b, t, dtype=torch.bool, device=z.device)
+            if quota is None:
+                mask = topk_beyond(-redundancy, torch.full((b,), keep, device=z.device), floor, valid)
+            else:  # the same ranking within each encoder's share
+                mask = torch.zeros_like(valid)
+                for j, share in zip(owner.unique().tolist(), quota):
+                    mask |= topk_beyond(-redundancy, torch.full((b,), share, device=z.device), floor & (owner == j),
+                                        valid & (owner == j))
         index, _ = compaction_index(mask)
     return gather_tokens(z, index), index
 

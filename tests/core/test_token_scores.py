@@ -166,12 +166,46 @@ def test_stage2_greedy_on_the_cpu_picks_what_the_tensor_greedy_picks(monkeypatch
     numpy_greedy, tensor_greedy = token_scores._greedy_numpy, token_scores._greedy_tensor
     monkeypatch.setattr(token_scores, "_greedy_numpy", lambda *a: ran.append("numpy") or numpy_greedy(*a))
     cpu = duplicate_aware_mask(z, owner, 40, reserved)
+    cpu_quota = duplicate_aware_mask(z, owner, 40, reserved, quota=[10, 25, 5])
     monkeypatch.setattr(token_scores, "_greedy_numpy", lambda *a: ran.append("tensor") or tensor_greedy(*a))
     tensor = duplicate_aware_mask(z, owner, 40, reserved)
-    assert ran == ["numpy", "tensor"]
+    assert ran == ["numpy", "numpy", "tensor"]
     assert torch.equal(cpu, tensor)
+    assert torch.equal(cpu_quota, duplicate_aware_mask(z, owner, 40, reserved, quota=[10, 25, 5]))
+    assert [int(cpu_quota[0, owner == j].sum()) for j in range(3)] == [10, 25, 5]
     assert cpu.sum(dim=1).tolist() == [40, 40, 40] and cpu[:, reserved].all()
     assert not torch.equal(cpu[0], cpu[1])  # the rows were chosen each on its own
     # Inputs that carry gradients (Stage 2 active in training) select without them.
     grad = z.clone().requires_grad_(True)
     assert torch.equal(duplicate_aware_mask(grad, owner, 40, reserved), cpu)
+
+
+def test_stage2_rank_quotas_give_each_encoder_its_share_and_select_within_it():
+    # fusion_quota="rank": encoder 0 (rank 3) and encoder 1 (rank 1) share 8 kept tokens 6:2, whatever the
+    # scores; without quotas the same tokens split by the scores alone. Within a share, the greedy's order.
+    from meteor_plugin.core.budget import bounded_shares
+    from meteor_plugin.stages.fusion import cooperative_prune
+
+    g = torch.Generator().manual_seed(1)
+    owner = torch.tensor([0] * 12 + [1] * 20)
+    z = torch.randn(2, 32, 8, generator=g)
+    z[:, 12:] *= 4  # encoder 1's tokens stand out: alone, the scores give it most of the budget
+    for similarity in ("duplicate", "cosine", "centred_cosine"):
+        _, free = cooperative_prune(z, owner, 8, similarity)
+        _, shared = cooperative_prune(z, owner, 8, similarity, quota_ranks=[3.0, 1.0])
+        assert (owner[shared] == 0).sum(dim=1).tolist() == [6, 6], similarity
+        assert (owner[free] == 0).sum(dim=1).tolist() != [6, 6], similarity
+        # a spread floor's reserved tokens count toward their encoder's share
+        _, floored = cooperative_prune(z, owner, 8, similarity, spread_floor=0.5, quota_ranks=[3.0, 1.0])
+        assert (owner[floored] == 0).sum(dim=1).tolist() == [6, 6], similarity
+    # Within its share an encoder keeps what the greedy ranks first: quota 8:0 is encoder 0's top 8 alone.
+    only = duplicate_aware_mask(z, owner, 8, quota=[8, 0])
+    assert only[:, 12:].sum() == 0 and only.sum(dim=1).tolist() == [8, 8]
+    assert torch.equal(only[:, :12], duplicate_aware_mask(z[:, :12], owner[:12], 8))
+    with pytest.raises(ValueError, match="quota"):
+        duplicate_aware_mask(z, owner, 8, quota=[4, 3])
+    # Shares stay within [reserved, available] and sum to the total.
+    assert bounded_shares(10, [1.0, 1.0, 8.0], [3, 0, 0], [20, 20, 4]) == [3, 3, 4]
+    assert bounded_shares(6, [1.0, 0.0], [0, 2], [6, 6]) == [4, 2]
+    with pytest.raises(ValueError, match="total"):
+        bounded_shares(3, [1.0, 1.0], [2, 2], [5, 5])

@@ -74,6 +74,12 @@ def test_post_projection_counts_per_encoder_and_stage_match_budgets_and_hooks(ea
     assert first_layer == [int(mask.sum(1).max()) - 1 + 576]
     kept = [s["fusion"].detail["kept"] for s in run.stages]
     assert kept[0] != kept[1]  # different images keep different tokens
+    # fusion_quota="rank": Stage 2's 576 are shared 10:30:20:40 as Stage 1's budget was, on every image.
+    meteor_plugin.enable(encoder=True, fusion=True, llm=False, encoder_keep=1200, fusion_keep=576,
+                         encoder_ranks=RANKS, fusion_quota="rank")
+    forward(model, ids, mask, images)
+    shares = [s["fusion"].detail["per_encoder"] for s in meteor_plugin.stats(model).stages]
+    assert shares == [dict(zip(NAMES, [58, 173, 115, 230]))] * 2
 
 
 def test_clip_blocks_run_on_fewer_tokens_inside_eagle(eagle):
