@@ -116,6 +116,12 @@ def _check_similarity(mode: str, cfg: Any) -> str:
             "model fuses EAGLE's way (training-free mode scores grid positions, not cross-encoder similarity): "
             f"convert it (meteor-plugin convert) or leave fusion_similarity at its default {default!r}"
         )
+    if mode == "training_free" and cfg.fusion and cfg.fusion_quota != "none":
+        raise FusionConfigError(
+            f"MeteorConfig.fusion_quota={cfg.fusion_quota!r} applies to post-projection fusion, but this model fuses "
+            "EAGLE's way (training-free mode keeps grid positions that every encoder shares, so there are no "
+            "per-encoder shares): convert it (meteor-plugin convert) or leave fusion_quota at 'none'"
+        )
     return mode
 
 

@@ -253,6 +253,9 @@ def test_a_non_default_similarity_on_an_unconverted_model_is_refused(eagle):
         meteor_plugin.enable(llm=False, fusion_similarity=similarity)
         with pytest.raises(ValueError, match=f"fusion_similarity='{similarity}' applies to post-projection fusion"):
             forward(model, *batch())
+    meteor_plugin.enable(llm=False, fusion_quota="rank")
+    with pytest.raises(ValueError, match="fusion_quota='rank' applies to post-projection fusion"):
+        forward(model, *batch())
     # The default, and a version 1 config's default (the paper's cosine), run training-free.
     for config in (meteor_plugin.MeteorConfig(llm=False, fusion_keep=100),
                    meteor_plugin.MeteorConfig.from_dict({"llm": False, "fusion_keep": 100})):
