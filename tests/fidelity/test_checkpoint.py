@@ -41,13 +41,8 @@ def test_checkpoint_answers_the_fixed_questions_as_recorded(record):
     assert abs(sum(result.correct) - recorded["correct"]) <= TOLERANCE
     for kind in KINDS:
         assert result.accuracy(kind) == pytest.approx(recorded[kind], abs=TOLERANCE / fixed["per_kind"] + 1e-9)
-    # Clearly better than chance on the kinds this checkpoint learned: the model reads the image. Count is at
-    # chance in it (its 90-minute training did not learn it; docs/fidelity.md): a retrained checkpoint that
-    # learns count moves it here.
-    chance = {"background": 1 / 4, "colour": 1 / 6, "digit": 1 / 10, "count": 1 / 4}
-    learned = ("background", "colour", "digit")
-    assert all(result.accuracy(k) > chance[k] + 0.15 for k in learned), result.summary()
-    assert result.accuracy("count") < chance["count"] + 0.15, "count was learned: add it to `learned`"
+    # Every kind learned (the testbed's floor is 0.90 unpruned), counting included: the model reads the image.
+    assert all(result.accuracy(k) >= 0.9 for k in KINDS), result.summary()
 
 
 def test_checkpoint_is_the_v2_model():
