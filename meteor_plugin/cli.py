@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("fidelity")
     f.add_argument("--model-path", help="a trained fidelity checkpoint (default: the one shipped in the package)")
     f.add_argument("--train", action="store_true", help="train a fidelity model first, as the shipped one was "
-                   "(85 minutes of training on 2 cores, plus writing the data; the plan and its end time are printed)")
+                   "(85 minutes of training on 2 cores, then two further rounds of about an hour in all, plus writing "
+                   "the data; the plan and its end time are printed)")
     f.add_argument("--train-minutes", type=float, default=85.0, help="wall-clock budget of pretraining and the first "
                    "fine-tuning")
     f.add_argument("--train-rounds", action=argparse.BooleanOptionalAction, default=True,
