@@ -122,12 +122,14 @@ def duplicate_aware_mask(z: torch.Tensor, owner: torch.Tensor, keep: int,
     tie = torch.arange(t, device=z.device, dtype=torch.float32) * -1e-7
     steps = min(keep, t) - int(kept[0].sum())
     slot = owner.unique(return_inverse=True)[1]  # each token's encoder as 0..n-1
+    encoders = int(slot.max()) + 1
     if quota is None:
-        room = torch.full((b, int(slot.max()) + 1), t, device=z.device)
+        room = torch.full((b, encoders), t, device=z.device)
     else:
         room = torch.as_tensor(list(quota), device=z.device).expand(b, -1).clone()
-        room -= torch.stack([(kept & (slot == j)).sum(dim=1) for j in range(room.shape[1])], dim=1)
-        if len(quota) != room.shape[1] or sum(quota) != min(keep, t) or (room < 0).any():
+        if len(quota) == encoders:
+            room -= torch.stack([(kept & (slot == j)).sum(dim=1) for j in range(encoders)], dim=1)
+        if len(quota) != encoders or sum(quota) != min(keep, t) or (room < 0).any():
             raise ValueError(f"quota={list(quota)} is invalid: allowed one share per encoder, summing to {min(keep, t)}, "
                              "each at least the encoder's reserved tokens")
     greedy = _greedy_numpy if z.device.type == "cpu" else _greedy_tensor

@@ -202,8 +202,9 @@ def test_stage2_rank_quotas_give_each_encoder_its_share_and_select_within_it():
     only = duplicate_aware_mask(z, owner, 8, quota=[8, 0])
     assert only[:, 12:].sum() == 0 and only.sum(dim=1).tolist() == [8, 8]
     assert torch.equal(only[:, :12], duplicate_aware_mask(z[:, :12], owner[:12], 8))
-    with pytest.raises(ValueError, match="quota"):
-        duplicate_aware_mask(z, owner, 8, quota=[4, 3])
+    for wrong in ([4, 3], [4, 2, 2], [8]):  # not summing to keep; not one share per encoder
+        with pytest.raises(ValueError, match="quota"):
+            duplicate_aware_mask(z, owner, 8, quota=wrong)
     # Shares stay within [reserved, available] and sum to the total.
     assert bounded_shares(10, [1.0, 1.0, 8.0], [3, 0, 0], [20, 20, 4]) == [3, 3, 4]
     assert bounded_shares(6, [1.0, 0.0], [0, 2], [6, 6]) == [4, 2]
