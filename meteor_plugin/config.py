@@ -151,6 +151,13 @@ class MeteorConfig:
     # whole image (its background, its lighting) reads the image from what is kept. 0: none (the paper's,
     # and version 2's). 0.375: the best of 0, 1/8, 1/4, 3/8 on the v2 fidelity model's validation split.
     spread_floor: float = 0.375
+    # Stages 1 and 2 before the language model: the visual tokens that reach it keep the positions they have
+    # unpruned (the text after them continues as if none were removed), and each attends with the weight of
+    # the tokens it stands for: itself and the dropped tokens most like it, log(size) added to its attention
+    # logit in every layer (ToMe's proportional attention). A model trained on whole images counts and reads
+    # geometry from the shares of attention; without it, dropping look-alike tokens inflates the share of
+    # what is kept. Needs additive attention masks (eager or sdpa, not FlashAttention-2).
+    proportional_attention: bool = False
 
     # Stage 3: adaptive text-guided pruning inside the LLM.
     llm_layer: int = 2
@@ -179,7 +186,7 @@ class MeteorConfig:
     def __post_init__(self) -> None:
         for name in _budget_fields(type(self)):
             object.__setattr__(self, name, _budget_value(name, getattr(self, name)))
-        for name in ("encoder", "fusion", "llm"):
+        for name in ("encoder", "fusion", "llm", "proportional_attention"):
             _check_bool(name, getattr(self, name))
         _check_choice("method", self.method, METHODS)
         _check_budget("encoder_keep", self.encoder_keep)

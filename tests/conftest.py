@@ -26,6 +26,22 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def eagle():
+    """A builder of the EAGLE stand-in: ``eagle(converted=False, **TinyEagleSpec fields)``."""
+    def make(converted=False, **fields):
+        from meteor_plugin.adapters.eagle import convert_to_post_projection
+        from meteor_plugin.testing.eagle_like import TinyEagleSpec, build_tiny_eagle
+
+        model = build_tiny_eagle(TinyEagleSpec(**fields))
+        if converted:
+            convert_to_post_projection(model)
+        model.generation_config.eos_token_id = None
+        return model
+
+    return make
+
+
+@pytest.fixture
 def tiny_llava(model_dir):
     """Factory: tiny_llava(**TinyLlavaSpec fields) -> LlavaLlamaForCausalLM (eval, seeded), or
     LlavaMistralForCausalLM with language="mistral"."""

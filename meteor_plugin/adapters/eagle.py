@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..core.budget import cap_budgets, rank_budgets, resolve_stage_budget
 from ..core.select import gather_tokens
+from ..core.token_sizes import kept_sizes
 from ..registry import REGISTRY
 from ..stages import baselines
 from ..stages.encoder import HF_CLIP_BLOCK, VitPruner, attention_importance, prune_output
@@ -53,7 +54,7 @@ from ..patcher.edits import Edit, FileSpec
 from ..training.codebases import Codebase as TrainingCodebase
 from .family import Family, require
 from .llava_arch import ArchTarget
-from .vision import VISION_HANDLERS, VisionRecord, clip_layers
+from .vision import VISION_HANDLERS, ImageTokens, VisionRecord, clip_layers
 
 MODEL_MODULE = "eagle.model.language_model.eagle_llama"
 CAUSAL = "EagleLlamaForCausalLM"
@@ -116,6 +117,12 @@ def _check_similarity(mode: str, cfg: Any) -> str:
             "model fuses EAGLE's way (training-free mode scores grid positions, not cross-encoder similarity): "
             f"convert it (meteor-plugin convert) or leave fusion_similarity at its default {default!r}"
         )
+    if mode == "training_free" and (cfg.encoder or cfg.fusion) and cfg.proportional_attention:
+        raise FusionConfigError(
+            "MeteorConfig.proportional_attention=True needs the tokens each encoder keeps, but this model fuses "
+            "EAGLE's way (training-free mode keeps shared grid positions): convert it (meteor-plugin convert) or "
+            "set proportional_attention=False"
+        )
     if mode == "training_free" and cfg.fusion and cfg.fusion_quota != "none":
         raise FusionConfigError(
             f"MeteorConfig.fusion_quota={cfg.fusion_quota!r} applies to post-projection fusion, but this model fuses "
@@ -177,22 +184,32 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
         budgets = list(counts)
     features, owners, positions = [], [], {}
     b = images.shape[0]
+    track = cfg.proportional_attention
+    offsets = [sum(counts[:i]) for i in range(len(counts))]
+    where, sizes = [], []  # with proportional_attention: each kept token's place among all, and its size
     for i, tower in enumerate(towers):
         if budgets[i] == 0:
             continue  # an encoder without budget is not run at all
+        size = None
         if i in outputs:
             kept, index = prune_output(outputs[i], budgets[i], cfg.spread_floor)
+            if track:
+                size = kept_sizes(outputs[i], index)
         else:
             layers = clip_layers(tower.vision_tower)
             pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, REGISTRY)
             plan = pruner.start(counts[i], budgets[i], len(layers), cfg.encoder_shallow_share, has_cls=False,
-                                deep_score=cfg.encoder_deep_score, spread_floor=cfg.spread_floor)
+                                deep_score=cfg.encoder_deep_score, spread_floor=cfg.spread_floor, track_sizes=track)
             with pruner.running():
                 kept = _tokens(tower(_tower_input(mbcc, tower, images)))
             index = plan.positions if plan.positions is not None else torch.arange(counts[i]).expand(b, -1)
+            size = plan.sizes
         positions[names[i]] = index
         features.append(_project(llm.mm_projectors[i], kept))
         owners.append(torch.full((kept.shape[1],), i, dtype=torch.long))
+        if track:
+            where.append(index.to(kept.device) + offsets[i])
+            sizes.append(size if size is not None else torch.ones(index.shape, device=kept.device))
     z = torch.cat(features, dim=1)
     owner = torch.cat(owners)
     per_encoder = {n: [c, k] for n, c, k in zip(names, counts, budgets)}
@@ -200,16 +217,24 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
     # order the tokens reach Stage 2: what the fusion stage's and Stage 3's kept indices point into.
     kept_at = [{"positions": {n: pos[j].tolist() for n, pos in positions.items()}} for j in range(b)]
     record.stage("encoder").add(sum(counts), z.shape[1], None, images=b, per_image=kept_at, per_encoder=per_encoder)
+    if track:
+        where, sizes = torch.cat(where, dim=1), torch.cat(sizes, dim=1)
     if cfg.fusion:
         keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, z.shape[1])
         entering = z.shape[1]
         quota = None
         if cfg.fusion_quota == "rank":  # the encoders that reach Stage 2 (one without budget never ran)
             quota = [r for r, n in zip(_ranks(cfg, names, model), budgets) if n > 0]
+        before = z
         z, index = cooperative_prune(z, owner, keep, cfg.fusion_similarity, cfg.spread_floor, quota)
         survivors = owner.to(index.device)[index]  # (B, keep)
         record.stage("fusion").add(entering, z.shape[1], index, per_image=[
             {"per_encoder": {n: int((s == i).sum()) for i, n in enumerate(names)}} for s in survivors])
+        if track:
+            sizes = kept_sizes(before, index, sizes, group=owner)
+            where = torch.gather(where, 1, index.to(where.device))
+    if track:
+        record.tokens.extend(ImageTokens.batch(where, sizes, sum(counts)))
     return z
 
 

@@ -129,6 +129,11 @@ def stage1(model: Any, cfg: Any, registry: Any) -> Iterator[Any]:
         yield None
         return
     _check(model, cfg)
+    if cfg.proportional_attention:
+        raise NotImplementedError(
+            f"meteor-plugin: MeteorConfig.proportional_attention=True does not run on transformers' "
+            f"{type(model).__name__} yet (it runs on the llava package's and EAGLE's models): set it to False"
+        )
     layers = clip_layers(model.vision_tower)
     depth = selected_depth(len(layers), int(model.config.vision_feature_layer))
     patches = tower_patches(model)

@@ -31,7 +31,7 @@ from ..training.codebases import Codebase as TrainingCodebase
 from .anyres import is_spatial, spread_to_grid
 from .family import Family, require
 from .llava_arch import ArchTarget
-from .vision import VISION_HANDLERS, EncoderRequest, VisionRecord, clip_layers, selected_depth
+from .vision import VISION_HANDLERS, EncoderRequest, ImageTokens, VisionRecord, clip_layers, selected_depth
 
 MODEL_MODULE = "llava.model.language_model.llava_llama"
 CAUSAL = "LlavaLlamaForCausalLM"
@@ -59,10 +59,17 @@ def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
         keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
         pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
         pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True, deep_score=cfg.encoder_deep_score,
-                     spread_floor=cfg.spread_floor)
+                     spread_floor=cfg.spread_floor, track_sizes=cfg.proportional_attention)
         with pruner.running() as plan:
             features = original(tower, images)
         request.record.stage("encoder").add(patches, keep, plan.positions)
+        if cfg.proportional_attention:
+            where, sizes = plan.positions, plan.sizes if plan.sizes is not None else torch.ones(plan.positions.shape)
+            cls = getattr(tower, "select_feature", "patch") == "cls_patch"
+            if cls:  # CLS leads the image's tokens
+                where = torch.cat([torch.zeros_like(where[:, :1]), where + 1], dim=1)
+                sizes = torch.cat([torch.ones_like(sizes[:, :1]), sizes], dim=1)
+            request.record.tokens.extend(ImageTokens.batch(where, sizes, patches + int(cls)))
         return features
 
     return forward
@@ -71,6 +78,10 @@ def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
 def llava_clip_encode(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any):
     """``encode_images`` of a LLaVA model: the CLIP tower runs Stage 1 when handed a request."""
     spatial = is_spatial(model)
+    if spatial and cfg.proportional_attention:
+        raise NotImplementedError(
+            "meteor-plugin: MeteorConfig.proportional_attention=True does not run on LLaVA-1.6's spatial merges "
+            f"(mm_patch_merge_type={model.config.mm_patch_merge_type!r}) yet: set it to False")
     if cfg.method in baselines.PRE_LLM:
         if spatial:
             raise NotImplementedError(

@@ -26,8 +26,9 @@ import torch
 from .. import percall
 from ..compat import transformers as compat
 from ..runtime import config_for
+from ..stages.baselines import PRE_LLM
 from ..stages.decoder import wrap_model_forward
-from ..stages.layout import IGNORE_INDEX, VisualLayout, query_mask
+from ..stages.layout import IGNORE_INDEX, VisualLayout, query_mask, unpruned_geometry
 from ..stats import RunStats, StageCount
 from . import anyres
 from .family import IMAGE_TOKEN_INDEX, StructureError, require
@@ -165,6 +166,11 @@ def wrap_encode_images(original: Any) -> Any:
     @percall.entry
     def encode_images(self, images, *args, **kwargs):
         cfg = config_for(self)
+        if cfg.proportional_attention and cfg.method in PRE_LLM:
+            raise ValueError(
+                f"MeteorConfig.proportional_attention=True applies to METEOR's stages, not the {cfg.method!r} "
+                "baseline (it runs as its paper does): set proportional_attention=False"
+            )
         call = percall.current()
         record = VisionRecord()
         call.vision = record
@@ -224,6 +230,8 @@ def wrap_prepare(original: Any) -> Any:
         layout = VisualLayout(
             visual=visual, valid=valid, stats=stats, query=query_mask(image, valid, labels, cfg.text_query),
         )
+        if cfg.proportional_attention and call.vision is not None and call.vision.tokens:
+            layout.positions, layout.key_bias = unpruned_geometry(visual, valid, owners, call.vision.tokens)
         call.features = call.vision = None
         if call.defer_labels and labels is not None:
             layout.labels = labels

@@ -33,10 +33,26 @@ class StageRecord:
 
 
 @dataclass
+class ImageTokens:
+    """For ``proportional_attention``: where one image's kept tokens sit among its unpruned ones, and how
+    many tokens each stands for."""
+
+    positions: torch.Tensor  # (K,) long: index among the image's ``total`` unpruned tokens, in the order kept
+    sizes: torch.Tensor  # (K,) float: tokens each stands for (sums to ``total``)
+    total: int
+
+    @classmethod
+    def batch(cls, positions: torch.Tensor, sizes: torch.Tensor, total: int) -> List["ImageTokens"]:
+        return [cls(p, s, int(total)) for p, s in zip(positions, sizes.float())]
+
+
+@dataclass
 class VisionRecord:
-    """What the vision side did during one ``encode_images`` call, stage by stage."""
+    """What the vision side did during one ``encode_images`` call, stage by stage, and (with
+    ``proportional_attention``) each image's kept tokens, in the order the images were encoded."""
 
     stages: Dict[str, StageRecord] = field(default_factory=dict)
+    tokens: List[ImageTokens] = field(default_factory=list)
 
     def stage(self, name: str) -> StageRecord:
         return self.stages.setdefault(name, StageRecord())

@@ -262,15 +262,23 @@ def _registered_mask_kind(impl: str) -> Optional[str]:
     return kinds.get(getattr(builder, "__name__", None))
 
 
-def build_mask(kind: str, query_valid: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def build_mask(kind: str, query_valid: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype,
+               key_bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """A causal mask for a compacted layout.
 
     query_valid: (B, Q) the queries are the last Q keys; key_valid: (B, K). Key j is visible to query i
     when it is valid and not after it. A padded query sees only itself, so no row is empty (an empty
-    row would give NaN that then leaks through the padded values).
+    row would give NaN that then leaks through the padded values). ``key_bias`` (B, K), added to every
+    query's logit of key j, makes the mask additive whatever ``kind`` (FlashAttention takes none).
     """
     b, q = query_valid.shape
     k = key_valid.shape[1]
+    if key_bias is not None and kind == MASK_2D:
+        raise NotImplementedError(
+            "meteor-plugin: MeteorConfig.proportional_attention=True adds a bias to the attention logits, which "
+            "FlashAttention-2 cannot take: load the model with attn_implementation='sdpa' (or 'eager'), or set "
+            "proportional_attention=False"
+        )
     if kind == MASK_2D:
         # Always a mask: with none, FlashAttention reads gaps in the kept position ids as packed sequences.
         return key_valid.long()
@@ -280,9 +288,11 @@ def build_mask(kind: str, query_valid: torch.Tensor, key_valid: torch.Tensor, dt
     visible = causal[None] & key_valid[:, None, :] & query_valid[:, :, None]
     visible = visible | (kj[None, None, :] == qi[None, :, None])
     visible = visible[:, None]  # (B, 1, Q, K)
-    if kind == MASK_BOOL:
+    if kind == MASK_BOOL and key_bias is None:
         return visible
     out = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    if key_bias is not None:
+        out = out + key_bias.to(device=out.device, dtype=dtype)[:, None, None, :]
     return out.masked_fill(~visible, torch.finfo(dtype).min)
 
 

@@ -7,6 +7,7 @@ the model itself can run SDPA or FlashAttention. Inputs are already projected an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -31,13 +32,15 @@ def mean_query_attention(
     key_valid: torch.Tensor,
     scale: float,
     chunk: int = 64,
+    key_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention probabilities of the query tokens, averaged over the valid queries of each sample.
 
     q: (B, H, Q, d); k: (B, Hkv, L, d) (GQA heads are repeated here); q_index: (B, Q) the position of
     each query in the sequence (keys after it are causally hidden); q_valid: (B, Q); key_valid:
     (B, L). Returns (B, H, L) float32: for each head, mean over queries of softmax(q k^T * scale).
-    Samples with no valid query get zeros.
+    Samples with no valid query get zeros. ``key_bias`` (B, L) is added to the logits of every query (the
+    layer's own additive mask, under proportional attention).
     """
     b, h, nq, _ = q.shape
     hkv, length = k.shape[1], k.shape[2]
@@ -51,6 +54,8 @@ def mean_query_attention(
         idx = q_index[:, start : start + chunk]
         valid = q_valid[:, start : start + chunk]
         logits = torch.matmul(qs.float(), k.float().transpose(-1, -2)) * scale  # (B, H, c, L)
+        if key_bias is not None:
+            logits = logits + key_bias.float()[:, None, None, :]
         visible = key_valid[:, None, :] & (keys[None, None, :] <= idx[:, :, None])  # (B, c, L)
         visible = visible | (keys[None, None, :] == idx[:, :, None])  # a query always sees itself
         logits = logits.masked_fill(~visible[:, None], float("-inf"))

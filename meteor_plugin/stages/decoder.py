@@ -77,7 +77,8 @@ def check_against_model(cfg: MeteorConfig, config: Any) -> int:
 
 
 def query_attention(layer: torch.nn.Module, call: compat.LayerCall, hidden: torch.Tensor,
-                    query: torch.Tensor, valid: torch.Tensor, dims: Dict[str, int]) -> torch.Tensor:
+                    query: torch.Tensor, valid: torch.Tensor, dims: Dict[str, int],
+                    key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of the query tokens at this layer, from its own norm and q/k projections.
 
     hidden: (B, L, D) the layer's input; query, valid: (B, L) bool. Returns (B, H, L): per head, the
@@ -99,16 +100,22 @@ def query_attention(layer: torch.nn.Module, call: compat.LayerCall, hidden: torc
     q = apply_rope(q, gather_tokens(cos, q_index), gather_tokens(sin, q_index))
     k = apply_rope(k, cos, sin)
     scale = float(getattr(attn, "scaling", dims["head_dim"] ** -0.5))
-    return mean_query_attention(q, k, q_index, q_valid, valid, scale)
+    return mean_query_attention(q, k, q_index, q_valid, valid, scale, key_bias=key_bias)
 
 
 class _Prefix:
-    """What decoding steps need to know about a pruned prefill."""
+    """What decoding steps need to know about a pruned prefill: Stage 3's compaction from ``layer`` on,
+    and under proportional attention the prefill's key biases and the position the next token takes."""
 
-    def __init__(self, layer: int, valid: torch.Tensor, full_len: int):
+    def __init__(self, layer: int, valid: torch.Tensor, full_len: int, full_valid: Optional[torch.Tensor] = None,
+                 full_bias: Optional[torch.Tensor] = None, next_position: Optional[torch.Tensor] = None):
         self.layer = layer
         self.valid = valid  # (B, L') kept-token validity of the compacted prefix
         self.full_len = full_len  # length of the uncompacted prefill (with padding)
+        self.full_valid = full_valid  # (B, full_len), for the layers before ``layer``
+        self.full_bias = full_bias  # (B, full_len) or None
+        self.bias: Optional[torch.Tensor] = full_bias  # (B, L') of the compacted prefix once Stage 3 ran
+        self.next_position = next_position  # (B,) or None: positions continue from the unpruned count
 
 
 class _Plan:
@@ -132,6 +139,8 @@ class _Plan:
         self.kept_valid: Optional[torch.Tensor] = None  # (B, L') False on re-padding slots
         self.kept_visual: Optional[torch.Tensor] = None  # (B, L) visual tokens kept
         self.subs: Optional[Dict[str, Any]] = None
+        self.full_subs: Optional[Dict[str, Any]] = None  # proportional attention, layers before ``layer``
+        self.key_bias = layout.key_bias if layout is not None else None  # (B, L) proportional attention
 
 
 class DecoderPruner:
@@ -197,10 +206,16 @@ class DecoderPruner:
                 stats.notes.append(UNKNOWN_VISUAL)
             self.plan = _Plan("prefill", cfg, stats, valid, layout=layout)
             self.prefix = None
+            if layout is not None and layout.positions is not None:
+                if layout.key_bias is not None and compat.mask_kind(self.model.config, None) == compat.MASK_2D:
+                    compat.build_mask(compat.MASK_2D, valid, valid, torch.float32, layout.key_bias)  # refuses by name
+                next_position = layout.positions.masked_fill(~valid, -1).max(dim=1).values + 1
+                self.prefix = _Prefix(len(self.layer_index), valid, length, valid, layout.key_bias, next_position)
             percall.record_stats(self.model, stats)
             return
         if self.prefix is None:
             _refuse_pruned_cache(past, len(self.layer_index))
+            _refuse_unpruned_positions(past)
             self.plan = None  # the prefill pruned nothing: decoding needs no help
             return
         if batch != self.prefix.valid.shape[0]:
@@ -219,7 +234,7 @@ class DecoderPruner:
         if not plan.prunes or idx < plan.layer:
             if plan.mode == "prefill":
                 plan.stats.record_layer(idx, hidden.shape[1], plan.valid.sum(1).tolist())
-            return None
+            return self._full_length_bias(plan, idx, call, hidden)
         if plan.mode == "prefill":
             if idx == plan.layer:
                 if plan.index is None:
@@ -254,11 +269,13 @@ class DecoderPruner:
             pos = torch.arange(query.shape[1], device=query.device)
             last = torch.where(query, pos, torch.full_like(pos, -1)).max(dim=1).values
             query = (pos == last[:, None]) & (last >= 0)[:, None]
-            rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims), visual, dims["heads"])
+            rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims, plan.key_bias), visual,
+                               dims["heads"])
             budget = resolve_budget_per_sample(cfg.llm_max_keep, entered)
             signal = rel.mass
         else:
-            rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims), visual, self.heads_used)
+            rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims, plan.key_bias), visual,
+                               self.heads_used)
             signal = self._budget_signal(cfg, layer, rel, visual, hidden)
             budget = adaptive_keep(signal, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
         kept_visual = topk_mask(rel.scores, budget, visual)
@@ -273,7 +290,13 @@ class DecoderPruner:
             heads=[torch.nonzero(h).flatten() for h in rel.heads],
             kept=[torch.nonzero(k[v]).flatten() for k, v in zip(kept_visual, visual)],
         )
+        geometry = self.prefix
         self.prefix = _Prefix(plan.layer, plan.kept_valid, hidden.shape[1])
+        if geometry is not None:  # proportional attention: keep what the full-length layers need
+            self.prefix.full_valid, self.prefix.full_bias = geometry.full_valid, geometry.full_bias
+            self.prefix.next_position = geometry.next_position
+            if geometry.full_bias is not None:
+                self.prefix.bias = gather_tokens(geometry.full_bias, plan.index)
 
     @staticmethod
     def _budget_signal(cfg: MeteorConfig, layer: torch.nn.Module, rel: Any, visual: torch.Tensor,
@@ -288,7 +311,9 @@ class DecoderPruner:
         if plan.subs is not None:
             return
         kind = compat.mask_kind(self.model.config, call.get("attention_mask"))
-        subs: Dict[str, Any] = {"attention_mask": compat.build_mask(kind, plan.kept_valid, plan.kept_valid, hidden.dtype)}
+        bias = gather_tokens(plan.key_bias, plan.index) if plan.key_bias is not None else None
+        subs: Dict[str, Any] = {"attention_mask": compat.build_mask(kind, plan.kept_valid, plan.kept_valid, hidden.dtype,
+                                                                    bias)}
         position_ids = call.get("position_ids")
         if position_ids is not None:
             subs["position_ids"] = gather_tokens(position_ids, plan.index)
@@ -318,10 +343,49 @@ class DecoderPruner:
             )
         key_valid = torch.cat([prefix.valid, new_valid], dim=1)
         kind = compat.mask_kind(self.model.config, call.get("attention_mask"))
-        subs: Dict[str, Any] = {"attention_mask": compat.build_mask(kind, new_valid[:, -q:], key_valid, hidden.dtype)}
+        bias = _extended(prefix.bias, new_valid.shape[1])
+        subs: Dict[str, Any] = {"attention_mask": compat.build_mask(kind, new_valid[:, -q:], key_valid, hidden.dtype,
+                                                                    bias)}
         if call.get("cache_position") is not None:
             subs["cache_position"] = torch.arange(cached, cached + q, device=hidden.device)
         plan.subs = subs
+
+    def _full_length_bias(self, plan: _Plan, idx: int, call: compat.LayerCall, hidden: torch.Tensor):
+        """Proportional attention in a layer that runs on the whole sequence (before Stage 3's layer, or
+        every layer without Stage 3): the layer's mask with each key's bias. None when there is no bias."""
+        prefix = plan.prefix if plan.mode == "decode" else None
+        bias = plan.key_bias if plan.mode == "prefill" else (prefix.full_bias if prefix is not None else None)
+        if bias is None:
+            return None
+        if plan.full_subs is None:
+            kind = compat.mask_kind(self.model.config, call.get("attention_mask"))
+            if plan.mode == "prefill":
+                mask = compat.build_mask(kind, plan.valid, plan.valid, hidden.dtype, bias)
+            else:
+                q = hidden.shape[1]
+                cached = compat.past_length(call.get("past"), idx)
+                new = cached + q - prefix.full_len
+                new_valid = (plan.raw_mask[:, prefix.full_len:].bool() if plan.raw_mask is not None
+                             else torch.ones(hidden.shape[0], new, dtype=torch.bool, device=hidden.device))
+                key_valid = torch.cat([prefix.full_valid, new_valid], dim=1)
+                mask = compat.build_mask(kind, new_valid[:, -q:], key_valid, hidden.dtype, _extended(bias, new))
+            plan.full_subs = {"attention_mask": mask}
+        for name, value in plan.full_subs.items():
+            if call.has(name):
+                call.set(name, value)
+        args, kwargs = call.call_args()
+        return args, kwargs, compat.rotary_floor(call)
+
+    def positions_for(self, batch: int, length: int, past: Any, device: torch.device) -> Optional[torch.Tensor]:
+        """The position ids of a forward under proportional attention (the unpruned ones), or None."""
+        plan, prefix = self.plan, self.prefix
+        if plan is not None and plan.mode == "prefill" and plan.layout is not None:
+            return plan.layout.positions
+        if plan is None or plan.mode != "decode" or prefix is None or prefix.next_position is None:
+            return None
+        done = compat.past_length(past, 0) - prefix.full_len  # tokens generated since the prefill
+        steps = torch.arange(length, device=device) + done
+        return prefix.next_position.to(device)[:, None] + steps[None, :]
 
     # Labels ----------------------------------------------------------------------------------------------
     def compact_labels(self, labels: torch.Tensor) -> torch.Tensor:
@@ -331,6 +395,13 @@ class DecoderPruner:
             return labels
         out = torch.gather(labels, 1, plan.index.to(labels.device))
         return out.masked_fill(~plan.kept_valid.to(labels.device), IGNORE_INDEX)
+
+
+def _extended(bias: Optional[torch.Tensor], new: int) -> Optional[torch.Tensor]:
+    """A prefill's key biases, with zeros for the ``new`` tokens generated since."""
+    if bias is None:
+        return None
+    return torch.cat([bias, bias.new_zeros(bias.shape[0], new)], dim=1)
 
 
 def _expanded(layout: Optional[VisualLayout], batch: int, length: int,
@@ -353,6 +424,29 @@ def _refuse_pruned_cache(past: Any, layers: int) -> None:
             "meteor-plugin Stage 3: this decoding step continues a KV cache that a pruned prefill left with "
             f"different lengths per layer ({sorted(lengths)}), outside the generate call that pruned it; decoding "
             "by hand across forward calls is not supported with the llm stage: use generate, or llm=False"
+        )
+
+
+_POSITIONS_MARK = "_meteor_unpruned_positions"
+
+
+def _mark_cache(past: Any) -> None:
+    """Mark the KV cache of a prefill whose tokens took their unpruned positions: the request's own data (as
+    the cache is), so that a decoding step outside the call that made it is refused, not misplaced. Legacy
+    tuple caches (transformers before 4.36's Cache objects) cannot carry the mark."""
+    if past is not None and not isinstance(past, (tuple, list)):
+        try:
+            setattr(past, _POSITIONS_MARK, True)
+        except AttributeError:
+            pass
+
+
+def _refuse_unpruned_positions(past: Any) -> None:
+    if getattr(past, _POSITIONS_MARK, False):
+        raise NotImplementedError(
+            "meteor-plugin: this decoding step continues a KV cache whose prefill ran with "
+            "proportional_attention=True (its tokens took their unpruned positions), outside the generate call "
+            "that made it: the next positions are not known here. Use generate, or proportional_attention=False"
         )
 
 
@@ -385,6 +479,7 @@ def _wrap_layer_forward(original: Any) -> Any:
 def wrap_model_forward(original: Any, registry: Any, config_for: Any) -> Any:
     """A replacement for ``LlamaModel.forward`` (on an adapter's subclass) that runs Stage 3."""
     signature = inspect.signature(original)
+    slot = list(signature.parameters).index("position_ids") - 1  # in ``args`` (self is not there)
 
     @functools.wraps(original)
     @percall.entry
@@ -402,6 +497,16 @@ def wrap_model_forward(original: Any, registry: Any, config_for: Any) -> Any:
         ref = embeds if embeds is not None else ids
         pruner.begin(cfg, layout, ref.shape[0], ref.shape[1], arguments.get("attention_mask"),
                      arguments.get("past_key_values"), ref.device, unknown_visual=call.embeds_from_elsewhere)
-        return original(self, *args, **kwargs)
+        positions = pruner.positions_for(ref.shape[0], ref.shape[1], arguments.get("past_key_values"), ref.device)
+        if positions is None:
+            return original(self, *args, **kwargs)
+        # Proportional attention: the positions the tokens have unpruned.
+        if len(args) > slot:
+            args = args[:slot] + (positions,) + args[slot + 1:]
+        else:
+            kwargs["position_ids"] = positions
+        out = original(self, *args, **kwargs)
+        _mark_cache(getattr(out, "past_key_values", None))
+        return out
 
     return forward

@@ -33,6 +33,7 @@ import torch
 from .. import percall
 from ..core.select import compaction_index, floor_count, gather_tokens, spread, topk_beyond
 from ..core.token_scores import cls_attention, received_attention, similarity_to_mean
+from ..core.token_sizes import kept_sizes
 
 
 @dataclass
@@ -88,6 +89,8 @@ class VitPlan:
     deep_score: str = "attention"  # MeteorConfig.encoder_deep_score
     spread_floor: float = 0.0  # MeteorConfig.spread_floor
     positions: Optional[torch.Tensor] = None  # (B, n) original patch index of each surviving token
+    track_sizes: bool = False  # MeteorConfig.proportional_attention: keep ``sizes`` up to date
+    sizes: Optional[torch.Tensor] = None  # (B, n) patches each surviving token stands for (core/token_sizes.py)
     cache: Dict[int, torch.Tensor] = field(default_factory=dict)  # boundary -> gather index
 
 
@@ -112,10 +115,11 @@ class VitPruner:
         return cls(layers, block)
 
     def start(self, patches: int, keep: int, depth: int, shallow_share: float, has_cls: bool,
-              deep_score: str = "attention", spread_floor: float = 0.0) -> VitPlan:
+              deep_score: str = "attention", spread_floor: float = 0.0, track_sizes: bool = False) -> VitPlan:
         shallow, deep = boundaries(depth)
         after_shallow, keep = split_drop(patches, keep, shallow_share)
-        self.plan = VitPlan(patches, keep, shallow, deep, after_shallow, has_cls, deep_score, spread_floor)
+        self.plan = VitPlan(patches, keep, shallow, deep, after_shallow, has_cls, deep_score, spread_floor,
+                            track_sizes=track_sizes)
         return self.plan
 
     @contextlib.contextmanager
@@ -170,6 +174,8 @@ class VitPruner:
             keep = topk_beyond(scores, torch.full((b,), count, device=hidden.device), floor, keep)
         index, _ = compaction_index(keep)
         plan.positions = torch.gather(plan.positions, 1, index)
+        if plan.track_sizes:
+            plan.sizes = kept_sizes(hidden[:, start:], index, plan.sizes)
         if start:
             index = torch.cat([torch.zeros(b, 1, dtype=index.dtype, device=index.device), index + 1], dim=1)
         return index

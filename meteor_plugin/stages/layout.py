@@ -7,7 +7,7 @@ text, and hand it to the language model's next forward; Stage 3 reads it there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,6 +23,10 @@ class VisualLayout:
     valid: torch.Tensor  # (B, L) bool: not padding
     stats: RunStats
     labels: Optional[torch.Tensor] = None  # (B, L) labels held back for the loss after compaction
+    # MeteorConfig.proportional_attention: each token's position had nothing been pruned, and log(size) of
+    # each visual token (0 elsewhere), added to its attention logit in every layer.
+    positions: Optional[torch.Tensor] = None  # (B, L) long
+    key_bias: Optional[torch.Tensor] = None  # (B, L) float32
 
     @property
     def shape(self):
@@ -36,7 +40,8 @@ class VisualLayout:
         stats = RunStats(self.stats.batch_size * times,
                          stages=[dict(s) for s in self.stats.stages for _ in range(times)],
                          notes=list(self.stats.notes))
-        return VisualLayout(rep(self.visual), rep(self.query), rep(self.valid), stats, rep(self.labels))
+        return VisualLayout(rep(self.visual), rep(self.query), rep(self.valid), stats, rep(self.labels),
+                            rep(self.positions), rep(self.key_bias))
 
 
 def query_mask(
@@ -76,3 +81,46 @@ def query_mask(
         pick = torch.where(last_before >= 0, last_before, last_valid)
         query = query | (empty[:, None] & (pos == pick[:, None]))
     return query & has_visual[:, None]
+
+
+def unpruned_geometry(visual: torch.Tensor, valid: torch.Tensor, owners: Sequence[Optional[int]],
+                      images: Sequence) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(positions, key_bias), both (B, L), for ``VisualLayout`` under ``proportional_attention``.
+
+    ``images``: per image, in the order they were spliced, its ``ImageTokens`` (kept tokens' places among the
+    image's unpruned ones, their sizes, the unpruned count); ``owners``: the sample each image went to (None:
+    the dummy image of a text-only sample). In each row the valid tokens count from 0; an image advances the
+    count by all of its unpruned tokens, each kept one sitting at its own place among them, as unpruned.
+    """
+    if len(images) != len(owners):
+        raise RuntimeError(f"meteor-plugin: {len(images)} images were encoded but {len(owners)} spliced")
+    b, length = visual.shape
+    positions = torch.zeros(b, length, dtype=torch.long, device=visual.device)
+    bias = torch.zeros(b, length, dtype=torch.float32, device=visual.device)
+    for i in range(b):
+        mine = [img for img, owner in zip(images, owners) if owner == i]
+        offset: List[torch.Tensor] = []
+        advance: List[torch.Tensor] = []
+        sizes: List[torch.Tensor] = []
+        for img in mine:
+            step = torch.zeros(len(img.positions), dtype=torch.long)
+            step[-1] = img.total  # after the image: the tokens after it continue from its unpruned count
+            offset.append(img.positions.cpu().long())
+            advance.append(step)
+            sizes.append(img.sizes.cpu().float())
+        cols = torch.nonzero(valid[i]).flatten().cpu()
+        is_visual = visual[i, cols].cpu()
+        n_visual = int(is_visual.sum())
+        token_offset = torch.zeros(len(cols), dtype=torch.long)
+        token_advance = torch.ones(len(cols), dtype=torch.long)
+        if n_visual:
+            all_offset = torch.cat(offset)[:n_visual] if offset else torch.zeros(0, dtype=torch.long)
+            if all_offset.shape[0] != n_visual:
+                raise RuntimeError(f"meteor-plugin: sample {i} has {n_visual} visual tokens but its images kept "
+                                   f"{all_offset.shape[0]}")
+            token_offset[is_visual] = all_offset
+            token_advance[is_visual] = torch.cat(advance)[:n_visual]
+            bias[i, cols[is_visual].to(visual.device)] = torch.cat(sizes)[:n_visual].clamp(min=1.0).log().to(bias.device)
+        base = torch.cumsum(token_advance, 0) - token_advance
+        positions[i, cols.to(visual.device)] = (base + token_offset).to(visual.device)
+    return positions, bias

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import meteor_plugin
-from meteor_plugin.testing.eagle_like import TinyEagleSpec, build_tiny_eagle
 from meteor_plugin.testing.llava import make_batch
 
 NAMES = ["clip-448", "convnext-1024", "sam-1024", "pix2struct-1024"]
@@ -15,20 +14,6 @@ RANKS = {"clip-448": 10.0, "convnext-1024": 30.0, "sam-1024": 20.0, "pix2struct-
 def batch(n=2, seed=0, pad="right"):
     lengths = [(3, 5), (2, 9), (4, 4)][:n]
     return make_batch(lengths, [True] * n, pad_side=pad, image_size=128, seed=seed)
-
-
-@pytest.fixture
-def eagle():
-    def make(converted=False, **fields):
-        from meteor_plugin.adapters.eagle import convert_to_post_projection
-
-        model = build_tiny_eagle(TinyEagleSpec(**fields))
-        if converted:
-            convert_to_post_projection(model)
-        model.generation_config.eos_token_id = None
-        return model
-
-    return make
 
 
 def forward(model, ids, mask, images, **kw):

@@ -291,3 +291,11 @@ def test_on_transformers_4_a_prompt_with_an_image_token_per_patch_is_refused_by_
     meteor_plugin.enable(**STAGE3, llm_min_keep=8, llm_max_keep=8)
     with pytest.raises(ValueError, match="64 image tokens for 1 images; on transformers 4.x each image is one"):
         logits(model, ids, mask, pixels)
+
+
+def test_proportional_attention_is_refused_by_name_on_transformers_llava():
+    model = model_of()
+    ids, mask, pixels = prompts([(2, 5)])
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16, proportional_attention=True)
+    with pytest.raises(NotImplementedError, match="proportional_attention=True does not run on transformers' Llava"):
+        logits(model, ids, mask, pixels)

@@ -180,3 +180,11 @@ def greedy_without_cache_sized(model, ids, mask, images, sizes, steps):
         ids = torch.cat([ids, nxt], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
     return ids[:, prompt:]
+
+
+def test_proportional_attention_is_refused_by_name_on_spatial_merges(tiny_llava):
+    model = tiny_llava(merge="spatial_unpad")
+    ids, mask, images, sizes = anyres_batch([(2, 5)])
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16, proportional_attention=True)
+    with pytest.raises(NotImplementedError, match="proportional_attention=True does not run on LLaVA-1.6's spatial"):
+        run(model, ids, mask, images, sizes)
