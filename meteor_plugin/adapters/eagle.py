@@ -44,7 +44,7 @@ from ..core.budget import cap_budgets, rank_budgets, resolve_stage_budget
 from ..core.select import gather_tokens
 from ..core.token_sizes import kept_sizes
 from ..registry import REGISTRY
-from ..stages import baselines
+from ..stages import baselines, proportional
 from ..stages.encoder import HF_CLIP_BLOCK, VitPruner, attention_importance, prune_output
 from ..stages.fusion import cooperative_prune, empty_projectors, rank_weighted_positions, split_projector
 from ..patcher.anchors import AfterClass, AfterImportsBefore, class_named, statement_calling
@@ -117,12 +117,6 @@ def _check_similarity(mode: str, cfg: Any) -> str:
             "model fuses EAGLE's way (training-free mode scores grid positions, not cross-encoder similarity): "
             f"convert it (meteor-plugin convert) or leave fusion_similarity at its default {default!r}"
         )
-    if mode == "training_free" and (cfg.encoder or cfg.fusion) and cfg.proportional_attention:
-        raise FusionConfigError(
-            "MeteorConfig.proportional_attention=True needs the tokens each encoder keeps, but this model fuses "
-            "EAGLE's way (training-free mode keeps shared grid positions): convert it (meteor-plugin convert) or "
-            "set proportional_attention=False"
-        )
     if mode == "training_free" and cfg.fusion and cfg.fusion_quota != "none":
         raise FusionConfigError(
             f"MeteorConfig.fusion_quota={cfg.fusion_quota!r} applies to post-projection fusion, but this model fuses "
@@ -184,7 +178,7 @@ def encode_post_projection(model: Any, images: torch.Tensor, cfg: Any, record: V
         budgets = list(counts)
     features, owners, positions = [], [], {}
     b = images.shape[0]
-    track = cfg.proportional_attention
+    track = proportional.wanted(cfg)
     offsets = [sum(counts[:i]) for i in range(len(counts))]
     where, sizes = [], []  # with proportional_attention: each kept token's place among all, and its size
     for i, tower in enumerate(towers):
@@ -296,6 +290,9 @@ def encode_images(model: Any, images: Any, cfg: Any, record: VisionRecord, origi
     if mode == "post_projection":
         return encode_post_projection(model, images, cfg, record)
     if cfg.encoder or cfg.fusion:
+        if proportional.wanted(cfg):
+            proportional.unavailable(cfg, model, "needs the tokens each encoder keeps, and this model fuses EAGLE's "
+                                     "way (shared grid positions): convert it with meteor-plugin convert")
         return encode_training_free(model, images, cfg, record)
     return original(model, images)
 

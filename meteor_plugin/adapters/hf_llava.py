@@ -52,6 +52,7 @@ from ..compat import transformers as compat
 from ..core.budget import resolve_stage_budget
 from ..runtime import config_for
 from ..stages.decoder import wrap_model_forward
+from ..stages import proportional
 from ..stages.encoder import HF_CLIP_BLOCK, VitPruner
 from ..stages.layout import VisualLayout, query_mask
 from ..stats import RunStats, StageCount
@@ -129,11 +130,9 @@ def stage1(model: Any, cfg: Any, registry: Any) -> Iterator[Any]:
         yield None
         return
     _check(model, cfg)
-    if cfg.proportional_attention:
-        raise NotImplementedError(
-            f"meteor-plugin: MeteorConfig.proportional_attention=True does not run on transformers' "
-            f"{type(model).__name__} yet (it runs on the llava package's and EAGLE's models): set it to False"
-        )
+    if proportional.wanted(cfg):
+        proportional.unavailable(cfg, model, f"does not run on transformers' {type(model).__name__} yet (it runs on "
+                                 "the llava package's and EAGLE's models)")
     layers = clip_layers(model.vision_tower)
     depth = selected_depth(len(layers), int(model.config.vision_feature_layer))
     patches = tower_patches(model)

@@ -25,7 +25,7 @@ from .. import percall
 from ..core.budget import resolve_stage_budget
 from ..patcher.codebases import QUANTIZATION_FIX, Layout, main_script
 from ..patcher.codebases import Codebase as PatcherCodebase
-from ..stages import baselines
+from ..stages import baselines, proportional
 from ..stages.encoder import HF_CLIP_BLOCK, VitPruner, attention_importance
 from ..training.codebases import Codebase as TrainingCodebase
 from .anyres import is_spatial, spread_to_grid
@@ -59,11 +59,11 @@ def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
         keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
         pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
         pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=True, deep_score=cfg.encoder_deep_score,
-                     spread_floor=cfg.spread_floor, track_sizes=cfg.proportional_attention)
+                     spread_floor=cfg.spread_floor, track_sizes=proportional.wanted(cfg))
         with pruner.running() as plan:
             features = original(tower, images)
         request.record.stage("encoder").add(patches, keep, plan.positions)
-        if cfg.proportional_attention:
+        if proportional.wanted(cfg):
             where, sizes = plan.positions, plan.sizes if plan.sizes is not None else torch.ones(plan.positions.shape)
             cls = getattr(tower, "select_feature", "patch") == "cls_patch"
             if cls:  # CLS leads the image's tokens
@@ -78,10 +78,10 @@ def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
 def llava_clip_encode(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any):
     """``encode_images`` of a LLaVA model: the CLIP tower runs Stage 1 when handed a request."""
     spatial = is_spatial(model)
-    if spatial and cfg.proportional_attention:
-        raise NotImplementedError(
-            "meteor-plugin: MeteorConfig.proportional_attention=True does not run on LLaVA-1.6's spatial merges "
-            f"(mm_patch_merge_type={model.config.mm_patch_merge_type!r}) yet: set it to False")
+    if spatial and cfg.encoder and proportional.wanted(cfg):
+        proportional.unavailable(cfg, model, "does not run on LLaVA-1.6's spatial merges (mm_patch_merge_type="
+                                 f"{model.config.mm_patch_merge_type!r}) yet")
+        cfg = cfg.replace(proportional_attention="off")
     if cfg.method in baselines.PRE_LLM:
         if spatial:
             raise NotImplementedError(

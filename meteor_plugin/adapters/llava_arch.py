@@ -166,10 +166,10 @@ def wrap_encode_images(original: Any) -> Any:
     @percall.entry
     def encode_images(self, images, *args, **kwargs):
         cfg = config_for(self)
-        if cfg.proportional_attention and cfg.method in PRE_LLM:
+        if cfg.proportional_attention == "on" and cfg.method in PRE_LLM:
             raise ValueError(
-                f"MeteorConfig.proportional_attention=True applies to METEOR's stages, not the {cfg.method!r} "
-                "baseline (it runs as its paper does): set proportional_attention=False"
+                f"MeteorConfig.proportional_attention='on' applies to METEOR's stages, not the {cfg.method!r} "
+                "baseline (it runs as its paper does): set proportional_attention to 'auto' or 'off'"
             )
         call = percall.current()
         record = VisionRecord()
@@ -230,7 +230,7 @@ def wrap_prepare(original: Any) -> Any:
         layout = VisualLayout(
             visual=visual, valid=valid, stats=stats, query=query_mask(image, valid, labels, cfg.text_query),
         )
-        if cfg.proportional_attention and call.vision is not None and call.vision.tokens:
+        if call.vision is not None and call.vision.tokens:  # recorded under proportional attention
             layout.positions, layout.key_bias = unpruned_geometry(visual, valid, owners, call.vision.tokens)
         call.features = call.vision = None
         if call.defer_labels and labels is not None:

@@ -275,9 +275,9 @@ def build_mask(kind: str, query_valid: torch.Tensor, key_valid: torch.Tensor, dt
     k = key_valid.shape[1]
     if key_bias is not None and kind == MASK_2D:
         raise NotImplementedError(
-            "meteor-plugin: MeteorConfig.proportional_attention=True adds a bias to the attention logits, which "
-            "FlashAttention-2 cannot take: load the model with attn_implementation='sdpa' (or 'eager'), or set "
-            "proportional_attention=False"
+            "meteor-plugin: proportional attention adds a bias to the attention logits, which FlashAttention-2 "
+            "cannot take: load the model with attn_implementation='sdpa' (or 'eager'), or set "
+            "MeteorConfig.proportional_attention='off'"
         )
     if kind == MASK_2D:
         # Always a mask: with none, FlashAttention reads gaps in the kept position ids as packed sequences.

@@ -34,6 +34,7 @@ from ..core.select import compaction_index, gather_tokens, topk_mask
 from ..core.text_attention import (apply_rope, attended_regions, attention_spread, mean_query_attention,
                                    select_heads)
 from ..stats import UNKNOWN_VISUAL, RunStats
+from . import proportional
 from .layout import IGNORE_INDEX, VisualLayout
 
 
@@ -206,9 +207,12 @@ class DecoderPruner:
                 stats.notes.append(UNKNOWN_VISUAL)
             self.plan = _Plan("prefill", cfg, stats, valid, layout=layout)
             self.prefix = None
+            if layout is not None and layout.positions is not None and compat.mask_kind(
+                    self.model.config, None) == compat.MASK_2D:
+                proportional.unavailable(cfg, self.model, "adds a bias to the attention logits, which FlashAttention-2 "
+                                         "cannot take: load the model with attn_implementation='sdpa' to have it")
+                layout.positions = layout.key_bias = None  # "auto": this call's layout, as without it
             if layout is not None and layout.positions is not None:
-                if layout.key_bias is not None and compat.mask_kind(self.model.config, None) == compat.MASK_2D:
-                    compat.build_mask(compat.MASK_2D, valid, valid, torch.float32, layout.key_bias)  # refuses by name
                 next_position = layout.positions.masked_fill(~valid, -1).max(dim=1).values + 1
                 self.prefix = _Prefix(len(self.layer_index), valid, length, valid, layout.key_bias, next_position)
             percall.record_stats(self.model, stats)
@@ -445,8 +449,8 @@ def _refuse_unpruned_positions(past: Any) -> None:
     if getattr(past, _POSITIONS_MARK, False):
         raise NotImplementedError(
             "meteor-plugin: this decoding step continues a KV cache whose prefill ran with "
-            "proportional_attention=True (its tokens took their unpruned positions), outside the generate call "
-            "that made it: the next positions are not known here. Use generate, or proportional_attention=False"
+            "proportional attention (its tokens took their unpruned positions), outside the generate call that "
+            "made it: the next positions are not known here. Use generate, or proportional_attention='off'"
         )
 
 

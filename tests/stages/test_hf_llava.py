@@ -293,9 +293,14 @@ def test_on_transformers_4_a_prompt_with_an_image_token_per_patch_is_refused_by_
         logits(model, ids, mask, pixels)
 
 
-def test_proportional_attention_is_refused_by_name_on_transformers_llava():
+def test_proportional_attention_on_transformers_llava_is_refused_under_on_and_off_under_auto():
     model = model_of()
     ids, mask, pixels = prompts([(2, 5)])
-    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16, proportional_attention=True)
-    with pytest.raises(NotImplementedError, match="proportional_attention=True does not run on transformers' Llava"):
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16, proportional_attention="on")
+    with pytest.raises(NotImplementedError, match="proportional_attention='on' does not run on transformers' Llava"):
         logits(model, ids, mask, pixels)
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16, proportional_attention="off")
+    reference = logits(model, ids, mask, pixels)
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16)
+    with pytest.warns(UserWarning, match="proportional attention is off for this model: it does not run on trans"):
+        torch.testing.assert_close(logits(model, ids, mask, pixels), reference, atol=0, rtol=0)

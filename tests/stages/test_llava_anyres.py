@@ -182,9 +182,14 @@ def greedy_without_cache_sized(model, ids, mask, images, sizes, steps):
     return ids[:, prompt:]
 
 
-def test_proportional_attention_is_refused_by_name_on_spatial_merges(tiny_llava):
+def test_proportional_attention_on_spatial_merges_is_refused_under_on_and_off_under_auto(tiny_llava):
     model = tiny_llava(merge="spatial_unpad")
     ids, mask, images, sizes = anyres_batch([(2, 5)])
-    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16, proportional_attention=True)
-    with pytest.raises(NotImplementedError, match="proportional_attention=True does not run on LLaVA-1.6's spatial"):
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16, proportional_attention="on")
+    with pytest.raises(NotImplementedError, match="proportional_attention='on' does not run on LLaVA-1.6's spatial"):
         run(model, ids, mask, images, sizes)
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16, proportional_attention="off")
+    reference = run(model, ids, mask, images, sizes)
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16)
+    with pytest.warns(UserWarning, match="proportional attention is off for this model: it does not run on LLaVA"):
+        torch.testing.assert_close(run(model, ids, mask, images, sizes), reference, atol=0, rtol=0)

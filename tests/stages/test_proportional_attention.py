@@ -16,7 +16,7 @@ from tests.stages.test_decoder_llava import greedy_without_cache
 from tests.stages.test_eagle_stages import RANKS, batch, forward
 
 PRUNED = dict(encoder=True, fusion=True, encoder_keep=0.3, fusion_keep=256, encoder_ranks=RANKS,
-              proportional_attention=True)
+              proportional_attention="on")
 
 
 def test_a_dropped_token_adds_its_size_to_the_kept_token_most_like_it():
@@ -61,7 +61,7 @@ def test_a_size_bias_attends_like_copies_of_the_key():
     copies = [0, 1, 1, 1, 2, 3]  # key 1 three times
     reference = F.scaled_dot_product_attention(q, k[:, :, copies], v[:, :, copies])
     torch.testing.assert_close(out, reference)
-    with pytest.raises(NotImplementedError, match="proportional_attention=True.*FlashAttention-2"):
+    with pytest.raises(NotImplementedError, match="proportional attention adds a bias.*FlashAttention-2"):
         compat.build_mask(compat.MASK_2D, valid, valid, torch.float32, bias)
 
 
@@ -69,9 +69,9 @@ def test_a_size_bias_attends_like_copies_of_the_key():
 def test_with_nothing_pruned_it_is_the_unpruned_model(eagle, pad):
     model = eagle(converted=True, padding_side=pad)
     ids, mask, images = batch(pad=pad)
-    meteor_plugin.enable(encoder=False, fusion=False, llm=False)
+    meteor_plugin.enable(encoder=False, fusion=False, llm=False, proportional_attention="off")
     reference = forward(model, ids, mask, images)
-    meteor_plugin.enable(encoder=False, fusion=False, llm=False, proportional_attention=True)
+    meteor_plugin.enable(encoder=False, fusion=False, llm=False, proportional_attention="on")
     assert_close_but_padding(forward(model, ids, mask, images), reference, mask, pad)
 
 
@@ -104,7 +104,7 @@ def test_each_kept_token_sits_where_it_sat_unpruned(eagle):
         text_before = int((ids[row] == -200).nonzero()) if (ids[row] == -200).any() else None
         assert positions[row, text_before:text_before + 256].tolist() == [text_before + p for p in after_stage2]
         assert positions[row, text_before + 256].item() == text_before + 3648  # the text goes on after all of them
-    meteor_plugin.enable(**{**PRUNED, "proportional_attention": False}, llm=False)
+    meteor_plugin.enable(**{**PRUNED, "proportional_attention": "off"}, llm=False)
     assert not torch.allclose(forward(model, ids, mask, images), with_sizes, atol=1e-3)
 
 
@@ -124,33 +124,61 @@ def test_llava_stage_1_keeps_positions_and_sizes(tiny_llava):
     ids, mask, images = make_batch([(3, 5), (2, 7)], [True, True], seed=2)
     meteor_plugin.enable(encoder=False, fusion=False, llm=False)
     reference = forward(model, ids, mask, images)
-    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=1.0, proportional_attention=True)
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=1.0, proportional_attention="on")
     assert_close_but_padding(forward(model, ids, mask, images), reference, mask, "right")
     model = tiny_llava(padding_side="left")  # batched generate re-pads on the left
     ids, mask, images = make_batch([(4, 8), (2, 5)], [True, True], pad_side="left", seed=3)
     meteor_plugin.enable(encoder=True, fusion=False, llm=True, encoder_keep=16, llm_min_keep=4, llm_max_keep=8,
-                         proportional_attention=True)
+                         proportional_attention="on")
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, images=images, max_new_tokens=3, do_sample=False)
     assert torch.equal(out[:, -3:], greedy_without_cache(model, ids, mask, images, 3))
 
 
-def test_what_it_cannot_run_on_is_refused_by_name(eagle):
-    model = eagle(converted=True)
+def test_on_refuses_what_it_cannot_run_on_and_auto_runs_without_it_with_a_warning(eagle):
     ids, mask, images = batch()
     meteor_plugin.enable(method="random", encoder=False, fusion=False, llm=False, fusion_keep=64,
-                         proportional_attention=True)
-    with pytest.raises(ValueError, match="proportional_attention=True applies to METEOR's stages"):
-        forward(model, ids, mask, images)
+                         proportional_attention="on")
+    with pytest.raises(ValueError, match="proportional_attention='on' applies to METEOR's stages"):
+        forward(eagle(converted=True), ids, mask, images)
+    meteor_plugin.enable(method="random", encoder=False, fusion=False, llm=False, fusion_keep=64)
+    forward(eagle(converted=True), ids, mask, images)  # "auto": baselines run as their papers do, silently
     unconverted = eagle()
-    meteor_plugin.enable(encoder=True, fusion=True, llm=False, proportional_attention=True)
-    with pytest.raises(Exception, match="proportional_attention=True needs the tokens each encoder keeps"):
+    meteor_plugin.enable(encoder=True, fusion=True, llm=False, proportional_attention="on")
+    with pytest.raises(NotImplementedError, match="proportional_attention='on' needs the tokens each encoder keeps"):
         forward(unconverted, ids, mask, images)
-    model.config._attn_implementation = "flash_attention_2"
-    model.get_model().config._attn_implementation = "flash_attention_2"
-    meteor_plugin.enable(**PRUNED, llm=False)
-    with pytest.raises(NotImplementedError, match="FlashAttention-2"):
-        forward(model, ids, mask, images)
+    meteor_plugin.enable(encoder=True, fusion=True, llm=False, proportional_attention="off")
+    reference = forward(unconverted, ids, mask, images)
+    meteor_plugin.enable(encoder=True, fusion=True, llm=False, proportional_attention="auto")
+    with pytest.warns(UserWarning, match="proportional attention is off for this model: it needs the tokens"):
+        torch.testing.assert_close(forward(unconverted, ids, mask, images), reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("setting", ["on", "auto"])
+def test_flash_attention_refuses_on_and_drops_it_under_auto(eagle, setting):
+    from meteor_plugin.registry import REGISTRY
+    from meteor_plugin.stages.decoder import DecoderPruner
+    from meteor_plugin.stages.layout import VisualLayout
+    from meteor_plugin.stats import RunStats
+
+    model = eagle(converted=True)
+    llm = model.get_model()
+    llm.config._attn_implementation = "flash_attention_2"  # only the decision is checked: no kernel runs
+    visual = torch.zeros(1, 6, dtype=torch.bool)
+    visual[0, 2:4] = True
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    layout = VisualLayout(visual, valid.clone(), valid, RunStats(1), positions=torch.tensor([[0, 1, 2, 5, 8, 9]]),
+                          key_bias=torch.zeros(1, 6))
+    cfg = meteor_plugin.MeteorConfig(llm=False, proportional_attention=setting)
+    pruner = DecoderPruner.attach(llm, REGISTRY)
+    with meteor_plugin.percall.new_call():
+        if setting == "on":
+            with pytest.raises(NotImplementedError, match="FlashAttention-2 cannot take"):
+                pruner.begin(cfg, layout, 1, 6, None, None, torch.device("cpu"))
+            return
+        with pytest.warns(UserWarning, match="FlashAttention-2 cannot take"):
+            pruner.begin(cfg, layout, 1, 6, None, None, torch.device("cpu"))
+    assert layout.positions is None and layout.key_bias is None and pruner.prefix is None
 
 
 def test_decoding_by_hand_after_a_proportional_prefill_is_refused(eagle):
@@ -161,5 +189,5 @@ def test_decoding_by_hand_after_a_proportional_prefill_is_refused(eagle):
         out = model(input_ids=ids, attention_mask=mask, images=images, use_cache=True)
         step = out.logits[:, -1:].argmax(-1)
         grown = torch.cat([torch.ones(1, out.logits.shape[1], dtype=mask.dtype), torch.ones_like(step)], dim=1)
-        with pytest.raises(NotImplementedError, match="proportional_attention=True.*outside the generate call"):
+        with pytest.raises(NotImplementedError, match="proportional attention.*outside the generate call"):
             model(input_ids=step, attention_mask=grown, past_key_values=out.past_key_values, use_cache=True)

@@ -43,7 +43,7 @@ def source(tmp_path_factory):
 def test_convert_stores_the_config_copies_the_model_and_never_touches_the_source(source, tmp_path):
     before = _snapshot(source)
     config = tmp_path / "meteor.yaml"
-    config.write_text("version: 4\nencoder_keep: 20\nllm_max_keep: 0.25\n")
+    config.write_text("version: 5\nencoder_keep: 20\nllm_max_keep: 0.25\n")
     out = str(tmp_path / "tiny-llava-v1-meteor")
     assert main(["convert", "--model-path", source, "--out", out, "--config", str(config)]) == 0
     assert _snapshot(source) == before

@@ -1,0 +1,39 @@
+"""Where ``MeteorConfig.proportional_attention`` runs, and what each setting does where it cannot.
+
+It runs where the plugin sees each encoder's kept tokens (the llava package's and EAGLE's models with
+post-projection fusion, one image or a flat merge) and the attention takes an additive mask (eager, sdpa).
+Elsewhere ``"on"`` refuses by name and ``"auto"`` (the default) runs without it, with a warning once per
+model and reason, so a user knows which numbers they get.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+_WARNED: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
+
+
+def wanted(cfg: Any) -> bool:
+    """Whether the vision side should track positions and sizes for this config."""
+    return cfg.proportional_attention != "off"
+
+
+def unavailable(cfg: Any, model: Any, why: str) -> None:
+    """Where proportional attention cannot run: ``"on"`` raises, ``"auto"`` warns once per model and reason
+    (the caller then runs without it)."""
+    if cfg.proportional_attention == "on":
+        raise NotImplementedError(
+            f"meteor-plugin: MeteorConfig.proportional_attention='on' {why}: set it to 'auto' (off where it "
+            "cannot run) or 'off'"
+        )
+    if cfg.proportional_attention != "auto":
+        return
+    try:
+        seen = _WARNED.setdefault(model, set())
+    except TypeError:  # not weak-referenceable: warn every time rather than never
+        seen = set()
+    if why not in seen:
+        seen.add(why)
+        warnings.warn(f"meteor-plugin: proportional attention is off for this model: it {why}", stacklevel=3)
