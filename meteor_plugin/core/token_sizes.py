@@ -14,27 +14,38 @@ import torch
 import torch.nn.functional as F
 
 
-def kept_sizes(features: torch.Tensor, index: torch.Tensor, sizes: Optional[torch.Tensor] = None,
-               group: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Sizes of the tokens ``index`` keeps, once every other token's size is added to its closest kept one.
+def absorbed_sizes(features: torch.Tensor, keep: torch.Tensor, sizes: Optional[torch.Tensor] = None,
+                   valid: Optional[torch.Tensor] = None, group: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Every token's size once each dropped token's size is added to its closest kept token.
 
-    features: (B, N, C) the tokens the selection saw; index: (B, K) the kept ones; sizes: (B, N), ones when
-    None; group: (N,) the group of each token (a dropped token goes to a kept token of its own group when
-    there is one, else to any). Returns (B, K) float32, in ``index`` order; the total per row is kept.
+    features: (B, N, C); keep: (B, N) bool, the kept tokens; sizes: (B, N), ones when None; valid: (B, N) the
+    tokens that take part (others keep their size and receive none); group: (N,) the group of each token (a
+    dropped token goes to a kept token of its own group when there is one, else to any). Returns (B, N)
+    float32: 0 on dropped tokens, so the total over the valid tokens of a row is kept (a row that keeps
+    none of them is left as it was).
     """
     b, n, _ = features.shape
     sizes = torch.ones(b, n, dtype=torch.float32, device=features.device) if sizes is None else sizes.float()
-    if index.shape[1] >= n:
-        return torch.gather(sizes, 1, index)
-    keep = torch.zeros(b, n, dtype=torch.bool, device=features.device).scatter_(1, index, True)
+    valid = torch.ones_like(keep) if valid is None else valid
+    targets = keep & valid
+    dropped = valid & ~keep & targets.any(dim=1, keepdim=True)
+    if not bool(dropped.any()):
+        return sizes
     unit = F.normalize(features.float(), dim=-1)
-    sim = unit @ torch.gather(unit, 1, index.unsqueeze(-1).expand(-1, -1, unit.shape[-1])).transpose(1, 2)  # (B, N, K)
+    sim = (unit @ unit.transpose(1, 2)).masked_fill(~targets[:, None, :], float("-inf"))  # (B, N, N)
     if group is not None:
-        group = group.to(features.device)
-        same = group[None, :, None] == group[index][:, None, :]  # (B, N, K): kept token k is of token i's group
-        has_same = same.any(dim=2, keepdim=True)
-        sim = sim.masked_fill(has_same & ~same, float("-inf"))
-    target = sim.argmax(dim=2)  # (B, N) slot in index of each token's closest kept token
-    dropped = sizes.masked_fill(keep, 0.0)
-    out = torch.gather(sizes, 1, index)
-    return out.scatter_add_(1, target, dropped)
+        same = group.to(features.device)[:, None] == group.to(features.device)[None, :]  # (N, N)
+        has_same = (same[None] & targets[:, None, :]).any(dim=2, keepdim=True)
+        sim = sim.masked_fill(has_same & ~same[None], float("-inf"))
+    target = sim.argmax(dim=2)  # (B, N): each token's closest kept token
+    moved = sizes.masked_fill(~dropped, 0.0)
+    return sizes.masked_fill(dropped, 0.0).scatter_add_(1, target, moved)
+
+
+def kept_sizes(features: torch.Tensor, index: torch.Tensor, sizes: Optional[torch.Tensor] = None,
+               group: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sizes of the tokens ``index`` keeps (B, K), in ``index`` order (`absorbed_sizes` with every token
+    taking part)."""
+    b, n, _ = features.shape
+    keep = torch.zeros(b, n, dtype=torch.bool, device=features.device).scatter_(1, index, True)
+    return torch.gather(absorbed_sizes(features, keep, sizes, group=group), 1, index)

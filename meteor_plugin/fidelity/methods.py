@@ -55,6 +55,7 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "spread-budget": {"llm_budget_signal": "spread"},  # config versions 2-3: tokens covered, not regions
     "all-query": {"text_query": "all"},
     "no-spread-floor": {"spread_floor": 0.0},
+    "no-proportional": {"proportional_attention": "off"},  # versions 1-4: compacted positions, no sizes
     # Version 1's values of every field added since (llm_lambda aside: the bench solves it per run).
     "paper": {"rank": "numerical", **{k: v for old in sorted(LEGACY, reverse=True) for k, v in LEGACY[old].items()
                                       if k != "llm_lambda"}},  # the oldest version's value of each field wins

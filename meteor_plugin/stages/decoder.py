@@ -31,6 +31,7 @@ from ..compat import transformers as compat
 from ..config import MeteorConfig
 from ..core.budget import adaptive_keep, resolve_budget, resolve_budget_per_sample
 from ..core.select import compaction_index, gather_tokens, topk_mask
+from ..core.token_sizes import absorbed_sizes
 from ..core.text_attention import (apply_rope, attended_regions, attention_spread, mean_query_attention,
                                    select_heads)
 from ..stats import UNKNOWN_VISUAL, RunStats
@@ -287,6 +288,8 @@ class DecoderPruner:
         left_padded = bool((~plan.valid[:, 0]).any()) and not bool((~plan.valid[:, -1]).any())
         plan.index, plan.kept_valid = compaction_index(keep, align_right=left_padded)
         plan.kept_visual = kept_visual
+        if plan.key_bias is not None:  # proportional attention: the dropped tokens' sizes go to the kept ones
+            plan.key_bias = _absorbed_bias(plan.key_bias, layer.input_layernorm(hidden), visual, kept_visual)
         plan.stats.set_stage(
             "llm", entered, kept_visual.sum(dim=1),
             mass=rel.mass.float(), signal=signal.float(),
@@ -299,8 +302,8 @@ class DecoderPruner:
         if geometry is not None:  # proportional attention: keep what the full-length layers need
             self.prefix.full_valid, self.prefix.full_bias = geometry.full_valid, geometry.full_bias
             self.prefix.next_position = geometry.next_position
-            if geometry.full_bias is not None:
-                self.prefix.bias = gather_tokens(geometry.full_bias, plan.index)
+            if plan.key_bias is not None:
+                self.prefix.bias = gather_tokens(plan.key_bias, plan.index)
 
     @staticmethod
     def _budget_signal(cfg: MeteorConfig, layer: torch.nn.Module, rel: Any, visual: torch.Tensor,
@@ -315,7 +318,7 @@ class DecoderPruner:
         if plan.subs is not None:
             return
         kind = compat.mask_kind(self.model.config, call.get("attention_mask"))
-        bias = gather_tokens(plan.key_bias, plan.index) if plan.key_bias is not None else None
+        bias = gather_tokens(plan.key_bias, plan.index) if plan.key_bias is not None else None  # after _select
         subs: Dict[str, Any] = {"attention_mask": compat.build_mask(kind, plan.kept_valid, plan.kept_valid, hidden.dtype,
                                                                     bias)}
         position_ids = call.get("position_ids")
@@ -399,6 +402,18 @@ class DecoderPruner:
             return labels
         out = torch.gather(labels, 1, plan.index.to(labels.device))
         return out.masked_fill(~plan.kept_valid.to(labels.device), IGNORE_INDEX)
+
+
+def _absorbed_bias(bias: torch.Tensor, states: torch.Tensor, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Key biases after Stage 3: each dropped visual token's size (exp of its bias) added to the kept visual
+    token whose layer input is most like its own (``core/token_sizes.py``), over the visual tokens only."""
+    index, slots = compaction_index(visual)
+    sizes = absorbed_sizes(gather_tokens(states, index), gather_tokens(kept, index) & slots,
+                           gather_tokens(bias, index).exp(), valid=slots)
+    out = bias.clone()
+    rows = torch.arange(bias.shape[0], device=bias.device)[:, None].expand_as(index)
+    out[rows[slots], index[slots]] = sizes.clamp(min=1.0).log()[slots]  # padding slots write nothing
+    return out.masked_fill(visual & ~kept, 0.0)  # dropped: never attended again
 
 
 def _extended(bias: Optional[torch.Tensor], new: int) -> Optional[torch.Tensor]:

@@ -31,6 +31,18 @@ def test_a_dropped_token_adds_its_size_to_the_kept_token_most_like_it():
     assert kept_sizes(x, torch.tensor([[1, 3]]), group=torch.tensor([0, 1, 0, 1, 1])).tolist() == [[1.0, 4.0]]
 
 
+def test_only_valid_tokens_give_or_take_size_and_a_row_that_keeps_none_is_left_alone():
+    from meteor_plugin.core.token_sizes import absorbed_sizes
+
+    x = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [1.0, 0.0]]]).repeat(2, 1, 1)
+    keep = torch.tensor([[False, True, True, False], [False, False, False, True]])
+    valid = torch.tensor([[True, True, True, False], [True, True, True, False]])  # token 3: text, say
+    sizes = torch.tensor([[2.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    out = absorbed_sizes(x, keep, sizes, valid=valid)
+    assert out[0].tolist() == [0.0, 3.0, 1.0, 1.0]  # token 0 goes to 1, never to the invalid twin 3
+    assert out[1].tolist() == [1.0, 1.0, 1.0, 1.0]  # no valid token kept: nothing moves
+
+
 def test_positions_skip_what_was_pruned_and_the_bias_is_the_log_size():
     # Row 0: left padding (2), 2 text tokens, an image of 8 tokens that kept 3, 2 text tokens.
     # Row 1: no padding, 1 text token, image of 8 that kept 3 at the end... then 5 text tokens.
@@ -191,3 +203,14 @@ def test_decoding_by_hand_after_a_proportional_prefill_is_refused(eagle):
         grown = torch.cat([torch.ones(1, out.logits.shape[1], dtype=mask.dtype), torch.ones_like(step)], dim=1)
         with pytest.raises(NotImplementedError, match="proportional attention.*outside the generate call"):
             model(input_ids=step, attention_mask=grown, past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_stage_3_hands_a_dropped_token_s_size_to_the_kept_token_most_like_it():
+    from meteor_plugin.stages.decoder import _absorbed_bias
+
+    states = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.1], [0.1, 1.0], [0.0, 1.0]]])  # text, 3 visual, text
+    visual = torch.tensor([[False, True, True, True, False]])
+    kept = torch.tensor([[False, True, False, True, False]])
+    bias = torch.tensor([[0.0, math.log(2.0), math.log(3.0), 0.0, 0.0]])  # sizes 2, 3, 1 from Stages 1-2
+    out = _absorbed_bias(bias, states, visual, kept)
+    assert out[0].tolist() == pytest.approx([0.0, math.log(5.0), 0.0, 0.0, 0.0])  # the text is never a target
