@@ -26,6 +26,7 @@ import torch
 from .. import percall
 from ..compat import transformers as compat
 from ..runtime import config_for
+from ..stages import proportional
 from ..stages.baselines import PRE_LLM
 from ..stages.decoder import wrap_model_forward
 from ..stages.layout import IGNORE_INDEX, VisualLayout, query_mask, unpruned_geometry
@@ -232,6 +233,10 @@ def wrap_prepare(original: Any) -> Any:
         )
         if call.vision is not None and call.vision.tokens:  # recorded under proportional attention
             layout.positions, layout.key_bias = unpruned_geometry(visual, valid, owners, call.vision.tokens)
+        elif cfg.llm and cfg.method == "meteor" and proportional.wanted(cfg) and not spatial \
+                and not _pruned_before_llm(call.vision):  # Stage 3 alone: every token starts at size 1
+            layout.positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            layout.key_bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
         call.features = call.vision = None
         if call.defer_labels and labels is not None:
             layout.labels = labels
@@ -253,6 +258,13 @@ def wrap_prepare(original: Any) -> Any:
         return out
 
     return prepare
+
+
+def _pruned_before_llm(record: Optional[VisionRecord]) -> bool:
+    """Whether any vision-side stage dropped tokens in this call (then only what it recorded can place them)."""
+    if record is None:
+        return False
+    return any(left < entered for rec in record.stages.values() for left, entered in zip(rec.left, rec.entered))
 
 
 class AllLabelsMaskedError(RuntimeError):

@@ -214,3 +214,23 @@ def test_stage_3_hands_a_dropped_token_s_size_to_the_kept_token_most_like_it():
     bias = torch.tensor([[0.0, math.log(2.0), math.log(3.0), 0.0, 0.0]])  # sizes 2, 3, 1 from Stages 1-2
     out = _absorbed_bias(bias, states, visual, kept)
     assert out[0].tolist() == pytest.approx([0.0, math.log(5.0), 0.0, 0.0, 0.0])  # the text is never a target
+
+
+def test_stage_3_alone_on_llava_starts_every_token_at_size_1(tiny_llava):
+    model = tiny_llava(padding_side="left")
+    model.generation_config.eos_token_id = None  # the reference below never stops
+    ids, mask, images = make_batch([(4, 8), (2, 5)], [True, True], pad_side="left", seed=3)
+    stage3 = dict(encoder=False, fusion=False, llm=True, llm_min_keep=1.0, llm_max_keep=1.0)  # keeps them all
+    meteor_plugin.enable(**stage3, proportional_attention="off")
+    reference = forward(model, ids, mask, images)
+    meteor_plugin.enable(**stage3, proportional_attention="on")
+    assert_close_but_padding(forward(model, ids, mask, images), reference, mask, "left")
+    few = {**stage3, "llm_min_keep": 4, "llm_max_keep": 8}
+    meteor_plugin.enable(**few, proportional_attention="on")
+    sized = forward(model, ids, mask, images)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, images=images, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out[:, -3:], greedy_without_cache(model, ids, mask, images, 3))
+    meteor_plugin.enable(**few, proportional_attention="off")
+    compact = forward(model, ids, mask, images)
+    assert not torch.allclose(compact[:, -1], sized[:, -1], atol=1e-4)  # the dropped tokens' sizes moved
