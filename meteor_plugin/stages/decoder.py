@@ -206,13 +206,13 @@ class DecoderPruner:
             stats = layout.stats if layout is not None else RunStats(batch)
             if unknown_visual:
                 stats.notes.append(UNKNOWN_VISUAL)
-            self.plan = _Plan("prefill", cfg, stats, valid, layout=layout)
-            self.prefix = None
             if layout is not None and layout.positions is not None and compat.mask_kind(
                     self.model.config, None) == compat.MASK_2D:
                 proportional.unavailable(cfg, self.model, "adds a bias to the attention logits, which FlashAttention-2 "
                                          "cannot take: load the model with attn_implementation='sdpa' to have it")
                 layout.positions = layout.key_bias = None  # "auto": this call's layout, as without it
+            self.plan = _Plan("prefill", cfg, stats, valid, layout=layout)
+            self.prefix = None
             if layout is not None and layout.positions is not None:
                 next_position = layout.positions.masked_fill(~valid, -1).max(dim=1).values + 1
                 self.prefix = _Prefix(len(self.layer_index), valid, length, valid, layout.key_bias, next_position)
@@ -360,28 +360,30 @@ class DecoderPruner:
     def _full_length_bias(self, plan: _Plan, idx: int, call: compat.LayerCall, hidden: torch.Tensor):
         """Proportional attention in a layer that runs on the whole sequence (before Stage 3's layer, or
         every layer without Stage 3): the layer's mask with each key's bias. None when there is no bias."""
-        prefix = plan.prefix if plan.mode == "decode" else None
-        bias = plan.key_bias if plan.mode == "prefill" else (prefix.full_bias if prefix is not None else None)
-        if bias is None:
-            return None
         if plan.full_subs is None:
-            kind = compat.mask_kind(self.model.config, call.get("attention_mask"))
-            if plan.mode == "prefill":
-                mask = compat.build_mask(kind, plan.valid, plan.valid, hidden.dtype, bias)
-            else:
-                q = hidden.shape[1]
-                cached = compat.past_length(call.get("past"), idx)
-                new = cached + q - prefix.full_len
-                new_valid = (plan.raw_mask[:, prefix.full_len:].bool() if plan.raw_mask is not None
-                             else torch.ones(hidden.shape[0], new, dtype=torch.bool, device=hidden.device))
-                key_valid = torch.cat([prefix.full_valid, new_valid], dim=1)
-                mask = compat.build_mask(kind, new_valid[:, -q:], key_valid, hidden.dtype, _extended(bias, new))
-            plan.full_subs = {"attention_mask": mask}
+            plan.full_subs = self._full_length_mask(plan, idx, call, hidden)
+        if not plan.full_subs:
+            return None  # every token stands for itself here (no bias, or Stage 3 alone before its layer)
         for name, value in plan.full_subs.items():
             if call.has(name):
                 call.set(name, value)
         args, kwargs = call.call_args()
         return args, kwargs, compat.rotary_floor(call)
+
+    def _full_length_mask(self, plan: _Plan, idx: int, call: compat.LayerCall, hidden: torch.Tensor) -> Dict[str, Any]:
+        prefix = plan.prefix if plan.mode == "decode" else None
+        bias = plan.key_bias if plan.mode == "prefill" else (prefix.full_bias if prefix is not None else None)
+        if bias is None or not bool(bias.any()):
+            return {}
+        kind = compat.mask_kind(self.model.config, call.get("attention_mask"))
+        if plan.mode == "prefill":
+            return {"attention_mask": compat.build_mask(kind, plan.valid, plan.valid, hidden.dtype, bias)}
+        q = hidden.shape[1]
+        new = compat.past_length(call.get("past"), idx) + q - prefix.full_len
+        new_valid = (plan.raw_mask[:, prefix.full_len:].bool() if plan.raw_mask is not None
+                     else torch.ones(hidden.shape[0], new, dtype=torch.bool, device=hidden.device))
+        key_valid = torch.cat([prefix.full_valid, new_valid], dim=1)
+        return {"attention_mask": compat.build_mask(kind, new_valid[:, -q:], key_valid, hidden.dtype, _extended(bias, new))}
 
     def positions_for(self, batch: int, length: int, past: Any, device: torch.device) -> Optional[torch.Tensor]:
         """The position ids of a forward under proportional attention (the unpruned ones), or None."""

@@ -56,7 +56,9 @@ def test_flash_style_attention_matches_sdpa_with_pruning(tiny_llava, flash_regis
     for impl in ("sdpa", flash_registered):
         model = tiny_llava(attn_implementation=impl, padding_side="left")
         model.generation_config.eos_token_id = None
-        meteor_plugin.enable(encoder=False, fusion=False, llm=True, llm_lambda=30.0, llm_min_keep=6, llm_max_keep=30)
+        # Proportional attention needs a bias FlashAttention cannot take ("auto" turns it off there): compare without.
+        meteor_plugin.enable(encoder=False, fusion=False, llm=True, llm_lambda=30.0, llm_min_keep=6, llm_max_keep=30,
+                             proportional_attention="off")
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, images=images, position_ids=ids.clone()).logits
             run = meteor_plugin.stats(model)
