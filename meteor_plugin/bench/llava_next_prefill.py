@@ -52,9 +52,10 @@ def run(bench: NextBench = NextBench(), spec: TinyLlavaSpec = LLAVA16_SCALED) ->
     side = spec.image_size
     images = torch.randn(1, 5, 3, side, side, generator=torch.Generator().manual_seed(0))  # base + 2x2 crops
     ids, images, sizes = ids.to(device), images.to(device=device, dtype=dtype), [(2 * side, 2 * side)]
+    # Proportional attention does not run on spatial merges yet ("auto" would warn): measured as users get it.
     config = meteor_plugin.MeteorConfig(encoder=True, fusion=False, llm=True, encoder_keep=bench.encoder_keep,
                                         llm_layer=bench.llm_layer, llm_min_keep=bench.llm_keep,
-                                        llm_max_keep=bench.llm_keep)
+                                        llm_max_keep=bench.llm_keep, proportional_attention="off")
 
     def prefill():
         with torch.no_grad():

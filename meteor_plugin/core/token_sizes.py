@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .select import compaction_index, gather_tokens
+
 
 def absorbed_sizes(features: torch.Tensor, keep: torch.Tensor, sizes: Optional[torch.Tensor] = None,
                    valid: Optional[torch.Tensor] = None, group: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -32,12 +34,14 @@ def absorbed_sizes(features: torch.Tensor, keep: torch.Tensor, sizes: Optional[t
     if not bool(dropped.any()):
         return sizes
     unit = F.normalize(features.float(), dim=-1)
-    sim = (unit @ unit.transpose(1, 2)).masked_fill(~targets[:, None, :], float("-inf"))  # (B, N, N)
+    slots, filled = compaction_index(targets)  # (B, K): the kept tokens, so the product is (N, K), not (N, N)
+    sim = (unit @ gather_tokens(unit, slots).transpose(1, 2)).masked_fill(~filled[:, None, :], float("-inf"))
     if group is not None:
-        same = group.to(features.device)[:, None] == group.to(features.device)[None, :]  # (N, N)
-        has_same = (same[None] & targets[:, None, :]).any(dim=2, keepdim=True)
-        sim = sim.masked_fill(has_same & ~same[None], float("-inf"))
-    target = sim.argmax(dim=2)  # (B, N): each token's closest kept token
+        group = group.to(features.device)
+        same = group[None, :, None] == group[slots][:, None, :]  # (B, N, K)
+        has_same = (same & filled[:, None, :]).any(dim=2, keepdim=True)
+        sim = sim.masked_fill(has_same & ~same, float("-inf"))
+    target = torch.gather(slots, 1, sim.argmax(dim=2))  # (B, N): each token's closest kept token
     moved = sizes.masked_fill(~dropped, 0.0)
     return sizes.masked_fill(dropped, 0.0).scatter_add_(1, target, moved)
 
