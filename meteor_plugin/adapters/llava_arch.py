@@ -27,7 +27,6 @@ from .. import percall
 from ..compat import transformers as compat
 from ..runtime import config_for
 from ..stages import proportional
-from ..stages.baselines import PRE_LLM
 from ..stages.decoder import wrap_model_forward
 from ..stages.layout import IGNORE_INDEX, VisualLayout, query_mask, unpruned_geometry
 from ..stats import RunStats, StageCount
@@ -167,7 +166,7 @@ def wrap_encode_images(original: Any) -> Any:
     @percall.entry
     def encode_images(self, images, *args, **kwargs):
         cfg = config_for(self)
-        if cfg.proportional_attention == "on" and cfg.method in PRE_LLM:
+        if cfg.proportional_attention == "on" and cfg.method != "meteor":
             raise ValueError(
                 f"MeteorConfig.proportional_attention='on' applies to METEOR's stages, not the {cfg.method!r} "
                 "baseline (it runs as its paper does): set proportional_attention to 'auto' or 'off'"
@@ -233,7 +232,7 @@ def wrap_prepare(original: Any) -> Any:
         )
         if call.vision is not None and call.vision.tokens:  # recorded under proportional attention
             layout.positions, layout.key_bias = unpruned_geometry(visual, valid, owners, call.vision.tokens)
-        elif cfg.llm and cfg.method == "meteor" and proportional.wanted(cfg) and not spatial \
+        elif cfg.llm and proportional.wanted(cfg) and not spatial \
                 and not _pruned_before_llm(call.vision):  # Stage 3 alone: every token starts at size 1
             layout.positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
             layout.key_bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)

@@ -16,8 +16,9 @@ _WARNED: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
 
 
 def wanted(cfg: Any) -> bool:
-    """Whether the vision side should track positions and sizes for this config."""
-    return cfg.proportional_attention != "off"
+    """Whether this config asks for it: METEOR's stages only; the baselines (FastV included) run as their
+    papers do."""
+    return cfg.proportional_attention != "off" and cfg.method == "meteor"
 
 
 def unavailable(cfg: Any, model: Any, why: str) -> None:

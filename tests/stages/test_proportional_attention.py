@@ -155,6 +155,12 @@ def test_on_refuses_what_it_cannot_run_on_and_auto_runs_without_it_with_a_warnin
         forward(eagle(converted=True), ids, mask, images)
     meteor_plugin.enable(method="random", encoder=False, fusion=False, llm=False, fusion_keep=64)
     forward(eagle(converted=True), ids, mask, images)  # "auto": baselines run as their papers do, silently
+    fastv = dict(method="fastv", encoder=False, fusion=False, llm=True, llm_max_keep=64)
+    model = eagle(converted=True)
+    meteor_plugin.enable(**fastv, proportional_attention="off")
+    reference = forward(model, ids, mask, images)
+    meteor_plugin.enable(**fastv)  # FastV too: the same tokens and logits as without it
+    torch.testing.assert_close(forward(model, ids, mask, images), reference, atol=0, rtol=0)
     unconverted = eagle()
     meteor_plugin.enable(encoder=True, fusion=True, llm=False, proportional_attention="on")
     with pytest.raises(NotImplementedError, match="proportional_attention='on' needs the tokens each encoder keeps"):
