@@ -99,10 +99,9 @@ def test_each_kept_token_sits_where_it_sat_unpruned(eagle):
     model = eagle(converted=True)
     ids, mask, images = batch()
     seen = []
-    rotary = model.get_model().rotary_emb
-    handle = rotary.register_forward_hook(
-        lambda m, args, kwargs, out: seen.append((args[1] if len(args) > 1 else kwargs["position_ids"]).clone()),
-        with_kwargs=True)
+    first = model.get_model().layers[0]  # every transformers version hands the decoder layers position_ids
+    handle = first.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["position_ids"].clone()),
+                                             with_kwargs=True)
     meteor_plugin.enable(**PRUNED, llm=False)
     with_sizes = forward(model, ids, mask, images)
     handle.remove()
@@ -205,6 +204,8 @@ def test_decoding_by_hand_after_a_proportional_prefill_is_refused(eagle):
     meteor_plugin.enable(**PRUNED, llm=False)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, images=images, use_cache=True)
+        if isinstance(out.past_key_values, (tuple, list)):
+            pytest.skip("this transformers returns legacy tuple caches, which cannot carry the mark (documented)")
         step = out.logits[:, -1:].argmax(-1)
         grown = torch.cat([torch.ones(1, out.logits.shape[1], dtype=mask.dtype), torch.ones_like(step)], dim=1)
         with pytest.raises(NotImplementedError, match="proportional attention.*outside the generate call"):
