@@ -454,7 +454,7 @@ _POSITIONS_MARK = "_meteor_unpruned_positions"
 def _mark_cache(past: Any) -> None:
     """Mark the KV cache of a prefill whose tokens took their unpruned positions: the request's own data (as
     the cache is), so that a decoding step outside the call that made it is refused, not misplaced. Legacy
-    tuple caches (transformers before 4.36's Cache objects) cannot carry the mark."""
+    tuple caches (what transformers 4.37 and 4.44 return to a caller that passed none) cannot carry it."""
     if past is not None and not isinstance(past, (tuple, list)):
         try:
             setattr(past, _POSITIONS_MARK, True)
