@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .select import compaction_index, gather_tokens
 
 
+@torch.no_grad()  # sizes are counts: no gradient flows through which kept token a dropped one resembles
 def absorbed_sizes(features: torch.Tensor, keep: torch.Tensor, sizes: Optional[torch.Tensor] = None,
                    valid: Optional[torch.Tensor] = None, group: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Every token's size once each dropped token's size is added to its closest kept token.
