@@ -14,14 +14,16 @@ import torch
 from .select import topk_mask
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama-style rotary embedding. x: (B, H, T, d); cos, sin: (B, T, d)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    """Llama-style rotary embedding, ``x * cos + rotate_half(x) * sin``. x: (B, H, T, d); cos, sin: (B, T, d).
+
+    Written per half with fused multiply-adds rather than through a rotated copy of ``x``: the same values,
+    about five times faster on a CPU, where rotating every key was most of Stage 3's scoring time."""
+    half = x.shape[-1] // 2
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((torch.addcmul(x1 * cos[..., :half], x2, sin[..., :half], value=-1),
+                      torch.addcmul(x2 * cos[..., half:], x1, sin[..., half:])), dim=-1)
 
 
 def mean_query_attention(
@@ -138,7 +140,7 @@ def attended_regions(scores: torch.Tensor, visual: torch.Tensor, hidden: torch.T
         # (N, N) matrix in memory, and half its products.
         for start in range(0, x.shape[0], _REGION_ROWS):
             end = min(start + _REGION_ROWS, x.shape[0])
-            z = (x[start:end] @ x[start:].T).clamp_(min=0, max=1).pow_(sharpness)
+            z = _power((x[start:end] @ x[start:].T).clamp_(min=0, max=1), sharpness)
             if same:
                 z[typical[start:end][:, None] & typical[None, start:]] = 1.0
             own = z[:, :end - start]
@@ -150,3 +152,19 @@ def attended_regions(scores: torch.Tensor, visual: torch.Tensor, hidden: torch.T
 
 
 _REGION_ROWS = 128  # rows of the similarity matrix held at once in `attended_regions`
+
+
+def _power(z: torch.Tensor, exponent: float) -> torch.Tensor:
+    """``z ** exponent``; a whole exponent by repeated squaring, as ``pow`` with a float exponent is several
+    times slower on a CPU and was most of `attended_regions`' elementwise work."""
+    n = int(exponent)
+    if n != exponent or not 1 <= n <= 1024:
+        return z.pow_(exponent)
+    base, result = z, None
+    while n:
+        if n & 1:
+            result = base.clone() if result is None else result.mul_(base)
+        n >>= 1
+        if n:
+            base = base * base
+    return result

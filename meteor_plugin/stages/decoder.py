@@ -80,19 +80,20 @@ def check_against_model(cfg: MeteorConfig, config: Any) -> int:
 
 def query_attention(layer: torch.nn.Module, call: compat.LayerCall, hidden: torch.Tensor,
                     query: torch.Tensor, valid: torch.Tensor, dims: Dict[str, int],
-                    key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    key_bias: Optional[torch.Tensor] = None, normed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of the query tokens at this layer, from its own norm and q/k projections.
 
     hidden: (B, L, D) the layer's input; query, valid: (B, L) bool. Returns (B, H, L): per head, the
     attention of the valid query tokens averaged over them, exactly what the layer's softmax gives
     those rows, without forming the full L x L map. Modules are called (never their ``.weight``), so
-    ZeRO-3 partitioned, LoRA-wrapped and quantised projections all work.
+    ZeRO-3 partitioned, LoRA-wrapped and quantised projections all work. ``normed``: the layer's
+    ``input_layernorm(hidden)`` when the caller has it already.
     """
     b, length, _ = hidden.shape
     attn = layer.self_attn
     q_index, q_valid = compaction_index(query)
     with _eval_mode(layer.input_layernorm, attn.q_proj, attn.k_proj):
-        normed = layer.input_layernorm(hidden)
+        normed = layer.input_layernorm(hidden) if normed is None else normed
         q = attn.q_proj(gather_tokens(normed, q_index))
         k = attn.k_proj(normed)
     q = q.view(b, q_index.shape[1], dims["heads"], dims["head_dim"]).transpose(1, 2)
@@ -269,19 +270,21 @@ class DecoderPruner:
         query = layout.query & plan.valid
         entered = visual.sum(dim=1)
         dims = llm_dims(self.model.config)
+        with _eval_mode(layer.input_layernorm):  # what the layer's keys come from: scoring, regions, sizes share it
+            normed = layer.input_layernorm(hidden)
         if cfg.method == "fastv":
             # FastV: the last instruction token's attention, all heads, a fixed budget.
             pos = torch.arange(query.shape[1], device=query.device)
             last = torch.where(query, pos, torch.full_like(pos, -1)).max(dim=1).values
             query = (pos == last[:, None]) & (last >= 0)[:, None]
-            rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims, plan.key_bias), visual,
-                               dims["heads"])
+            rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims, plan.key_bias, normed),
+                               visual, dims["heads"])
             budget = resolve_budget_per_sample(cfg.llm_max_keep, entered)
             signal = rel.mass
         else:
-            rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims, plan.key_bias), visual,
-                               self.heads_used)
-            signal = self._budget_signal(cfg, layer, rel, visual, hidden)
+            rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims, plan.key_bias, normed),
+                               visual, self.heads_used)
+            signal = self._budget_signal(cfg, rel, visual, normed)
             budget = adaptive_keep(signal, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
         kept_visual = topk_mask(rel.scores, budget, visual)
         keep = plan.valid & (~visual | kept_visual)
@@ -289,7 +292,7 @@ class DecoderPruner:
         plan.index, plan.kept_valid = compaction_index(keep, align_right=left_padded)
         plan.kept_visual = kept_visual
         if plan.key_bias is not None:  # proportional attention: the dropped tokens' sizes go to the kept ones
-            plan.key_bias = _absorbed_bias(plan.key_bias, layer.input_layernorm(hidden), visual, kept_visual)
+            plan.key_bias = _absorbed_bias(plan.key_bias, normed, visual, kept_visual)
         plan.stats.set_stage(
             "llm", entered, kept_visual.sum(dim=1),
             mass=rel.mass.float(), signal=signal.float(),
@@ -306,12 +309,11 @@ class DecoderPruner:
                 self.prefix.bias = gather_tokens(plan.key_bias, plan.index)
 
     @staticmethod
-    def _budget_signal(cfg: MeteorConfig, layer: torch.nn.Module, rel: Any, visual: torch.Tensor,
-                       hidden: torch.Tensor) -> torch.Tensor:
+    def _budget_signal(cfg: MeteorConfig, rel: Any, visual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         if cfg.llm_budget_signal == "mass":
             return rel.mass
         if cfg.llm_budget_signal == "regions":  # on the states the layer's keys are computed from
-            return attended_regions(rel.scores, visual, layer.input_layernorm(hidden), cfg.llm_region_sharpness)
+            return attended_regions(rel.scores, visual, normed, cfg.llm_region_sharpness)
         return attention_spread(rel.scores, visual)
 
     def _prefill_substitutes(self, plan: _Plan, call: compat.LayerCall, hidden: torch.Tensor) -> None:

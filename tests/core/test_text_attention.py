@@ -2,7 +2,8 @@ import torch
 
 import pytest
 
-from meteor_plugin.core.text_attention import attended_regions, attention_spread, mean_query_attention, select_heads
+from meteor_plugin.core.text_attention import (apply_rope, attended_regions, attention_spread, mean_query_attention,
+                                               select_heads)
 
 
 def test_mean_query_attention_equals_dense_causal_softmax_rows():
@@ -93,3 +94,27 @@ def test_attended_regions_edge_cases():
     torch.testing.assert_close(attended_regions(scores * 7.0, visual, hidden), attended_regions(scores, visual, hidden))
     sharp = attended_regions(scores, visual, hidden, sharpness=64.0)
     assert sharp.item() >= attended_regions(scores, visual, hidden, sharpness=1.0).item()  # sharper: fewer alike
+
+
+def test_apply_rope_equals_the_rotate_half_formula():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8).transpose(1, 2)  # (B, H, T, d) as a strided view, as the projections give it
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    rotated = torch.cat((-x[..., 4:], x[..., :4]), dim=-1)
+    expected = x * cos[:, None] + rotated * sin[:, None]
+    assert torch.allclose(apply_rope(x, cos, sin), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("sharpness", [1.0, 3.0, 16.0, 7.5])
+def test_attended_regions_matches_the_dense_formula_for_whole_and_fractional_sharpness(sharpness):
+    torch.manual_seed(1)
+    hidden = torch.randn(1, 300, 16)  # more rows than one block of the blockwise sum
+    visual = torch.ones(1, 300, dtype=torch.bool)
+    scores = torch.rand(1, 300)
+    x = hidden[0] - hidden[0].mean(dim=0)
+    x = x / x.norm(dim=-1, keepdim=True)
+    z = (x @ x.T).clamp(min=0, max=1) ** sharpness
+    z.fill_diagonal_(1.0)
+    p = scores[0] / scores[0].sum()
+    expected = 1.0 / float(p @ z @ p)
+    assert attended_regions(scores, visual, hidden, sharpness).item() == pytest.approx(expected, rel=1e-5)
