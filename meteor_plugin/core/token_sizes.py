@@ -34,16 +34,19 @@ def absorbed_sizes(features: torch.Tensor, keep: torch.Tensor, sizes: Optional[t
     dropped = valid & ~keep & targets.any(dim=1, keepdim=True)
     if not bool(dropped.any()):
         return sizes
-    unit = F.normalize(features.float(), dim=-1)
-    slots, filled = compaction_index(targets)  # (B, K): the kept tokens, so the product is (N, K), not (N, N)
-    sim = (unit @ gather_tokens(unit, slots).transpose(1, 2)).masked_fill(~filled[:, None, :], float("-inf"))
+    # Only the dropped rows against the kept columns, (M, K): the kept tokens' own rows are never needed.
+    rows, live = compaction_index(dropped)
+    slots, filled = compaction_index(targets)
+    sim = (F.normalize(gather_tokens(features, rows).float(), dim=-1)
+           @ F.normalize(gather_tokens(features, slots).float(), dim=-1).transpose(1, 2))
+    sim = sim.masked_fill(~filled[:, None, :], float("-inf"))
     if group is not None:
         group = group.to(features.device)
-        same = group[None, :, None] == group[slots][:, None, :]  # (B, N, K)
+        same = group[rows][:, :, None] == group[slots][:, None, :]  # (B, M, K)
         has_same = (same & filled[:, None, :]).any(dim=2, keepdim=True)
         sim = sim.masked_fill(has_same & ~same, float("-inf"))
-    target = torch.gather(slots, 1, sim.argmax(dim=2))  # (B, N): each token's closest kept token
-    moved = sizes.masked_fill(~dropped, 0.0)
+    target = torch.gather(slots, 1, sim.argmax(dim=2))  # (B, M): each dropped token's closest kept token
+    moved = torch.gather(sizes, 1, rows).masked_fill(~live, 0.0)  # padding rows move nothing
     return sizes.masked_fill(dropped, 0.0).scatter_add_(1, target, moved)
 
 
