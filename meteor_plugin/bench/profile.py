@@ -64,8 +64,7 @@ def model_parts(model: Any) -> List[Tuple[torch.nn.Module, str]]:
     llm = model.get_model()
     tower = llm.get_vision_tower()
     towers = list(getattr(tower, "vision_towers", None) or [tower])
-    names = [os.path.basename(str(getattr(t, "vision_tower_name", type(t).__name__))) for t in towers]
-    parts = [(t, f"encoder {n}") for t, n in zip(towers, names)]
+    parts = [(t, encoder_part(t)) for t in towers]
     projectors = getattr(llm, "mm_projectors", None)
     if projectors is not None:
         parts += [(p, "projectors") for p in projectors]
@@ -74,6 +73,25 @@ def model_parts(model: Any) -> List[Tuple[torch.nn.Module, str]]:
     parts += [(layer, "LLM decoder layers") for layer in llm.layers]
     parts.append((model.lm_head, "LM head"))
     return parts
+
+
+def encoder_part(tower: torch.nn.Module) -> str:
+    """The part an encoder's time is counted under: ``encoder`` and its checkpoint's base name."""
+    return f"encoder {os.path.basename(str(getattr(tower, 'vision_tower_name', type(tower).__name__)))}"
+
+
+def without(unpruned: Dict[str, Any], pruned: Dict[str, Any], parts: List[str]) -> Dict[str, float]:
+    """Speedup and FLOPs ratio of two profiles (`profile`) with ``parts`` taken out of both: what is left of the
+    prefill once the work both variants do alike is set aside."""
+    def rest(result):
+        rows = [r for r in result["parts"] if r["part"] in parts]
+        return (result["prefill_ms"] - sum(r["ms"] for r in rows),
+                result["gflops"] * (1 - sum(r["flops_share"] for r in rows)))
+
+    (ms_u, gf_u), (ms_p, gf_p) = rest(unpruned), rest(pruned)
+    set_aside = [r for r in pruned["parts"] if r["part"] in parts]
+    return {"speedup": ms_u / ms_p, "flops_ratio": gf_u / gf_p,
+            "time_share": sum(r["time_share"] for r in set_aside), "flops_share": sum(r["flops_share"] for r in set_aside)}
 
 
 @contextlib.contextmanager
@@ -135,7 +153,7 @@ def profile(model: Any, prefill: Callable[[], Any], repeats: int, device: torch.
     rows = [{"part": part, "ms": 1000 * timed.seconds[part] / repeats, "time_share": timed.seconds[part] / total,
              "flops_share": counted.flops.get(part, 0.0) / all_flops if all_flops else 0.0}
             for part in sorted(timed.seconds, key=lambda p: -timed.seconds[p])]
-    return {"prefill_ms": 1000 * total / repeats, "repeats": repeats, "parts": rows}
+    return {"prefill_ms": 1000 * total / repeats, "repeats": repeats, "gflops": all_flops / 1e9, "parts": rows}
 
 
 def report(result: Dict[str, Any], title: str) -> str:

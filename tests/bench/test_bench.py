@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from meteor_plugin.cli import main
 
 
@@ -76,3 +78,18 @@ def test_profile_splits_the_pruned_prefill_into_parts_that_add_up(capsys):
     assert all(r["ms"] >= 0 for r in parts.values())
     # Stage 3's selection runs inside a decoder layer; the layers' FLOPs exclude it, and they still dominate the LLM.
     assert parts["LLM decoder layers"]["flops_share"] > parts["stage 3: scoring and selection"]["flops_share"] > 0
+    # The unpruned run profiled alike, and the figure without the encoders both variants run whole.
+    unpruned = {row["part"]: row for row in result["profile_unpruned"]["parts"]}
+    assert not any(p.startswith("stage ") for p in unpruned)
+    rest = result["without_encoders_run_in_full"]
+    assert len(rest["parts"]) == 3 and not any("clip-vit" in p for p in rest["parts"])  # CLIP is pruned inside
+    assert set(rest["parts"]) <= set(parts) & set(unpruned)
+
+    def left(profile):
+        rows = [r for r in profile["parts"] if r["part"] in rest["parts"]]
+        return (profile["prefill_ms"] - sum(r["ms"] for r in rows),
+                profile["gflops"] * (1 - sum(r["flops_share"] for r in rows)))
+
+    (ms_u, gf_u), (ms_p, gf_p) = left(result["profile_unpruned"]), left(result["profile"])
+    assert rest["speedup"] == pytest.approx(ms_u / ms_p) and rest["flops_ratio"] == pytest.approx(gf_u / gf_p)
+    assert rest["flops_ratio"] > result["flops_ratio"]  # what pruning changes shrinks more than the whole
