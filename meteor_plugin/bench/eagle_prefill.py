@@ -18,7 +18,7 @@ import torch
 import meteor_plugin
 from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text
 from meteor_plugin.bench.machine import describe
-from meteor_plugin.bench.profile import encoder_part, profile, report as profile_report, without
+from meteor_plugin.bench.profile import encoder_part, flop_rate, profile, report as profile_report, without
 from meteor_plugin.calibrate import encoder_ranks, load_images, pixels
 from meteor_plugin.testing.eagle_like import TinyEagleSpec, build_tiny_eagle
 from meteor_plugin.testing.llava import make_batch
@@ -107,7 +107,8 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
         # The encoders Stage 1 prunes at their output run whole in both variants: what METEOR can speed up is the rest.
         parts = [encoder_part(t) for t in model.get_model().get_vision_tower().vision_towers
                  if type(t).__name__ not in PRUNED_INSIDE]
-        in_full = {"parts": parts, **without(unpruned_profile, profiled, parts)}
+        in_full = {"parts": parts, **without(unpruned_profile, profiled, parts),
+                   "layer_gflops_per_s": [flop_rate(p, "LLM decoder layers") for p in (unpruned_profile, profiled)]}
     meteor_plugin.disable()
     speedup = results["unpruned"]["seconds"] / results["meteor"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["meteor"]["gflops"]
@@ -165,5 +166,7 @@ def report(result: Dict[str, Any]) -> str:
             f"  the encoders METEOR runs in full ({names}) take {100 * rest['time_share']:.1f}% of the pruned prefill's "
             f"time for {100 * rest['flops_share']:.1f}% of its FLOPs; without them in both profiled runs: speedup "
             f"{rest['speedup']:.2f}x, FLOPs ratio {rest['flops_ratio']:.2f}x "
-            f"({100 * rest['speedup'] / rest['flops_ratio']:.0f}% of it)")
+            f"({100 * rest['speedup'] / rest['flops_ratio']:.0f}% of it); the decoder layers ran "
+            f"{rest['layer_gflops_per_s'][0]:.0f} GFLOP/s unpruned and {rest['layer_gflops_per_s'][1]:.0f} pruned "
+            "(fewer tokens, smaller matrix products)")
     return "\n".join(lines)

@@ -94,6 +94,12 @@ def without(unpruned: Dict[str, Any], pruned: Dict[str, Any], parts: List[str]) 
             "time_share": sum(r["time_share"] for r in set_aside), "flops_share": sum(r["flops_share"] for r in set_aside)}
 
 
+def flop_rate(result: Dict[str, Any], part: str) -> float:
+    """GFLOP/s of one part of a `profile`: how fast it ran its counted FLOPs."""
+    row = next(r for r in result["parts"] if r["part"] == part)
+    return result["gflops"] * row["flops_share"] / (row["ms"] / 1000) if row["ms"] > 0 else 0.0
+
+
 @contextlib.contextmanager
 def watching(model: Any, parts: Parts) -> Iterator[None]:
     import importlib

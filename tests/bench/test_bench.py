@@ -93,3 +93,7 @@ def test_profile_splits_the_pruned_prefill_into_parts_that_add_up(capsys):
     (ms_u, gf_u), (ms_p, gf_p) = left(result["profile_unpruned"]), left(result["profile"])
     assert rest["speedup"] == pytest.approx(ms_u / ms_p) and rest["flops_ratio"] == pytest.approx(gf_u / gf_p)
     assert rest["flops_ratio"] > result["flops_ratio"]  # what pruning changes shrinks more than the whole
+    rates = rest["layer_gflops_per_s"]
+    for profile, rate in zip((result["profile_unpruned"], result["profile"]), rates):
+        row = next(r for r in profile["parts"] if r["part"] == "LLM decoder layers")
+        assert rate == pytest.approx(profile["gflops"] * row["flops_share"] / (row["ms"] / 1000))
