@@ -108,6 +108,7 @@ def attention_spread(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor
     return torch.where(total[:, 0] > 0, torch.exp(entropy), torch.zeros_like(entropy)).float()
 
 
+@torch.no_grad()  # a token budget, not a quantity to differentiate (and its states are scaled in place)
 def attended_regions(scores: torch.Tensor, visual: torch.Tensor, hidden: torch.Tensor,
                      sharpness: float = 16.0) -> torch.Tensor:
     """How many distinct image regions the attention is spread over: the similarity-sensitive effective number
@@ -124,16 +125,16 @@ def attended_regions(scores: torch.Tensor, visual: torch.Tensor, hidden: torch.T
     of a model's visual tokens share, which would otherwise make every pair look alike."""
     out = torch.zeros(scores.shape[0], dtype=torch.float32, device=scores.device)
     for i in range(scores.shape[0]):
-        v = visual[i]
+        v = torch.nonzero(visual[i]).flatten()  # rows by index: cheaper than a boolean mask on the states
         w = scores[i][v].float().clamp(min=0)
         if w.numel() == 0 or float(w.sum()) <= 0:
             continue
         p = w / w.sum()
-        x = hidden[i][v].float()
-        x = x - x.mean(dim=0, keepdim=True)
+        x = hidden[i].index_select(0, v).float()  # a copy: centred and scaled in place below
+        x -= x.mean(dim=0, keepdim=True)
         norm = x.norm(dim=-1)
         typical = norm <= 1e-6 * float(norm.max().clamp(min=1e-30))  # at the mean: alike, whatever their cosine
-        x = x / norm.clamp(min=1e-30)[:, None]
+        x *= norm.clamp(min=1e-30).reciprocal()[:, None]
         same = bool(typical.any())
         total = torch.zeros((), dtype=torch.float64, device=p.device)
         # p Z p by blocks of rows, each against its own and the later columns (Z is symmetric): never the whole

@@ -411,12 +411,8 @@ class DecoderPruner:
 def _absorbed_bias(bias: torch.Tensor, states: torch.Tensor, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Key biases after Stage 3: each dropped visual token's size (exp of its bias) added to the kept visual
     token whose layer input is most like its own (``core/token_sizes.py``), over the visual tokens only."""
-    index, slots = compaction_index(visual)
-    sizes = absorbed_sizes(gather_tokens(states, index), gather_tokens(kept, index) & slots,
-                           gather_tokens(bias, index).exp(), valid=slots)
-    out = bias.clone()
-    rows = torch.arange(bias.shape[0], device=bias.device)[:, None].expand_as(index)
-    out[rows[slots], index[slots]] = sizes.clamp(min=1.0).log()[slots]  # padding slots write nothing
+    sizes = absorbed_sizes(states, kept & visual, bias.exp(), valid=visual)
+    out = torch.where(visual, sizes.clamp(min=1.0).log().to(bias.dtype), bias)
     return out.masked_fill(visual & ~kept, 0.0)  # dropped: never attended again
 
 
