@@ -4,8 +4,8 @@ import pytest
 
 from meteor_plugin.core.rank import effective_rank, encoder_rank, numerical_rank
 from meteor_plugin.core.select import bottomk_mask
-from meteor_plugin.core.token_scores import (centre_per_owner, cooperative_redundancy, duplicate_aware_mask,
-                                             similarity_to_mean)
+from meteor_plugin.core.token_scores import (centre_per_owner, cooperative_redundancy, cross_owner_similarity,
+                                             duplicate_aware_mask, similarity_to_mean)
 
 
 def test_similarity_to_mean_is_cosine_to_the_average_token():
@@ -210,3 +210,12 @@ def test_stage2_rank_quotas_give_each_encoder_its_share_and_select_within_it():
     assert bounded_shares(6, [1.0, 0.0], [0, 2], [6, 6]) == [4, 2]
     with pytest.raises(ValueError, match="total"):
         bounded_shares(3, [1.0, 1.0], [2, 2], [5, 5])
+
+
+@pytest.mark.parametrize("owner", [[0] * 5 + [1] * 3 + [2] * 4, [0, 0, 1, 1, 0, 2, 2, 1, 0, 2, 1, 1], [3] * 6 + [1] * 6])
+def test_cross_owner_similarity_equals_the_masked_full_product(owner):
+    torch.manual_seed(3)
+    owner = torch.tensor(owner)
+    u = torch.nn.functional.normalize(torch.randn(2, len(owner), 16), dim=-1)
+    full = (u @ u.transpose(1, 2)).clamp(min=0) * (owner[:, None] != owner[None, :])
+    assert torch.allclose(cross_owner_similarity(u, owner), full, atol=1e-6)
