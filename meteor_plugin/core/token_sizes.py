@@ -37,8 +37,8 @@ def absorbed_sizes(features: torch.Tensor, keep: torch.Tensor, sizes: Optional[t
     # Only the dropped rows against the kept columns, (M, K): the kept tokens' own rows are never needed.
     rows, live = compaction_index(dropped)
     slots, filled = compaction_index(targets)
-    sim = (F.normalize(gather_tokens(features, rows).float(), dim=-1)
-           @ F.normalize(gather_tokens(features, slots).float(), dim=-1).transpose(1, 2))
+    # A row's argmax over the kept columns does not depend on the row's own norm: only the columns are scaled.
+    sim = gather_tokens(features, rows).float() @ F.normalize(gather_tokens(features, slots).float(), dim=-1).transpose(1, 2)
     sim = sim.masked_fill(~filled[:, None, :], float("-inf"))
     if group is not None:
         group = group.to(features.device)
