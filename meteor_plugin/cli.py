@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "where installed); refused where the device cannot hold it")
     p.add_argument("--profile", action="store_true", help="llava, llava-next, eagle: also time each part of the pruned "
                    "prefill (encoders, projectors, decoder layers, each stage's scoring, selection and gathering) beside "
-                   "its share of the FLOPs")
+                   "its share of the FLOPs; eagle also profiles the unpruned run and gives the speedup without the "
+                   "encoders both variants run whole")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     f = p.add_argument_group("fidelity")
     f.add_argument("--model-path", help="a trained fidelity checkpoint (default: the one shipped in the package)")
