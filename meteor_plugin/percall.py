@@ -51,6 +51,7 @@ class MeteorCall:
     hf_layout: Any = None
     hf_plan: Any = None
     hf_kept: Any = None  # Stage 1's kept patches per CLIP input, from the last get_image_features
+    hf_sizes: Any = None  # with proportional attention: the tokens each kept patch stands for, per CLIP input
     hf_labels: bool = False
     hf_embeds: Any = None  # transformers 4.x: the spliced prompt generate's prefill runs on (hf_llava_v4.py)
 

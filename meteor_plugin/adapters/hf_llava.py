@@ -54,11 +54,11 @@ from ..runtime import config_for
 from ..stages.decoder import wrap_model_forward
 from ..stages import proportional
 from ..stages.encoder import HF_CLIP_BLOCK, VitPruner
-from ..stages.layout import VisualLayout, query_mask
+from ..stages.layout import VisualLayout, query_mask, unpruned_geometry
 from ..stats import RunStats, StageCount
 from . import anyres
 from .family import Family, require
-from .vision import clip_layers, selected_depth
+from .vision import ImageTokens, clip_layers, selected_depth
 
 
 @dataclass(frozen=True)
@@ -130,16 +130,17 @@ def stage1(model: Any, cfg: Any, registry: Any) -> Iterator[Any]:
         yield None
         return
     _check(model, cfg)
-    if proportional.wanted(cfg):
-        proportional.unavailable(cfg, model, f"does not run on transformers' {type(model).__name__} yet (it runs on "
-                                 "the llava package's and EAGLE's models)")
+    track = proportional.wanted(cfg) and not is_anyres(model)
+    if proportional.wanted(cfg) and not track:
+        proportional.unavailable(cfg, model, f"does not run on {type(model).__name__}'s packed crops with Stage 1 yet "
+                                 "(it runs with Stage 3 alone there, and on transformers' LLaVA with both)")
     layers = clip_layers(model.vision_tower)
     depth = selected_depth(len(layers), int(model.config.vision_feature_layer))
     patches = tower_patches(model)
     keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
     pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
     pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=_has_cls(model),
-                 deep_score=cfg.encoder_deep_score, spread_floor=cfg.spread_floor)
+                 deep_score=cfg.encoder_deep_score, spread_floor=cfg.spread_floor, track_sizes=track)
     call = percall.current()
     with pruner.running() as plan:
         call.hf_plan = plan
@@ -148,6 +149,7 @@ def stage1(model: Any, cfg: Any, registry: Any) -> Iterator[Any]:
         finally:
             call.hf_plan = None
     call.hf_kept = plan.positions.tolist() if plan.positions is not None else None
+    call.hf_sizes = plan.sizes if track else None
 
 
 def wrap_image_features(original: Any, registry: Any) -> Any:
@@ -293,6 +295,7 @@ def build_layout(model: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.T
     keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches) if cfg.encoder else patches
     call = percall.current()
     kept = list(call.hf_kept or []) if call is not None else []
+    geometry = _unpruned_geometry(model, cfg, valid, runs, kept, call.hf_sizes if call is not None else None)
     for (i, start, end), feature, n in zip(runs, features, crops):
         visual[i, start:end] = True
         if line is not None:
@@ -313,8 +316,31 @@ def build_layout(model: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.T
             for key, value in (("base", base), ("crops", end - start - rows - base), ("newlines", rows)):
                 entry.detail[key] += value
     visual &= ~newlines
-    return VisualLayout(visual=visual, valid=valid, stats=stats,
-                        query=query_mask(visual | newlines, valid, None, cfg.text_query))
+    layout = VisualLayout(visual=visual, valid=valid, stats=stats,
+                          query=query_mask(visual | newlines, valid, None, cfg.text_query))
+    if geometry is not None:
+        layout.positions, layout.key_bias = geometry(visual)
+    return layout
+
+
+def _unpruned_geometry(model: Any, cfg: Any, valid: torch.Tensor, runs: List[Tuple[int, int, int]],
+                       kept: List[List[int]], sizes: Optional[torch.Tensor]) -> Any:
+    """With proportional attention, a function of the visual mask giving the layout's (positions, key_bias); None
+    without it. With Stage 1, each kept patch sits at its place among its image's patches, with its size
+    (``stages.layout.unpruned_geometry``); without, every token at its own place with size 1, for Stage 3."""
+    if not proportional.wanted(cfg) or (cfg.encoder and is_anyres(model)):  # stage1() has warned or refused
+        return None
+    if not cfg.encoder or not kept:
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0).masked_fill(~valid, 0)
+        return lambda visual: (positions, torch.zeros(valid.shape, dtype=torch.float32, device=valid.device))
+    where = torch.tensor(kept, dtype=torch.long)
+    sizes = sizes.float().cpu() if sizes is not None else torch.ones(where.shape)
+    cls = _has_cls(model) and getattr(model.config, "vision_feature_select_strategy", "default") == "full"
+    if cls:  # the CLS token leads the image's features
+        where = torch.cat([torch.zeros_like(where[:, :1]), where + 1], dim=1)
+        sizes = torch.cat([torch.ones_like(sizes[:, :1]), sizes], dim=1)
+    tokens = ImageTokens.batch(where, sizes, tower_patches(model) + int(cls))
+    return lambda visual: unpruned_geometry(visual, valid, [i for i, _, _ in runs], tokens)
 
 
 def prepare(model: Any, inner: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.Tensor], pixels: Any,

@@ -232,8 +232,8 @@ def wrap_prepare(original: Any) -> Any:
         )
         if call.vision is not None and call.vision.tokens:  # recorded under proportional attention
             layout.positions, layout.key_bias = unpruned_geometry(visual, valid, owners, call.vision.tokens)
-        elif cfg.llm and proportional.wanted(cfg) and not spatial \
-                and not _pruned_before_llm(call.vision):  # Stage 3 alone: every token starts at size 1
+        elif cfg.llm and proportional.wanted(cfg) and not _pruned_before_llm(call.vision):
+            # Stage 3 alone: every token (row separators too) at its own place, with size 1
             layout.positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
             layout.key_bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
         call.features = call.vision = None

@@ -1,7 +1,8 @@
 """Where ``MeteorConfig.proportional_attention`` runs, and what each setting does where it cannot.
 
-It runs where the plugin sees each encoder's kept tokens (the llava package's and EAGLE's models with
-post-projection fusion, one image or a flat merge) and the attention takes an additive mask (eager, sdpa).
+It runs where the plugin sees each encoder's kept tokens (the llava package's models and transformers'
+``LlavaForConditionalGeneration``, one image or a flat merge; EAGLE with post-projection fusion; Stage 3 alone on
+packed crops) and the attention takes an additive mask (eager, sdpa).
 Elsewhere ``"on"`` refuses by name and ``"auto"`` (the default) runs without it, with a warning once per
 model and reason, so a user knows which numbers they get.
 """

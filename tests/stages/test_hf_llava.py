@@ -293,14 +293,60 @@ def test_on_transformers_4_a_prompt_with_an_image_token_per_patch_is_refused_by_
         logits(model, ids, mask, pixels)
 
 
-def test_proportional_attention_on_transformers_llava_is_refused_under_on_and_off_under_auto():
-    model = model_of()
-    ids, mask, pixels = prompts([(2, 5)])
+@towers
+def test_proportional_attention_on_transformers_llava_keeps_positions_and_sizes(tower):
+    model = model_of(tower)
+    ids, mask, pixels = prompts([(2, 5), (4, 8)])  # left padded, as batched generate wants
+    meteor_plugin.enable(encoder=False, fusion=False, llm=False)
+    reference = real_logits(model, ids, mask, pixels)
+    for nothing_pruned in (dict(encoder=True, llm=False, encoder_keep=1.0),
+                           dict(encoder=False, llm=True, llm_min_keep=1.0, llm_max_keep=1.0)):
+        meteor_plugin.enable(fusion=False, **nothing_pruned, proportional_attention="on")
+        torch.testing.assert_close(real_logits(model, ids, mask, pixels), reference, atol=1e-4, rtol=1e-4)
+    # Stage 1: each kept patch at its unpruned place, the text after the image from the unpruned count on.
+    layers = model.model.language_model.layers if V5 else model.language_model.model.layers
+    seen = []
+    handle = layers[0].register_forward_pre_hook(lambda m, a, k: seen.append(k["position_ids"].clone()),
+                                                 with_kwargs=True)
     meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16, proportional_attention="on")
-    with pytest.raises(NotImplementedError, match="proportional_attention='on' does not run on transformers' Llava"):
-        logits(model, ids, mask, pixels)
+    logits(model, ids, mask, pixels)
+    handle.remove()
+    for row, sample in enumerate(meteor_plugin.stats(model).stages):
+        real = ids[row][mask[row].bool()].tolist()
+        before = real.index(HF_IMAGE_TOKEN)
+        after = len(real) - before - PER_IMAGE
+        (kept,) = sample["encoder"].detail["kept"]
+        expected = [*range(before), *(before + p for p in kept), *range(before + VISUAL, before + VISUAL + after)]
+        assert seen[-1][row, -len(expected):].tolist() == expected  # left padded: the real tokens come last
+    # ... and generate continues from there: the same tokens as a full forward per new token.
+    assert torch.equal(generate(model, ids, mask, pixels, 3)[:, -3:], greedy(model, ids, mask, pixels, 3)[:, -3:])
+    # Stage 3: the kept visual keys carry the dropped ones' sizes: exp(bias) over a query's keys adds up to the
+    # unpruned sequence's length.
+    masks = []
+    attention = layers[3].self_attn  # the mask the attention itself gets, after the plugin's substitution
+    handle = attention.register_forward_pre_hook(lambda m, a, k: masks.append(k["attention_mask"]), with_kwargs=True)
+    meteor_plugin.enable(encoder=True, fusion=False, llm=True, encoder_keep=16, llm_layer=2, llm_min_keep=4,
+                         llm_max_keep=4, proportional_attention="on")
+    logits(model, ids, mask, pixels)
+    handle.remove()
+    last = masks[-1][:, 0, -1].float()  # (B, kept length): the last token's row
+    assert last.exp().sum(dim=1).tolist() == pytest.approx((mask.sum(dim=1) + GROWN).tolist(), rel=1e-4)
+    assert last.max() > 0.5  # sizes above 1, not only zeros and -inf
+
+
+def test_proportional_attention_on_llava_next_with_stage_1_is_refused_under_on_and_off_under_auto():
+    model, (ids, mask, pixels, sizes) = next_model_and_batch([(2, 5)])
+    meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16, proportional_attention="on")
+    with pytest.raises(NotImplementedError, match="proportional_attention='on' does not run on LlavaNext.*packed crops"):
+        next_logits(model, ids, mask, pixels, sizes)
     meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16, proportional_attention="off")
-    reference = logits(model, ids, mask, pixels)
+    reference = next_logits(model, ids, mask, pixels, sizes)
     meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16)
-    with pytest.warns(UserWarning, match="proportional attention is off for this model: it does not run on trans"):
-        torch.testing.assert_close(logits(model, ids, mask, pixels), reference, atol=0, rtol=0)
+    with pytest.warns(UserWarning, match="proportional attention is off for this model: it does not run on LlavaNext"):
+        torch.testing.assert_close(next_logits(model, ids, mask, pixels, sizes), reference, atol=0, rtol=0)
+    # Stage 3 alone runs with it: every token at its own place with size 1, so nothing pruned is the unpruned model.
+    meteor_plugin.enable(encoder=False, fusion=False, llm=False)
+    reference = next_logits(model, ids, mask, pixels, sizes)
+    meteor_plugin.enable(encoder=False, fusion=False, llm=True, llm_min_keep=1.0, llm_max_keep=1.0,
+                         proportional_attention="on")
+    torch.testing.assert_close(next_logits(model, ids, mask, pixels, sizes), reference, atol=1e-4, rtol=1e-4)

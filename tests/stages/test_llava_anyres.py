@@ -193,3 +193,21 @@ def test_proportional_attention_on_spatial_merges_is_refused_under_on_and_off_un
     meteor_plugin.enable(encoder=True, fusion=False, llm=False, encoder_keep=16)
     with pytest.warns(UserWarning, match="proportional attention is off for this model: it does not run on LLaVA"):
         torch.testing.assert_close(run(model, ids, mask, images, sizes), reference, atol=0, rtol=0)
+    # Stage 3 alone runs with it there: with nothing pruned it is the unpruned model, and generate continues the
+    # sizes Stage 3 handed out.
+    model = tiny_llava(merge="spatial_unpad", padding_side="left")
+    ids, mask, images, sizes = anyres_batch([(4, 8), (2, 5)], seed=3)
+    images = as_list(images, sizes)
+    stage3 = dict(encoder=False, fusion=False, llm=True, proportional_attention="on")
+    meteor_plugin.enable(encoder=False, fusion=False, llm=False)
+    reference = run(model, ids, mask, images, sizes)
+    meteor_plugin.enable(**stage3, llm_min_keep=1.0, llm_max_keep=1.0)
+    # left padded: the last 5 positions are real text in both rows (the padded ones' positions differ, harmlessly)
+    torch.testing.assert_close(run(model, ids, mask, images, sizes)[:, -5:], reference[:, -5:], atol=1e-4, rtol=1e-4)
+    meteor_plugin.enable(**stage3, llm_min_keep=12, llm_max_keep=20, llm_lambda=30.0)
+    sized = run(model, ids, mask, images, sizes)
+    assert torch.equal(greedy_generate_sized(model, ids, mask, images, sizes, 4),
+                       greedy_without_cache_sized(model, ids, mask, images, sizes, 4))
+    meteor_plugin.enable(**{**stage3, "proportional_attention": "off"}, llm_min_keep=12, llm_max_keep=20,
+                         llm_lambda=30.0)
+    assert not torch.allclose(run(model, ids, mask, images, sizes), sized, atol=1e-3)  # the sizes are used
