@@ -17,7 +17,10 @@ positions, refusing a count that differs; the language model is any decoder with
   in the output), in a direct forward before the model runs;
 - **Stage 3** runs in the language model as on the llava package's models (``stages/decoder.py``): the
   visual tokens are the image-token positions, less LLaVA-NeXT's and OneVision's row separators (structure,
-  never pruned).
+  never pruned);
+- **proportional attention**: on the flat LLaVA, Stage 1's kept patches keep their unpruned places and sizes
+  (``_unpruned_geometry``); with Stage 3 alone every token starts at its own place with size 1 (packed crops
+  too); Stage 1 on packed crops runs without it (``stage1`` warns or refuses).
 
 LLaVA-OneVision packs like LLaVA-NeXT (SigLIP tower: Stage 1 as above), but its ``anyres_max`` step
 interpolates a crop grid that holds more than its budget of patches down: pruned patches cannot be put back
