@@ -121,7 +121,7 @@ def _budget_fields(cls) -> Tuple[str, ...]:
 
 @dataclass(frozen=True)
 class MeteorConfig:
-    """Settings of METEOR's three pruning stages (see README, "Configuration")."""
+    """Settings of METEOR's three pruning stages (every field: docs/guide.md, "Configuration")."""
 
     # Stage switches.
     encoder: bool = True

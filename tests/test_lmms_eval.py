@@ -1,4 +1,4 @@
-"""lmms-eval under ``python -m meteor_plugin.run`` (README, "Evaluating with lmms-eval"): the loader and
+"""lmms-eval under ``python -m meteor_plugin.run`` (docs/lmms-eval.md): the loader and
 ``generate`` calls its ``llava`` and ``llava_hf`` models make (``tests/lmms_eval_harness.py``; lmms-eval
 itself needs torchvision and timm, which do not install here), run through the runner in a fresh process,
 prune, and give the answers the same config gives in-process."""
