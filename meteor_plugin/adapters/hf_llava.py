@@ -57,7 +57,7 @@ from ..runtime import config_for
 from ..stages.decoder import wrap_model_forward
 from ..stages import proportional
 from ..stages.encoder import HF_CLIP_BLOCK, VitPruner
-from ..stages.layout import VisualLayout, query_mask, unpruned_geometry
+from ..stages.layout import VisualLayout, identity_geometry, query_mask, unpruned_geometry
 from ..stats import RunStats, StageCount
 from . import anyres
 from .family import Family, require
@@ -334,15 +334,11 @@ def _unpruned_geometry(model: Any, cfg: Any, valid: torch.Tensor, runs: List[Tup
     if not proportional.wanted(cfg) or (cfg.encoder and is_anyres(model)):  # stage1() has warned or refused
         return None
     if not cfg.encoder or not kept:
-        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0).masked_fill(~valid, 0)
-        return lambda visual: (positions, torch.zeros(valid.shape, dtype=torch.float32, device=valid.device))
+        return lambda visual: identity_geometry(valid)
     where = torch.tensor(kept, dtype=torch.long)
     sizes = sizes.float().cpu() if sizes is not None else torch.ones(where.shape)
     cls = _has_cls(model) and getattr(model.config, "vision_feature_select_strategy", "default") == "full"
-    if cls:  # the CLS token leads the image's features
-        where = torch.cat([torch.zeros_like(where[:, :1]), where + 1], dim=1)
-        sizes = torch.cat([torch.ones_like(sizes[:, :1]), sizes], dim=1)
-    tokens = ImageTokens.batch(where, sizes, tower_patches(model) + int(cls))
+    tokens = ImageTokens.batch(where, sizes, tower_patches(model), leading_cls=cls)
     return lambda visual: unpruned_geometry(visual, valid, [i for i, _, _ in runs], tokens)
 
 

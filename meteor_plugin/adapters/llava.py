@@ -64,12 +64,9 @@ def wrap_clip_tower_forward(original: Any, registry: Any) -> Any:
             features = original(tower, images)
         request.record.stage("encoder").add(patches, keep, plan.positions)
         if proportional.wanted(cfg):
-            where, sizes = plan.positions, plan.sizes if plan.sizes is not None else torch.ones(plan.positions.shape)
+            sizes = plan.sizes if plan.sizes is not None else torch.ones(plan.positions.shape)
             cls = getattr(tower, "select_feature", "patch") == "cls_patch"
-            if cls:  # CLS leads the image's tokens
-                where = torch.cat([torch.zeros_like(where[:, :1]), where + 1], dim=1)
-                sizes = torch.cat([torch.ones_like(sizes[:, :1]), sizes], dim=1)
-            request.record.tokens.extend(ImageTokens.batch(where, sizes, patches + int(cls)))
+            request.record.tokens.extend(ImageTokens.batch(plan.positions, sizes, patches, leading_cls=cls))
         return features
 
     return forward

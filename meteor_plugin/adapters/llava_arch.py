@@ -28,7 +28,7 @@ from ..compat import transformers as compat
 from ..runtime import config_for
 from ..stages import proportional
 from ..stages.decoder import wrap_model_forward
-from ..stages.layout import IGNORE_INDEX, VisualLayout, query_mask, unpruned_geometry
+from ..stages.layout import IGNORE_INDEX, VisualLayout, identity_geometry, query_mask, unpruned_geometry
 from ..stats import RunStats, StageCount
 from . import anyres
 from .family import IMAGE_TOKEN_INDEX, StructureError, require
@@ -234,8 +234,7 @@ def wrap_prepare(original: Any) -> Any:
             layout.positions, layout.key_bias = unpruned_geometry(visual, valid, owners, call.vision.tokens)
         elif cfg.llm and proportional.wanted(cfg) and not _pruned_before_llm(call.vision):
             # Stage 3 alone: every token (row separators too) at its own place, with size 1
-            layout.positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-            layout.key_bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+            layout.positions, layout.key_bias = identity_geometry(valid)
         call.features = call.vision = None
         if call.defer_labels and labels is not None:
             layout.labels = labels

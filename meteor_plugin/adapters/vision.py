@@ -42,8 +42,15 @@ class ImageTokens:
     total: int
 
     @classmethod
-    def batch(cls, positions: torch.Tensor, sizes: torch.Tensor, total: int) -> List["ImageTokens"]:
-        return [cls(p, s, int(total)) for p, s in zip(positions, sizes.float())]
+    def batch(cls, positions: torch.Tensor, sizes: torch.Tensor, total: int, leading_cls: bool = False
+              ) -> List["ImageTokens"]:
+        """One per image of (images, K) ``positions`` and ``sizes``; ``leading_cls``: the image's features start
+        with its CLS token, which sits first and stands for itself (positions are then among ``total`` + 1)."""
+        sizes = sizes.float()
+        if leading_cls:
+            positions = torch.cat([torch.zeros_like(positions[:, :1]), positions + 1], dim=1)
+            sizes = torch.cat([torch.ones_like(sizes[:, :1]), sizes], dim=1)
+        return [cls(p, s, int(total) + int(leading_cls)) for p, s in zip(positions, sizes)]
 
 
 @dataclass

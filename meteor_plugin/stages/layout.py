@@ -83,6 +83,13 @@ def query_mask(
     return query & has_visual[:, None]
 
 
+def identity_geometry(valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(positions, key_bias) when nothing was pruned before the language model (Stage 3 alone): every valid
+    token at its own place, counted from 0 in its row, with size 1."""
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0).masked_fill(~valid, 0)
+    return positions, torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+
+
 def unpruned_geometry(visual: torch.Tensor, valid: torch.Tensor, owners: Sequence[Optional[int]],
                       images: Sequence) -> Tuple[torch.Tensor, torch.Tensor]:
     """(positions, key_bias), both (B, L), for ``VisualLayout`` under ``proportional_attention``.

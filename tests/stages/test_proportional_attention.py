@@ -241,3 +241,10 @@ def test_stage_3_alone_on_llava_starts_every_token_at_size_1(tiny_llava):
     meteor_plugin.enable(**few, proportional_attention="off")
     compact = forward(model, ids, mask, images)
     assert not torch.allclose(compact[:, -1], sized[:, -1], atol=1e-4)  # the dropped tokens' sizes moved
+
+
+def test_image_tokens_with_a_leading_cls_put_it_first_with_size_1():
+    (image,) = ImageTokens.batch(torch.tensor([[0, 3]]), torch.tensor([[2.0, 2.0]]), 4, leading_cls=True)
+    assert image.positions.tolist() == [0, 1, 4] and image.sizes.tolist() == [1.0, 2.0, 2.0] and image.total == 5
+    (plain,) = ImageTokens.batch(torch.tensor([[0, 3]]), torch.tensor([[2.0, 2.0]]), 4)
+    assert plain.positions.tolist() == [0, 3] and plain.total == 4
