@@ -103,9 +103,15 @@ def test_apply_rope_equals_the_rotate_half_formula():
     rotated = torch.cat((-x[..., 4:], x[..., :4]), dim=-1)
     expected = x * cos[:, None] + rotated * sin[:, None]
     assert torch.allclose(apply_rope(x, cos, sin), expected, atol=1e-6)
+    # With a gradient wanted the same values come from the differentiable path, and the gradient flows.
+    xg = x.detach().clone().requires_grad_(True)
+    out = apply_rope(xg, cos, sin)
+    assert torch.allclose(out, expected, atol=1e-6)
+    out.sum().backward()
+    assert torch.allclose(xg.grad, (cos + torch.cat((sin[..., 4:], -sin[..., :4]), dim=-1))[:, None].expand_as(x))
 
 
-@pytest.mark.parametrize("sharpness", [1.0, 3.0, 16.0, 7.5])
+@pytest.mark.parametrize("sharpness", [1.0, 2.0, 3.0, 16.0, 7.5, 64.0])
 def test_attended_regions_matches_the_dense_formula_for_whole_and_fractional_sharpness(sharpness):
     torch.manual_seed(1)
     hidden = torch.randn(1, 300, 16)  # more rows than one block of the blockwise sum
