@@ -324,29 +324,32 @@ def plan_budget(settings: RecipeSettings, echo=print) -> None:
          f"writing the data first (a few minutes), done about {done} with the calibration")
 
 
-def refine(settings: RecipeSettings, trained: str, echo=print) -> str:
-    """Phase 3: ``refine_steps`` more fine-tuning steps from ``trained`` on fresh images (``refine_seed``), with
-    a new, lower cosine schedule. The shipped model's first fine-tuning ended with colour and digit still being
-    learned (its loss falling) and count and background done; these steps are where they were learned."""
+def further_round(settings: RecipeSettings, trained: str, steps: int, seed: int, lr: float, name: str,
+                  echo=print) -> str:
+    """``steps`` more fine-tuning steps from ``trained`` on fresh images (train-split ``seed``), with their own
+    warm-up and cosine schedule peaking at ``lr``: what phases 3 and 5 each are (``name`` labels the data
+    folder ``data-<name>``, the output and the record's phase)."""
     import dataclasses
 
-    phase = dataclasses.replace(settings, finetune_steps=settings.refine_steps, lr=settings.refine_lr,
-                                seed=settings.refine_seed, log=settings.log)
-    data = write_data(phase, phase.finetune_steps * phase.batch_size, echo, "data-refine")
-    return finetune(phase, trained, data, echo, "refine")
+    phase = dataclasses.replace(settings, finetune_steps=steps, lr=lr, seed=seed, log=settings.log)
+    data = write_data(phase, steps * phase.batch_size, echo, f"data-{name}")
+    return finetune(phase, trained, data, echo, name)
+
+
+def refine(settings: RecipeSettings, trained: str, echo=print) -> str:
+    """Phase 3: ``refine_steps`` more steps from ``trained`` at the lower ``refine_lr``, on ``refine_seed``'s
+    images. The shipped model's first fine-tuning ended with colour and digit still being learned (its loss
+    falling) and count and background done; these steps are where they were learned."""
+    return further_round(settings, trained, settings.refine_steps, settings.refine_seed, settings.refine_lr,
+                         "refine", echo)
 
 
 def keep_training(settings: RecipeSettings, trained: str, echo=print) -> str:
-    """Phase 5: each round of ``continue_steps`` fine-tunes ``trained`` further at the full lr on fresh images
-    (its ``continue_seeds`` entry), with a new warm-up and cosine schedule. The shipped model's fine-tuning
-    loss sat flat for its last 1500 steps with count at chance; restarting the schedule got it moving again
-    (docs/fidelity.md has the curve)."""
-    import dataclasses
-
+    """Phase 5: each round of ``continue_steps`` fine-tunes ``trained`` further at the full lr on its
+    ``continue_seeds`` entry's images. The shipped model's fine-tuning loss sat flat for its last 1500 steps
+    with count at chance; restarting the schedule got it moving again (docs/fidelity.md has the curve)."""
     for i, (steps, seed) in enumerate(zip(settings.continue_steps, settings.continue_seeds), 1):
-        phase = dataclasses.replace(settings, finetune_steps=steps, seed=seed, log=settings.log)
-        data = write_data(phase, steps * phase.batch_size, echo, f"data-continue{i}")
-        trained = finetune(phase, trained, data, echo, f"continue{i}")
+        trained = further_round(settings, trained, steps, seed, settings.lr, f"continue{i}", echo)
     return trained
 
 

@@ -2,6 +2,7 @@
 same code as the real run (``recipe``: our pretraining loop, then ``python -m meteor_plugin.train`` driving
 the EAGLE stand-in's ``train.py``), and multi-turn v1 data is masked right with the task's tokenizer."""
 
+import dataclasses
 import json
 import os
 
@@ -97,6 +98,13 @@ def test_further_rounds_chain_from_the_last_model_on_fresh_images(tmp_path, monk
     second = json.load(open(calls[1][5], encoding="utf-8"))
     assert len(first) == 6 and len(second) == 4  # steps x batch conversations, each round its own images
     assert first[0]["image"] == second[0]["image"] and first[0]["conversations"] != second[0]["conversations"]
+    # Phase 3 (``refine``) is the same kind of round at its own lr and seed, from the model it is given.
+    refined = recipe.refine(dataclasses.replace(settings, refine_steps=2, refine_seed=7, refine_lr=1e-4), "first",
+                            echo=lambda *a: None)
+    assert refined == os.path.join(str(tmp_path), "out-refine")
+    assert calls[-1][:5] == ("refine", "first", 7, 2, 1e-4)
+    assert calls[-1][5] == os.path.join(str(tmp_path), "data-refine", "data.json")
+    assert len(json.load(open(calls[-1][5], encoding="utf-8"))) == 4
     for steps, seeds in (((3,), ()), ((3, 2), (2, 2)), ((3,), (0,)), ((0,), (2,))):
         with pytest.raises(ValueError, match="continue_"):
             recipe.check_rounds(recipe.RecipeSettings(workdir="", continue_steps=steps, continue_seeds=seeds))
