@@ -62,14 +62,13 @@ def mean_query_attention(
         qs = q[:, :, start : start + chunk]
         idx = q_index[:, start : start + chunk]
         valid = q_valid[:, start : start + chunk]
-        logits = torch.matmul(qs.float(), k.float().transpose(-1, -2)) * scale  # (B, H, c, L)
+        logits = torch.matmul(qs.float(), k.float().transpose(-1, -2)).mul_(scale)  # (B, H, c, L), a new tensor
         if key_bias is not None:
-            logits = logits + key_bias.float()[:, None, None, :]
+            logits += key_bias.float()[:, None, None, :]
         visible = key_valid[:, None, :] & (keys[None, None, :] <= idx[:, :, None])  # (B, c, L)
-        visible = visible | (keys[None, None, :] == idx[:, :, None])  # a query always sees itself
-        logits = logits.masked_fill(~visible[:, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        total += (probs * valid[:, None, :, None]).sum(dim=2)
+        visible |= keys[None, None, :] == idx[:, :, None]  # a query always sees itself
+        probs = torch.softmax(logits.masked_fill_(~visible[:, None], float("-inf")), dim=-1)
+        total += torch.matmul(valid.to(probs.dtype)[:, None, None, :], probs).squeeze(2)  # the valid queries' sum
     count = q_valid.sum(dim=1).clamp(min=1).float()
     return total / count[:, None, None]
 
@@ -137,8 +136,12 @@ def attended_regions(scores: torch.Tensor, visual: torch.Tensor, hidden: torch.T
         if w.numel() == 0 or float(w.sum()) <= 0:
             continue
         p = w / w.sum()
-        x = hidden[i].index_select(0, v).float()  # a copy: centred and scaled in place below
-        x -= x.mean(dim=0, keepdim=True)
+        first, count = int(v[0]), v.numel()
+        # The centred states, a new tensor scaled in place below: one pass from a single image's contiguous run
+        # of rows, a copy then a pass otherwise.
+        rows = hidden[i, first:first + count] if int(v[-1]) - first + 1 == count else hidden[i].index_select(0, v)
+        rows = rows.float()
+        x = rows - rows.mean(dim=0, keepdim=True)
         norm = x.norm(dim=-1)
         typical = norm <= 1e-6 * float(norm.max().clamp(min=1e-30))  # at the mean: alike, whatever their cosine
         x *= norm.clamp(min=1e-30).reciprocal()[:, None]

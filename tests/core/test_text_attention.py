@@ -24,6 +24,14 @@ def test_mean_query_attention_equals_dense_causal_softmax_rows():
         probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
         expected = probs[:, q_index[i][q_valid[i]]].mean(dim=1)
         torch.testing.assert_close(out[i], expected)
+    # A key bias is added to every query's logits (proportional attention's log sizes), in chunks of any size.
+    bias = torch.randn(b, length)
+    biased = mean_query_attention(q, k, q_index, q_valid, key_valid, scale=d ** -0.5, chunk=2, key_bias=bias)
+    for i in range(b):
+        logits = q_all[i] @ kr[i].transpose(-1, -2) * d ** -0.5 + bias[i]
+        causal = torch.ones(length, length).tril().bool() & key_valid[i][None]
+        probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+        torch.testing.assert_close(biased[i], probs[:, q_index[i][q_valid[i]]].mean(dim=1))
 
 
 def test_select_heads_picks_highest_visual_attention_and_sums_their_mass():
@@ -124,3 +132,13 @@ def test_attended_regions_matches_the_dense_formula_for_whole_and_fractional_sha
     p = scores[0] / scores[0].sum()
     expected = 1.0 / float(p @ z @ p)
     assert attended_regions(scores, visual, hidden, sharpness).item() == pytest.approx(expected, rel=1e-5)
+    # The same visual tokens among text rows, in one run and scattered (two images, say): the same count.
+    text = torch.randn(1, 40, 16)
+    for where in (torch.arange(20, 320), torch.cat((torch.arange(5, 155), torch.arange(180, 330)))):
+        mixed = torch.zeros(1, 340, 16)
+        mixed_scores = torch.rand(1, 340) * 5  # text rows' scores are not counted
+        is_visual = torch.zeros(1, 340, dtype=torch.bool)
+        is_visual[0, where] = True
+        mixed[0, where], mixed_scores[0, where] = hidden[0], scores[0]
+        mixed[0, ~is_visual[0]] = text[0]
+        assert attended_regions(mixed_scores, is_visual, mixed, sharpness).item() == pytest.approx(expected, rel=1e-5)
