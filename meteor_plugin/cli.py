@@ -76,7 +76,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.quick:
             settings.keep, settings.text_before, settings.text_after = 36, 5, 5
             spec = llava_prefill.QUICK
-        results.append(llava_prefill.run(settings, spec))
+        results.append(llava_prefill.run(settings, _depth(args, spec, settings.llm_layer)))
         reports.append(llava_prefill.report(results[-1]))
     if args.which in ("llava-next", "all"):
         from meteor_plugin.bench import llava_next_prefill
@@ -87,7 +87,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.quick:
             settings.llm_keep, settings.text_before, settings.text_after = 40, 5, 5
             spec = llava_next_prefill.QUICK_NEXT
-        results.append(llava_next_prefill.run(settings, spec))
+        results.append(llava_next_prefill.run(settings, _depth(args, spec, settings.llm_layer)))
         reports.append(llava_next_prefill.report(results[-1]))
     if args.which in ("eagle", "all"):
         from meteor_plugin.testing.eagle_like import install
@@ -100,7 +100,7 @@ def _bench(args: argparse.Namespace) -> int:
             settings.fusion_keep, settings.llm_keep, settings.text_before, settings.text_after = 300, 100, 5, 5
             settings.encoder_keep = 1200
             spec = eagle_prefill.QUICK
-        results.append(eagle_prefill.run(settings, spec))
+        results.append(eagle_prefill.run(settings, _depth(args, spec, settings.llm_layer)))
         reports.append(eagle_prefill.report(results[-1]))
     if args.which == "decode":
         from meteor_plugin.bench import decode
@@ -110,10 +110,22 @@ def _bench(args: argparse.Namespace) -> int:
         if args.quick:
             settings.batch, settings.new_tokens, settings.keep, settings.text_before, settings.text_after = 2, 4, 36, 5, 5
             spec = decode.QUICK_DECODE
-        results.append(decode.run(settings, spec))
+        results.append(decode.run(settings, _depth(args, spec, settings.llm_layer)))
         reports.append(decode.report(results[-1]))
     print(json.dumps(results, indent=2) if args.json else "\n\n".join(reports))
     return 0
+
+
+def _depth(args: argparse.Namespace, spec, stage3_layer: int):
+    """``--llm-layers``: the scaled shape at another language-model depth (Stage 3's layer must lie inside it)."""
+    if args.llm_layers is None:
+        return spec
+    import dataclasses
+
+    if args.llm_layers <= stage3_layer:
+        raise ValueError(f"--llm-layers {args.llm_layers} is invalid: Stage 3 prunes from layer {stage3_layer}, so the "
+                         f"language model needs at least {stage3_layer + 1} layers")
+    return dataclasses.replace(spec, llm_layers=args.llm_layers)
 
 
 def _full_size(args: argparse.Namespace) -> dict:
@@ -127,6 +139,9 @@ def _full_size(args: argparse.Namespace) -> dict:
     from meteor_plugin.bench import shapes
 
     which, spec = shapes.shape(args.shape)
+    if args.llm_layers is not None:
+        raise ValueError(f"--llm-layers sets the depth of the CPU-sized shapes; --shape {args.shape} has its model's own "
+                         f"({spec.llm_layers} layers)")
     if args.which not in (which, "all") or args.quick:
         raise ValueError(f"--shape {args.shape} is a shape of the {which!r} bench: run `meteor-plugin bench {which} "
                          f"--shape {args.shape}` (without --quick)")
@@ -183,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", help="a full-size model for GPUs, random weights with the real 7B dimensions: "
                    "llava-1.5-7b, llava-next-7b or eagle-x4-7b (use --device cuda --dtype bfloat16; FlashAttention-2 "
                    "where installed); refused where the device cannot hold it")
+    p.add_argument("--llm-layers", type=int, help="llava, llava-next, eagle, decode: the language model's depth "
+                   "(default 8, CPU-sized; Vicuna-7B has 32): a deeper model spends more of its prefill in the layers "
+                   "Stage 3 prunes and less in the fixed work (encoders, scoring)")
     p.add_argument("--profile", action="store_true", help="llava, llava-next, eagle: also time each part of the pruned "
                    "prefill (encoders, projectors, decoder layers, each stage's scoring, selection and gathering) beside "
                    "its share of the FLOPs; eagle also profiles the unpruned run and gives the speedup without the "

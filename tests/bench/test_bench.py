@@ -65,6 +65,22 @@ def test_quick_decode_bench_reads_the_kv_cache_that_stage3_shrank(capsys):
         assert len(variant["runs"]["full"]) == len(variant["runs"]["first"]) == 1  # timings are not asserted
 
 
+def test_llm_layers_sets_the_depth_of_the_scaled_shapes_and_is_refused_where_it_cannot_apply(capsys):
+    assert main(["bench", "llava", "--quick", "--repeats", "1", "--llm-layers", "6", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["model"]["llm_layers"] == 6
+    unpruned, pruned = result["variants"]["unpruned"]["layer_tokens"], result["variants"]["stage3"]["layer_tokens"]
+    assert unpruned == [154] * 6 and pruned == [154] * 2 + [46] * 4  # Stage 3 from layer 2 of the six
+    # Deeper: more layers run pruned, so the counted FLOPs ratio grows.
+    assert main(["bench", "llava", "--quick", "--repeats", "1", "--json"]) == 0
+    (shallow,) = json.loads(capsys.readouterr().out)
+    assert result["flops_ratio"] > shallow["flops_ratio"]
+    assert main(["bench", "llava", "--quick", "--llm-layers", "2"]) == 2
+    assert "--llm-layers 2 is invalid: Stage 3 prunes from layer 2" in capsys.readouterr().err
+    assert main(["bench", "llava", "--shape", "llava-1.5-7b", "--llm-layers", "8"]) == 2
+    assert "--shape llava-1.5-7b has its model's own (32 layers)" in capsys.readouterr().err
+
+
 def test_profile_splits_the_pruned_prefill_into_parts_that_add_up(capsys):
     assert main(["bench", "eagle", "--quick", "--repeats", "1", "--profile", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
