@@ -18,7 +18,7 @@ import torch
 import meteor_plugin
 from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text
 from meteor_plugin.bench.machine import describe
-from meteor_plugin.bench.profile import encoder_part, flop_rate, profile, report as profile_report, without
+from meteor_plugin.bench.profile import encoder_part, flop_rate, profile_side_by_side, report as profile_report, without
 from meteor_plugin.calibrate import encoder_ranks, load_images, pixels
 from meteor_plugin.testing.eagle_like import TinyEagleSpec, build_tiny_eagle
 from meteor_plugin.testing.llava import make_batch
@@ -102,8 +102,7 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
     if bench.profile:
         from meteor_plugin.adapters.eagle import PRUNED_INSIDE
 
-        unpruned_profile = profile(model, prefill, bench.repeats, device, variants[0])
-        profiled = profile(model, prefill, bench.repeats, device, variants[1])
+        unpruned_profile, profiled = profile_side_by_side(model, prefill, bench.repeats, device, variants)
         # The encoders Stage 1 prunes at their output run whole in both variants: what METEOR can speed up is the rest.
         parts = [encoder_part(t) for t in model.get_model().get_vision_tower().vision_towers
                  if type(t).__name__ not in PRUNED_INSIDE]

@@ -136,30 +136,48 @@ def watching(model: Any, parts: Parts) -> Iterator[None]:
 def profile(model: Any, prefill: Callable[[], Any], repeats: int, device: torch.device, variant: Any) -> Dict[str, Any]:
     """Switch ``variant`` (a ``compare.Variant``) on, run ``prefill`` ``repeats`` times for the time, and once more
     under a FLOPs counter; returns per part: seconds per prefill, share of time, share of FLOPs."""
-    variant.switch()
+    return profile_side_by_side(model, prefill, repeats, device, [variant])[0]
+
+
+def profile_side_by_side(model: Any, prefill: Callable[[], Any], repeats: int, device: torch.device,
+                         variants: List[Any]) -> List[Dict[str, Any]]:
+    """`profile` of each variant, their timed runs interleaved (as `compare` times them) so that a drift of the
+    machine hits all alike: profiles whose parts are compared across variants (`without`) need that."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    prefill()  # warm-up
-    timed = Parts(sync)
-    total = 0.0
-    with watching(model, timed):
-        for _ in range(repeats):
-            timed.enter("other (embeddings, splicing, masks, ...)")
-            start = time.perf_counter()
-            prefill()
-            sync()
-            total += time.perf_counter() - start
-            timed.exit()
-    with flop_counter() as counter:
-        counted = Parts(lambda: None, counter)
-        with watching(model, counted):
-            counted.enter("other (embeddings, splicing, masks, ...)")
-            prefill()
-            counted.exit()
-    all_flops = float(counter.get_total_flops())
-    rows = [{"part": part, "ms": 1000 * timed.seconds[part] / repeats, "time_share": timed.seconds[part] / total,
-             "flops_share": counted.flops.get(part, 0.0) / all_flops if all_flops else 0.0}
-            for part in sorted(timed.seconds, key=lambda p: -timed.seconds[p])]
-    return {"prefill_ms": 1000 * total / repeats, "repeats": repeats, "gflops": all_flops / 1e9, "parts": rows}
+    for variant in variants:
+        variant.switch()
+        prefill()  # warm-up
+    timed = [Parts(sync) for _ in variants]
+    totals = [0.0] * len(variants)
+    for _ in range(repeats):
+        for i, variant in enumerate(variants):
+            variant.switch()
+            with watching(model, timed[i]):
+                timed[i].enter(OTHER)
+                start = time.perf_counter()
+                prefill()
+                sync()
+                totals[i] += time.perf_counter() - start
+                timed[i].exit()
+    results = []
+    for variant, parts, total in zip(variants, timed, totals):
+        variant.switch()
+        with flop_counter() as counter:
+            counted = Parts(lambda: None, counter)
+            with watching(model, counted):
+                counted.enter(OTHER)
+                prefill()
+                counted.exit()
+        all_flops = float(counter.get_total_flops())
+        rows = [{"part": part, "ms": 1000 * parts.seconds[part] / repeats, "time_share": parts.seconds[part] / total,
+                 "flops_share": counted.flops.get(part, 0.0) / all_flops if all_flops else 0.0}
+                for part in sorted(parts.seconds, key=lambda p: -parts.seconds[p])]
+        results.append({"prefill_ms": 1000 * total / repeats, "repeats": repeats, "gflops": all_flops / 1e9,
+                        "parts": rows})
+    return results
+
+
+OTHER = "other (embeddings, splicing, masks, ...)"  # the prefill's time outside every named part
 
 
 def report(result: Dict[str, Any], title: str) -> str:

@@ -113,3 +113,22 @@ def test_profile_splits_the_pruned_prefill_into_parts_that_add_up(capsys):
     for profile, rate in zip((result["profile_unpruned"], result["profile"]), rates):
         row = next(r for r in profile["parts"] if r["part"] == "LLM decoder layers")
         assert rate == pytest.approx(profile["gflops"] * row["flops_share"] / (row["ms"] / 1000))
+
+
+def test_side_by_side_profiles_interleave_their_timed_runs(monkeypatch):
+    """The unpruned and pruned profiles that `without` compares are timed in alternation, as `compare` times
+    the variants, so a machine that slows down mid-run slows both alike."""
+    import contextlib
+
+    import torch
+
+    from meteor_plugin.bench import profile as prof
+    from meteor_plugin.bench.compare import Variant
+
+    monkeypatch.setattr(prof, "watching", lambda model, parts: contextlib.nullcontext())
+    state, calls = {}, []
+    variants = [Variant("a", lambda: state.update(v="a")), Variant("b", lambda: state.update(v="b"))]
+    out = prof.profile_side_by_side(None, lambda: calls.append(state["v"]), 3, torch.device("cpu"), variants)
+    assert calls == ["a", "b"] + ["a", "b"] * 3 + ["a", "b"]  # warm-ups, timed rounds, the FLOPs-counted runs
+    assert [r["repeats"] for r in out] == [3, 3]
+    assert [[row["part"] for row in r["parts"]] for r in out] == [[prof.OTHER], [prof.OTHER]]
