@@ -52,10 +52,10 @@ def centre_per_owner(z: torch.Tensor, owner: torch.Tensor, alive: Optional[torch
     weight = torch.ones(z.shape[:2], device=z.device) if alive is None else alive.float()
     slot = owner.to(z.device).unique(return_inverse=True)[1]  # each token's owner as 0..n-1
     n = int(slot.max()) + 1
-    # Every owner's sum in one pass (not a masked copy per owner).
-    sums = z.new_zeros(z.shape[0], n, z.shape[2]).index_add_(1, slot, z * weight.unsqueeze(-1))
+    # Every owner's sum in one pass (not a masked copy per owner); with every token alive, from z itself.
+    sums = z.new_zeros(z.shape[0], n, z.shape[2]).index_add_(1, slot, z if alive is None else z * weight.unsqueeze(-1))
     counts = weight.new_zeros(z.shape[0], n).index_add_(1, slot, weight)
-    return z - (sums / counts.clamp(min=1.0).unsqueeze(-1))[:, slot]
+    return z - (sums / counts.clamp(min=1.0).unsqueeze(-1)).index_select(1, slot)
 
 
 def cooperative_redundancy(z: torch.Tensor, owner: torch.Tensor, alive: Optional[torch.Tensor] = None,
@@ -183,16 +183,18 @@ def _greedy_numpy(importance: torch.Tensor, tie: torch.Tensor, redundancy: torch
         imp, r, s = importance[row].numpy(), redundancy[row].numpy().copy(), sim[row].numpy()
         taken = out[row].numpy()  # shares memory with ``out``
         left = room[row].cpu().numpy().copy()
-        closed = taken | (left[slot] <= 0)
+        # A closed token's redundancy is +inf, so its gain is -inf with no masking per step (the maximum below
+        # keeps it); the open tokens' gains are computed exactly as before.
+        r[taken | (left[slot] <= 0)] = np.inf
         gain = np.empty_like(imp)
         for _ in range(steps):
             np.subtract(imp, r, out=gain)
             gain += tie
-            gain[closed] = -np.inf
             pick = int(gain.argmax())
-            taken[pick] = closed[pick] = True
+            taken[pick] = True
+            r[pick] = np.inf
             left[slot[pick]] -= 1
             if left[slot[pick]] <= 0:
-                closed |= slot == slot[pick]
+                r[slot == slot[pick]] = np.inf
             np.maximum(r, s[pick], out=r)
     return out
