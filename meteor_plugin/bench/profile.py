@@ -21,6 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .flops import flop_counter
 
+OTHER = "other (embeddings, splicing, masks, ...)"  # the prefill's time outside every named part
+
 # (owner, attribute, part) of the plugin's work; an owner is imported lazily so this module stays light.
 PLUGIN_PARTS = (
     ("meteor_plugin.stages.encoder:VitPruner", "_select", "stage 1: scoring and selection"),
@@ -176,8 +178,6 @@ def profile_side_by_side(model: Any, prefill: Callable[[], Any], repeats: int, d
                         "parts": rows})
     return results
 
-
-OTHER = "other (embeddings, splicing, masks, ...)"  # the prefill's time outside every named part
 
 
 def report(result: Dict[str, Any], title: str) -> str:
