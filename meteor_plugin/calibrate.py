@@ -8,22 +8,27 @@
   average (a count or a ratio of the visual tokens entering Stage 3), lambda is set so that the mean K
   over the calibration prompts hits it (before the per-sample clips).
 
-Images come from a folder, or are generated (the fidelity task's scenes) when none is given. The result
-is deterministic for the same images and model.
+Images come from a folder, or from a generator the caller hands in (``meteor-plugin calibrate`` without
+``--images`` generates the fidelity task's scenes). The result is deterministic for the same images and model.
+Each model's encoders are what its family states (``adapters.encoders_of``); checkpoints load through their
+family's own loader (``adapters.spec_for_checkpoint``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from . import adapters
+from .adapters.family import IMAGE_TOKEN_INDEX
 from .config import MeteorConfig
 from .core.budget import Budget
 from .core.rank import RANK_MEASURES, encoder_rank
 from .progress import bar, counted
-from .training import codebases
+from .runtime import stored_config
+from .stats import stats
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PROMPTS = (
@@ -34,22 +39,23 @@ PROMPTS = (
 )
 
 
-def load_images(folder: Optional[str], count: int, seed: int = 0) -> List[Any]:
-    """``count`` PIL images: the first ones of ``folder`` in name order, or generated scenes."""
+def load_images(folder: Optional[str], count: int, seed: int = 0,
+                generate: Optional[Callable[[int, int], List[Any]]] = None) -> List[Any]:
+    """``count`` PIL images: the first ones of ``folder`` in name order, or ``generate(count, seed)``'s."""
     from PIL import Image
 
     if count < 1:
         raise ValueError(f"count={count} is invalid: allowed >= 1 image")
-    if folder is not None:
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"calibration image folder not found: {folder}")
-        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
-        if not names:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-        return [Image.open(os.path.join(folder, n)).convert("RGB") for n in names[:count]]
-    from .fidelity import make_sample
-
-    return [Image.fromarray(make_sample("val", i, seed=seed).image.permute(1, 2, 0).numpy()) for i in range(count)]
+    if folder is None:
+        if generate is None:
+            raise ValueError("no calibration images: give a folder of images (--images)")
+        return list(generate(count, seed))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"calibration image folder not found: {folder}")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return [Image.open(os.path.join(folder, n)).convert("RGB") for n in names[:count]]
 
 
 def image_processor(model: Any) -> Any:
@@ -70,27 +76,23 @@ def pixels(model: Any, images: Sequence[Any]) -> torch.Tensor:
 def encoder_ranks(model: Any, images: torch.Tensor, measure: str = "effective",
                   rtol: Optional[float] = None) -> Dict[str, float]:
     """Mean rank (``measure``, see ``core.rank``) of each encoder's output features (before any pruning)."""
-    tower = model.get_model().get_vision_tower()
-    if hasattr(tower, "vision_towers"):  # EAGLE
-        from .adapters.eagle import _tokens, _tower_input, encoder_names
-
-        names = encoder_names(model)
-        out = {}
-        with bar(len(names), "encoder ranks", "encoder") as progress:
-            for name, sub in zip(names, tower.vision_towers):
-                out[name] = float(encoder_rank(_tokens(sub(_tower_input(tower, sub, images))), measure, rtol).mean())
-                progress.update(1)
-        return out
-    return {"clip": float(encoder_rank(tower(images), measure, rtol).mean())}
+    encoders = adapters.encoders_of(model)
+    if encoders is None:
+        raise ValueError(f"meteor-plugin calibrate does not know the encoders of {type(model).__name__}: no family "
+                         "prunes it")
+    out = {}
+    with bar(len(encoders), "encoder ranks", "encoder") as progress:
+        for part in encoders:
+            out[part.name] = float(encoder_rank(part.run(images), measure, rtol).mean())
+            progress.update(1)
+    return out
 
 
 @torch.no_grad()
 def stage3_mass(model: Any, tokenizer: Any, images: torch.Tensor, config: MeteorConfig,
                 prompts: Sequence[str] = PROMPTS) -> Dict[str, float]:
     """Mean Stage 3 budget signal (``llm_budget_signal``) and mean visual tokens entering Stage 3."""
-    import meteor_plugin
-
-    from .testing.llava import IMAGE_TOKEN_INDEX
+    import meteor_plugin.patching as meteor_plugin
 
     probe = config.replace(llm=True, llm_min_keep=1.0, llm_max_keep=1.0)
     was = meteor_plugin.is_enabled()
@@ -102,7 +104,7 @@ def stage3_mass(model: Any, tokenizer: Any, images: torch.Tensor, config: Meteor
             before, after = text.split("<image>")
             ids = tokenizer(before).input_ids + [IMAGE_TOKEN_INDEX] + tokenizer(after, add_special_tokens=False).input_ids
             model(input_ids=torch.tensor([ids], device=images.device), images=images[i:i + 1])
-            llm = meteor_plugin.stats(model).stages[0]["llm"]
+            llm = stats(model).stages[0]["llm"]
             masses.append(float(llm.detail["signal"]))
             entering.append(llm.entered)
     finally:
@@ -137,16 +139,10 @@ class CodebaseMissing(ModuleNotFoundError):
 
 
 def load_checkpoint(model_path: str):
-    """(tokenizer, model) through the codebase's own loader, in float32 on the CPU.
-
-    A checkpoint converted to per-encoder projectors is only built with the plugin enabled, so it is
-    enabled first (nothing pruned). The fidelity checkpoints (with their ``fidelity.json`` record) load
-    through `fidelity.model.load`, which also reads their CLIP weights on every supported transformers
-    version.
-    """
+    """(tokenizer, model) through the codebase's own loader, in float32 on the CPU. A checkpoint whose family
+    builds extra modules at load time (a converted EAGLE checkpoint's per-encoder projectors) gets them: the
+    family's ``loading`` context is around the load."""
     import json
-
-    import meteor_plugin
 
     path = os.path.join(model_path, "config.json")
     if not os.path.isfile(path):
@@ -154,21 +150,7 @@ def load_checkpoint(model_path: str):
     with open(path) as fh:
         config = json.load(fh)
     model_type = config.get("model_type")
-    codebase = codebases.for_checkpoint(config, model_path)
-    off = MeteorConfig(encoder=False, fusion=False, llm=False)
-    if codebase.name == "eagle" and config.get("eagle_like_towers") is not None:
-        from .testing.eagle_like import install
-
-        install()  # the stand-in's own checkpoints: the fidelity model, the tests' tiny EAGLE
-        from .fidelity.recipe import RECORD
-
-        if config.get("meteor_fusion") and os.path.isfile(os.path.join(model_path, RECORD)):
-            from .fidelity.model import load
-
-            model, tokenizer = load(model_path, off)
-            return tokenizer, model
-    if config.get("meteor_fusion") and not meteor_plugin.is_enabled():
-        meteor_plugin.enable(off)
+    codebase = adapters.spec_for_checkpoint(config, model_path)
     try:
         load_pretrained_model, get_model_name_from_path = codebase.loader()
     except ModuleNotFoundError as exc:
@@ -176,15 +158,16 @@ def load_checkpoint(model_path: str):
         raise CodebaseMissing(f"{model_path} is {article} {codebase.title} checkpoint ({model_type}): calibrate loads "
                               f"it with {codebase.title}'s own code, which is not importable here ({exc}); "
                               f"{codebase.notes['install']}") from None
-    tokenizer, model, _, _ = load_pretrained_model(model_path, None, get_model_name_from_path(model_path),
-                                                   device_map="cpu", device="cpu")
+    with codebase.loading(config):
+        tokenizer, model, _, _ = load_pretrained_model(model_path, None, get_model_name_from_path(model_path),
+                                                       device_map="cpu", device="cpu")
     return tokenizer, model.float().eval()
 
 
 def add_subparser(subparsers: Any) -> None:
     p = subparsers.add_parser("calibrate", help="measure encoder ranks (and Stage 3's lambda) for a checkpoint")
     p.add_argument("--model-path", required=True, help="a LLaVA or EAGLE checkpoint folder")
-    p.add_argument("--images", help="a folder of images (default: generated scenes)")
+    p.add_argument("--images", help="a folder of images (default: generated scenes of the fidelity task)")
     p.add_argument("--num-images", type=int, default=8, help="images the ranks are measured on (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
     p.add_argument("--config", help="a MeteorConfig to start from (default: the checkpoint's, or the defaults)")
@@ -194,18 +177,19 @@ def add_subparser(subparsers: Any) -> None:
                    help="effective (default): the effective rank of the centred features; numerical: the "
                         "paper's, which saturates at min(tokens, channels) and so splits the budget uniformly")
     p.add_argument("--out", required=True, help="where to write the calibrated config (.json)")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=run)
 
 
-def _main(args: Any) -> int:
-    from .runtime import stored_config
-
-    tokenizer, model = load_checkpoint(args.model_path)
+def run(args: Any, load: Callable[[str], tuple] = load_checkpoint,
+        generate: Optional[Callable[[int, int], List[Any]]] = None) -> int:
+    """``meteor-plugin calibrate``: ``load(model path)`` gives (tokenizer, model); ``generate(count, seed)`` the
+    images when no folder is given."""
+    tokenizer, model = load(args.model_path)
     base = MeteorConfig.from_file(args.config) if args.config else (stored_config(model.config) or MeteorConfig())
     target = None
     if args.target_keep is not None:
         target = args.target_keep if args.target_keep < 1 else int(args.target_keep)
-    config = calibrate(model, pixels(model, load_images(args.images, args.num_images, args.seed)), base,
+    config = calibrate(model, pixels(model, load_images(args.images, args.num_images, args.seed, generate)), base,
                        tokenizer, target, args.rank_measure)
     config.save(args.out)
     print(f"encoder ranks ({args.rank_measure}): {config.encoder_ranks}")

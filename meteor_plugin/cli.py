@@ -246,19 +246,33 @@ def build_parser() -> argparse.ArgumentParser:
     from meteor_plugin.training.merge import add_subparser as add_merge_lora
 
     add_calibrate(sub)
+    sub.choices["calibrate"].set_defaults(func=_calibrate)
     add_convert(sub)
     add_merge_lora(sub)
     add_patch(sub)
     return parser
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    """``meteor-plugin calibrate``: images generated from the fidelity task when no folder is given, and the
+    fidelity task's own checkpoints (built on the EAGLE stand-in) opened by the fidelity package."""
+    from meteor_plugin import calibrate
+    from meteor_plugin.fidelity import scene_images
+    from meteor_plugin.fidelity.model import open_for_tools
+
+    def load(path: str) -> tuple:
+        found = open_for_tools(path)
+        return found if found is not None else calibrate.load_checkpoint(path)
+
+    return calibrate.run(args, load=load, generate=scene_images)
+
+
 def _user_errors() -> tuple:
     """What a bad input raises: files, configs, checkpoints. Anything else is a bug and keeps its traceback."""
     from meteor_plugin.calibrate import CodebaseMissing
-    from meteor_plugin.training.calibration import CalibrationUnavailable
     from meteor_plugin.training.save import IncompleteCheckpointError
 
-    return (ValueError, OSError, MemoryError, CalibrationUnavailable, IncompleteCheckpointError, CodebaseMissing)
+    return (ValueError, OSError, MemoryError, IncompleteCheckpointError, CodebaseMissing)
 
 
 def _version() -> str:

@@ -44,16 +44,11 @@ class MeteorCall:
     decoder: Any = None  # DecoderPruner of this call's language model (its plan and pruned prefix)
     embeds_from_elsewhere: bool = False  # forward(inputs_embeds=...) the plugin did not build
     kept: List[Any] = field(default_factory=list)  # recompute steps this call must keep alive
-    # transformers' LLaVA (adapters/hf_llava.py): the language model this call prunes and the config it runs,
-    # the layout generate built for its prefill, Stage 1's plan while the tower runs, whether a loss is taken
-    hf_language_model: Any = None
-    hf_config: Any = None
-    hf_layout: Any = None
-    hf_plan: Any = None
-    hf_kept: Any = None  # Stage 1's kept patches per CLIP input, from the last get_image_features
-    hf_sizes: Any = None  # with proportional attention: the tokens each kept patch stands for, per CLIP input
-    hf_labels: bool = False
-    hf_embeds: Any = None  # transformers 4.x: the spliced prompt generate's prefill runs on (hf_llava_v4.py)
+    # A multimodal model whose language model is a module of its own (transformers' classes): the language model
+    # this call prunes and the config it runs (``stages.decoder.patch_language_model``).
+    language_model: Any = None
+    language_config: Any = None
+    family: Any = None  # what the model's family adapter carries through the call (its own typed record)
 
 
 _CURRENT: contextvars.ContextVar[Optional[MeteorCall]] = contextvars.ContextVar("meteor_call", default=None)

@@ -25,9 +25,9 @@ USAGE = "usage: python -m meteor_plugin.run [--meteor-config PATH] [--meteor-set
 
 def training_modules() -> Dict[str, Tuple[str, str]]:
     """Training module -> (codebase, attention) for meteor_plugin.train, from each family's record."""
-    from meteor_plugin.training.codebases import known
+    from meteor_plugin.adapters import training_specs
 
-    return {module: (codebase.name, attention) for codebase in known().values()
+    return {module: (codebase.name, attention) for codebase in training_specs().values()
             for module, attention in codebase.entry_modules.items()}
 
 

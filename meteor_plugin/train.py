@@ -31,24 +31,26 @@ from typing import List, Optional  # noqa: E402
 
 def attention_implementation(requested: str) -> str:
     if requested == "flash_attention_2":
-        from transformers.utils import is_flash_attn_2_available
+        from meteor_plugin.compat.transformers import flash_attention_2_available
 
-        if not is_flash_attn_2_available():
+        if not flash_attention_2_available():
             raise SystemExit("--meteor-attn flash_attention_2: FlashAttention-2 is not usable here (it needs the "
                              "flash-attn package and a CUDA GPU); use --meteor-attn sdpa")
     return requested
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from meteor_plugin.training import arguments, codebases, hooks, save
-    from meteor_plugin.training.deepspeed import barrier, skip_shm_op_build
+    from meteor_plugin import adapters
+    from meteor_plugin.training import arguments, hooks, save
+    from meteor_plugin.distributed import barrier
+    from meteor_plugin.training.deepspeed import skip_shm_op_build
 
     argv = list(sys.argv[1:] if argv is None else argv)
     options = arguments.pop_options(argv)
     if options.off and (options.config or options.overrides):
         raise SystemExit("--meteor-off trains without pruning: it cannot be combined with other METEOR flags")
     try:
-        codebase = codebases.for_training(options.codebase)
+        codebase = adapters.spec_for_training(options.codebase)
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"meteor_plugin.train: {exc}") from None
     attn = attention_implementation(options.attn)
@@ -63,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         # --meteor-config, else METEOR_CONFIG, else each model's config stored in its checkpoint (or the defaults).
         meteor_plugin.enable(config_path(options.config), **options.overrides)
-    from meteor_plugin.training.compat import translate_flags
+    from meteor_plugin.compat.training import translate_flags
 
     argv = translate_flags(argv, module.TrainingArguments)
     sys.argv = [getattr(module, "__file__", codebase.train_module)] + argv

@@ -50,7 +50,7 @@ esac
 MODEL=$ORIGINAL-meteor
 if [ ! -f "$MODEL/config.json" ]; then
   mkdir -p "$WORK"
-  "$PYTHON" -m meteor_plugin.training.tiny "$WORK" --codebase "${CODEBASE:-llava}" > "$WORK/prepared.json"
+  "$PYTHON" -m meteor_plugin.testing.workspace "$WORK" --codebase "${CODEBASE:-llava}" > "$WORK/prepared.json"
   "$PYTHON" -m meteor_plugin.cli convert --model-path "$ORIGINAL" --out "$MODEL" \
     ${METEOR_CONFIG_FILE:+--config "$METEOR_CONFIG_FILE"}
 fi

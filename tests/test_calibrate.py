@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import meteor_plugin
-from meteor_plugin.calibrate import calibrate, encoder_ranks, load_images, pixels
+from meteor_plugin.calibrate import calibrate, encoder_ranks, pixels
+from meteor_plugin.fidelity import scene_images
 from meteor_plugin.testing.eagle_like import TinyEagleSpec, build_tiny_eagle, build_tiny_tokenizer, save_tiny_eagle
 from meteor_plugin.testing.llava import make_batch
 
@@ -18,10 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_ranks_are_deterministic_and_bounded_by_the_feature_matrix():
     model = build_tiny_eagle()
-    images = pixels(model, load_images(None, 3, seed=1))
+    images = pixels(model, scene_images(3, seed=1))
     first = encoder_ranks(model, images)
     assert list(first) == ["clip-448", "convnext-1024", "sam-1024", "pix2struct-1024"]
-    assert first == encoder_ranks(model, pixels(model, load_images(None, 3, seed=1)))
+    assert first == encoder_ranks(model, pixels(model, scene_images(3, seed=1)))
     channels = TinyEagleSpec().tower_channels
     for name, rank in first.items():
         assert 1 <= rank <= channels[name]
@@ -30,7 +31,7 @@ def test_ranks_are_deterministic_and_bounded_by_the_feature_matrix():
 def test_lambda_hits_the_target_average_before_clipping():
     model = build_tiny_eagle()
     tokenizer = build_tiny_tokenizer()
-    images = pixels(model, load_images(None, 4))
+    images = pixels(model, scene_images(4))
     base = meteor_plugin.MeteorConfig(encoder=False, fusion=False)
     config = calibrate(model, images, base, tokenizer, target_keep=0.25)
     assert set(config.encoder_ranks) == {"clip-448", "convnext-1024", "sam-1024", "pix2struct-1024"}

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ..progress import bar
-from .flops import count_flops
+from ..flops import count_flops
 from ..compat.transformers import cache_bytes
 from .memory import peak_memory_bytes, peak_memory_in
 

@@ -19,7 +19,8 @@ import meteor_plugin
 from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text
 from meteor_plugin.bench.machine import describe
 from meteor_plugin.bench.profile import encoder_part, flop_rate, profile_side_by_side, report as profile_report, without
-from meteor_plugin.calibrate import encoder_ranks, load_images, pixels
+from meteor_plugin.calibrate import encoder_ranks, pixels
+from meteor_plugin.fidelity import scene_images
 from meteor_plugin.testing.eagle_like import TinyEagleSpec, build_tiny_eagle
 from meteor_plugin.testing.llava import make_batch
 
@@ -65,7 +66,7 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
     dtype = getattr(torch, bench.dtype)
     meteor_plugin.disable()
     model = build_tiny_eagle(spec).to(device=device, dtype=dtype)
-    ranks = encoder_ranks(model, pixels(model, load_images(None, 4)))
+    ranks = encoder_ranks(model, pixels(model, scene_images(4)))
     meteor_plugin.enable(llm=False)  # the conversion's modules are the plugin's
     convert_to_post_projection(model)
     config = meteor_plugin.MeteorConfig(
@@ -100,7 +101,7 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
                       llm=model.get_model())
     profiled = unpruned_profile = in_full = None
     if bench.profile:
-        from meteor_plugin.adapters.eagle import PRUNED_INSIDE
+        from meteor_plugin.adapters.eagle.encoders import PRUNED_INSIDE
 
         unpruned_profile, profiled = profile_side_by_side(model, prefill, bench.repeats, device, variants)
         # The encoders Stage 1 prunes at their output run whole in both variants: what METEOR can speed up is the rest.

@@ -4,7 +4,7 @@ On random weights every token choice is as good as any other; this benchmark use
 (``meteor_plugin/fidelity/checkpoint``, or one trained now with ``--train``) and asks it the test
 split's questions under every method at equal budgets (``fidelity/methods.py``), side by side in one
 run: accuracy per question kind, the tokens each method really kept (from ``meteor_plugin.stats``), the
-visual tokens each decoder layer ran on, the prefill FLOPs counted (``bench.flops``, as ``meteor-plugin
+visual tokens each decoder layer ran on, the prefill FLOPs counted (``meteor_plugin.flops``, as ``meteor-plugin
 bench`` counts them), accuracy relative to the unpruned model, every baseline read at METEOR's FLOPs
 (equal cost, not only equal final tokens: a method that prunes later spends more), Stage 3's spending
 per kind, optional ablations of METEOR's choices, the targets, a PNG plot of accuracy against FLOPs and,

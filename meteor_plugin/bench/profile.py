@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .flops import flop_counter
+from ..flops import flop_counter
 
 OTHER = "other (embeddings, splicing, masks, ...)"  # the prefill's time outside every named part
 
@@ -27,8 +27,8 @@ OTHER = "other (embeddings, splicing, masks, ...)"  # the prefill's time outside
 PLUGIN_PARTS = (
     ("meteor_plugin.stages.encoder:VitPruner", "_select", "stage 1: scoring and selection"),
     ("meteor_plugin.stages.encoder:VitPruner", "block_args", "stage 1: gathering"),
-    ("meteor_plugin.adapters.eagle", "prune_output", "stage 1: scoring and selection"),
-    ("meteor_plugin.adapters.eagle", "cooperative_prune", "stage 2: scoring, selection, gathering"),
+    ("meteor_plugin.stages.vision", "prune_output", "stage 1: scoring and selection"),
+    ("meteor_plugin.stages.vision", "cooperative_prune", "stage 2: scoring, selection, gathering"),
     ("meteor_plugin.stages.decoder:DecoderPruner", "_select", "stage 3: scoring and selection"),
     ("meteor_plugin.stages.decoder:DecoderPruner", "layer_args", "stage 3: gathering and masks"),
 )

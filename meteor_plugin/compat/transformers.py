@@ -149,6 +149,14 @@ def cache_bytes(past: Any) -> int:
     raise TypeError(f"meteor-plugin cannot read the size of a {type(past).__name__} KV cache")
 
 
+# Vision towers --------------------------------------------------------------------------------------------
+def clip_layers(clip: torch.nn.Module):
+    """A CLIP (or SigLIP) vision model's encoder blocks: ``vision_model.encoder.layers`` in transformers 4.x,
+    ``encoder.layers`` in 5.x."""
+    inner = getattr(clip, "vision_model", clip)
+    return inner.encoder.layers
+
+
 # Rotary embeddings ----------------------------------------------------------------------------------
 def rope_cos_sin(layer: torch.nn.Module, call: LayerCall, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) of shape (B, L, d) for the tokens of this layer call, at their real positions."""
@@ -225,6 +233,13 @@ MASK_ADDITIVE = "additive4d"
 _FLASH_PREFIXES = ("flash_attention", "kernels-community/flash", "kernels-community/vllm-flash")
 
 
+def flash_attention_2_available() -> bool:
+    """Whether FlashAttention-2 can run here (the flash-attn package and a CUDA GPU)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return bool(is_flash_attn_2_available())
+
+
 def attn_implementation(config: Any) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
@@ -294,6 +309,21 @@ def build_mask(kind: str, query_valid: torch.Tensor, key_valid: torch.Tensor, dt
     if key_bias is not None:
         out = out + key_bias.to(device=out.device, dtype=dtype)[:, None, None, :]
     return out.masked_fill(~visible, torch.finfo(dtype).min)
+
+
+# KV caches ------------------------------------------------------------------------------------------------
+def mark_cache(past: Any, name: str) -> None:
+    """Set flag ``name`` on a KV cache object, the request's own data (as the cache is). Legacy tuple caches (what
+    transformers 4.37 and 4.44 return to a caller that passed none) cannot carry one: nothing is set."""
+    if past is not None and not isinstance(past, (tuple, list)):
+        try:
+            setattr(past, name, True)
+        except AttributeError:
+            pass
+
+
+def cache_marked(past: Any, name: str) -> bool:
+    return bool(getattr(past, name, False))
 
 
 # Loss and forward signatures ------------------------------------------------------------------------------

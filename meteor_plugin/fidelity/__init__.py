@@ -37,6 +37,14 @@ from .tokenizer import IMAGE_TOKEN_INDEX, SPECIAL_TOKENS, WordTokenizer
 CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoint")
 
 
+def scene_images(count: int, seed: int = 0) -> list:
+    """``count`` validation scenes of the task as PIL images (what ``meteor-plugin calibrate`` measures without
+    ``--images``)."""
+    from PIL import Image
+
+    return [Image.fromarray(make_sample("val", i, seed=seed).image.permute(1, 2, 0).numpy()) for i in range(count)]
+
+
 def checkpoint_path() -> str:
     """The trained fidelity checkpoint shipped with the package (raises if it is missing)."""
     if not os.path.isfile(os.path.join(CHECKPOINT, "config.json")):
@@ -48,7 +56,7 @@ def checkpoint_path() -> str:
 
 
 __all__ = [
-    "CHECKPOINT", "checkpoint_path",
+    "CHECKPOINT", "checkpoint_path", "scene_images",
     "IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "SPECIAL_TOKENS", "SPLITS", "ANSWERS", "KINDS", "COLOURS", "SHAPES",
     "BACKGROUNDS", "LABEL_GRIDS", "Scene", "SceneObject", "Digit", "make_scene", "render", "token_labels",
     "Question", "question_text", "answer_for", "valid_questions", "answer_region", "generate", "pack_turns",

@@ -162,11 +162,11 @@ def evaluate(model, data: EvalSet, config, batch_size: int = 100,
 
 def prefill_flops(model, data: EvalSet, config, count: int = 32) -> float:
     """Mean prefill FLOPs of one question under ``config``, counted as ``meteor-plugin bench`` counts them
-    (``bench.flops``: matmuls, convolutions, attention; encoders, projectors and language model) over the
+    (``meteor_plugin.flops``: matmuls, convolutions, attention; encoders, projectors and language model) over the
     first ``count`` questions of ``data``, each alone (a batch would count its padding)."""
     import meteor_plugin
 
-    from ..bench.flops import count_flops
+    from ..flops import count_flops
 
     meteor_plugin.enable(config)
     model.eval()

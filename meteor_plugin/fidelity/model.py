@@ -26,6 +26,7 @@ import torch
 from . import llava_format
 
 ENCODERS = ("clip-448", "convnext-1024")
+RECORD = "fidelity.json"  # how a checkpoint was made (the recipe writes it beside the weights)
 IMAGE_SIZE = 96
 GRIDS = (8, 12)  # tokens per side of each encoder's map, in fusion order
 VISUAL_TOKENS = sum(g * g for g in GRIDS)
@@ -134,3 +135,27 @@ def _rename(key: str, expected) -> str:
         index, _, rest = tail.partition(".vision_tower.")
         alt = f"{head}{sep}{index}.vision_tower.vision_model.{rest}" if sep and rest else key
     return alt if alt in expected else key
+
+
+def open_for_tools(path: str):
+    """(tokenizer, model) of a fidelity checkpoint for the command-line tools (``meteor-plugin calibrate``), or None
+    for any other checkpoint. Checkpoints built on the EAGLE stand-in (``eagle_like_towers`` in their config: the
+    fidelity model, the tests' tiny EAGLE) get the stand-in installed as their ``eagle`` package first, so that
+    EAGLE's loader finds it; a converted fidelity checkpoint (with its record) loads here, unpruned."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "config.json")) as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if config.get("eagle_like_towers") is None:
+        return None
+    from ..testing.eagle_like import install
+
+    install()
+    if config.get("meteor_fusion") and os.path.isfile(os.path.join(path, RECORD)):
+        model, tokenizer = load(path, unpruned_config())
+        return tokenizer, model
+    return None

@@ -35,8 +35,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .model import RECORD
+
 PRETRAINED = "fidelity-eagle-v2-pretrained"  # "eagle" in the name: EAGLE's loaders branch on it
-RECORD = "fidelity.json"
 FIXED_PER_KIND = 50  # the fixed test questions whose accuracy the checkpoint records
 
 

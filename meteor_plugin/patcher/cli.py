@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional
 
 from . import tree
-from .codebases import NotACodebase
+from .recognise import NotACodebase
 
 DESCRIPTION = (
     "Insert (apply), report (check) or remove (revert) the [METEOR] lines that make a LLaVA or EAGLE "

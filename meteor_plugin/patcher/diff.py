@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import List
 
-from .edits import split_lines
+from ..source_edits.edits import split_lines
 
 
 def _range(start: int, stop: int) -> str:

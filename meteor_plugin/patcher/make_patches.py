@@ -24,22 +24,15 @@ import sys
 import tempfile
 from typing import List, Optional
 
-from ..adapters.eagle import PATCHER as EAGLE
-from ..adapters.llava import PATCHER as LLAVA
-from .codebases import Codebase, Layout, layout_of
+from .. import adapters
+from ..adapters.family import Layout, PatcherSpec
+from .recognise import layout_of
 from .tree import patch_text
-
-COMMITS = {"c121f04": "c121f0432da27facab705978f83c4ada465e46fd", "fef95f1": "fef95f103b5e9899acbbe2c237e5b99147ab7e8e"}
-WHERE = {  # where the user runs git apply, per layout
-    "c121f04": "the root of the checkout",
-    "fef95f1": "the root of the checkout",
-    "llava-torch-1.2.2": "the folder that holds llava/ (e.g. site-packages)",
-}
 
 
 def header(layout: Layout) -> str:
     """The text before the first diff: git apply skips it."""
-    where = WHERE[layout.name]
+    where = layout.where
     return (
         f"METEOR patch for {layout.title}, written by `python -m meteor_plugin.patcher.make_patches`.\n"
         "It only inserts lines, each carrying a `# [METEOR]` comment, and holds no upstream line, so its hunks\n"
@@ -52,15 +45,13 @@ def header(layout: Layout) -> str:
     )
 
 
-def _needed_paths(codebase: Codebase) -> List[str]:
+def _needed_paths(codebase: PatcherSpec) -> List[str]:
     paths = [f.path for f in codebase.files]
     paths.append(f"{codebase.package}/model/builder.py")  # how a tree is recognised
-    if codebase is LLAVA:
-        paths.append("llava/model/multimodal_encoder/builder.py")  # how its layout is told
-    return paths
+    return paths + list(codebase.landmarks)  # how its layout is told
 
 
-def export_from_git(git_dir: str, commit: str, codebase: Codebase, dest: str) -> None:
+def export_from_git(git_dir: str, commit: str, codebase: PatcherSpec, dest: str) -> None:
     """Write the files the patcher reads, as they are at ``commit``, under ``dest``."""
     for path in _needed_paths(codebase):
         result = subprocess.run(["git", "-C", git_dir, "show", f"{commit}:{path}"], capture_output=True)
@@ -72,7 +63,7 @@ def export_from_git(git_dir: str, commit: str, codebase: Codebase, dest: str) ->
             fh.write(result.stdout)
 
 
-def _write_patch(root: str, codebase: Codebase, layout: Layout, out_dir: str) -> str:
+def _write_patch(root: str, codebase: PatcherSpec, layout: Layout, out_dir: str) -> str:
     found = layout_of(root, codebase)
     if found != layout:
         raise SystemExit(f"{root} looks like {found.title if found else 'no known layout'}, not {layout.title}")
@@ -82,10 +73,10 @@ def _write_patch(root: str, codebase: Codebase, layout: Layout, out_dir: str) ->
     return target
 
 
-def _from_git(git_dir: str, codebase: Codebase, layout: Layout, out_dir: str) -> str:
+def _from_git(git_dir: str, codebase: PatcherSpec, layout: Layout, out_dir: str) -> str:
     tmp = tempfile.mkdtemp(prefix=f"meteor-{layout.name}-")
     try:
-        export_from_git(git_dir, COMMITS[layout.name], codebase, tmp)
+        export_from_git(git_dir, layout.commit, codebase, tmp)
         return _write_patch(tmp, codebase, layout, out_dir)
     finally:
         shutil.rmtree(tmp)
@@ -109,13 +100,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error("give at least one of --llava, --eagle, --llava-torch")
     os.makedirs(args.out, exist_ok=True)
     written = []
+    llava, eagle = adapters.BY_NAME["llava"].patcher, adapters.BY_NAME["eagle"].patcher
     if args.llava:
-        written.append(_from_git(args.llava, LLAVA, LLAVA.layouts[0], args.out))
+        written.append(_from_git(args.llava, llava, llava.layouts[0], args.out))
     if args.eagle:
-        written.append(_from_git(args.eagle, EAGLE, EAGLE.layouts[0], args.out))
+        written.append(_from_git(args.eagle, eagle, eagle.layouts[0], args.out))
     if args.llava_torch:
         _check_llava_torch_version(args.llava_torch)
-        written.append(_write_patch(args.llava_torch, LLAVA, LLAVA.layouts[1], args.out))
+        written.append(_write_patch(args.llava_torch, llava, llava.layouts[1], args.out))
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
 

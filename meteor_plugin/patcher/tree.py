@@ -11,9 +11,11 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from .codebases import Codebase, Layout, detect, layout_of
+from .. import adapters
+from ..adapters.family import Layout, PatcherSpec
+from ..source_edits.edits import MARKER, FileSpec, Unrecognised, inserted, is_ours, marker_lines, our_lines, render, split_lines, strip
 from .diff import file_diff
-from .edits import MARKER, FileSpec, Unrecognised, inserted, is_ours, marker_lines, our_lines, render, split_lines, strip
+from .recognise import detect, layout_of
 
 APPLIED = "applied"
 NOT_APPLIED = "not applied"
@@ -51,7 +53,7 @@ class FileState:
 @dataclass
 class Survey:
     root: str
-    codebase: Codebase
+    codebase: PatcherSpec
     layout: Optional[Layout]
     files: List[FileState]
 
@@ -159,7 +161,7 @@ def _first_difference(a: str, b: str) -> int:
 
 def survey(root: str) -> Survey:
     root = os.fspath(root)
-    codebase = detect(root)
+    codebase = detect(root, adapters.patcher_specs())
     files = [inspect_file(root, spec) for spec in codebase.files]
     return Survey(root, codebase, layout_of(root, codebase), files)
 

@@ -450,18 +450,13 @@ _POSITIONS_MARK = "_meteor_unpruned_positions"
 
 
 def _mark_cache(past: Any) -> None:
-    """Mark the KV cache of a prefill whose tokens took their unpruned positions: the request's own data (as
-    the cache is), so that a decoding step outside the call that made it is refused, not misplaced. Legacy
-    tuple caches (what transformers 4.37 and 4.44 return to a caller that passed none) cannot carry it."""
-    if past is not None and not isinstance(past, (tuple, list)):
-        try:
-            setattr(past, _POSITIONS_MARK, True)
-        except AttributeError:
-            pass
+    """Mark the KV cache of a prefill whose tokens took their unpruned positions, so that a decoding step outside
+    the call that made it is refused, not misplaced (a legacy tuple cache cannot carry the mark: compat)."""
+    compat.mark_cache(past, _POSITIONS_MARK)
 
 
 def _refuse_unpruned_positions(past: Any) -> None:
-    if getattr(past, _POSITIONS_MARK, False):
+    if compat.cache_marked(past, _POSITIONS_MARK):
         raise NotImplementedError(
             "meteor-plugin: this decoding step continues a KV cache whose prefill ran with "
             "proportional attention (its tokens took their unpruned positions), outside the generate call that "
@@ -529,3 +524,23 @@ def wrap_model_forward(original: Any, registry: Any, config_for: Any) -> Any:
         return out
 
     return forward
+
+
+def patch_language_model(cls: type, registry: Any) -> None:
+    """Make a language model class run Stage 3, only inside a call that a multimodal model started and only for
+    that call's language model (``MeteorCall.language_model``, with ``language_config``): a text-only model of
+    the same class, or any forward outside such a call, runs as it is. For families whose language model is a
+    module of its own (transformers' LLaVA classes)."""
+    if registry.is_patched(cls, "forward"):
+        return
+    original = cls.forward
+    pruned = wrap_model_forward(original, registry, lambda lm: percall.current().language_config)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        call = percall.current()
+        if call is None or call.language_model is not self:
+            return original(self, *args, **kwargs)
+        return pruned(self, *args, **kwargs)
+
+    registry.patch(cls, "forward", forward)

@@ -36,7 +36,7 @@ from ..core.token_scores import cls_attention, received_attention, similarity_to
 from ..core.token_sizes import kept_sizes
 
 
-@dataclass
+@dataclass(frozen=True)
 class VitBlock:
     """How to read the attention inputs of one kind of ViT block."""
 
@@ -179,6 +179,27 @@ class VitPruner:
         if start:
             index = torch.cat([torch.zeros(b, 1, dtype=index.dtype, device=index.device), index + 1], dim=1)
         return index
+
+
+def selected_depth(layers: int, select_layer: int) -> int:
+    """Blocks that feed ``hidden_states[select_layer]`` (index 0 is the embeddings)."""
+    depth = layers + 1 + select_layer if select_layer < 0 else select_layer
+    if not 0 < depth <= layers:
+        raise ValueError(f"mm_vision_select_layer={select_layer} is outside a CLIP of {layers} layers")
+    return depth
+
+
+@contextlib.contextmanager
+def vit_stage1(vit: Any, keep: int, cfg: Any, registry: Any, track_sizes: bool) -> Iterator[VitPlan]:
+    """Stage 1 between the blocks of one ViT (``stages.vision.VitParts``) for what runs in the block: ``keep`` of
+    its patches leave it; yields the plan, whose ``positions`` (and ``sizes``) are the kept patches' afterwards.
+    The one place every family sets Stage 1 up inside a ViT (LLaVA's CLIP, transformers' CLIP and SigLIP,
+    EAGLE's CLIP)."""
+    pruner = VitPruner.attach(vit.layers, vit.block, registry)
+    pruner.start(vit.patches, keep, vit.depth, cfg.encoder_shallow_share, has_cls=vit.has_cls,
+                 deep_score=cfg.encoder_deep_score, spread_floor=cfg.spread_floor, track_sizes=track_sizes)
+    with pruner.running() as plan:
+        yield plan
 
 
 def _wrap_block_forward(original: Any) -> Any:

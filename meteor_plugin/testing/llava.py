@@ -255,7 +255,7 @@ def hf_next_batch(model, text_lengths: Sequence[Tuple[int, int]], sizes: Sequenc
 def hf_image_features(model, pixels: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     """Each image's unpruned features (row separators included) as transformers' LLaVA or LLaVA-NeXT splices
     them, on transformers 5.x or 4.x. Call it with the plugin disabled."""
-    from ..adapters import hf_llava_v4
+    from ..adapters.hf_llava import v4 as hf_llava_v4
     from ..compat.transformers import generation
     from ..config import MeteorConfig
 

@@ -6,7 +6,7 @@ DST is a copy of SRC (training leftovers such as ``checkpoint-*`` and optimizer 
 whose ``config.json`` carries the METEOR config under ``"meteor"``: ``meteor_plugin.enable()`` without a
 config then prunes that model with those settings, in the upstream loaders and eval scripts too. A
 codebase that needs new weights (EAGLE: per-encoder projectors for Stage 2) rewrites them through its
-registered ``convert_weights`` hook (``codebases.py``); LLaVA has one encoder and needs none.
+``convert_weights`` hook (its ``TrainingSpec``); LLaVA has one encoder and needs none.
 
 Rules, each enforced with an error that names the problem:
 - SRC is never written to; DST must not exist (or be empty) and must not overlap SRC;
@@ -27,12 +27,14 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
+from .. import adapters
+from ..calibrate import calibrate_checkpoint
+from ..checkpoint_files import read_json_object
 from ..config import MeteorConfig
 from ..progress import bar
-from . import calibration, codebases, save
-from .checkpoint_files import read_json_object
+from . import save
 
 # What training leaves next to a model and a converted checkpoint does not need.
 LEFTOVERS = re.compile(
@@ -123,14 +125,16 @@ def write_model_config(folder: str, config: Dict[str, Any]) -> None:
 
 
 def convert(model_path: str, out: str, config: Any = None, calibration_images: Optional[str] = None,
-            codebase: Optional[str] = None) -> str:
+            codebase: Optional[str] = None, calibrator: Callable[[str, str, Any], Any] = calibrate_checkpoint) -> str:
     """Convert ``model_path`` into a METEOR checkpoint at ``out``; returns ``out``.
 
-    ``config``: a MeteorConfig, a path to a .json/.yaml, or None for the defaults.
+    ``config``: a MeteorConfig, a path to a .json/.yaml, or None for the defaults. With ``calibration_images``,
+    ``calibrator(copied checkpoint, images folder, config)`` returns the calibrated config to store (by default
+    ``meteor-plugin calibrate``'s encoder ranks on those images).
     """
     model_path, out = os.path.abspath(model_path), os.path.abspath(out)
     model_config = check_source(model_path)
-    cb = codebases.get(codebase) if codebase else codebases.for_checkpoint(model_config, model_path)
+    cb = adapters.training_spec(codebase) if codebase else adapters.spec_for_checkpoint(model_config, model_path)
     check_destination(out, model_path)
     check_model_name(out, cb.keyword, "--out")
     convert_weights = cb.hook("convert_weights")
@@ -160,7 +164,7 @@ def convert(model_path: str, out: str, config: Any = None, calibration_images: O
             if calibration_images is not None:
                 progress.set_postfix_str("calibrating")
                 write_model_config(staging, job.model_config)
-                job.config = calibration.calibrate(staging, calibration_images, job.config)
+                job.config = _calibrated(calibrator, staging, calibration_images, job.config)
                 progress.update(1)
             job.model_config["meteor"] = job.config.to_dict()
             write_model_config(staging, job.model_config)
@@ -175,10 +179,17 @@ def convert(model_path: str, out: str, config: Any = None, calibration_images: O
     return out
 
 
+def _calibrated(calibrator: Callable[[str, str, Any], Any], folder: str, images: str, config: Any) -> Any:
+    result = calibrator(folder, images, config)
+    if not isinstance(result, MeteorConfig):
+        raise TypeError(f"the calibrator returned {type(result).__name__}, not a MeteorConfig")
+    return result
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         out = convert(args.model_path, args.out, args.config, args.calibration_images, args.codebase)
-    except (ConversionError, calibration.CalibrationUnavailable, save.IncompleteCheckpointError, ValueError,
+    except (ConversionError, save.IncompleteCheckpointError, ValueError,
             FileNotFoundError) as exc:
         print(f"meteor-plugin convert: error: {exc}", file=__import__("sys").stderr)
         return 2
@@ -196,6 +207,6 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="the new folder; its name must keep 'llava' (or 'eagle')")
     parser.add_argument("--config", help="a MeteorConfig .json/.yaml to store (default: MeteorConfig's defaults)")
     parser.add_argument("--calibration-images", help="a folder of images to calibrate ranks and lambda on")
-    parser.add_argument("--codebase", choices=sorted(codebases.known()), help="default: from config.json's model_type")
+    parser.add_argument("--codebase", choices=sorted(adapters.training_specs()), help="default: from config.json's model_type")
     parser.set_defaults(func=_run)
     return parser

@@ -1,4 +1,4 @@
-"""DeepSpeed (and plain torch.distributed) helpers that the training entry needs, GPU or CPU.
+"""DeepSpeed set-up that the training entry needs, GPU or CPU (ranks, barriers and ZeRO-3 gathers: ``distributed.py``).
 
 On a machine without CUDA, DeepSpeed runs with its CPU accelerator and the gloo backend (notes/stack.md,
 section 2). Three things differ from a GPU node and are handled here:
@@ -10,16 +10,19 @@ section 2). Three things differ from a GPU node and are handled here:
   (otherwise its batch-size check sees a world of one process);
 - transformers 5's ``TrainingArguments`` needs ``use_cpu=True`` to count the processes on CPU, while
   transformers 4.x with accelerate 0.34 must *not* get it: there ``use_cpu`` silently swaps DeepSpeed for
-  DDP (see ``cpu_training_flags``).
+  DDP (``compat.training.cpu_training_flags``).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict
 
 import torch
+
+from ..compat import training as compat
+from ..registry import REGISTRY
 
 
 def on_cpu() -> bool:
@@ -35,8 +38,6 @@ def skip_shm_op_build() -> bool:
         module = importlib.import_module("deepspeed.comm.torch")
     except ImportError:
         return False
-    from ..registry import REGISTRY
-
     if not REGISTRY.is_patched(module, "build_shm_op"):
         REGISTRY.patch(module, "build_shm_op", lambda: None)
     return True
@@ -46,12 +47,7 @@ def cpu_training_flags() -> Dict[str, bool]:
     """TrainingArguments fields a CPU run needs on this transformers generation (empty on GPU)."""
     if not on_cpu():
         return {}
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    # 5.x: without use_cpu accelerate counts one process and DeepSpeed's batch check fails.
-    # 4.x + accelerate 0.34: with use_cpu the Trainer wraps the model in DDP instead of DeepSpeed.
-    return {"use_cpu": True} if major >= 5 else {}
+    return compat.cpu_training_flags()
 
 
 def init_distributed_early(training_args) -> None:
@@ -63,28 +59,3 @@ def init_distributed_early(training_args) -> None:
     _ = training_args.device  # lets accelerate set up the process group first, as the Trainer would
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else None)
-
-
-def is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def barrier() -> None:
-    if is_distributed():
-        torch.distributed.barrier()
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if is_distributed() else 0
-
-
-def gathered_cpu(named: Iterable[Tuple[str, torch.nn.Parameter]]) -> Dict[str, torch.Tensor]:
-    """Full CPU copies of parameters, gathering ZeRO-3 partitions (every rank must call this)."""
-    named = list(named)
-    partitioned: List[torch.nn.Parameter] = [p for _, p in named if hasattr(p, "ds_id")]
-    if partitioned:
-        from deepspeed import zero
-
-        with zero.GatheredParameters(partitioned):
-            return {name: p.data.detach().cpu().clone() for name, p in named}
-    return {name: p.detach().cpu().clone() for name, p in named}

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from ..registry import REGISTRY
-from . import arguments, compat, lora, quant
-from .codebases import Codebase
+from ..compat import training as compat
+from . import arguments, lora, quant
+from ..adapters.family import TrainingSpec
 from .trainer import make_trainer, save_final_model
 
 
@@ -32,7 +33,7 @@ from .trainer import make_trainer, save_final_model
 class Session:
     """One training run through the entry: what was installed and what happened."""
 
-    codebase: Codebase
+    codebase: TrainingSpec
     trainer: Any = None
     final_dir: Optional[str] = None
     staging: Optional[str] = None
@@ -73,7 +74,7 @@ def _original(module: Any, name: str) -> Any:
     return REGISTRY.original(module, name) if REGISTRY.is_patched(module, name) else getattr(module, name)
 
 
-def require_globals(module: Any, codebase: Codebase) -> None:
+def require_globals(module: Any, codebase: TrainingSpec) -> None:
     needed = ("train", "ModelArguments", "TrainingArguments", "find_all_linear_names",
               "safe_save_model_for_hf_trainer", codebase.trainer_class, codebase.model_global)
     missing = [n for n in needed if not hasattr(module, n)]
@@ -119,7 +120,7 @@ def default_tokenizer_legacy(module: Any) -> None:
     _set(module, "preprocess_v1", preprocess_v1)
 
 
-def install(module: Any, codebase: Codebase) -> Session:
+def install(module: Any, codebase: TrainingSpec) -> Session:
     """Make ``module.train()`` run with METEOR's training behaviour; returns the run's session."""
     require_globals(module, codebase)
     session = Session(codebase=codebase)

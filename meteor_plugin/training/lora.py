@@ -21,9 +21,10 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from .deepspeed import gathered_cpu
+from ..distributed import gathered_cpu
 
-NEVER_ADAPTED = ("mm_projector", "vision_tower", "vision_resampler")
+# The vision side of a LLaVA/EAGLE model, by module name: never adapted by LoRA, never quantised (quant.py).
+VISUAL_MODULES = ("mm_projector", "vision_tower", "vision_resampler")
 NON_LORA_FILE = "non_lora_trainables.bin"
 _LAYER = re.compile(r"^(?P<prefix>(?:.+\.)?layers)\.(?P<index>\d+)\.(?P<suffix>.+)$")
 
@@ -40,7 +41,7 @@ def language_model_linears(model: torch.nn.Module) -> List[str]:
     """Full names of the linear layers inside the language model's decoder layers."""
     names = []
     for name, module in model.named_modules():
-        if not _is_linear(module) or any(word in name for word in NEVER_ADAPTED):
+        if not _is_linear(module) or any(word in name for word in VISUAL_MODULES):
             continue
         if _LAYER.match(name):
             names.append(name)
@@ -77,7 +78,7 @@ def adapted_modules(model: torch.nn.Module) -> List[str]:
 def check_placement(model: torch.nn.Module) -> List[str]:
     """Raise if an adapter sits in a vision tower, resampler or projector; returns the adapted modules."""
     adapted = adapted_modules(model)
-    wrong = [name for name in adapted if any(word in name for word in NEVER_ADAPTED)]
+    wrong = [name for name in adapted if any(word in name for word in VISUAL_MODULES)]
     if wrong:
         raise LoraPlacementError(
             f"LoRA adapters were placed in {len(wrong)} vision/projector module(s), e.g. {wrong[:3]}: these are "
@@ -196,7 +197,7 @@ def merged(peft_model: Any) -> torch.nn.Module:
 
 def adapter_base(lora_dir: str) -> Optional[str]:
     """The base model the adapter was trained on, as peft recorded it."""
-    from .checkpoint_files import read_json_object
+    from ..checkpoint_files import read_json_object
 
     path = os.path.join(lora_dir, "adapter_config.json")
     if not os.path.isfile(path):

@@ -27,10 +27,11 @@ from typing import Any, Optional
 
 import torch
 
+from ..compat import training as compat_training
 from ..compat.transformers import quiet_loading
-from . import codebases, lora, save
+from .. import adapters
+from . import lora, save
 from .convert import ConversionError, check_destination, check_model_name, read_model_config
-from .eagle_projectors import projectors_on_load
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt")
@@ -38,10 +39,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def _dtype_kwargs(dtype: Any) -> dict:
-    import transformers
-
-    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    return {key: dtype}
+    return {compat_training.dtype_keyword(): dtype}
 
 
 def config_folder(lora_dir: str) -> str:
@@ -94,14 +92,14 @@ def load_adapted(lora_dir: str, model_base: Optional[str] = None, dtype: Any = t
     check_adapter_folder(lora_dir)
     base = resolve_base(lora_dir, model_base)
     trained_config = read_model_config(config_folder(lora_dir))
-    cb = codebases.for_checkpoint(trained_config, lora_dir)
+    cb = adapters.spec_for_checkpoint(trained_config, lora_dir)
     causal_lm, config_class = cb.classes()
     config = config_class.from_pretrained(config_folder(lora_dir))
     base_vocab = read_model_config(base).get("vocab_size", config.vocab_size)
     vocab = config.vocab_size
     config.vocab_size = base_vocab  # load the base as it is, then grow to the run's vocabulary
     # quiet: the weights the base lacks are the run's, which load_non_lora loads strictly just below
-    with projectors_on_load(trained_config), quiet_loading():  # a converted EAGLE model's per-encoder projectors
+    with cb.loading(trained_config), quiet_loading():  # e.g. a converted EAGLE model's per-encoder projectors
         model = causal_lm.from_pretrained(base, config=config, **_dtype_kwargs(dtype))
     if vocab != base_vocab:
         model.resize_token_embeddings(vocab)
@@ -116,7 +114,7 @@ def merge_lora(lora_dir: str, out: str, model_base: Optional[str] = None, dtype:
     check_adapter_folder(lora_dir)
     base = resolve_base(lora_dir, model_base)
     check_destination(out, lora_dir)
-    cb = codebases.for_checkpoint(read_model_config(config_folder(lora_dir)), lora_dir)
+    cb = adapters.spec_for_checkpoint(read_model_config(config_folder(lora_dir)), lora_dir)
     check_model_name(out, cb.keyword, "--out")
     if dtype == "auto":
         torch_dtype = DTYPES.get(str(read_model_config(base).get("torch_dtype") or read_model_config(base).get("dtype")),

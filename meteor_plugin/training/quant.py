@@ -23,7 +23,9 @@ from typing import Any, Dict, Iterable, List
 
 import torch
 
-KEEP_UNQUANTISED = ("mm_projector", "vision_tower", "vision_resampler")
+from .lora import VISUAL_MODULES
+
+KEEP_UNQUANTISED = VISUAL_MODULES
 
 
 def skip_modules(extra: Iterable[str] = ()) -> List[str]:

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from . import compat, lora, quant, save
-from .deepspeed import barrier
+from ..compat import training as compat
+from . import lora, quant, save
+from ..distributed import barrier
 
 
 def is_peft_model(model: Any) -> bool:
@@ -47,7 +48,8 @@ class MeteorTrainerMixin:
         if prepare is not None:
             # Before Trainer.__init__, which moves the model to its device: modules the checkpoint lacks
             # are made here, and exist before the optimizer and DeepSpeed see the parameters.
-            prepare(kwargs["model"] if "model" in kwargs else args[0], kwargs["args"] if "args" in kwargs else args[1])
+            model = kwargs["model"] if "model" in kwargs else args[0]
+            prepare(bare_model(model), kwargs["args"] if "args" in kwargs else args[1])
         super().__init__(*args, **compat.trainer_kwargs(kwargs))
         session.trainer = self
         model = self.model

@@ -35,7 +35,8 @@ def test_tiny_training_run_lowers_both_losses(tmp_path):
 def test_multi_turn_v1_labels_only_the_assistant_side(monkeypatch):
     """The entry's preprocess_v1 wrapper: the task's tokenizer has no ``legacy`` flag; with it set, every
     round is masked up to its ``ASSISTANT:`` and the answer and ``</s>`` are learned."""
-    from meteor_plugin.training import compat, hooks
+    from meteor_plugin.compat import training as compat
+    from meteor_plugin.training import hooks
 
     compat.make_trainer_importable()
     import llava.train.train as llava_train

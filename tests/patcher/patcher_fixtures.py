@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 from meteor_plugin.adapters.eagle import PATCHER as EAGLE
 from meteor_plugin.adapters.llava import PATCHER as LLAVA
-from meteor_plugin.patcher.edits import plan
+from meteor_plugin.source_edits.edits import plan
 
 LAYOUTS = ("c121f04", "llava-torch-1.2.2", "fef95f1")
 

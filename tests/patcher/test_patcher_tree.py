@@ -9,7 +9,7 @@ import pytest
 from patcher_fixtures import LAYOUTS, build_tree, snapshot
 
 from meteor_plugin import patcher
-from meteor_plugin.patcher import anchors, edits
+from meteor_plugin.source_edits import anchors, edits
 
 MAIN = 'if __name__ == "__main__":\n'
 

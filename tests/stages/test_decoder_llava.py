@@ -415,7 +415,7 @@ def test_llm_layer_beyond_the_model_is_a_clear_error(tiny_llava):
 def test_a_batch_whose_answers_are_all_truncated_away_is_refused(tiny_llava, stages):
     """--model_max_length below the visual tokens plus the text: upstream cuts every answer after the
     splice, and without the check the run trains on nothing with loss 0."""
-    from meteor_plugin.adapters.llava_arch import AllLabelsMaskedError
+    from meteor_plugin.adapters.shared.llava_arch import AllLabelsMaskedError
 
     model = tiny_llava()
     model.train()

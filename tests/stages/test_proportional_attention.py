@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import meteor_plugin
-from meteor_plugin.adapters.vision import ImageTokens
+from meteor_plugin.stages.vision import ImageTokens
 from meteor_plugin.compat import transformers as compat
 from meteor_plugin.core.token_sizes import kept_sizes
 from meteor_plugin.stages.layout import unpruned_geometry
 from meteor_plugin.testing.llava import make_batch
 from tests.stages.test_decoder_llava import greedy_without_cache
-from tests.stages.test_eagle_stages import RANKS, batch, forward
+from tests.adapters.eagle.test_stages import RANKS, batch, forward
 
 PRUNED = dict(encoder=True, fusion=True, encoder_keep=0.3, fusion_keep=256, encoder_ranks=RANKS,
               proportional_attention="on")

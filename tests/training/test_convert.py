@@ -12,7 +12,7 @@ import meteor_plugin
 from meteor_plugin import MeteorConfig
 from meteor_plugin.cli import main
 from meteor_plugin.testing.checkpoint import save_tiny_llava_checkpoint
-from meteor_plugin.training import calibration, save
+from meteor_plugin.training import save
 from meteor_plugin.training.convert import ConversionError, convert
 from training_support import STORED, STORED_EAGLE
 
@@ -168,7 +168,7 @@ def test_an_eagle_checkpoint_gets_per_encoder_projectors_split_from_its_shared_o
     from eagle.model.language_model.eagle_llama import EagleLlamaForCausalLM
 
     from meteor_plugin.adapters.eagle import convert_to_post_projection
-    from meteor_plugin.training import checkpoint_files
+    from meteor_plugin import checkpoint_files
 
     source = _restored(eagle_source, str(tmp_path / "tiny-eagle-x3"), storage)
     before = _snapshot(source)
@@ -240,7 +240,7 @@ def test_a_converted_tiny_eagle_generates_through_eagles_loader_with_all_stages_
 def test_eagles_own_encoders_are_split_by_their_known_widths_without_building_them(monkeypatch):
     import sys
 
-    from meteor_plugin.training.eagle_projectors import encoders_and_channels
+    from meteor_plugin.adapters.eagle.conversion import encoders_and_channels
 
     monkeypatch.setitem(sys.modules, "eagle.model.multimodal_encoder.builder", None)  # building would fail
     x5 = "clip-448;convnext-1024;sam-1024;det-1024;pix2struct-1024"
@@ -294,11 +294,7 @@ def test_calibration_hook_gets_the_copy_and_its_config_is_stored(source, tmp_pat
         seen.update(path=path, weights=os.path.isfile(os.path.join(path, "model.safetensors")), images=images)
         return config.replace(encoder_ranks={"clip": 31.5}, llm_lambda=12.0)
 
-    calibration.set_calibrator(calibrate)
-    try:
-        out = convert(source, str(tmp_path / "cal-llava"), calibration_images=str(tmp_path))
-    finally:
-        calibration.set_calibrator(None)
+    out = convert(source, str(tmp_path / "cal-llava"), calibration_images=str(tmp_path), calibrator=calibrate)
     assert seen["weights"] and seen["path"] != source and seen["images"] == str(tmp_path)
     with open(os.path.join(out, "config.json")) as fh:
         stored = json.load(fh)["meteor"]

@@ -12,9 +12,11 @@ import torch
 
 import meteor_plugin
 from meteor_plugin.adapters import eagle
-from meteor_plugin.training import codebases, hooks, lora
+from meteor_plugin.adapters.eagle import training as eagle_training
+from meteor_plugin import adapters
+from meteor_plugin.training import hooks, lora
 from meteor_plugin.training.deepspeed import cpu_training_flags
-from meteor_plugin.training.tiny import EAGLE_TOWERS
+from meteor_plugin.testing.workspace import EAGLE_TOWERS
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,8 @@ def _globals_loaded(code):
 def test_the_entry_finds_the_stand_ins_train_py_and_installs_into_it(train):
     from meteor_plugin.testing.eagle_like import ROOT
 
-    assert train.__file__ == os.path.join(ROOT, "train.py") == eagle.eagle_train_script()
-    assert codebases.for_training("eagle") is eagle.TRAINING
+    assert train.__file__ == os.path.join(ROOT, "train.py") == eagle_training.eagle_train_script()
+    assert adapters.spec_for_training("eagle") is eagle.TRAINING
     before = {n: getattr(train, n) for n in ("EagleTrainer", "EagleLlamaForCausalLM", "find_all_linear_names",
                                               "safe_save_model_for_hf_trainer", "TrainingArguments")}
     session = hooks.install(train, eagle.TRAINING)

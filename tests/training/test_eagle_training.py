@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import meteor_plugin
-from meteor_plugin.adapters.eagle import alias_eagle_config
+from meteor_plugin.adapters.eagle.training import alias_eagle_config
 from meteor_plugin.training import lora, merge, save
 
 from training_support import (EAGLE_KEPT, LLM_LINEAR, adapter_modules, load_trained_eagle, probe_forward,

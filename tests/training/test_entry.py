@@ -10,8 +10,9 @@ import pytest
 import meteor_plugin
 from meteor_plugin.train import attention_implementation
 from meteor_plugin.adapters import eagle, llava
-from meteor_plugin.training import arguments, codebases, compat, hooks
-from meteor_plugin.training.deepspeed import cpu_training_flags
+from meteor_plugin.adapters.eagle import training as eagle_training
+from meteor_plugin import adapters
+from meteor_plugin.training import arguments, hooks
 
 from training_support import REPO, transformers_major
 
@@ -68,23 +69,6 @@ def test_flash_attention_2_is_refused_where_it_cannot_run():
     assert attention_implementation("sdpa") == "sdpa"
 
 
-def test_renamed_training_flags_are_translated_for_this_transformers():
-    import transformers
-
-    argv = ["--warmup_ratio", "0.03", "--evaluation_strategy", "no", "--lr_scheduler_type", "cosine"]
-    out = compat.translate_flags(argv, transformers.TrainingArguments)
-    if transformers_major() >= 5:
-        assert out == ["--warmup_steps", "0.03", "--eval_strategy", "no", "--lr_scheduler_type", "cosine"]
-    else:
-        assert out == argv
-    if transformers.__version__.startswith("4.37"):
-        assert compat.translate_flags(["--eval_strategy=no"], transformers.TrainingArguments) == ["--evaluation_strategy=no"]
-
-
-def test_cpu_flags_follow_the_transformers_generation():
-    assert cpu_training_flags() == ({"use_cpu": True} if transformers_major() >= 5 else {})
-
-
 def test_install_replaces_llavas_train_globals_and_disable_restores_them():
     hooks.prepare_imports()
     import llava.train.train as train
@@ -110,9 +94,9 @@ def test_the_codebase_is_llava_here_and_eagle_from_an_eagle_checkout(tmp_path, m
     monkeypatch.setattr(sys, "path", [p for p in sys.path if not eagle_like._same_dir(p or ".", eagle_like.ROOT)])
     for name in [m for m in sys.modules if m == "eagle" or m.startswith("eagle.") or m == "train"]:
         monkeypatch.delitem(sys.modules, name)
-    assert codebases.for_training("auto") is llava.TRAINING
+    assert adapters.spec_for_training("auto") is llava.TRAINING
     with pytest.raises(RuntimeError, match="root of an EAGLE checkout"):
-        codebases.for_training("eagle")
+        adapters.spec_for_training("eagle")
     # An EAGLE-shaped root: eagle/model/language_model/eagle_llama.py and a train.py with EAGLE's names.
     root = tmp_path / "EAGLE"
     package = root / "eagle" / "model" / "language_model"
@@ -124,17 +108,17 @@ def test_the_codebase_is_llava_here_and_eagle_from_an_eagle_checkout(tmp_path, m
                                    "def safe_save_model_for_hf_trainer(trainer, output_dir): ...\n"
                                    "def train(attn_implementation=None): ...\n")
     monkeypatch.syspath_prepend(str(root))
-    assert eagle.eagle_train_script() == str(root / "train.py")
-    assert codebases.for_training("auto") is eagle.TRAINING
+    assert eagle_training.eagle_train_script() == str(root / "train.py")
+    assert adapters.spec_for_training("auto") is eagle.TRAINING
     (root / "train.py").write_text("def train(): ...\n")  # another project's train.py
-    assert eagle.eagle_train_script() is None
+    assert eagle_training.eagle_train_script() is None
 
 
 def test_checkpoints_are_matched_to_their_codebase():
-    assert codebases.for_checkpoint({"model_type": "llava_llama"}) is llava.TRAINING
-    assert codebases.for_checkpoint({"architectures": ["EagleLlamaForCausalLM"]}) is eagle.TRAINING
+    assert adapters.spec_for_checkpoint({"model_type": "llava_llama"}) is llava.TRAINING
+    assert adapters.spec_for_checkpoint({"architectures": ["EagleLlamaForCausalLM"]}) is eagle.TRAINING
     with pytest.raises(ValueError, match="not a checkpoint of a codebase meteor-plugin knows"):
-        codebases.for_checkpoint({"model_type": "llama"}, "vicuna-7b")
+        adapters.spec_for_checkpoint({"model_type": "llama"}, "vicuna-7b")
 
 
 def test_main_enables_the_plugin_with_the_flags_and_hands_the_rest_to_upstream(monkeypatch, tmp_path):

@@ -9,8 +9,8 @@ import torch
 
 import meteor_plugin
 from meteor_plugin.testing.checkpoint import save_tiny_llava_checkpoint, vision_tower_path
-from meteor_plugin.training import tiny
-from meteor_plugin.training.compat import make_trainer_importable
+from meteor_plugin.testing import workspace as tiny
+from meteor_plugin.compat.training import make_trainer_importable
 
 QUESTION = "<image>\nwhat is the colour of the square in this image ?"
 OTHER_QUESTIONS = ("<image>\ndescribe the shape in this image .", "<image>\nwhat is in the image ?",

@@ -68,7 +68,7 @@ def test_upstream_bits_kwargs_are_made_valid():
 def _converted_tiny_eagle():
     from meteor_plugin.adapters.eagle import convert_to_post_projection
     from meteor_plugin.testing.eagle_like import TinyEagleSpec, build_tiny_eagle
-    from meteor_plugin.training.tiny import EAGLE_TOWERS
+    from meteor_plugin.testing.workspace import EAGLE_TOWERS
 
     model = build_tiny_eagle(TinyEagleSpec(vision_tower=EAGLE_TOWERS))
     convert_to_post_projection(model)

@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from meteor_plugin.training import arguments, compat
+from meteor_plugin.compat import training as compat
+from meteor_plugin.training import arguments
 
 from training_support import REPO
 

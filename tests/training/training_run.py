@@ -17,8 +17,8 @@ import torch
 
 def install_probe(path: str) -> None:
     import meteor_plugin
-    from meteor_plugin.training.deepspeed import gathered_cpu, rank
-    from meteor_plugin.training.eagle_projectors import SPLIT_IN_TRAINING
+    from meteor_plugin.distributed import gathered_cpu, rank
+    from meteor_plugin.adapters.eagle.training import SPLIT_IN_TRAINING
     from meteor_plugin.training.trainer import MeteorTrainerMixin, bare_model
 
     original = MeteorTrainerMixin.save_state

@@ -37,7 +37,7 @@ tokenizers have ``<unk>``), the ``align_stages`` parameters it re-enables (no su
 image that stands in for an unreadable file, and ``train_mem.py``.
 
 Importing this module imports LLaVA's ``llava.train.train``; on transformers 5.x that needs
-``meteor_plugin.training.compat.make_trainer_importable()`` first (``meteor_plugin.train`` does it; EAGLE's
+``meteor_plugin.compat.training.make_trainer_importable()`` first (``meteor_plugin.train`` does it; EAGLE's
 own ``eagle_trainer.py`` fails on 5.x in the same place).
 """
 

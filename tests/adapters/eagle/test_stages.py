@@ -68,7 +68,7 @@ def test_post_projection_counts_per_encoder_and_stage_match_budgets_and_hooks(ea
 
 
 def test_clip_blocks_run_on_fewer_tokens_inside_eagle(eagle):
-    from meteor_plugin.adapters.vision import clip_layers
+    from meteor_plugin.compat.transformers import clip_layers
 
     model = eagle(converted=True)
     clip = model.get_model().get_vision_tower().vision_towers[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import meteor_plugin
-from meteor_plugin.adapters import eagle
+from meteor_plugin.adapters.eagle import training as eagle
 from meteor_plugin.adapters.eagle import TRAINING as EAGLE
 from meteor_plugin.training import hooks, lora
 

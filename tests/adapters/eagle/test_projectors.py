@@ -8,9 +8,9 @@ import torch
 
 import meteor_plugin
 from meteor_plugin.adapters.eagle import convert_to_post_projection
-from meteor_plugin.training import eagle_projectors
-from meteor_plugin.training.eagle_projectors import before_training
-from meteor_plugin.training.tiny import EAGLE_TOWERS
+from meteor_plugin.adapters.eagle import training as eagle_projectors
+from meteor_plugin.adapters.eagle.training import before_training
+from meteor_plugin.testing.workspace import EAGLE_TOWERS
 
 ARGS = types.SimpleNamespace(output_dir="out")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import meteor_plugin
-from meteor_plugin.adapters import anyres
+from meteor_plugin.adapters.shared import anyres
 from meteor_plugin.testing.llava import make_batch
 
 PATCHES = 64  # per CLIP input of the tiny LLaVA

@@ -19,22 +19,25 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import percall
-from ..compat import transformers as compat
-from ..runtime import config_for
-from ..stages import proportional
-from ..stages.decoder import wrap_model_forward
-from ..stages.layout import IGNORE_INDEX, VisualLayout, identity_geometry, query_mask, unpruned_geometry
-from ..stats import RunStats, StageCount
+from ... import percall
+from ...compat import transformers as compat
+from ...runtime import config_for
+from ...stages import proportional
+from ...stages.decoder import wrap_model_forward
+from ...stages.layout import IGNORE_INDEX, VisualLayout, identity_geometry, query_mask, unpruned_geometry
+from ...stages.vision import VisionRecord
+from ...stats import RunStats, StageCount
+from ..family import IMAGE_TOKEN_INDEX, StructureError, require
 from . import anyres
-from .family import IMAGE_TOKEN_INDEX, StructureError, require
-from .vision import VISION_HANDLERS, VisionRecord
 
 _DROPPABLE_KWARGS = ("cache_position", "logits_to_keep", "num_logits_to_keep")
+# Vision tower class -> encode_images(model, images, config, record, original) running Stages 1 and 2: filled by
+# each family's vision patch (``ArchTarget.vision``), read by the ``encode_images`` wrapper.
+VISION_HANDLERS: Dict[type, Any] = {}
 
 
 # Where the image tokens landed ---------------------------------------------------------------------------
@@ -405,7 +408,8 @@ class ArchTarget:
     """
 
     def __init__(self, name: str, module: str, causal: str, llm: str, vision: Sequence[Any] = (),
-                 variants: Sequence[tuple] = (), refused: Optional[dict] = None):
+                 variants: Sequence[tuple] = (), refused: Optional[dict] = None,
+                 encoders: Optional[Callable[[Any], list]] = None):
         self.name = name
         self.module = module
         self.causal = causal
@@ -413,6 +417,7 @@ class ArchTarget:
         self.vision = tuple(vision)  # functions(registry) that patch this codebase's vision towers
         self.variants = tuple(variants)
         self.refused = dict(refused or {})  # class name -> why it is not pruned
+        self._encoders = encoders  # model -> its vision encoders as stages.vision.EncoderParts
 
     @staticmethod
     def _has_file(module: str) -> bool:
@@ -448,6 +453,14 @@ class ArchTarget:
         pairs = [self.classes()]
         pairs += [self._load(*variant) for variant in self.variants if self._has_file(variant[0])]
         return pairs
+
+    def encoders(self, model: Any) -> Optional[list]:
+        """``model``'s vision encoders (``stages.vision.EncoderParts``), or None if it is not of this codebase."""
+        if self._encoders is None or not self.is_installed():
+            return None
+        if not any(isinstance(model, causal) for causal, _ in self.all_classes()):
+            return None
+        return self._encoders(model)
 
     def patch(self, registry: Any) -> List[type]:
         """Patch every installed class pair and the vision towers; returns the causal classes now pruned."""

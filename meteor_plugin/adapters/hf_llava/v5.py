@@ -1,5 +1,5 @@
-"""transformers' own LLaVA, LLaVA-NeXT and LLaVA-OneVision (the llava-hf checkpoints): the family's record, and
-its path on transformers 5.x (4.x's is ``hf_llava_v4.py``, which shares this module's pieces).
+"""transformers' own LLaVA, LLaVA-NeXT and LLaVA-OneVision (the llava-hf checkpoints) on transformers 5.x (4.x's
+path is ``v4.py``; both are built on ``common.py``).
 
 Their processors write one image token per visual token (LLaVA-NeXT's count includes its row
 separators and depends on the image size), and the model scatters the projected features into those
@@ -19,7 +19,7 @@ positions, refusing a count that differs; the language model is any decoder with
   visual tokens are the image-token positions, less LLaVA-NeXT's and OneVision's row separators (structure,
   never pruned);
 - **proportional attention**: on the flat LLaVA, Stage 1's kept patches keep their unpruned places and sizes
-  (``_unpruned_geometry``); with Stage 3 alone every token starts at its own place with size 1 (packed crops
+  (``common._unpruned_geometry``); with Stage 3 alone every token starts at its own place with size 1 (packed crops
   too); Stage 1 on packed crops runs without it (``stage1`` warns or refuses).
 
 LLaVA-OneVision packs like LLaVA-NeXT (SigLIP tower: Stage 1 as above), but its ``anyres_max`` step
@@ -32,13 +32,11 @@ Wrapped: each class's ``generate`` and inner ``forward``/``get_image_features`` 
 ``pack_image_features``), and at a model's first forward the class of its language model, whose
 ``forward`` acts only inside a call that a LLaVA model started, for that model (a text-only model of the
 same class runs as it is). A loss or training forward with pruning is refused (the llava package's
-classes train pruned). On transformers 4.x, which splices images inside the model, ``hf_llava_v4`` splices them
-itself (LLaVA and LLaVA-NeXT; 4.x's OneVision is refused by name).
+classes train pruned).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.util
@@ -46,22 +44,16 @@ import inspect
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from .. import percall
-from ..compat import transformers as compat
-from ..core.budget import resolve_stage_budget
-from ..runtime import config_for
-from ..stages.decoder import wrap_model_forward
-from ..stages import proportional
-from ..stages.encoder import HF_CLIP_BLOCK, VitPruner
-from ..stages.layout import VisualLayout, identity_geometry, query_mask, unpruned_geometry
-from ..stats import RunStats, StageCount
-from . import anyres
-from .family import Family, require
-from .vision import ImageTokens, clip_layers, selected_depth
+from ... import percall
+from ...runtime import config_for
+from ...stages.decoder import patch_language_model
+from ..family import require
+from .common import (build_layout, check_stage1, drop_pruned, image_runs, is_anyres, prunes, refuse_beams,
+                     refuse_training, spread_crops, stage1, state, tower_patches)
 
 
 @dataclass(frozen=True)
@@ -80,79 +72,6 @@ CLASSES = (
                  "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel", True),
 )
 INNER = {c.inner: c for c in CLASSES}
-# Towers Stage 1 prunes between blocks: CLIP (a CLS token first) and SigLIP (none, every token a patch).
-VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
-
-
-def is_installed() -> bool:
-    return importlib.util.find_spec(CLASSES[0].module) is not None
-
-
-def tower_patches(model: Any) -> int:
-    """Patch tokens the vision tower gives one image (or one crop), CLS excluded."""
-    vision = model.config.vision_config
-    return (int(vision.image_size) // int(vision.patch_size)) ** 2
-
-
-def is_anyres(model: Any) -> bool:
-    """LLaVA-NeXT and OneVision: images are cut into crops and packed by ``pack_image_features``."""
-    return hasattr(model, "pack_image_features")
-
-
-def _check(model: Any, cfg: Any) -> None:
-    if not cfg.encoder:
-        return
-    layer = model.config.vision_feature_layer
-    if not isinstance(layer, int):
-        raise NotImplementedError(
-            f"meteor-plugin Stage 1 on {type(model).__name__}: vision_feature_layer={layer!r} concatenates several "
-            "layers of different lengths once pruned; set encoder=False")
-    kind = getattr(model.config.vision_config, "model_type", "")
-    if kind not in VISION_TYPES:
-        raise NotImplementedError(f"meteor-plugin Stage 1 on transformers' LLaVA knows CLIP and SigLIP towers, not "
-                                  f"{kind!r}; set encoder=False (Stage 3 runs)")
-    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
-    if not _has_cls(model) and strategy == "default":
-        raise NotImplementedError(f"meteor-plugin Stage 1 on a {kind} tower needs vision_feature_select_strategy="
-                                  "'full': it has no CLS token, so 'default' would drop a kept patch")
-    if _has_cls(model) and strategy == "full" and is_anyres(model):
-        raise NotImplementedError("meteor-plugin Stage 1 on LLaVA-NeXT with a CLIP tower needs "
-                                  "vision_feature_select_strategy='default'")
-
-
-def _has_cls(model: Any) -> bool:
-    return getattr(model.config.vision_config, "model_type", "") == "clip_vision_model"
-
-
-# Encoding images with Stage 1 -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def stage1(model: Any, cfg: Any, registry: Any) -> Iterator[Any]:
-    """Stage 1 inside ``model``'s vision tower for what runs in the block (yields its plan, whose
-    ``positions`` are each CLIP input's kept patches afterwards), or nothing when Stage 1 is off."""
-    if not cfg.encoder:
-        yield None
-        return
-    _check(model, cfg)
-    track = proportional.wanted(cfg) and not is_anyres(model)
-    if proportional.wanted(cfg) and not track:
-        proportional.unavailable(cfg, model, f"does not run on {type(model).__name__}'s packed crops with Stage 1 yet "
-                                 "(it runs with Stage 3 alone there, and on transformers' LLaVA with both)")
-    layers = clip_layers(model.vision_tower)
-    depth = selected_depth(len(layers), int(model.config.vision_feature_layer))
-    patches = tower_patches(model)
-    keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches)
-    pruner = VitPruner.attach(layers, HF_CLIP_BLOCK, registry)
-    pruner.start(patches, keep, depth, cfg.encoder_shallow_share, has_cls=_has_cls(model),
-                 deep_score=cfg.encoder_deep_score, spread_floor=cfg.spread_floor, track_sizes=track)
-    call = percall.current()
-    with pruner.running() as plan:
-        call.hf_plan = plan
-        try:
-            yield plan
-        finally:
-            call.hf_plan = None
-    call.hf_kept = plan.positions.tolist() if plan.positions is not None else None
-    call.hf_sizes = plan.sizes if track else None
 
 
 def wrap_image_features(original: Any, registry: Any) -> Any:
@@ -199,28 +118,12 @@ def _refuse_resampled(model: Any, sizes: Any, aspect: Optional[str], per_sample:
                 "the budget); set encoder=False for such inputs (Stage 3 runs)")
 
 
-def spread_crops(image_features: Any, positions: List[List[int]], patches: int) -> List[torch.Tensor]:
-    """Stage 1's kept tokens of each image's crops (``(crops, keep, D)``, crops in the order the tower saw them)
-    put back at their patch positions, NaN rows elsewhere, for LLaVA-NeXT's ``pack_image_features``."""
-    spread, at = [], 0
-    for feature in image_features:
-        spread.append(anyres.spread_to_grid(feature, positions[at:at + feature.shape[0]], patches))
-        at += feature.shape[0]
-    return spread
-
-
-def drop_pruned(packed: Any) -> List[torch.Tensor]:
-    """Each packed image's features less the NaN rows `spread_crops` put at pruned patches."""
-    return [p[~torch.isnan(p).all(dim=-1)] for p in packed]
-
-
 def wrap_pack(original: Any) -> Any:
     """LLaVA-NeXT's ``pack_image_features`` on Stage 1's tokens: spread to full grids, packed, NaN rows dropped."""
 
     @functools.wraps(original)
     def pack_image_features(self, image_features, *args, **kwargs):
-        call = percall.current()
-        plan = call.hf_plan if call is not None else None
+        plan = state().plan if percall.current() is not None else None
         if plan is None:
             return original(self, image_features, *args, **kwargs)
         spread = spread_crops(image_features, plan.positions.tolist(), tower_patches(self))
@@ -242,20 +145,6 @@ def encode(inner: Any, pixel_values: Any, kwargs: Dict[str, Any]) -> Any:
 
 
 # The prompt and the layout ------------------------------------------------------------------------------------
-def image_runs(ids: torch.Tensor, valid: torch.Tensor, token: int) -> List[Tuple[int, int, int]]:
-    """(sample, start, end) of every run of image tokens, in the order the model fills them."""
-    runs = []
-    image = (ids == token) & valid
-    for i in range(ids.shape[0]):
-        positions = torch.nonzero(image[i]).flatten().tolist()
-        for p in positions:
-            if runs and runs[-1][0] == i and runs[-1][2] == p:
-                runs[-1] = (i, runs[-1][1], p + 1)
-            else:
-                runs.append((i, p, p + 1))
-    return runs
-
-
 def fit_prompt(ids: torch.Tensor, mask: Optional[torch.Tensor], token: int, counts: List[int]) -> tuple:
     """Each image's run of image tokens cut to its feature count (its last tokens dropped), rows re-padded on
     the side the mask pads; returns (ids, mask, runs after the cut)."""
@@ -286,68 +175,12 @@ def fit_prompt(ids: torch.Tensor, mask: Optional[torch.Tensor], token: int, coun
         new_ids, new_valid, token)
 
 
-def build_layout(model: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.Tensor], features: List[torch.Tensor],
-                 crops: List[int], runs: List[Tuple[int, int, int]]) -> VisualLayout:
-    """Visual tokens = image-token positions less the row separators; stats of Stages 1 and the crops."""
-    valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    visual = torch.zeros_like(valid)
-    newlines = torch.zeros_like(valid)
-    line = getattr(model, "image_newline", None)
-    stats = RunStats(ids.shape[0])
-    patches = tower_patches(model)
-    keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches) if cfg.encoder else patches
-    call = percall.current()
-    kept = list(call.hf_kept or []) if call is not None else []
-    geometry = _unpruned_geometry(model, cfg, valid, runs, kept, call.hf_sizes if call is not None else None)
-    for (i, start, end), feature, n in zip(runs, features, crops):
-        visual[i, start:end] = True
-        if line is not None:
-            newlines[i, start:end] = (feature == line.to(feature.dtype).view(1, -1)).all(dim=-1).to(newlines.device)
-        sample = stats.stages[i]
-        if cfg.encoder:
-            count = sample.setdefault("encoder", StageCount(0, 0, {"kept": []}))
-            count.entered += n * patches
-            count.left += n * keep
-            count.detail["kept"] += kept[:n]  # per CLIP input (base image, then crops): the patches kept
-            kept = kept[n:]
-        if is_anyres(model):
-            rows = int(newlines[i, start:end].sum())
-            base = keep if n > 1 else end - start - rows
-            entry = sample.setdefault("anyres", StageCount(0, 0, {"base": 0, "crops": 0, "newlines": 0}))
-            entry.entered += n * patches
-            entry.left += end - start - rows
-            for key, value in (("base", base), ("crops", end - start - rows - base), ("newlines", rows)):
-                entry.detail[key] += value
-    visual &= ~newlines
-    layout = VisualLayout(visual=visual, valid=valid, stats=stats,
-                          query=query_mask(visual | newlines, valid, None, cfg.text_query))
-    if geometry is not None:
-        layout.positions, layout.key_bias = geometry(visual)
-    return layout
-
-
-def _unpruned_geometry(model: Any, cfg: Any, valid: torch.Tensor, runs: List[Tuple[int, int, int]],
-                       kept: List[List[int]], sizes: Optional[torch.Tensor]) -> Any:
-    """With proportional attention, a function of the visual mask giving the layout's (positions, key_bias); None
-    without it. With Stage 1, each kept patch sits at its place among its image's patches, with its size
-    (``stages.layout.unpruned_geometry``); without, every token at its own place with size 1, for Stage 3."""
-    if not proportional.wanted(cfg) or (cfg.encoder and is_anyres(model)):  # stage1() has warned or refused
-        return None
-    if not cfg.encoder or not kept:
-        return lambda visual: identity_geometry(valid)
-    where = torch.tensor(kept, dtype=torch.long)
-    sizes = sizes.float().cpu() if sizes is not None else torch.ones(where.shape)
-    cls = _has_cls(model) and getattr(model.config, "vision_feature_select_strategy", "default") == "full"
-    tokens = ImageTokens.batch(where, sizes, tower_patches(model), leading_cls=cls)
-    return lambda visual: unpruned_geometry(visual, valid, [i for i, _, _ in runs], tokens)
-
-
 def prepare(model: Any, inner: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.Tensor], pixels: Any,
             kwargs: Dict[str, Any]) -> tuple:
     """Encode the images (Stage 1), fit the prompt to them, and build Stage 3's layout.
 
     Returns (ids, mask, encoder outputs, layout)."""
-    _check(inner, cfg)
+    check_stage1(inner, cfg)
     out = encode(inner, pixels, kwargs)
     features = list(out.pooler_output)
     ids, mask, runs = fit_prompt(ids, mask, inner.config.image_token_id, [f.shape[0] for f in features])
@@ -377,28 +210,6 @@ def _refuse_video(cfg: Any, videos: Any) -> None:
 
 
 # Wrappers ------------------------------------------------------------------------------------------------------
-def prunes(cfg: Any) -> bool:
-    """Whether ``cfg`` removes tokens at all (Stage 2 has nothing to fuse in a one-tower LLaVA)."""
-    return bool(cfg.encoder or cfg.llm)
-
-
-def refuse_beams(model: Any, cfg: Any, kwargs: Dict[str, Any]) -> None:
-    if cfg.llm:
-        beams = kwargs.get("num_beams", getattr(getattr(model, "generation_config", None), "num_beams", 1)) or 1
-        if beams > 1:
-            raise NotImplementedError(
-                f"meteor-plugin Stage 3 does not support beam search (num_beams={beams}); use num_beams=1 "
-                "or enable(..., llm=False)")
-
-
-def refuse_training(model: Any, labels: bool) -> None:
-    if labels or (model.training and torch.is_grad_enabled()):
-        raise NotImplementedError(
-            f"meteor-plugin: a loss or training forward of transformers' {type(model).__name__} with pruning "
-            "is not supported (its labels would not follow the pruned sequence); the llava package's "
-            "classes train pruned (meteor_plugin.train), or set encoder=False, llm=False")
-
-
 def wrap_generate(original: Any) -> Any:
     signature = inspect.signature(original)
 
@@ -411,7 +222,6 @@ def wrap_generate(original: Any) -> Any:
         extra = dict(a.get("kwargs", {}))
         prompt, pixels = a.get("inputs", extra.get("input_ids")), extra.get("pixel_values")
         _refuse_video(cfg, extra.get("pixel_values_videos"))
-        call = percall.current()
         if not prunes(cfg) or pixels is None or not torch.is_tensor(prompt):
             return original(self, *args, **kwargs)
         ids, mask, encoded, layout = prepare(self, self.model, cfg, prompt, extra.get("attention_mask"), pixels, extra)
@@ -420,11 +230,12 @@ def wrap_generate(original: Any) -> Any:
         extra.update(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": encoded})
         if mask is None:
             extra.pop("attention_mask")
-        call.in_generate, call.hf_layout = True, layout
+        call, mine = percall.current(), state()
+        call.in_generate, mine.layout = True, layout
         try:
             out = original(self, **extra)
         finally:
-            call.in_generate, call.hf_layout = False, None
+            call.in_generate, mine.layout = False, None
         if ids.shape == prompt.shape:
             return out
         # Give back the user's prompt, as unpruned generate does: callers slice the new tokens off at its length.
@@ -446,12 +257,12 @@ def wrap_causal_forward(original: Any) -> Any:
     @functools.wraps(original)
     @percall.entry
     def forward(self, *args, **kwargs):
-        call = percall.current()
-        call.hf_labels = signature.bind(self, *args, **kwargs).arguments.get("labels") is not None
+        mine = state()
+        mine.labels = signature.bind(self, *args, **kwargs).arguments.get("labels") is not None
         try:
             return original(self, *args, **kwargs)
         finally:
-            call.hf_labels = False
+            mine.labels = False
 
     return forward
 
@@ -467,15 +278,15 @@ def wrap_inner_forward(original: Any, registry: Any) -> Any:
         a = bound.arguments
         extra = a.get("kwargs", {})
         cfg = config_for(self)
-        call = percall.current()
+        call, mine = percall.current(), state()
         lm = self.language_model
         patch_language_model(type(lm), registry)
-        call.hf_language_model, call.hf_config = lm, cfg
-        layout, call.hf_layout = call.hf_layout, None  # generate's, for its prefill
+        call.language_model, call.language_config = lm, cfg
+        layout, mine.layout = mine.layout, None  # generate's, for its prefill
         ids, pixels = a.get("input_ids"), a.get("pixel_values")
         _refuse_video(cfg, a.get("pixel_values_videos", extra.get("pixel_values_videos")))
         if layout is None and prunes(cfg) and ids is not None and pixels is not None:
-            refuse_training(self, call.hf_labels)
+            refuse_training(self, mine.labels)
             if a.get("position_ids") is not None or extra.get("cache_position") is not None:
                 raise NotImplementedError(
                     "meteor-plugin on transformers' LLaVA fits the prompt to the pruned image: pass no position_ids "
@@ -489,23 +300,6 @@ def wrap_inner_forward(original: Any, registry: Any) -> Any:
         return original(self, **given, **extra)
 
     return forward
-
-
-def patch_language_model(cls: type, registry: Any) -> None:
-    """The language model's class runs Stage 3 only inside a LLaVA call and for that call's model."""
-    if registry.is_patched(cls, "forward"):
-        return
-    original = cls.forward
-    pruned = wrap_model_forward(original, registry, lambda lm: percall.current().hf_config)
-
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        call = percall.current()
-        if call is None or call.hf_language_model is not self:
-            return original(self, *args, **kwargs)
-        return pruned(self, *args, **kwargs)
-
-    registry.patch(cls, "forward", forward)
 
 
 def patch(registry: Any) -> List[type]:
@@ -528,28 +322,3 @@ def patch(registry: Any) -> List[type]:
                 registry.patch(inner, "pack_image_features", wrap_pack(inner.pack_image_features))
         pruned.append(causal)
     return pruned
-
-
-class TransformersLlavaTarget:
-    """What ``enable()`` patches here (the interface of ``llava_arch.ArchTarget``)."""
-
-    name = "transformers-llava"
-    refused = {
-        "LlavaOnevisionForConditionalGeneration": "transformers' LLaVA-OneVision is pruned on transformers 5.x only "
-                                                  "(4.x splices images inside the model)",
-    }
-
-    def is_installed(self) -> bool:
-        return is_installed()
-
-    def patch(self, registry: Any) -> List[type]:
-        if compat.generation() == "5":
-            return patch(registry)
-        from . import hf_llava_v4  # 4.x splices images inside the model: the adapter splices them itself
-
-        return hf_llava_v4.patch(registry)
-
-
-TARGET = TransformersLlavaTarget()
-# Inference only: training goes through the llava package's classes, and there is no checkout to patch.
-FAMILY = Family(name=TARGET.name, target=TARGET)

@@ -27,12 +27,13 @@ from __future__ import annotations
 import inspect
 from typing import Any, Dict
 
+from ..registry import REGISTRY
+from .transformers import transformers_version
+
 
 def make_trainer_importable() -> None:
     """Let ``from transformers.trainer import ALL_LAYERNORM_LAYERS`` work again (transformers 5)."""
     import transformers.trainer as trainer_module
-
-    from ..registry import REGISTRY
 
     if not hasattr(trainer_module, "ALL_LAYERNORM_LAYERS"):
         from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
@@ -77,8 +78,6 @@ _ROUNDED_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_pa
 def round_zero3_bucket_sizes() -> None:
     """Make transformers 4.x write whole numbers where DeepSpeed's config wants them (idempotent)."""
     from transformers.integrations import deepspeed as hf_deepspeed
-
-    from ..registry import REGISTRY
 
     cls = hf_deepspeed.HfTrainerDeepSpeedConfig
     if REGISTRY.is_patched(cls, "trainer_config_finalize"):
@@ -135,3 +134,16 @@ def numpy_rng_globals():
     core = getattr(np, "_core", None) or np.core
     allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     return torch.serialization.safe_globals(allowed)
+
+
+def cpu_training_flags() -> Dict[str, bool]:
+    """TrainingArguments fields a CPU run needs on this transformers generation.
+
+    5.x: without ``use_cpu`` accelerate counts one process and DeepSpeed's batch check fails. 4.x with
+    accelerate 0.34: with ``use_cpu`` the Trainer wraps the model in DDP instead of DeepSpeed."""
+    return {"use_cpu": True} if transformers_version()[0] >= 5 else {}
+
+
+def dtype_keyword() -> str:
+    """The ``from_pretrained`` keyword for the weights' dtype: ``dtype`` in 5.x, ``torch_dtype`` before."""
+    return "dtype" if transformers_version()[0] >= 5 else "torch_dtype"

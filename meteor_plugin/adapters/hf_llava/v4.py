@@ -1,4 +1,5 @@
-"""transformers' LLaVA and LLaVA-NeXT on transformers 4.x (4.37's and 4.44's), part of ``hf_llava``'s family.
+"""transformers' LLaVA and LLaVA-NeXT on transformers 4.x (4.37's and 4.44's): the family's path there, built on
+``common.py`` like 5.x's ``v5.py``.
 
 On 4.x the model splices the images inside its ``forward``: each image is one image token in the prompt,
 which ``_merge_input_ids_with_image_features`` replaces with the image's features, building the attention
@@ -7,13 +8,13 @@ from which cached keys are zero). A pruned image has fewer features than that me
 pruning the adapter does the splice itself, as the merge would:
 
 - the images are encoded with the model's own tower and projector (Stage 1 inside the CLIP or SigLIP
-  tower, ``hf_llava.stage1``; LLaVA-NeXT's crops packed by its own ``pack_image_features`` after
-  ``hf_llava.spread_crops``, the NaN rows dropped after it);
+  tower, ``common.stage1``; LLaVA-NeXT's crops packed by its own ``pack_image_features`` after
+  ``common.spread_crops``, the NaN rows dropped after it);
 - each image token is replaced by its image's features, rows re-padded on the side the mask pads, and the
   model gets ``inputs_embeds``, the mask and the positions (``cumsum`` of the mask, as the merge computes);
 - ``generate`` is handed the spliced embeddings and mask, as the llava package's ``generate`` hands its own,
   so its cache and mask grow from the spliced prompt; the user's prompt is given back in the output;
-- Stage 3 runs in the language model's decoder with ``hf_llava.build_layout``'s layout (row separators
+- Stage 3 runs in the language model's decoder with ``common.build_layout``'s layout (row separators
   never pruned).
 
 With pruning off, or with no images, the model runs as it is. A loss or training forward with pruning,
@@ -30,11 +31,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import percall
-from ..compat import transformers as compat
-from ..runtime import config_for
-from . import hf_llava
-from .family import require
+from ... import percall
+from ...compat import transformers as compat
+from ...runtime import config_for
+from ...stages.decoder import patch_language_model
+from ..family import require
+from . import common
 
 # (module, class, spatial) of the 4.x classes; LLaVA-NeXT exists from 4.39, OneVision only where 5.x's path runs.
 CLASSES = (
@@ -59,7 +61,7 @@ def encode(model: Any, cfg: Any, registry: Any, pixels: torch.Tensor, sizes: Any
     strategy = kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
     if strategy not in ("default", "full"):
         raise ValueError(f"meteor-plugin: unknown vision_feature_select_strategy {strategy!r}")
-    spatial = hf_llava.is_anyres(model)
+    spatial = common.is_anyres(model)
     if spatial:
         if sizes is None:
             raise ValueError(f"meteor-plugin: {type(model).__name__} needs image_sizes with its pixel_values")
@@ -70,7 +72,7 @@ def encode(model: Any, cfg: Any, registry: Any, pixels: torch.Tensor, sizes: Any
             pixels = torch.cat([p[:n] for p, n in zip(pixels, crops)], dim=0)
     else:
         crops = [1] * pixels.shape[0]
-    with hf_llava.stage1(model, cfg, registry) as plan:
+    with common.stage1(model, cfg, registry) as plan:
         hidden = model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
     if strategy == "default":
         hidden = hidden[:, 1:]
@@ -79,10 +81,10 @@ def encode(model: Any, cfg: Any, registry: Any, pixels: torch.Tensor, sizes: Any
         return list(features), crops
     per_image = list(torch.split(features, crops, dim=0))
     if plan is not None:
-        per_image = hf_llava.spread_crops(per_image, plan.positions.tolist(), hf_llava.tower_patches(model))
+        per_image = common.spread_crops(per_image, plan.positions.tolist(), common.tower_patches(model))
     packed, lens = model.pack_image_features(per_image, sizes, image_newline=model.image_newline)
     packed = list(torch.split(packed, [int(n) for n in lens], dim=0)) if torch.is_tensor(packed) else list(packed)
-    return (hf_llava.drop_pruned(packed) if plan is not None else packed), crops
+    return (common.drop_pruned(packed) if plan is not None else packed), crops
 
 
 # The splice ----------------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def prepare(model: Any, cfg: Any, registry: Any, ids: torch.Tensor, mask: Option
     layout)."""
     features, crops = encode(model, cfg, registry, pixels, kwargs.get("image_sizes"), kwargs)
     embeds, mask, positions, spliced, runs = splice(model, ids, mask, features)
-    layout = hf_llava.build_layout(model, cfg, spliced, mask, features, crops, runs)
+    layout = common.build_layout(model, cfg, spliced, mask, features, crops, runs)
     return embeds, mask, positions, layout
 
 
@@ -144,7 +146,7 @@ def prepare(model: Any, cfg: Any, registry: Any, ids: torch.Tensor, mask: Option
 def _decoder(model: Any, registry: Any) -> Any:
     """The language model's decoder (the module with the layers), its class made to run Stage 3."""
     decoder = model.language_model.get_decoder()
-    hf_llava.patch_language_model(type(decoder), registry)
+    patch_language_model(type(decoder), registry)
     return decoder
 
 
@@ -157,17 +159,17 @@ def wrap_forward(original: Any, registry: Any) -> Any:
         a = signature.bind(self, *args, **kwargs).arguments
         extra = a.pop("kwargs", {})
         cfg = config_for(self)
-        call = percall.current()
-        call.hf_language_model, call.hf_config = _decoder(self, registry), cfg
-        layout, call.hf_layout = call.hf_layout, None  # generate's, for its prefill
-        embeds, call.hf_embeds = call.hf_embeds, None
+        call, mine = percall.current(), common.state()
+        call.language_model, call.language_config = _decoder(self, registry), cfg
+        layout, mine.layout = mine.layout, None  # generate's, for its prefill
+        embeds, mine.embeds = mine.embeds, None
         if embeds is not None:  # generate's prefill: 4.44 passes the prompt's ids instead once a cache exists
             a.update(input_ids=None, inputs_embeds=embeds, pixel_values=None, position_ids=_positions(
                 a["attention_mask"]))
         ids, pixels = a.get("input_ids"), a.get("pixel_values")
-        if (layout is None and hf_llava.prunes(cfg) and ids is not None and pixels is not None
+        if (layout is None and common.prunes(cfg) and ids is not None and pixels is not None
                 and ids.shape[1] != 1 and a.get("inputs_embeds") is None):
-            hf_llava.refuse_training(self, a.get("labels") is not None)
+            common.refuse_training(self, a.get("labels") is not None)
             if compat.past_length(a.get("past_key_values"), 0):
                 raise NotImplementedError(
                     "meteor-plugin on transformers' LLaVA splices the pruned image itself: a forward with images "
@@ -192,11 +194,11 @@ def wrap_generate(original: Any, registry: Any) -> Any:
     @percall.entry
     def generate(self, *args, **kwargs):
         cfg = config_for(self)
-        hf_llava.refuse_beams(self, cfg, kwargs)
+        common.refuse_beams(self, cfg, kwargs)
         a = signature.bind(self, *args, **kwargs).arguments
         extra = {**{k: v for k, v in a.items() if k not in ("self", "inputs", "kwargs")}, **a.get("kwargs", {})}
         prompt, pixels = a.get("inputs", extra.get("input_ids")), extra.get("pixel_values")
-        if not hf_llava.prunes(cfg) or pixels is None or not torch.is_tensor(prompt):
+        if not common.prunes(cfg) or pixels is None or not torch.is_tensor(prompt):
             return original(self, *args, **kwargs)
         embeds, mask, _, layout = prepare(self, cfg, registry, prompt, extra.get("attention_mask"), pixels, extra)
         for name in ("pixel_values", "image_sizes", "position_ids"):
@@ -204,12 +206,12 @@ def wrap_generate(original: Any, registry: Any) -> Any:
         # The user's prompt goes along as input_ids: the output starts with it, as unpruned generate's does, and
         # max_new_tokens counts from it; the model runs on the spliced embeddings.
         extra.update(input_ids=prompt, inputs_embeds=embeds, attention_mask=mask)
-        call = percall.current()
-        call.hf_layout, call.hf_embeds = layout, embeds
+        mine = common.state()
+        mine.layout, mine.embeds = layout, embeds
         try:
             return original(self, **extra)
         finally:
-            call.hf_layout = call.hf_embeds = None
+            mine.layout = mine.embeds = None
 
     return generate
 

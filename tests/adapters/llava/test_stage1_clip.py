@@ -6,7 +6,7 @@ import torch
 import meteor_plugin
 from meteor_plugin.core.token_scores import cls_attention, received_attention, similarity_to_mean
 from meteor_plugin.stages.encoder import HF_CLIP_BLOCK, boundaries, split_drop
-from meteor_plugin.adapters.vision import clip_layers
+from meteor_plugin.compat.transformers import clip_layers
 from meteor_plugin.testing.llava import make_batch
 
 STAGE1 = dict(encoder=True, fusion=False, llm=False)

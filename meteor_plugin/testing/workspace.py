@@ -2,7 +2,7 @@
 
 What the tiny CPU recipe (``recipes/tiny-cpu.sh``) and the training tests run on:
 
-    python -m meteor_plugin.training.tiny WORKDIR [--codebase eagle]     # prints the paths as JSON
+    python -m meteor_plugin.testing.workspace WORKDIR [--codebase eagle]     # prints the paths as JSON
 
 The EAGLE checkpoint is one of the test stand-in (``meteor_plugin.testing.eagle_like``) with three
 encoders, ``clip-448;convnext-1024;pix2struct-1024``: CLIP is pruned inside (between its blocks), the
@@ -73,8 +73,8 @@ def write_images_and_data(folder: str, samples: int = 16, image_size: int = 32, 
 
 def prepare(workdir: str, samples: int = 16, seed: int = 0, spec=None) -> Dict[str, str]:
     """A tiny LLaVA checkpoint (``workdir/models/tiny-llava-v1``) and data (``workdir/data``)."""
-    from ..testing.checkpoint import save_tiny_llava_checkpoint, vision_tower_path
-    from ..testing.llava import TinyLlavaSpec
+    from .checkpoint import save_tiny_llava_checkpoint, vision_tower_path
+    from .llava import TinyLlavaSpec
 
     spec = spec or TinyLlavaSpec()
     checkpoint = save_tiny_llava_checkpoint(os.path.join(workdir, "models"), spec)
@@ -87,8 +87,8 @@ EAGLE_TOWERS = "clip-448;convnext-1024;pix2struct-1024"
 
 def prepare_eagle(workdir: str, samples: int = 16, seed: int = 0, spec=None) -> Dict[str, str]:
     """A tiny EAGLE-like checkpoint (``workdir/models/tiny-eagle-x3``, not converted) and data."""
-    from ..testing.checkpoint import save_tiny_tokenizer
-    from ..testing.eagle_like import TinyEagleSpec, install, save_tiny_eagle
+    from .checkpoint import save_tiny_tokenizer
+    from .eagle_like import TinyEagleSpec, install, save_tiny_eagle
 
     install()
     spec = spec or TinyEagleSpec(vision_tower=EAGLE_TOWERS)
@@ -100,7 +100,7 @@ def prepare_eagle(workdir: str, samples: int = 16, seed: int = 0, spec=None) -> 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meteor_plugin.training.tiny", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m meteor_plugin.testing.workspace", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir")
     parser.add_argument("--samples", type=int, default=16)

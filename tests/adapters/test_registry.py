@@ -1,5 +1,6 @@
-"""One record per model family: inference, training and the patcher all read ``adapters.FAMILIES``, and no
-module outside ``adapters/`` restates an upstream codebase's module paths."""
+"""One folder and one record per model family: inference, training and the patcher all read the registry
+(``adapters.FAMILIES`` and its lookups), every family folder provides what the protocol requires, and no module
+outside ``adapters/`` restates an upstream codebase's module paths."""
 
 import ast
 import importlib
@@ -10,12 +11,9 @@ import pytest
 
 import meteor_plugin
 from meteor_plugin import adapters, patcher
-from meteor_plugin.adapters.family import Family
-from meteor_plugin.patcher.codebases import Codebase as PatcherCodebase
-from meteor_plugin.patcher.codebases import Layout, main_script
+from meteor_plugin.adapters.family import Family, Layout, PatcherSpec, TrainingSpec, missing_parts
+from meteor_plugin.adapters.shared.script_edits import main_script
 from meteor_plugin.run import training_modules
-from meteor_plugin.training import codebases
-from meteor_plugin.training.codebases import Codebase as TrainingCodebase
 
 PACKAGE = pathlib.Path(meteor_plugin.__file__).parent
 # Where upstream codebases keep their models, training and loaders.
@@ -54,22 +52,50 @@ def test_no_module_outside_the_adapters_names_an_upstream_module():
     assert found == []
 
 
-def test_every_family_is_one_module_with_one_record():
+def _family_folders():
+    return sorted(p.name for p in (PACKAGE / "adapters").iterdir()
+                  if p.is_dir() and (p / "__init__.py").is_file() and p.name != "shared")
+
+
+def test_every_family_is_one_folder_with_one_record():
     records = {}
-    for path in sorted((PACKAGE / "adapters").glob("*.py")):
-        module = importlib.import_module(f"meteor_plugin.adapters.{path.stem}")
-        if isinstance(getattr(module, "FAMILY", None), Family):
-            records[path.stem] = module.FAMILY
-    # every module with a record is listed, once, and nothing else is
+    for name in _family_folders():
+        module = importlib.import_module(f"meteor_plugin.adapters.{name}")
+        assert isinstance(getattr(module, "FAMILY", None), Family), f"adapters/{name}/ defines no FAMILY"
+        records[name] = module.FAMILY
+    # every folder with a record is listed, once, and nothing else is
     assert sorted(map(id, records.values())) == sorted(map(id, adapters.FAMILIES))
     assert sorted(records) == ["eagle", "hf_llava", "llava"]
     names = [family.name for family in adapters.FAMILIES]
     assert len(set(names)) == len(names) and set(adapters.BY_NAME) == set(names)
-    # The training and patcher registries are exactly the families' records.
-    assert list(codebases.known().values()) == [f.training for f in adapters.FAMILIES if f.training is not None]
+    # No module of adapters/ but the protocol, the registry and refusal.py sits outside a folder.
+    loose = sorted(p.name for p in (PACKAGE / "adapters").glob("*.py"))
+    assert loose == ["__init__.py", "family.py", "refusal.py"]
+    # The training and patcher lookups read exactly the families' records.
+    assert list(adapters.training_specs().values()) == [f.training for f in adapters.FAMILIES if f.training is not None]
     assert patcher.known() == tuple(f.patcher for f in adapters.FAMILIES if f.patcher is not None)
     entries = training_modules()
     assert entries["llava.train.train_mem"] == ("llava", "flash_attention_2") and entries["train"] == ("eagle", "sdpa")
+
+
+@pytest.mark.parametrize("family", adapters.FAMILIES, ids=lambda f: f.name)
+def test_every_family_record_provides_what_the_protocol_requires(family):
+    assert missing_parts(family) == []
+
+
+def test_a_family_folder_lacking_a_part_of_the_protocol_is_named():
+    class Partial:
+        name = "partial"
+        refused = {}
+
+        def is_installed(self):
+            return True
+
+    problems = missing_parts(Family(name="partial", target=Partial()))
+    assert problems == ["target.patch()", "target.encoders()"]
+    assert missing_parts(Family(name="other", target=_ToyTarget())) == [
+        "target.name equal to the family's name 'other'"]
+    assert missing_parts(object()) == ["FAMILY is a object, not an adapters.family.Family"]
 
 
 class _ToyTarget:
@@ -88,17 +114,20 @@ class _ToyTarget:
         self.patched += 1
         return []
 
+    def encoders(self, model):
+        return None
+
 
 def _toy_family():
-    training = TrainingCodebase(
+    training = TrainingSpec(
         name="toy", keyword="toy", model_module="toyvlm.model.toy_llama", causal_lm="ToyLlamaForCausalLM",
         config_class="ToyConfig", model_types=("toy_llama",), train_module="toyvlm.train.train",
         trainer_class="ToyTrainer", model_global="ToyLlamaForCausalLM", available=lambda: True,
         entry_modules={"toyvlm.train.train_mem": "flash_attention_2"}, title="Toy",
     )
     layout = Layout("v1", "toy at v1", "toy-v1.patch")
-    patches = PatcherCodebase(name="toy", title="Toy", package="toyvlm",
-                              files=(main_script("toyvlm/eval/run.py", "evaluation", ("main",)),), layouts=(layout,))
+    patches = PatcherSpec(name="toy", title="Toy", package="toyvlm",
+                          files=(main_script("toyvlm/eval/run.py", "evaluation", ("main",)),), layouts=(layout,))
     return Family(name="toy", target=_ToyTarget(), training=training, patcher=patches)
 
 
@@ -114,8 +143,8 @@ def test_a_family_added_as_one_record_reaches_inference_training_and_the_patcher
         meteor_plugin.disable()
     assert toy.refused == {"ToyMptForCausalLM": "the toy's MPT is not supported"}
     # training: its checkpoints, its training entry, its name in convert's --codebase
-    assert codebases.for_checkpoint({"model_type": "toy_llama"}) is toy.training
-    assert codebases.get("toy") is toy.training
+    assert adapters.spec_for_checkpoint({"model_type": "toy_llama"}) is toy.training
+    assert adapters.training_spec("toy") is toy.training
     assert training_modules()["toyvlm.train.train_mem"] == ("toy", "flash_attention_2")
     # the patcher: a tree with its landmark is recognised as it
     (tmp_path / "toyvlm" / "model").mkdir(parents=True)
