@@ -10,7 +10,8 @@ from training_support import STORED, STORED_EAGLE, EagleWorkspace, Workspace
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Workspace:
     from meteor_plugin import MeteorConfig
-    from meteor_plugin.training import convert, tiny
+    from meteor_plugin.testing import workspace as tiny
+    from meteor_plugin.training import convert
 
     root = str(tmp_path_factory.mktemp("meteor-train"))
     tiny.prepare(root)
@@ -26,7 +27,8 @@ def eagle_workspace(tmp_path_factory) -> EagleWorkspace:
     """A tiny EAGLE-like checkpoint (three encoders), its converted copy, data, and the config file the run
     from the unconverted checkpoint is given."""
     from meteor_plugin import MeteorConfig
-    from meteor_plugin.training import convert, tiny
+    from meteor_plugin.testing import workspace as tiny
+    from meteor_plugin.training import convert
 
     root = str(tmp_path_factory.mktemp("meteor-train-eagle"))
     tiny.prepare_eagle(root)
