@@ -27,6 +27,7 @@ from .config import MeteorConfig
 from .core.budget import Budget
 from .core.rank import RANK_MEASURES, encoder_rank
 from .progress import bar, counted
+from .patching import enabled
 from .runtime import stored_config
 from .stats import stats
 
@@ -91,14 +92,11 @@ def encoder_ranks(model: Any, images: torch.Tensor, measure: str = "effective",
 @torch.no_grad()
 def stage3_mass(model: Any, tokenizer: Any, images: torch.Tensor, config: MeteorConfig,
                 prompts: Sequence[str] = PROMPTS) -> Dict[str, float]:
-    """Mean Stage 3 budget signal (``llm_budget_signal``) and mean visual tokens entering Stage 3."""
-    import meteor_plugin.patching as meteor_plugin
-
+    """Mean Stage 3 budget signal (``llm_budget_signal``) and mean visual tokens entering Stage 3, measured in a
+    scope of its own (the user's switch and configs are left as they are)."""
     probe = config.replace(llm=True, llm_min_keep=1.0, llm_max_keep=1.0)
-    was = meteor_plugin.is_enabled()
-    meteor_plugin.enable(probe)
     masses, entering = [], []
-    try:
+    with enabled(probe):
         for i in counted(images.shape[0], "Stage 3 signal", "image"):
             text = f"USER: <image>\n{prompts[i % len(prompts)]} ASSISTANT:"
             before, after = text.split("<image>")
@@ -107,10 +105,6 @@ def stage3_mass(model: Any, tokenizer: Any, images: torch.Tensor, config: Meteor
             llm = stats(model).stages[0]["llm"]
             masses.append(float(llm.detail["signal"]))
             entering.append(llm.entered)
-    finally:
-        meteor_plugin.disable()
-        if was:
-            meteor_plugin.enable()
     return {"signal": sum(masses) / len(masses), "visual_tokens": sum(entering) / len(entering)}
 
 

@@ -57,7 +57,6 @@ def _pixels(model: Any, image, processor: Optional[Any]) -> torch.Tensor:
 
 def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: Optional[meteor_plugin.MeteorConfig] = None,
         max_new_tokens: int = 16, repeats: int = 5, image_file: Optional[str] = None) -> Dict[str, Any]:
-    meteor_plugin.disable()
     tokenizer = processor = None
     image = draw_image()
     if image_file is not None:
@@ -72,8 +71,7 @@ def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: 
         require_checkpoint(model_path, "--model-path")
         from .calibrate import load_checkpoint
 
-        tokenizer, model = load_checkpoint(model_path)  # LLaVA's or EAGLE's own loader (the plugin enabled if needed)
-        meteor_plugin.disable()
+        tokenizer, model = load_checkpoint(model_path)  # LLaVA's or EAGLE's own loader
         text = f"USER: <image>\n{prompt} ASSISTANT:"
         before, after = text.split("<image>")
         ids = torch.tensor([tokenizer(before).input_ids + [IMAGE_TOKEN_INDEX]
@@ -98,8 +96,7 @@ def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: 
     off = meteor_plugin.MeteorConfig(encoder=False, fusion=False, llm=False)
     results = {}
     for name, cfg in (("unpruned", off), ("meteor", config)):
-        meteor_plugin.enable(cfg)
-        with torch.no_grad():
+        with torch.no_grad(), meteor_plugin.enabled(cfg):
             out = model.generate(ids, images=pixels, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  pad_token_id=0)
         new = out[0, -max_new_tokens:].tolist() if tokenizer is None else out[0].tolist()
@@ -109,7 +106,6 @@ def run(model_path: Optional[str] = None, prompt: str = DEFAULT_PROMPT, config: 
             run_stats = meteor_plugin.stats(model)
     timing = interleaved_prefill(lambda: model(input_ids=ids, images=pixels, use_cache=True),
                                  {"unpruned": off, "meteor": config}, repeats)
-    meteor_plugin.disable()
     return {"model": description, "prompt": prompt, "results": results, "timing": timing, "config": config.to_dict(),
             "stages": run_stats.to_dict()["samples"][0] if run_stats else {}}
 
@@ -137,12 +133,12 @@ def interleaved_prefill(prefill, variants: Dict[str, Any], repeats: int, warmup:
     times: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(warmup + repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
-            meteor_plugin.enable(variants[name])
-            start = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), meteor_plugin.enabled(variants[name]):
+                start = time.perf_counter()
                 prefill()
+                elapsed = time.perf_counter() - start
             if r >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(elapsed)
     ratios = sorted(a / b for a, b in zip(times[names[0]], times[names[-1]]))
     out: Dict[str, Any] = {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for n, t in times.items()}
     out["speedup"] = {"median": statistics.median(ratios), "low": ratios[0], "high": ratios[-1], "rounds": repeats}
@@ -197,11 +193,10 @@ def run_fidelity(question: Optional[str] = None, seed: int = 0, config: Optional
             inputs = {"input_ids": torch.tensor([prompt_ids(tokenizer, q.text)]), "images": image}
             row = {"prompt": q.text, "kind": q.kind, "expected": q.answer}
             for name, cfg in (("unpruned", unpruned_config()), ("meteor", config)):
-                meteor_plugin.enable(cfg)
-                with torch.no_grad():
+                with torch.no_grad(), meteor_plugin.enabled(cfg):
                     logits = model(**inputs, use_cache=False).logits[0, -1]
+                    run_stats = meteor_plugin.stats(model)
                 row[name] = tokenizer.convert_ids_to_tokens(int(logits.argmax()))
-            run_stats = meteor_plugin.stats(model)
             row["stages"] = run_stats.to_dict()["samples"][0] if run_stats else {}
             answers.append(row)
         asked_scenes.append({"seed": s, "scene": _describe(sample.scene), "answers": answers})
@@ -212,7 +207,7 @@ def run_fidelity(question: Optional[str] = None, seed: int = 0, config: Optional
               "images": pixels(first_image[None])}
     timing = interleaved_prefill(lambda: model(**prompt, use_cache=False),
                                  {"unpruned": unpruned_config(), "meteor": config}, repeats)
-    meteor_plugin.disable()
+    meteor_plugin.detach(model)  # load() attached it
     rows = [a for entry in asked_scenes for a in entry["answers"]]
     result = {"model": f"fidelity checkpoint {path} (trained EAGLE-like model: CLIP ViT 32 px + ConvNeXt 96 px, "
                        f"{VISUAL_TOKENS} visual tokens)",

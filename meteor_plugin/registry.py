@@ -88,7 +88,10 @@ class PatchRegistry:
         self._order.clear()
 
 
-REGISTRY = PatchRegistry()
+REGISTRY = PatchRegistry()  # what pruning patches (enable, scopes, attached models); patching.py undoes it
+# What a training run changes in upstream's training code and its libraries (training/hooks.py's ``installed``
+# undoes it, not ``meteor_plugin.disable()``).
+TRAINING_REGISTRY = PatchRegistry()
 
 
 def wraps_original(registry: PatchRegistry, owner: Any, name: str) -> Callable[[Callable], Callable]:

@@ -57,21 +57,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     skip_shm_op_build()
     hooks.prepare_imports()
     module = codebase.import_train_module()
-    session = hooks.install(module, codebase)
-    if not options.off:
-        import meteor_plugin
+    with hooks.installed(module, codebase) as session, pruning(options):
+        from meteor_plugin.compat.training import translate_flags
 
-        from meteor_plugin.entry import config_path
-
-        # --meteor-config, else METEOR_CONFIG, else each model's config stored in its checkpoint (or the defaults).
-        meteor_plugin.enable(config_path(options.config), **options.overrides)
-    from meteor_plugin.compat.training import translate_flags
-
-    argv = translate_flags(argv, module.TrainingArguments)
-    sys.argv = [getattr(module, "__file__", codebase.train_module)] + argv
-    module.train(attn_implementation=attn)
-    publish_final(session, barrier, save)
+        argv = translate_flags(argv, module.TrainingArguments)
+        sys.argv = [getattr(module, "__file__", codebase.train_module)] + argv
+        module.train(attn_implementation=attn)
+        publish_final(session, barrier, save)
     return 0
+
+
+def pruning(options):
+    """The scope training runs in: pruning with --meteor-config, else METEOR_CONFIG, else each model's config
+    stored in its checkpoint (or the defaults); none with --meteor-off."""
+    import contextlib
+
+    import meteor_plugin
+
+    from meteor_plugin.entry import config_path
+
+    if options.off:
+        return contextlib.nullcontext()
+    return meteor_plugin.enabled(config_path(options.config), **options.overrides)
 
 
 def shutdown_distributed() -> bool:

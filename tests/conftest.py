@@ -14,10 +14,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(autouse=True)
 def _plugin_off():
-    """Every test starts and ends with nothing patched."""
+    """Every test starts and ends with nothing patched: no pruning, and no training change to upstream code."""
+    from meteor_plugin.training import hooks
+
     meteor_plugin.disable()
+    hooks.uninstall()
     yield
     meteor_plugin.disable()
+    hooks.uninstall()
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,7 @@ def test_a_projection_missing_from_the_scoring_layer_is_named_at_the_first_forwa
 
 def test_config_is_stored_in_the_model_and_reloads_from_a_saved_checkpoint(tiny_llava, tmp_path):
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-    from meteor_plugin.runtime import config_for
+    from meteor_plugin.runtime import pruning_config as config_for
     from meteor_plugin.testing.llava import make_batch
 
     model = tiny_llava()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+from ..runtime import pruning_on
+
 # Config attributes by which a generative model takes images (the llava and EAGLE codebases write
 # mm_vision_tower; transformers' own VLMs vision_config and an image token).
 VISION_SIGNALS = ("vision_config", "mm_vision_tower", "vision_tower", "image_token_index", "image_token_id")
@@ -38,7 +40,10 @@ def pruned_classes(registry: Any) -> List[str]:
 
 
 def check(model: Any, registry: Any, reasons: Dict[str, str]) -> None:
-    """Raise UnsupportedModelError if ``model`` is a vision-language model no adapter prunes."""
+    """Raise UnsupportedModelError if pruning is on here and ``model`` is a vision-language model no adapter
+    prunes."""
+    if not pruning_on():
+        return
     cls = type(model)
     can_generate = getattr(cls, "can_generate", None)
     if can_generate is None or not can_generate() or not takes_images(model) or is_pruned_class(cls, registry):
@@ -48,7 +53,7 @@ def check(model: Any, registry: Any, reasons: Dict[str, str]) -> None:
     raise UnsupportedModelError(
         f"meteor-plugin is enabled but cannot prune {cls.__module__}.{cls.__name__}: {why}. "
         f"Running it would give unpruned results that look pruned, so it is refused. Pruned now: {supported}. "
-        "Call meteor_plugin.disable() to run this model without pruning."
+        "Run it inside `with meteor_plugin.disabled():` (or call meteor_plugin.disable()) to run it without pruning."
     )
 
 

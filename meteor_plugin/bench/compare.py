@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 import torch
 
@@ -18,7 +18,7 @@ from .memory import peak_memory_bytes, peak_memory_in
 @dataclass
 class Variant:
     name: str
-    switch: Callable[[], None]  # puts the model in this variant (enables or disables the plugin)
+    scope: Callable[[], ContextManager]  # the model runs this variant inside it (meteor_plugin.enabled/disabled)
 
 
 def compare(prefill: Callable[[], Any], variants: List[Variant], repeats: int, warmup: int,
@@ -31,12 +31,12 @@ def compare(prefill: Callable[[], Any], variants: List[Variant], repeats: int, w
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def once(variant: Variant) -> float:
-        variant.switch()
-        sync()
-        start = time.perf_counter()
-        prefill()
-        sync()
-        return time.perf_counter() - start
+        with variant.scope():
+            sync()
+            start = time.perf_counter()
+            prefill()
+            sync()
+            return time.perf_counter() - start
 
     runs: Dict[str, List[float]] = {v.name: [] for v in variants}
     results: Dict[str, Dict[str, Any]] = {}
@@ -52,20 +52,20 @@ def compare(prefill: Callable[[], Any], variants: List[Variant], repeats: int, w
                 runs[v.name].append(once(v))
                 progress.update(1)
         for v in variants:
-            v.switch()
-            out = prefill()
-            extra = inspect(v.name)
-            results[v.name] = {
-                **extra,
-                "seconds": statistics.median(runs[v.name]),
-                "runs": runs[v.name],
-                "gflops": count_flops(prefill) / 1e9,
-                "peak_memory_mib": peak_memory_bytes(prefill, device) / 2 ** 20,
-                "kv_cache_mib": cache_bytes(getattr(out, "past_key_values", None)) / 2 ** 20,
-            }
-            del out
-            if llm is not None:
-                results[v.name]["llm_peak_memory_mib"] = peak_memory_in(prefill, llm, device) / 2 ** 20
+            with v.scope():
+                out = prefill()
+                extra = inspect(v.name)
+                results[v.name] = {
+                    **extra,
+                    "seconds": statistics.median(runs[v.name]),
+                    "runs": runs[v.name],
+                    "gflops": count_flops(prefill) / 1e9,
+                    "peak_memory_mib": peak_memory_bytes(prefill, device) / 2 ** 20,
+                    "kv_cache_mib": cache_bytes(getattr(out, "past_key_values", None)) / 2 ** 20,
+                }
+                del out
+                if llm is not None:
+                    results[v.name]["llm_peak_memory_mib"] = peak_memory_in(prefill, llm, device) / 2 ** 20
             progress.update(extra_runs)
     return results
 

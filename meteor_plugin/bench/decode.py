@@ -10,6 +10,8 @@ prefill and the first token) and the KV cache's bytes at the end, read from the 
 
 from __future__ import annotations
 
+import contextlib
+
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -43,7 +45,6 @@ class DecodeBench:
 
 def run(bench: DecodeBench = DecodeBench(), spec: TinyLlavaSpec = LLAVA15_SCALED) -> Dict[str, Any]:
     device = torch.device(bench.device)
-    meteor_plugin.disable()
     model = build_tiny_llava(spec).to(device=device, dtype=getattr(torch, bench.dtype))
     model.generation_config.eos_token_id = None  # random weights: every row decodes all its tokens
     if not 0 < bench.keep <= spec.visual_tokens:
@@ -71,21 +72,23 @@ def run(bench: DecodeBench = DecodeBench(), spec: TinyLlavaSpec = LLAVA15_SCALED
     # Unpruned runs with the plugin on and every stage off (its outputs equal the unpatched model's): upstream
     # LLaVA's own generate raises on transformers 4.38-4.44 (cache_position), the patched one does not.
     off = config.replace(llm=False)
-    switches = {"unpruned": lambda: meteor_plugin.enable(off), "stage3": lambda: meteor_plugin.enable(config)}
-    runs: Dict[str, Dict[str, List[float]]] = {name: {"full": [], "first": []} for name in switches}
-    with bar((bench.warmup + bench.repeats) * 2 * len(switches), "generates", "run") as progress:
+    attachment = meteor_plugin.attach(model, off)  # the patches stay on through every round
+    scopes = {"unpruned": contextlib.nullcontext, "stage3": lambda: meteor_plugin.enabled(config)}
+    runs: Dict[str, Dict[str, List[float]]] = {name: {"full": [], "first": []} for name in scopes}
+    with bar((bench.warmup + bench.repeats) * 2 * len(scopes), "generates", "run") as progress:
         for round_ in range(bench.warmup + bench.repeats):
-            for name, switch in switches.items():
-                switch()
-                full, first = timed(bench.new_tokens), timed(1)
+            for name, scope in scopes.items():
+                with scope():
+                    full, first = timed(bench.new_tokens), timed(1)
                 if round_ >= bench.warmup:
                     runs[name]["full"].append(full)
                     runs[name]["first"].append(first)
                 progress.update(2)
     results: Dict[str, Dict[str, Any]] = {}
-    for name, switch in switches.items():
-        switch()
-        out = generate(bench.new_tokens)
+    for name, scope in scopes.items():
+        with scope():
+            out = generate(bench.new_tokens)
+            kept = meteor_plugin.stats(model).stages[0]["llm"].left if name == "stage3" else spec.visual_tokens
         full = statistics.median(runs[name]["full"])
         decode = statistics.median(f - s for f, s in zip(runs[name]["full"], runs[name]["first"]))
         results[name] = {
@@ -94,10 +97,10 @@ def run(bench: DecodeBench = DecodeBench(), spec: TinyLlavaSpec = LLAVA15_SCALED
             "decode_seconds": decode,
             "decode_tokens_per_second": bench.batch * (bench.new_tokens - 1) / decode,
             "kv_cache_mib": cache_bytes(out.past_key_values) / 2 ** 20,
-            "visual_tokens": meteor_plugin.stats(model).stages[0]["llm"].left if name == "stage3" else spec.visual_tokens,
+            "visual_tokens": kept,
             "runs": runs[name],
         }
-    meteor_plugin.disable()
+    attachment.detach()
     u, p = results["unpruned"], results["stage3"]
     return {
         "benchmark": "llava-decode",

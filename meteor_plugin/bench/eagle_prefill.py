@@ -10,6 +10,8 @@ the encoders' tokens (1193 in METEOR's ablation), Stage 2 keeps 576, Stage 3 kee
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import asdict, dataclass
 from typing import Any, Dict
 
@@ -64,15 +66,14 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
 
     device = torch.device(bench.device)
     dtype = getattr(torch, bench.dtype)
-    meteor_plugin.disable()
     model = build_tiny_eagle(spec).to(device=device, dtype=dtype)
     ranks = encoder_ranks(model, pixels(model, scene_images(4)))
-    meteor_plugin.enable(llm=False)  # the conversion's modules are the plugin's
     convert_to_post_projection(model)
     config = meteor_plugin.MeteorConfig(
         encoder_keep=bench.encoder_keep, fusion_keep=bench.fusion_keep, encoder_ranks=ranks,
         llm_layer=bench.llm_layer, llm_min_keep=bench.llm_keep, llm_max_keep=bench.llm_keep,
     )
+    attachment = meteor_plugin.attach(model, config)  # this model prunes; "unpruned" runs it as EAGLE does
     ids, _, images = make_batch([(bench.text_before, bench.text_after)], [True], vocab_size=spec.vocab_size,
                                 image_size=spec.image_size, seed=0)
     ids, images = ids.to(device), images.to(device=device, dtype=dtype)
@@ -96,7 +97,7 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
             "layer_tokens": list(run_stats.layer_seq_len),
         }
 
-    variants = [Variant("unpruned", meteor_plugin.disable), Variant("meteor", lambda: meteor_plugin.enable(config))]
+    variants = [Variant("unpruned", meteor_plugin.disabled), Variant("meteor", contextlib.nullcontext)]
     results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=inspect,
                       llm=model.get_model())
     profiled = unpruned_profile = in_full = None
@@ -109,7 +110,7 @@ def run(bench: EagleBench = EagleBench(), spec: TinyEagleSpec = X4_SCALED) -> Di
                  if type(t).__name__ not in PRUNED_INSIDE]
         in_full = {"parts": parts, **without(unpruned_profile, profiled, parts),
                    "layer_gflops_per_s": [flop_rate(p, "LLM decoder layers") for p in (unpruned_profile, profiled)]}
-    meteor_plugin.disable()
+    attachment.detach()
     speedup = results["unpruned"]["seconds"] / results["meteor"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["meteor"]["gflops"]
     return {

@@ -219,7 +219,7 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
                          "kept_exact": _exact(r, method, budget)})
     import meteor_plugin
 
-    meteor_plugin.disable()
+    meteor_plugin.detach(model)  # load() attached it
     unpruned = runs[0]["accuracy"]
     rows = _rows(runs, unpruned)
     result = {

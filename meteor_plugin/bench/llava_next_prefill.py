@@ -12,6 +12,8 @@ measured speedup.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict
 
@@ -46,7 +48,6 @@ QUICK_NEXT = replace(QUICK, merge="spatial_unpad")
 def run(bench: NextBench = NextBench(), spec: TinyLlavaSpec = LLAVA16_SCALED) -> Dict[str, Any]:
     device = torch.device(bench.device)
     dtype = getattr(torch, bench.dtype)
-    meteor_plugin.disable()
     model = build_tiny_llava(spec).to(device=device, dtype=dtype)
     ids, _, _ = make_batch([(bench.text_before, bench.text_after)], [True], vocab_size=spec.vocab_size, seed=0)
     side = spec.image_size
@@ -64,20 +65,20 @@ def run(bench: NextBench = NextBench(), spec: TinyLlavaSpec = LLAVA16_SCALED) ->
     def inspect(name):
         stats = meteor_plugin.stats(model)
         if stats is None:  # unpruned: read the layout from a run with every stage off
-            meteor_plugin.enable(encoder=False, fusion=False, llm=False)
-            prefill()
-            stats = meteor_plugin.stats(model)
-            meteor_plugin.disable()
+            with meteor_plugin.enabled(encoder=False, fusion=False, llm=False):
+                prefill()
+                stats = meteor_plugin.stats(model)
         s = stats.stages[0]
         return {"layer_tokens": list(stats.layer_seq_len), "encoder_tokens": s["encoder"].left if "encoder" in s
                 else s["anyres"].entered, "visual_tokens": s["llm"].left if "llm" in s else s["anyres"].left,
                 "separators": s["anyres"].detail["newlines"]}
 
-    variants = [Variant("unpruned", meteor_plugin.disable), Variant("meteor", lambda: meteor_plugin.enable(config))]
+    attachment = meteor_plugin.attach(model, config)  # this model prunes; "unpruned" runs it as it is
+    variants = [Variant("unpruned", meteor_plugin.disabled), Variant("meteor", contextlib.nullcontext)]
     results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=inspect,
                       llm=model.get_model())
     profiled = profile(model, prefill, bench.repeats, device, variants[1]) if bench.profile else None
-    meteor_plugin.disable()
+    attachment.detach()
     speedup = results["unpruned"]["seconds"] / results["meteor"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["meteor"]["gflops"]
     return {

@@ -7,6 +7,8 @@ same inputs, interleaved, in one process; the FLOPs ratio is printed beside the 
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict
@@ -73,7 +75,6 @@ class ScoringTimer:
 def run(bench: PrefillBench = PrefillBench(), spec: TinyLlavaSpec = LLAVA15_SCALED) -> Dict[str, Any]:
     device = torch.device(bench.device)
     dtype = getattr(torch, bench.dtype)
-    meteor_plugin.disable()
     model = build_tiny_llava(spec).to(device=device, dtype=dtype)
     visual = spec.visual_tokens
     if not 0 < bench.keep <= visual:
@@ -95,10 +96,10 @@ def run(bench: PrefillBench = PrefillBench(), spec: TinyLlavaSpec = LLAVA15_SCAL
                 "visual_tokens": run_stats.stages[0]["llm"].left if run_stats else visual}
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    variants = [Variant("unpruned", meteor_plugin.disable), Variant("stage3", lambda: meteor_plugin.enable(config))]
+    attachment = meteor_plugin.attach(model, config)  # this model prunes; "unpruned" runs it as it is
+    variants = [Variant("unpruned", meteor_plugin.disabled), Variant("stage3", contextlib.nullcontext)]
     results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=layers, llm=model.get_model())
     # Scoring's share: its time inside pruned prefills, both measured in the same runs.
-    meteor_plugin.enable(config)
     elapsed = 0.0
     with ScoringTimer(sync) as scoring:
         for _ in range(bench.repeats):
@@ -107,7 +108,7 @@ def run(bench: PrefillBench = PrefillBench(), spec: TinyLlavaSpec = LLAVA15_SCAL
             sync()
             elapsed += time.perf_counter() - start
     profiled = profile(model, prefill, bench.repeats, device, variants[1]) if bench.profile else None
-    meteor_plugin.disable()
+    attachment.detach()
     speedup = results["unpruned"]["seconds"] / results["stage3"]["seconds"]
     flops_ratio = results["unpruned"]["gflops"] / results["stage3"]["gflops"]
     return {

@@ -136,7 +136,7 @@ def watching(model: Any, parts: Parts) -> Iterator[None]:
 
 
 def profile(model: Any, prefill: Callable[[], Any], repeats: int, device: torch.device, variant: Any) -> Dict[str, Any]:
-    """Switch ``variant`` (a ``compare.Variant``) on, run ``prefill`` ``repeats`` times for the time, and once more
+    """Inside ``variant``'s scope (a ``compare.Variant``), run ``prefill`` ``repeats`` times for the time, and once more
     under a FLOPs counter; returns per part: seconds per prefill, share of time, share of FLOPs."""
     return profile_side_by_side(model, prefill, repeats, device, [variant])[0]
 
@@ -147,14 +147,13 @@ def profile_side_by_side(model: Any, prefill: Callable[[], Any], repeats: int, d
     machine hits all alike: profiles whose parts are compared across variants (`without`) need that."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for variant in variants:
-        variant.switch()
-        prefill()  # warm-up
+        with variant.scope():
+            prefill()  # warm-up
     timed = [Parts(sync) for _ in variants]
     totals = [0.0] * len(variants)
     for _ in range(repeats):
         for i, variant in enumerate(variants):
-            variant.switch()
-            with watching(model, timed[i]):
+            with variant.scope(), watching(model, timed[i]):
                 timed[i].enter(OTHER)
                 start = time.perf_counter()
                 prefill()
@@ -163,8 +162,7 @@ def profile_side_by_side(model: Any, prefill: Callable[[], Any], repeats: int, d
                 timed[i].exit()
     results = []
     for variant, parts, total in zip(variants, timed, totals):
-        variant.switch()
-        with flop_counter() as counter:
+        with variant.scope(), flop_counter() as counter:
             counted = Parts(lambda: None, counter)
             with watching(model, counted):
                 counted.enter(OTHER)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Dict
 
-from ..registry import REGISTRY
+from ..registry import TRAINING_REGISTRY as REGISTRY
 from .transformers import transformers_version
 
 

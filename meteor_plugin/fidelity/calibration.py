@@ -55,9 +55,8 @@ def solve(model, val: ev.EvalSet, cal: mt.Calibration, pairs, batch_size: int = 
     import meteor_plugin
 
     for method, k in pairs:
-        meteor_plugin.enable(mt.stage3_probe(method, k, cal))
         signals: List[float] = []
-        with torch.no_grad(), ev.left_padded(model):
+        with torch.no_grad(), meteor_plugin.enabled(mt.stage3_probe(method, k, cal)), ev.left_padded(model):
             for start in range(0, len(val), batch_size):
                 rows = val.ids[start:start + batch_size]
                 ev.forward(model, rows, val.images[start:start + len(rows)])

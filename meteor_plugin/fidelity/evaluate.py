@@ -132,17 +132,16 @@ def forward(model, rows: Sequence[Sequence[int]], images: torch.Tensor):
 @torch.no_grad()
 def evaluate(model, data: EvalSet, config, batch_size: int = 100,
              progress: Optional[Callable[[int], None]] = None) -> EvalResult:
-    """Answer every question of ``data`` with meteor-plugin enabled with ``config``."""
+    """Answer every question of ``data`` with meteor-plugin enabled with ``config`` (a scope: nothing else changes)."""
     import meteor_plugin
 
-    meteor_plugin.enable(config)
     model.eval()
     correct: List[bool] = []
     kept: List[int] = []
     entered: List[int] = []
     predictions: List[int] = []
     layer_visual: List[List[int]] = []
-    with left_padded(model):
+    with meteor_plugin.enabled(config), left_padded(model):
         for start in range(0, len(data), batch_size):
             rows = data.ids[start:start + batch_size]
             logits = forward(model, rows, data.images[start:start + len(rows)]).logits
@@ -168,11 +167,10 @@ def prefill_flops(model, data: EvalSet, config, count: int = 32) -> float:
 
     from ..flops import count_flops
 
-    meteor_plugin.enable(config)
     model.eval()
     total = 0.0
     n = min(count, len(data))
-    with torch.no_grad(), left_padded(model):
+    with torch.no_grad(), meteor_plugin.enabled(config), left_padded(model):
         for i in range(n):
             total += count_flops(lambda: forward(model, data.ids[i:i + 1], data.images[i:i + 1]))
     return total / n

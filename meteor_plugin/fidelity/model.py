@@ -13,7 +13,8 @@ on which pruning behaves as on a real EAGLE: unequal encoders, a deep language m
 
 Narrow, so that it trains on 2 CPU cores; deep, so that pruning inside the LLM (FastV, Stage 3) has
 early layers to prune after, as in a 32-layer LLaVA. A converted model runs only with meteor-plugin
-enabled (its projectors replace EAGLE's channel concatenation), so `enable_unpruned` comes with it.
+enabled for it (its projectors replace EAGLE's channel concatenation), so `build` and `load` attach it to the plugin
+with nothing pruned (``meteor_plugin.attach``; a scope such as ``with meteor_plugin.enabled(config)`` prunes it).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def build(seed: int = 0):
     model = build_tiny_eagle(spec(seed))
     convert_to_post_projection(model)
     model.generation_config.eos_token_id = 2
+    attach_unpruned(model)
     return model
 
 
@@ -68,10 +70,12 @@ def unpruned_config():
     return meteor_plugin.MeteorConfig(encoder=False, fusion=False, llm=False)
 
 
-def enable_unpruned() -> None:
+def attach_unpruned(model) -> None:
+    """Run ``model`` through the plugin with nothing pruned (its per-encoder projectors are the plugin's), until a
+    scope says otherwise or ``meteor_plugin.detach(model)``."""
     import meteor_plugin
 
-    meteor_plugin.enable(unpruned_config())
+    meteor_plugin.attach(model, unpruned_config())
 
 
 def pixels(images: torch.Tensor) -> torch.Tensor:
@@ -88,8 +92,9 @@ def load(path: str, config: Optional[Any] = None):
     """(model, tokenizer) of a saved fidelity checkpoint, in float32 eval mode, on any supported
     transformers version.
 
-    Enables meteor-plugin (with ``config``, or unpruned) first: a converted checkpoint's per-encoder
-    projectors are only built with the plugin enabled. The weights are read here rather than by
+    The model is attached to the plugin with ``config`` (default: nothing pruned; ``meteor_plugin.attach``): its
+    per-encoder projectors are the plugin's, built as the checkpoint loads (the EAGLE family's ``loading``). The
+    weights are read here rather than by
     ``from_pretrained`` because the CLIP tower's parameter names differ across transformers versions
     (5.x's ``CLIPVisionModel`` has no ``vision_model`` level), and a checkpoint saved by one version would
     otherwise leave another version's CLIP tower at its random initialisation, with only a warning.
@@ -104,13 +109,12 @@ def load(path: str, config: Optional[Any] = None):
 
     install()
     EagleLlamaForCausalLM, EagleConfig = EAGLE.classes()
-
-    meteor_plugin.enable(config or unpruned_config())
     model_config = EagleConfig.from_pretrained(path)
     if not getattr(model_config, "meteor_fusion", None):
         raise ValueError(f"{path} is not a converted fidelity checkpoint: it has no per-encoder projectors")
     model_config._attn_implementation = "sdpa"
-    model = EagleLlamaForCausalLM(model_config)
+    with EAGLE.loading(model_config.to_dict()):
+        model = EagleLlamaForCausalLM(model_config)
     state = load_file(os.path.join(path, "model.safetensors"))
     expected = model.state_dict()
     state = {_rename(k, expected): v for k, v in state.items()}
@@ -120,6 +124,7 @@ def load(path: str, config: Optional[Any] = None):
         raise ValueError(f"{path} does not fit the fidelity model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.generation_config.eos_token_id = 2
+    meteor_plugin.attach(model, config or unpruned_config())
     return model.float().eval(), llava_format.load_hf_tokenizer(path)
 
 

@@ -78,14 +78,15 @@ def _loadavg() -> Optional[List[float]]:
 
 
 def pretrain(settings: RecipeSettings, echo=print) -> str:
+    import meteor_plugin
+
     from . import llava_format
-    from .model import build, enable_unpruned
+    from .model import build
     from .pretrain import PretrainSettings, pretrain as run_pretrain
 
     torch.set_num_threads(settings.threads)
     folder = os.path.join(settings.workdir, "models", PRETRAINED)
-    model = build(settings.seed)
-    enable_unpruned()
+    model = build(settings.seed)  # attached to the plugin, nothing pruned
     began, load = time.perf_counter(), _loadavg()
     seconds = settings.pretrain_share * settings.budget_seconds if settings.budget_seconds else None
     history = run_pretrain(model, PretrainSettings(steps=settings.pretrain_steps, batch_size=settings.pretrain_batch,
@@ -94,6 +95,7 @@ def pretrain(settings: RecipeSettings, echo=print) -> str:
                                                    warmup=max(1, min(30, settings.pretrain_steps // 10))), log=echo)
     seconds = time.perf_counter() - began
     model.save_pretrained(folder)
+    meteor_plugin.detach(model)
     llava_format.save_hf_tokenizer(folder)
     settings.log.append({"phase": "pretrain", "steps": history[-1]["step"] if history else 0,
                          "batch": settings.pretrain_batch,
@@ -241,7 +243,7 @@ def finish(settings: RecipeSettings, trained: str, dest: Optional[str] = None, e
     model, tokenizer = load(dest)
     accuracy = fixed_accuracy(model, tokenizer)
     meteor_config(model, tokenizer, log=echo).save(os.path.join(dest, "meteor-24.json"))
-    meteor_plugin.disable()
+    meteor_plugin.detach(model)
     record = {
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("log", "python", "workdir")},
         "phases": settings.log, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -273,11 +275,10 @@ def step_seconds(settings: RecipeSettings, repeats: int = 3) -> float:
     machine now, measured on a fresh model in this process: what `plan_budget` divides by."""
     from .datasets import make_sample
     from .llava_format import build_hf_tokenizer, prompt_ids
-    from .model import build, enable_unpruned, pixels
+    from .model import build, pixels
 
     torch.set_num_threads(settings.threads)
-    model = build(settings.seed)
-    enable_unpruned()
+    model = build(settings.seed)  # attached to the plugin, nothing pruned
     tokenizer = build_hf_tokenizer()
     samples = [make_sample("train", i, seed=settings.seed, per_kind=settings.per_kind) for i in range(settings.batch_size)]
     rows = []
@@ -301,7 +302,7 @@ def step_seconds(settings: RecipeSettings, repeats: int = 3) -> float:
         times.append(time.perf_counter() - start)
     import meteor_plugin
 
-    meteor_plugin.disable()
+    meteor_plugin.detach(model)
     return sorted(times[1:])[len(times[1:]) // 2]
 
 

@@ -501,6 +501,9 @@ def wrap_model_forward(original: Any, registry: Any, config_for: Any) -> Any:
         bound = signature.bind(self, *args, **kwargs)
         arguments = bound.arguments
         cfg = config_for(self)
+        if cfg is None:  # nothing prunes this model now: its last run (this one) has no stats
+            percall.record_stats(self, None)
+            return original(self, *args, **kwargs)
         call = percall.current()
         pruner = call.decoder
         if pruner is None or pruner.model is not self:
@@ -534,7 +537,7 @@ def patch_language_model(cls: type, registry: Any) -> None:
     if registry.is_patched(cls, "forward"):
         return
     original = cls.forward
-    pruned = wrap_model_forward(original, registry, lambda lm: percall.current().language_config)
+    pruned = wrap_model_forward(original, registry, lambda lm: percall.current().language_config)  # set: pruning
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):

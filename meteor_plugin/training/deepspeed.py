@@ -22,7 +22,7 @@ from typing import Dict
 import torch
 
 from ..compat import training as compat
-from ..registry import REGISTRY
+from ..registry import TRAINING_REGISTRY as REGISTRY
 
 
 def on_cpu() -> bool:

@@ -2,7 +2,7 @@
 
 Upstream ``train()`` (LLaVA's ``llava/train/train.py``, EAGLE's root ``train.py``) looks every helper up
 in its own module's globals when it runs, so replacing a few globals is enough; nothing in the file is
-edited. Each replacement is recorded in the plugin's patch registry, so ``meteor_plugin.disable()``
+edited. Each replacement is recorded in training's own patch registry, so leaving ``installed`` (or ``uninstall``)
 restores the module exactly. The globals:
 
 | global | replaced by | why |
@@ -18,11 +18,12 @@ restores the module exactly. The globals:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
-from ..registry import REGISTRY
+from ..registry import TRAINING_REGISTRY as REGISTRY
 from ..compat import training as compat
 from . import arguments, lora, quant
 from ..adapters.family import TrainingSpec
@@ -140,3 +141,19 @@ def prepare_imports() -> None:
     """What must happen before the train module is imported (and before any Trainer exists)."""
     compat.make_trainer_importable()
     compat.round_zero3_bucket_sizes()
+
+
+def uninstall() -> None:
+    """Put back everything a training run changed in upstream's training code and its libraries (the train
+    module's globals, the Trainer import fix, DeepSpeed's shm op, the families' runtime fixes)."""
+    REGISTRY.restore_all()
+
+
+@contextlib.contextmanager
+def installed(module: Any, codebase: TrainingSpec) -> Iterator[Session]:
+    """``install`` for the duration of a ``with`` block: on leaving it (an exception included) every change is put
+    back (``uninstall``). ``meteor_plugin.disable()`` leaves training's changes alone."""
+    try:
+        yield install(module, codebase)
+    finally:
+        uninstall()

@@ -50,7 +50,7 @@ def test_multi_turn_v1_labels_only_the_assistant_side(monkeypatch):
     record = llava_format.conversation_record("7", "7.png", turns)
     with pytest.raises(AttributeError, match="legacy"):
         llava_train.preprocess_v1([record["conversations"]], tokenizer, has_image=True)
-    hooks.default_tokenizer_legacy(llava_train)  # recorded in the registry: the autouse fixture's disable() undoes it
+    hooks.default_tokenizer_legacy(llava_train)  # training's registry: the autouse fixture's hooks.uninstall() undoes it
     out = llava_train.preprocess_v1([record["conversations"]], tokenizer, has_image=True)
     ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
     learned = [tokenizer.convert_ids_to_tokens(i) for i, lab in zip(ids, labels) if lab != -100]

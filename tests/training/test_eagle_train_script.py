@@ -10,7 +10,6 @@ import types
 import pytest
 import torch
 
-import meteor_plugin
 from meteor_plugin.adapters import eagle
 from meteor_plugin.adapters.eagle import training as eagle_training
 from meteor_plugin import adapters
@@ -60,7 +59,7 @@ def test_the_entry_finds_the_stand_ins_train_py_and_installs_into_it(train):
     import eagle.model.language_model.eagle_llama as eagle_llama
 
     assert eagle_llama.eagleConfig is eagle_llama.EagleConfig  # the LoRA loader's import, fixed at run time
-    meteor_plugin.disable()
+    hooks.uninstall()
     assert {n: getattr(train, n) for n in before} == before and not hasattr(eagle_llama, "eagleConfig")
 
 

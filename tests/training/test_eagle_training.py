@@ -131,7 +131,7 @@ def test_eagle_lora_reloads_merges_and_opens_in_eagles_own_loader(eagle_workspac
     merged_dir = str(tmp_path / "tiny-eagle-x3-merged")
     from meteor_plugin.cli import main
 
-    meteor_plugin.disable()  # merge-lora enables the plugin itself to load a converted checkpoint
+    meteor_plugin.disable()  # merge-lora builds a converted checkpoint's projectors itself (the family's loading)
     assert main(["merge-lora", "--model-path", run.out, "--out", merged_dir]) == 0
     assert save.status(merged_dir) == "complete"
     meteor_plugin.enable()

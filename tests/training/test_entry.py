@@ -69,7 +69,7 @@ def test_flash_attention_2_is_refused_where_it_cannot_run():
     assert attention_implementation("sdpa") == "sdpa"
 
 
-def test_install_replaces_llavas_train_globals_and_disable_restores_them():
+def test_install_replaces_llavas_train_globals_and_trainings_own_scope_restores_them():
     hooks.prepare_imports()
     import llava.train.train as train
 
@@ -83,7 +83,12 @@ def test_install_replaces_llavas_train_globals_and_disable_restores_them():
     assert train.LlavaLlamaForCausalLM.meteor_wrapped is before["LlavaLlamaForCausalLM"]
     hooks.install(train, llava.TRAINING)  # a second run in the same process wraps nothing twice
     assert train.LLaVATrainer.__mro__[2] is before["LLaVATrainer"]
-    meteor_plugin.disable()
+    meteor_plugin.disable()  # the user's switch: training's changes are not its to undo
+    assert train.find_all_linear_names.__name__ == "target_regex"
+    hooks.uninstall()
+    assert {name: getattr(train, name) for name in before} == before
+    with hooks.installed(train, llava.TRAINING) as session:
+        assert train.LLaVATrainer.meteor_session is session
     assert {name: getattr(train, name) for name in before} == before
 
 
@@ -127,16 +132,18 @@ def test_main_enables_the_plugin_with_the_flags_and_hands_the_rest_to_upstream(m
 
     import transformers
 
-    from meteor_plugin.runtime import ACTIVE
+    from meteor_plugin import runtime
     from meteor_plugin.train import main
 
     config = tmp_path / "m.json"
     config.write_text('{"encoder_keep": 12}')
     seen = {}
 
-    def train(attn_implementation=None):
-        seen.update(argv=list(sys.argv[1:]), attn=attn_implementation, enabled=ACTIVE.enabled,
-                    config=ACTIVE.config, overrides=dict(ACTIVE.overrides))
+    def train(attn_implementation=None):  # training runs in a scope of its own: the global switch stays off
+        scope = runtime.current_scope()
+        seen.update(argv=list(sys.argv[1:]), attn=attn_implementation, enabled=meteor_plugin.is_enabled(),
+                    config=scope.config if scope else None, overrides=dict(scope.overrides) if scope else {},
+                    global_switch=runtime.ACTIVE.enabled)
 
     module = types.ModuleType("llava_train_stand_in")
     module.__file__ = "train.py"
@@ -155,12 +162,12 @@ def test_main_enables_the_plugin_with_the_flags_and_hands_the_rest_to_upstream(m
     assert main(["--meteor-config", str(config), "--meteor-llm", "false", "--meteor-set", "encoder_shallow_share=1.0",
                  "--meteor-attn", "eager", "--meteor-codebase", "llava", "--warmup_ratio", "0.1",
                  "--output_dir", "out"]) == 0
-    assert seen["enabled"] and seen["attn"] == "eager"
+    assert seen["enabled"] and seen["attn"] == "eager" and not seen["global_switch"]
     assert seen["config"].encoder_keep == 12 and seen["overrides"] == {"llm": False, "encoder_shallow_share": 1.0}
     assert seen["argv"] == (["--warmup_steps", "0.1"] if transformers_major() >= 5 else ["--warmup_ratio", "0.1"]) + \
         ["--output_dir", "out"]
 
-    meteor_plugin.disable()
+    assert not meteor_plugin.is_enabled()  # the scope ended with the run
     assert main(["--meteor-off", "--meteor-codebase", "llava", "--output_dir", "out"]) == 0
     assert not seen["enabled"]
 

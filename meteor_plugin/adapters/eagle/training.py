@@ -21,8 +21,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from ...distributed import gathered, partition_like, rank, zero3_params
-from ...registry import REGISTRY
-from ...runtime import ACTIVE, config_for
+from ...registry import TRAINING_REGISTRY
+from ...runtime import pruning_config, pruning_on
 from ..family import TrainingSpec
 from .conversion import FUSION_KEY, convert_to_post_projection, convert_weights, loading, shared_projector
 from .encoders import CAUSAL, MODEL_MODULE, is_converted
@@ -70,7 +70,7 @@ def before_training(model: Any, training_args: Any) -> None:
     unwrapped of DeepSpeed and peft by the caller)."""
     bare = model
     recorded = getattr(bare.config, FUSION_KEY, None)
-    if not ACTIVE.enabled:
+    if not pruning_on():
         if recorded:
             raise SystemExit(
                 "meteor_plugin.train --meteor-off: this checkpoint was converted to per-encoder projectors, which "
@@ -82,8 +82,8 @@ def before_training(model: Any, training_args: Any) -> None:
         _trained_like_the_shared_one(bare.get_model())
         return
     if recorded:
-        resolve_mode(bare, config_for(bare))  # raises: recorded but not built
-    if config_for(bare).fusion_mode == "training_free":
+        resolve_mode(bare, pruning_config(bare))  # raises: recorded but not built
+    if pruning_config(bare).fusion_mode == "training_free":
         return  # the user asked for EAGLE's channel concatenation
     done = split_for_training(bare)
     SPLIT_IN_TRAINING[bare] = done  # what the tests' probe reports
@@ -99,7 +99,7 @@ def alias_eagle_config(train_module: Any = None, llama_module: Optional[Any] = N
     ``eagle/model/builder.py``'s LoRA branch does ``from eagle.model.language_model.eagle_llama import
     eagleConfig``; the class is ``EagleConfig`` (ImportError). ``train_module`` is unused (the signature of
     a codebase runtime fix); ``llama_module`` defaults to the installed ``eagle_llama``. Recorded in the
-    patch registry, so ``meteor_plugin.disable()`` removes it again. The patched tree carries it as a
+    training's patch registry, so the end of training's scope (``training.hooks.installed``) removes it again. The patched tree carries it as a
     source edit too (``EAGLE_CONFIG_ALIAS``); both together are harmless.
     """
     module = llama_module if llama_module is not None else importlib.import_module(MODEL_MODULE)
@@ -107,7 +107,7 @@ def alias_eagle_config(train_module: Any = None, llama_module: Optional[Any] = N
         raise AttributeError(f"{module.__name__} has no EagleConfig: not EAGLE's eagle_llama.py")
     if hasattr(module, "eagleConfig"):
         return False
-    REGISTRY.patch(module, "eagleConfig", module.EagleConfig)
+    TRAINING_REGISTRY.patch(module, "eagleConfig", module.EagleConfig)
     return True
 
 

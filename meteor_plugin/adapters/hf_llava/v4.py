@@ -33,7 +33,7 @@ import torch
 
 from ... import percall
 from ...compat import transformers as compat
-from ...runtime import config_for
+from ...runtime import pruning_config
 from ...stages.decoder import patch_language_model
 from ..family import require
 from . import common
@@ -156,9 +156,11 @@ def wrap_forward(original: Any, registry: Any) -> Any:
     @functools.wraps(original)
     @percall.entry
     def forward(self, *args, **kwargs):
+        cfg = pruning_config(self)
+        if cfg is None:
+            return original(self, *args, **kwargs)
         a = signature.bind(self, *args, **kwargs).arguments
         extra = a.pop("kwargs", {})
-        cfg = config_for(self)
         call, mine = percall.current(), common.state()
         call.language_model, call.language_config = _decoder(self, registry), cfg
         layout, mine.layout = mine.layout, None  # generate's, for its prefill
@@ -193,7 +195,9 @@ def wrap_generate(original: Any, registry: Any) -> Any:
     @functools.wraps(original)
     @percall.entry
     def generate(self, *args, **kwargs):
-        cfg = config_for(self)
+        cfg = pruning_config(self)
+        if cfg is None:
+            return original(self, *args, **kwargs)
         common.refuse_beams(self, cfg, kwargs)
         a = signature.bind(self, *args, **kwargs).arguments
         extra = {**{k: v for k, v in a.items() if k not in ("self", "inputs", "kwargs")}, **a.get("kwargs", {})}

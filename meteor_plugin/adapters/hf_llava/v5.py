@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ... import percall
-from ...runtime import config_for
+from ...runtime import pruning_config
 from ...stages.decoder import patch_language_model
 from ..family import require
 from .common import (build_layout, check_stage1, drop_pruned, image_runs, is_anyres, prunes, refuse_beams,
@@ -83,7 +83,9 @@ def wrap_image_features(original: Any, registry: Any) -> Any:
     @functools.wraps(original)
     @percall.entry
     def get_image_features(self, pixel_values, *args, **kwargs):
-        cfg = config_for(self)
+        cfg = pruning_config(self)
+        if cfg is None:
+            return original(self, pixel_values, *args, **kwargs)
         if cfg.encoder and hasattr(self.config, "vision_aspect_ratio"):
             a = signature.bind(self, pixel_values, *args, **kwargs).arguments
             _refuse_resampled(self, a.get("image_sizes"), a.get("vision_aspect_ratio"), a.get("batch_num_images"))
@@ -216,7 +218,9 @@ def wrap_generate(original: Any) -> Any:
     @functools.wraps(original)
     @percall.entry
     def generate(self, *args, **kwargs):
-        cfg = config_for(self)
+        cfg = pruning_config(self)
+        if cfg is None:
+            return original(self, *args, **kwargs)
         refuse_beams(self, cfg, kwargs)
         a = signature.bind(self, *args, **kwargs).arguments
         extra = dict(a.get("kwargs", {}))
@@ -277,7 +281,9 @@ def wrap_inner_forward(original: Any, registry: Any) -> Any:
         bound = signature.bind(self, *args, **kwargs)
         a = bound.arguments
         extra = a.get("kwargs", {})
-        cfg = config_for(self)
+        cfg = pruning_config(self)
+        if cfg is None:
+            return original(self, *args, **kwargs)
         call, mine = percall.current(), state()
         lm = self.language_model
         patch_language_model(type(lm), registry)

@@ -25,7 +25,7 @@ import torch
 
 from ... import percall
 from ...compat import transformers as compat
-from ...runtime import config_for
+from ...runtime import pruning_config
 from ...stages import proportional
 from ...stages.decoder import wrap_model_forward
 from ...stages.layout import IGNORE_INDEX, VisualLayout, identity_geometry, query_mask, unpruned_geometry
@@ -168,7 +168,9 @@ def wrap_encode_images(original: Any) -> Any:
     @functools.wraps(original)
     @percall.entry
     def encode_images(self, images, *args, **kwargs):
-        cfg = config_for(self)
+        cfg = pruning_config(self)
+        if cfg is None:
+            return original(self, images, *args, **kwargs)
         if cfg.proportional_attention == "on" and cfg.method != "meteor":
             raise ValueError(
                 f"MeteorConfig.proportional_attention='on' applies to METEOR's stages, not the {cfg.method!r} "
@@ -213,7 +215,7 @@ def wrap_prepare(original: Any) -> Any:
         if spatial:  # Stage 1's pruned patches went through upstream's grid merge as NaN rows
             out, _ = anyres.drop_pruned_rows(self, out)
         embeds = out[4]
-        cfg = config_for(self)
+        cfg = pruning_config(self)
         visual, valid, owners = locate_visual_tokens(
             self, a["input_ids"], a.get("attention_mask"), a.get("images"), call.features, embeds, out[2],
         )
@@ -247,6 +249,8 @@ def wrap_prepare(original: Any) -> Any:
 
     @functools.wraps(original)
     def prepare(self, *args, **kwargs):
+        if pruning_config(self) is None:
+            return original(self, *args, **kwargs)
         call = percall.current()
         if call is not None:
             return splice(call, self, *args, **kwargs)
@@ -303,8 +307,10 @@ def wrap_causal_forward(original: Any) -> Any:
             for name in _DROPPABLE_KWARGS:
                 if name not in accepted:
                     kwargs.pop(name, None)
+        cfg = pruning_config(self)
+        if cfg is None:
+            return original(self, *args, **kwargs)
         call = percall.current()
-        cfg = config_for(self)
         bound = signature.bind(self, *args, **kwargs)
         embeds = bound.arguments.get("inputs_embeds")
         call.embeds_from_elsewhere = False
@@ -354,7 +360,9 @@ def wrap_generate(original: Any) -> Any:
     @functools.wraps(original)
     @percall.entry
     def generate(self, *args, **kwargs):
-        cfg = config_for(self)
+        cfg = pruning_config(self)
+        if cfg is None:
+            return original(self, *args, **kwargs)
         if cfg.llm:
             gen_cfg = kwargs.get("generation_config") or getattr(self, "generation_config", None)
             beams = kwargs.get("num_beams", getattr(gen_cfg, "num_beams", 1)) or 1
@@ -396,7 +404,7 @@ def patch_family(registry: Any, causal_cls: type, llm_cls: type) -> None:
         if not registry.is_patched(owner, name):
             registry.patch(owner, name, make(getattr(owner, name)))
     if not registry.is_patched(llm_cls, "forward"):
-        registry.patch(llm_cls, "forward", wrap_model_forward(llm_cls.forward, registry, config_for))
+        registry.patch(llm_cls, "forward", wrap_model_forward(llm_cls.forward, registry, pruning_config))
 
 
 class ArchTarget:

@@ -30,7 +30,9 @@ def test_the_eagleConfig_alias_makes_the_lora_loaders_import_work_and_is_undone(
     assert eagle.alias_eagle_config(llama_module=module) is True
     assert module.eagleConfig is module.EagleConfig
     assert eagle.alias_eagle_config(llama_module=module) is False  # a patched tree, or a second call
-    meteor_plugin.disable()
+    meteor_plugin.disable()  # the user's switch leaves training's fixes alone
+    assert module.eagleConfig is module.EagleConfig
+    hooks.uninstall()  # training's own scope ends
     assert not hasattr(module, "eagleConfig")
     with pytest.raises(AttributeError, match="no EagleConfig"):
         eagle.alias_eagle_config(llama_module=types.ModuleType("not_eagle"))
@@ -72,7 +74,7 @@ def test_bits_4_loads_after_the_fix_with_the_visual_modules_unquantised():
     assert train.EagleLlamaForCausalLM.config_class == "EagleConfig"  # the rest of the class shows through
     hooks.fix_quantized_loading(train, "EagleLlamaForCausalLM")  # twice: still one level of wrapping
     assert train.EagleLlamaForCausalLM.meteor_wrapped is _Eagle444Model
-    meteor_plugin.disable()
+    hooks.uninstall()
     assert train.EagleLlamaForCausalLM is _Eagle444Model
 
 
@@ -125,7 +127,7 @@ def test_the_lora_save_keeps_projectors_and_other_trained_weights(tiny_llava, tm
     # without either: upstream's own function
     train.safe_save_model_for_hf_trainer(trainer=_Trainer(tiny_llava()), output_dir="y")
     assert upstream_calls == ["y"]
-    meteor_plugin.disable()
+    hooks.uninstall()
     assert not hasattr(train.safe_save_model_for_hf_trainer, "meteor_original")
 
 
