@@ -101,7 +101,8 @@ def qwen_batch(model, samples: Sequence[Sequence[Tuple[int, Sequence[int]]]], ta
                pad_side: str = "left", seed: int = 0, video: bool = False) -> Dict[str, torch.Tensor]:
     """A batch as the processor writes it. ``samples[i]``: the sample's images in order, each (text tokens before
     it, its (t, h, w) grid); ``tail[i]``: text tokens after the last image (the instruction). ``video``: the
-    visual inputs are videos (``pixel_values_videos``, ``video_grid_thw``)."""
+    visual inputs are videos (``pixel_values_videos``, ``video_grid_thw``; Qwen3-VL's processor writes each
+    temporal patch as its own run after a timestamp)."""
     g = torch.Generator().manual_seed(seed)
     token = VIDEO_TOKEN if video else IMAGE_TOKEN
     rows: List[List[int]] = []
@@ -110,7 +111,12 @@ def qwen_batch(model, samples: Sequence[Sequence[Tuple[int, Sequence[int]]]], ta
         row: List[int] = [1]
         for before, grid in images:
             row += torch.randint(3, 240, (before,), generator=g).tolist()
-            row += [VISION_START] + [token] * merged_tokens(model, grid) + [VISION_END]
+            if video and model.config.model_type == "qwen3_vl":  # a timestamp, then its own run, per frame
+                frame = merged_tokens(model, (1, grid[1], grid[2]))
+                for _ in range(int(grid[0])):
+                    row += [int(torch.randint(3, 240, (1,), generator=g))] + [VISION_START] + [token] * frame + [VISION_END]
+            else:
+                row += [VISION_START] + [token] * merged_tokens(model, grid) + [VISION_END]
             grids.append(grid)
         row += torch.randint(3, 240, (after,), generator=g).tolist()
         rows.append(row)

@@ -28,9 +28,14 @@ from ...runtime import config_for
 from ...stages import baselines, proportional
 from ...stages.layout import VisualLayout, query_mask
 from ...stats import RunStats, StageCount
-from ..hf_llava import patch_language_model, prunes, refuse_beams, refuse_training
+from ..hf_llava import patch_language_model, refuse_beams, refuse_training
 from . import positions as pos
 from .vision import Encoded, encode_baseline, encode_stage1, wrap_merger_forward
+
+
+def prunes(cfg: Any) -> bool:
+    """Whether ``cfg`` removes tokens at all: a stage that runs on one tower, or a pre-LLM baseline."""
+    return bool(cfg.encoder or cfg.llm or cfg.method in baselines.PRE_LLM)
 
 
 def _vision_side(cfg: Any) -> bool:
