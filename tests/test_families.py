@@ -56,13 +56,15 @@ def test_no_module_outside_the_adapters_names_an_upstream_module():
 
 def test_every_family_is_one_module_with_one_record():
     records = {}
-    for path in sorted((PACKAGE / "adapters").glob("*.py")):
-        module = importlib.import_module(f"meteor_plugin.adapters.{path.stem}")
+    folder = PACKAGE / "adapters"
+    modules = [p.stem for p in sorted(folder.glob("*.py"))] + [p.parent.name for p in sorted(folder.glob("*/__init__.py"))]
+    for name in modules:  # a family's module, or its package
+        module = importlib.import_module(f"meteor_plugin.adapters.{name}")
         if isinstance(getattr(module, "FAMILY", None), Family):
-            records[path.stem] = module.FAMILY
+            records[name] = module.FAMILY
     # every module with a record is listed, once, and nothing else is
     assert sorted(map(id, records.values())) == sorted(map(id, adapters.FAMILIES))
-    assert sorted(records) == ["eagle", "hf_llava", "llava"]
+    assert sorted(records) == ["eagle", "hf_llava", "llava", "qwen_vl"]
     names = [family.name for family in adapters.FAMILIES]
     assert len(set(names)) == len(names) and set(adapters.BY_NAME) == set(names)
     # The training and patcher registries are exactly the families' records.

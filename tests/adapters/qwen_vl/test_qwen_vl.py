@@ -256,6 +256,42 @@ def test_stage1_prunes_inside_the_tower_and_the_language_model_gets_the_kept_tok
 
 
 @kinds
+def test_stage1_keeping_every_token_equals_the_unpatched_model(kind):
+    """Stage 1's plumbing (rows, rotary tables and segments handed to every block after a boundary, Qwen2.5-VL's
+    merger output put back in image order) changes nothing when nothing is dropped."""
+    model, batch = model_and_batch(kind)
+    reference = logits(model, batch)
+    meteor_plugin.enable(**STAGE1, encoder_keep=1.0)
+    assert torch.equal(logits(model, batch), reference)
+    assert [(s["encoder"].entered, s["encoder"].left) for s in meteor_plugin.stats(model).stages] == [(16, 16)] * 2
+
+
+def test_qwen2_5_windows_attend_among_the_tokens_they_keep():
+    """Qwen2.5-VL's windowed blocks get one segment per window that still has tokens, of its kept tokens' rows; its
+    full-attention blocks one per image."""
+    if _skip_reason("qwen2_5_vl"):
+        pytest.skip(_skip_reason("qwen2_5_vl"))
+    model, batch = model_and_batch("qwen2_5_vl")
+    blocks = model.model.visual.blocks
+    segments = {}
+    handles = [b.attn.register_forward_pre_hook(  # what each block's attention really gets
+        lambda m, a, k, i=i: segments.update({i: (k["cu_seqlens"].diff().tolist(), a[0].shape[0])}), with_kwargs=True)
+        for i, b in enumerate(blocks)]
+    meteor_plugin.enable(**STAGE1, encoder_keep=0.25, spread_floor=0.0)
+    try:
+        logits(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    # windows of 2x2 merged tokens: the 4x4 image has 4 windows, the 2x4 and 4x2 images 2 each
+    assert segments[0][0] == [16] * 8 and segments[1][0] == [16] * 8
+    for i in (3, 4):  # windowed blocks after the boundaries: rows of 4 patches per kept token, no empty window
+        lengths, rows = segments[i]
+        assert sum(lengths) == rows and all(n > 0 and n % 4 == 0 for n in lengths) and len(lengths) <= 8
+    assert segments[5][0] == [16, 8, 8] and segments[2][0] == [40, 20, 20]  # full attention: one per image
+
+
+@kinds
 def test_stage1_generate_gives_back_the_users_prompt_and_equals_greedy_without_cache(kind, monkeypatch):
     model, batch = model_and_batch(kind, seed=4)
     meteor_plugin.enable(**STAGE1, encoder_keep=0.25)
