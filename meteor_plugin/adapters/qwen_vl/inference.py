@@ -136,6 +136,11 @@ def wrap_generate(original: Any, registry: Any) -> Any:
         prompt = prompt if prompt is not None else extra.pop("input_ids", None)
         if not prunes(cfg) or not _has_visual(extra) or not torch.is_tensor(prompt):
             return original(self, *args, **kwargs)
+        config = a.get("generation_config") or getattr(self, "generation_config", None)
+        if cfg.llm and extra.get("use_cache", getattr(config, "use_cache", True)) is False:
+            raise NotImplementedError(
+                f"meteor-plugin Stage 3 prunes {type(self).__name__}'s prefill and its KV cache: generate without a "
+                "cache runs a full forward per token, which Stage 3 would prune afresh; use the cache, or llm=False")
         if extra.get("position_ids") is not None:
             raise NotImplementedError(f"meteor-plugin gives {type(self).__name__}'s pruned prompt its positions "
                                       "itself: call generate without position_ids")
@@ -183,6 +188,10 @@ def wrap_inner_forward(original: Any, registry: Any) -> Any:
         call.hf_language_model, call.hf_config = lm, cfg
         layout, call.hf_layout = call.hf_layout, None  # generate's, for its prefill
         merged = {**a, **extra}
+        if layout is None and prunes(cfg) and merged.get("mm_encoder_outputs") is not None:
+            raise NotImplementedError(
+                f"meteor-plugin encodes {type(self).__name__}'s images itself to prune them: pass pixel_values, not "
+                "mm_encoder_outputs, while it is enabled")
         if layout is None and prunes(cfg) and _has_visual(merged):
             refuse_training(self, call.hf_labels)
             ids = a.get("input_ids")

@@ -414,6 +414,12 @@ def test_beam_search_and_loss_forwards_with_pruning_are_refused(kind):
         generate(model, batch, num_beams=2)
     with pytest.raises(NotImplementedError, match="labels would not follow the pruned sequence"):
         model(**batch, labels=batch["input_ids"])
+    with pytest.raises(NotImplementedError, match="generate without a cache runs a full forward per token"):
+        generate(model, batch, use_cache=False)
+    with pytest.raises(NotImplementedError, match="pass pixel_values, not mm_encoder_outputs"):
+        encoded = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        rest = {k: v for k, v in batch.items() if k != "pixel_values"}
+        model(**rest, mm_encoder_outputs={"image": encoded})
     with pytest.raises(NotImplementedError, match="pass input_ids, not inputs_embeds"):
         embeds = model.model.get_input_embeddings()(batch["input_ids"])
         rest = {k: v for k, v in batch.items() if k != "input_ids"}
