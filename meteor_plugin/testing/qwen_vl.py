@@ -33,9 +33,12 @@ class TinyQwenSpec(TinyLlm):
     patch_size: int = 4
     temporal_patch_size: int = 2
     merge: int = 2
+    vision_intermediate: Optional[int] = None  # the tower's MLP width (None: twice vision_hidden)
     window_size: int = 16  # Qwen2.5-VL: windows of (16 / patch 4 / merge 2)^2 = 4 merged tokens
     fullatt_blocks: Tuple[int, ...] = (2, 5)  # Qwen2.5-VL
     deepstack_layers: Tuple[int, ...] = (1, 3, 4)  # Qwen3-VL: ViT blocks whose outputs feed the first LLM layers
+    rope_theta: float = 10000.0
+    mrope: Optional[Tuple[int, int, int]] = None  # M-RoPE's (t, h, w) shares of the head's rotary pairs
 
 
 def mrope_section(head_dim: int) -> List[int]:
@@ -56,14 +59,15 @@ def build_tiny_qwen_vl(spec: Optional[TinyQwenSpec] = None):
     text = llm_config_kwargs(spec)
     text.pop("tokenizer_padding_side")
     head_dim = spec.llm_hidden // spec.llm_heads
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(head_dim)}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": spec.rope_theta,
+                               "mrope_section": list(spec.mrope or mrope_section(head_dim))}
     vision = dict(depth=spec.vision_layers, num_heads=spec.vision_heads, patch_size=spec.patch_size,
                   temporal_patch_size=spec.temporal_patch_size, spatial_merge_size=spec.merge, in_channels=3)
+    mlp = spec.vision_intermediate or 2 * spec.vision_hidden
     if spec.kind == "qwen2_vl":
-        vision.update(embed_dim=spec.vision_hidden, hidden_size=spec.llm_hidden, mlp_ratio=2)
+        vision.update(embed_dim=spec.vision_hidden, hidden_size=spec.llm_hidden, mlp_ratio=mlp // spec.vision_hidden)
     else:
-        vision.update(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
-                      out_hidden_size=spec.llm_hidden)
+        vision.update(hidden_size=spec.vision_hidden, intermediate_size=mlp, out_hidden_size=spec.llm_hidden)
     if spec.kind == "qwen2_5_vl":
         vision.update(window_size=spec.window_size, fullatt_block_indexes=list(spec.fullatt_blocks))
     if spec.kind == "qwen3_vl":
