@@ -424,3 +424,24 @@ def test_beam_search_and_loss_forwards_with_pruning_are_refused(kind):
         embeds = model.model.get_input_embeddings()(batch["input_ids"])
         rest = {k: v for k, v in batch.items() if k != "input_ids"}
         model(inputs_embeds=embeds, **rest)
+
+
+def test_enable_patches_the_qwen_classes_this_transformers_has_and_nothing_on_older_stacks():
+    """transformers 5.x: the three causal classes are pruned; the 4.x stacks (4.37.2, 4.44.2) have none of them:
+    enable() patches nothing of the family there and says nothing."""
+    import warnings
+
+    from meteor_plugin.adapters import qwen_vl
+    from meteor_plugin.registry import REGISTRY
+
+    present = [name for name in ("Qwen2VL", "Qwen2_5_VL", "Qwen3VL")
+               if hasattr(transformers, name + "ForConditionalGeneration")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meteor_plugin.enable()
+    patched = sorted(o.__name__ for o, name in REGISTRY.patched() if name == "generate" and o.__name__.startswith("Qwen"))
+    if generation() == "5":
+        assert patched == sorted(n + "ForConditionalGeneration" for n in present) and len(present) == 3
+    else:
+        assert patched == [] and qwen_vl.FAMILY.refused == {}
+    assert not [w for w in caught if "qwen" in str(w.message).lower()]
