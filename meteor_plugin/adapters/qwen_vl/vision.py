@@ -94,7 +94,7 @@ class PackedPlan:
     sizes: Optional[torch.Tensor] = None  # (G',) merged tokens each alive one stands for
     history: List[Tuple[int, torch.Tensor]] = field(default_factory=list)  # (from block, alive slots)
     steps: Dict[int, torch.Tensor] = field(default_factory=dict)  # boundary -> rows of its input kept
-    segments: Dict[bool, Tuple[torch.Tensor, int]] = field(default_factory=dict)  # full? -> (cu_seqlens, max)
+    segments: Dict[Tuple[bool, int], Tuple[torch.Tensor, int]] = field(default_factory=dict)  # -> (cu_seqlens, max)
 
     def alive_at(self, block: int) -> torch.Tensor:
         """Slots alive in the output of ``block``."""

@@ -123,12 +123,14 @@ def test_disable_restores_exactly(kind):
     model, batch = model_and_batch(kind)
     reference = logits(model, batch)
     causal, inner, lm = type(model), type(model.model), type(model.model.language_model)
-    before = {(cls, name): cls.__dict__.get(name) for cls in (causal, inner, lm)
+    block, merger = type(model.model.visual.blocks[0]), type(model.model.visual.merger)
+    before = {(cls, name): cls.__dict__.get(name) for cls in (causal, inner, lm, block, merger)
               for name in ("generate", "forward", "_deepstack_process")}
     meteor_plugin.enable()
     pruned = logits(model, batch)
     assert pruned.shape[1] < reference.shape[1]  # the prompt lost image tokens
     assert lm.__dict__["forward"] is not before[(lm, "forward")]
+    assert block.__dict__["forward"] is not before[(block, "forward")]  # Stage 1 ran inside the tower
     meteor_plugin.disable()
     assert {(cls, name): cls.__dict__.get(name) for cls, name in before} == before
     assert meteor_plugin.stats(model) is None
