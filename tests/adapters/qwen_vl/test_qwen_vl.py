@@ -447,3 +447,29 @@ def test_enable_patches_the_qwen_classes_this_transformers_has_and_nothing_on_ol
     else:
         assert patched == [] and qwen_vl.FAMILY.refused == {}
     assert not [w for w in caught if "qwen" in str(w.message).lower()]
+
+
+@kinds
+def test_stage3_under_a_flash_attention_style_kernel_equals_each_sample_alone(kind):
+    """A 2-D padding mask and no bias (FlashAttention-2's way, emulated on the CPU as in test_decoder_flash):
+    the Qwen layers keep their M-RoPE tables and text positions through compaction, proportional attention is
+    off with a warning ("auto"), keeping everything equals the unpatched model, and a batch equals each sample."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    from tests.stages.test_decoder_flash import NAME, cpu_flash_attention
+
+    AttentionInterface.register(NAME, cpu_flash_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)
+    model = build_tiny_qwen_vl(TinyQwenSpec(kind=kind, attn_implementation=NAME))
+    model.config.vision_config._attn_implementation = "sdpa"  # the tower attends both ways; the emulation is causal
+    batch = qwen_batch(model, IMAGES, TAIL, seed=6)
+    reference = generate(model, batch)
+    meteor_plugin.enable(**STAGE3, llm_min_keep=1.0, llm_max_keep=1.0)
+    with pytest.warns(UserWarning, match="proportional attention is off for this model"):
+        assert torch.equal(generate(model, batch), reference)
+    meteor_plugin.enable(**STAGE3, llm_min_keep=4, llm_max_keep=4)
+    together = generate(model, batch)
+    assert [s["llm"].left for s in meteor_plugin.stats(model).stages] == [4, 4]
+    for i in range(2):
+        assert torch.equal(together[i:i + 1], generate(model, sample_of(batch, model, i))), f"sample {i}"
