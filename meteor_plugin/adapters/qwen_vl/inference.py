@@ -188,7 +188,8 @@ def wrap_inner_forward(original: Any, registry: Any) -> Any:
         call.hf_language_model, call.hf_config = lm, cfg
         layout, call.hf_layout = call.hf_layout, None  # generate's, for its prefill
         merged = {**a, **extra}
-        if layout is None and prunes(cfg) and merged.get("mm_encoder_outputs") is not None:
+        given = merged.get("mm_encoder_outputs") or {}  # generate passes {} when there is nothing to encode
+        if layout is None and prunes(cfg) and any(v is not None for v in given.values()):
             raise NotImplementedError(
                 f"meteor-plugin encodes {type(self).__name__}'s images itself to prune them: pass pixel_values, not "
                 "mm_encoder_outputs, while it is enabled")

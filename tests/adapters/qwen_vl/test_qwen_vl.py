@@ -473,3 +473,16 @@ def test_stage3_under_a_flash_attention_style_kernel_equals_each_sample_alone(ki
     assert [s["llm"].left for s in meteor_plugin.stats(model).stages] == [4, 4]
     for i in range(2):
         assert torch.equal(together[i:i + 1], generate(model, sample_of(batch, model, i))), f"sample {i}"
+
+
+@kinds
+def test_a_text_only_sample_in_a_batch_with_images_equals_each_sample_alone(kind):
+    model = build_tiny_qwen_vl(TinyQwenSpec(kind=kind))
+    batch = qwen_batch(model, [IMAGES[0], []], [5, 9], seed=1)
+    meteor_plugin.enable(llm_min_keep=3, llm_max_keep=5, llm_lambda=30.0)
+    together = generate(model, batch)
+    stages = meteor_plugin.stats(model).stages
+    assert (stages[0]["encoder"].left, stages[0]["llm"].left) == (8, 5) and "encoder" not in stages[1]
+    assert torch.equal(together[:1], generate(model, sample_of(batch, model, 0)))
+    text = {k: v for k, v in sample_of(batch, model, 1).items() if k not in ("pixel_values", "image_grid_thw")}
+    assert torch.equal(together[1:], generate(model, text))
