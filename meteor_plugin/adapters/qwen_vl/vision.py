@@ -298,6 +298,9 @@ def encode_stage1(inner: Any, cfg: Any, pixels: torch.Tensor, grid: torch.Tensor
     """Every image through the tower with Stage 1 inside it."""
     visual = inner.visual
     check_tower(visual)
+    if bool((grid[:, 0] != 1).any()):  # the tower attends per frame: one segment per image is what Stage 1 keeps
+        raise NotImplementedError(f"meteor-plugin Stage 1 on {type(inner).__name__} takes still images (one temporal "
+                                  f"patch), got grids {grid.tolist()}")
     counts = merged_counts(visual, grid)
     keep = [_image_keep(cfg.encoder_keep, n) for n in counts]
     shallow, deep = boundaries(len(visual.blocks))
