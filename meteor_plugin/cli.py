@@ -102,6 +102,19 @@ def _bench(args: argparse.Namespace) -> int:
             spec = eagle_prefill.QUICK
         results.append(eagle_prefill.run(settings, _depth(args, spec, settings.llm_layer)))
         reports.append(eagle_prefill.report(results[-1]))
+    if args.which == "qwen-vl":
+        from meteor_plugin.bench import qwen_vl_prefill
+
+        if args.profile:
+            raise ValueError("--profile times the parts of the llava, llava-next and eagle benches; the qwen-vl bench "
+                             "has no profile yet")
+        settings = qwen_vl_prefill.QwenBench(repeats=args.repeats, device=args.device, dtype=args.dtype)
+        spec = full.get("qwen-vl", qwen_vl_prefill.QWEN25_SCALED)
+        if args.quick:
+            settings.grid, settings.text_before, settings.text_after = qwen_vl_prefill.QUICK_GRID, 5, 5
+            spec = qwen_vl_prefill.QUICK
+        results.append(qwen_vl_prefill.run(settings, _depth(args, spec, settings.llm_layer)))
+        reports.append(qwen_vl_prefill.report(results[-1]))
     if args.which == "decode":
         from meteor_plugin.bench import decode
 
@@ -183,10 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="prefill latency and memory, or accuracy against retained tokens (fidelity)")
-    p.add_argument("which", nargs="?", default="all", choices=["llava", "llava-next", "eagle", "all", "decode", "fidelity"],
+    p.add_argument("which", nargs="?", default="all",
+                   choices=["llava", "llava-next", "eagle", "all", "qwen-vl", "decode", "fidelity"],
                    help="llava: Stage 3 on a LLaVA-1.5-shaped model; llava-next: Stages 1 and 3 on a LLaVA-1.6-shaped "
                         "one (anyres, 2880 patch tokens); eagle: all stages on an EAGLE-X4-shaped one "
-                        "(llava, llava-next, eagle and all measure prefill speed); decode: batched generate with the KV "
+                        "(llava, llava-next, eagle and all measure prefill speed); qwen-vl: Stages 1 and 3 on a "
+                        "Qwen2.5-VL-shaped one (transformers' class, not in all); decode: batched generate with the KV "
                         "cache on the LLaVA-1.5 shape (batch 8, 64 new tokens), tokens per second and KV-cache bytes; "
                         "fidelity: accuracy per question kind of a trained "
                         "two-encoder model under every pruning method at equal budgets")
@@ -196,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the speed benches' weights and activations (default float32)")
     p.add_argument("--quick", action="store_true", help="a tiny model: checks the benchmark runs, numbers mean little")
     p.add_argument("--shape", help="a full-size model for GPUs, random weights with the real 7B dimensions: "
-                   "llava-1.5-7b, llava-next-7b or eagle-x4-7b (use --device cuda --dtype bfloat16; FlashAttention-2 "
+                   "llava-1.5-7b, llava-next-7b, eagle-x4-7b or qwen2.5-vl-7b (use --device cuda --dtype bfloat16; "
+                   "FlashAttention-2 "
                    "where installed); refused where the device cannot hold it")
-    p.add_argument("--llm-layers", type=int, help="llava, llava-next, eagle, decode: the language model's depth "
+    p.add_argument("--llm-layers", type=int, help="llava, llava-next, eagle, qwen-vl, decode: the language model's depth "
                    "(default 8, CPU-sized; Vicuna-7B has 32): a deeper model spends more of its prefill in the layers "
                    "Stage 3 prunes and less in the fixed work (encoders, scoring)")
     p.add_argument("--profile", action="store_true", help="llava, llava-next, eagle: also time each part of the pruned "

@@ -4,6 +4,8 @@
     eagle/      EAGLE: its multi-encoder tower (Stages 1 and 2), its per-encoder projectors, training, patcher edits
     hf_llava/   transformers' LlavaForConditionalGeneration, LlavaNextForConditionalGeneration and
                 LlavaOnevisionForConditionalGeneration
+    qwen_vl/    transformers' Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration and
+                Qwen3VLForConditionalGeneration
 Each folder defines ``FAMILY`` (``family.Family``); ``shared/`` holds what several families share; ``refusal.py``
 the error for a vision-language model no family prunes.
 
@@ -16,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import eagle, hf_llava, llava
+from . import eagle, hf_llava, llava, qwen_vl
 from .family import Family, PatcherSpec, TrainingSpec
 
-FAMILIES: Tuple[Family, ...] = (llava.FAMILY, eagle.FAMILY, hf_llava.FAMILY)
+FAMILIES: Tuple[Family, ...] = (llava.FAMILY, eagle.FAMILY, hf_llava.FAMILY, qwen_vl.FAMILY)
 BY_NAME = {f.name: f for f in FAMILIES}
 
 

@@ -6,6 +6,7 @@ dimensions, so a user's GPU times a prefill comparable with the figures peers pu
 | ``llava-1.5-7b`` | llava | CLIP-L/14 at 336 px (1024 wide, 24 blocks, MLP 4096): 576 tokens | Vicuna-7B (4096 wide, 32 layers, 32 heads, MLP 11008) |
 | ``llava-next-7b`` | llava-next | the same CLIP on the base image and 2x2 crops of 672 px: 2880 tokens | the same |
 | ``eagle-x4-7b`` | eagle | CLIP-L/14 at 336, ConvNeXt-XXL, SAM-L and Pix2Struct-large at EAGLE's 1024 px, on its 32x32 grid | the same |
+| ``qwen2.5-vl-7b`` | qwen-vl | Qwen2.5-VL's ViT (1280 wide, 32 blocks, MLP 3420, windows of 112 px) on a 448x672 image: 384 tokens | Qwen2.5-7B (3584 wide, 28 layers, 28 heads, 4 KV heads, MLP 18944, M-RoPE) |
 
 EAGLE-X4's towers are the stand-in's (``testing.eagle_like``) at their real widths, depths, patch sizes and
 windows. On CUDA the language model uses FlashAttention-2 where ``flash_attn`` is installed (SDPA
@@ -23,6 +24,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from meteor_plugin.testing.llava import TinyLlavaSpec
+from meteor_plugin.testing.qwen_vl import TinyQwenSpec
 
 VICUNA_7B = dict(llm_hidden=4096, llm_layers=32, llm_heads=32, llm_kv_heads=32, llm_intermediate=11008,
                  vocab_size=32000, max_positions=4096)
@@ -51,10 +53,16 @@ def _eagle_spec(**fields):
     return TinyEagleSpec(**fields)
 
 
+QWEN25_VL_7B = dict(kind="qwen2_5_vl", llm_hidden=3584, llm_layers=28, llm_heads=28, llm_kv_heads=4,
+                   llm_intermediate=18944, vocab_size=152064, max_positions=128000, rope_theta=1000000.0,
+                   mrope=(16, 24, 24), patch_size=14, vision_hidden=1280, vision_layers=32, vision_heads=16,
+                   vision_intermediate=3420, window_size=112, fullatt_blocks=(7, 15, 23, 31))
+
 SHAPES = {
     "llava-1.5-7b": ("llava", lambda: TinyLlavaSpec(**CLIP_L_336, **VICUNA_7B)),
     "llava-next-7b": ("llava-next", lambda: TinyLlavaSpec(**CLIP_L_336, **VICUNA_7B, merge="spatial_unpad")),
     "eagle-x4-7b": ("eagle", lambda: _eagle_spec(towers=x4_towers(), image_size=1024, **VICUNA_7B)),
+    "qwen2.5-vl-7b": ("qwen-vl", lambda: TinyQwenSpec(**QWEN25_VL_7B)),
 }
 
 
@@ -77,6 +85,12 @@ def scaled(spec: Any, width: int, depth: int) -> Any:
     llm = dict(llm_heads=heads, llm_kv_heads=_div(spec.llm_kv_heads, width),
                llm_hidden=heads * (spec.llm_hidden // spec.llm_heads),  # the head width kept, fewer heads
                llm_layers=_div(spec.llm_layers, depth, 4), llm_intermediate=_div(spec.llm_intermediate, width, 8))
+    if isinstance(spec, TinyQwenSpec):
+        vheads, vlayers = _div(spec.vision_heads, width), _div(spec.vision_layers, depth, 3)
+        return dataclasses.replace(
+            spec, **llm, mrope=None, vision_heads=vheads, vision_hidden=vheads * (spec.vision_hidden // spec.vision_heads),
+            vision_layers=vlayers, vision_intermediate=_div(spec.vision_intermediate, width, 8),
+            fullatt_blocks=(vlayers - 1,))  # the others attend within windows, as most of the real tower's blocks
     if isinstance(spec, TinyLlavaSpec):
         vheads = _div(spec.vision_heads, width)
         return dataclasses.replace(
@@ -114,6 +128,10 @@ def parameters(spec: Any) -> int:
     if isinstance(spec, TinyLlavaSpec):
         v = spec.vision_hidden
         return total + spec.vision_layers * (4 * v * v + 2 * v * (spec.vision_intermediate or 2 * v))
+    if isinstance(spec, TinyQwenSpec):  # gated MLPs in the tower; the merger maps 2x2 patches to the LLM width
+        v, merged = spec.vision_hidden, spec.vision_hidden * spec.merge ** 2
+        mlp = spec.vision_intermediate or 2 * v
+        return total + spec.vision_layers * (4 * v * v + 3 * v * mlp) + merged * merged + merged * h
     for t in spec.towers.values():
         if "hidden_sizes" in t:
             total += sum(d * (2 * 4 * w * w) for w, d in zip(t["hidden_sizes"], t["depths"]))

@@ -96,14 +96,29 @@ def query_attention(layer: torch.nn.Module, call: compat.LayerCall, hidden: torc
         normed = layer.input_layernorm(hidden) if normed is None else normed
         q = attn.q_proj(gather_tokens(normed, q_index))
         k = attn.k_proj(normed)
-    q = q.view(b, q_index.shape[1], dims["heads"], dims["head_dim"]).transpose(1, 2)
-    k = k.view(b, length, dims["kv_heads"], dims["head_dim"]).transpose(1, 2)
+    q = q.view(b, q_index.shape[1], dims["heads"], dims["head_dim"])
+    k = k.view(b, length, dims["kv_heads"], dims["head_dim"])
+    q, k = _head_norms(attn, q, k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = compat.rope_cos_sin(layer, call, hidden)
     cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
     q = apply_rope(q, gather_tokens(cos, q_index), gather_tokens(sin, q_index))
     k = apply_rope(k, cos, sin)
     scale = float(getattr(attn, "scaling", dims["head_dim"] ** -0.5))
     return mean_query_attention(q, k, q_index, q_valid, valid, scale, key_bias=key_bias)
+
+
+def _head_norms(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """Per-head norms before RoPE where the attention has them (Qwen3's ``q_norm``/``k_norm``), called as the
+    layer calls them, on (B, L, heads, head_dim)."""
+    if getattr(attn, "q_norm", None) is None and getattr(attn, "k_norm", None) is None:
+        return q, k
+    with _eval_mode(attn):
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+    return q, k
 
 
 class _Prefix:
@@ -215,7 +230,8 @@ class DecoderPruner:
             self.plan = _Plan("prefill", cfg, stats, valid, layout=layout)
             self.prefix = None
             if layout is not None and layout.positions is not None:
-                next_position = layout.positions.masked_fill(~valid, -1).max(dim=1).values + 1
+                # (B, L), or (rows, B, L) for multimodal RoPE: each row continues from its own largest position
+                next_position = layout.positions.masked_fill(~valid, -1).max(dim=-1).values + 1
                 self.prefix = _Prefix(len(self.layer_index), valid, length, valid, layout.key_bias, next_position)
             percall.record_stats(self.model, stats)
             return
@@ -396,7 +412,7 @@ class DecoderPruner:
             return None
         done = compat.past_length(past, 0) - prefix.full_len  # tokens generated since the prefill
         steps = torch.arange(length, device=device) + done
-        return prefix.next_position.to(device)[:, None] + steps[None, :]
+        return prefix.next_position.to(device)[..., None] + steps
 
     # Labels ----------------------------------------------------------------------------------------------
     def compact_labels(self, labels: torch.Tensor) -> torch.Tensor:

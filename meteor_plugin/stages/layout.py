@@ -25,7 +25,7 @@ class VisualLayout:
     labels: Optional[torch.Tensor] = None  # (B, L) labels held back for the loss after compaction
     # MeteorConfig.proportional_attention: each token's position had nothing been pruned, and log(size) of
     # each visual token (0 elsewhere), added to its attention logit in every layer.
-    positions: Optional[torch.Tensor] = None  # (B, L) long
+    positions: Optional[torch.Tensor] = None  # (B, L) long, or (rows, B, L) for multimodal RoPE (Qwen-VL)
     key_bias: Optional[torch.Tensor] = None  # (B, L) float32
 
     @property
@@ -34,8 +34,8 @@ class VisualLayout:
 
     def repeated(self, times: int) -> "VisualLayout":
         """Each sample ``times`` times in a row, as generate expands a batch for ``num_return_sequences``."""
-        def rep(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return t.repeat_interleave(times, dim=0) if t is not None else None
+        def rep(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:  # the batch is the next-to-last dim
+            return t.repeat_interleave(times, dim=-2) if t is not None else None
 
         stats = RunStats(self.stats.batch_size * times,
                          stages=[dict(s) for s in self.stats.stages for _ in range(times)],

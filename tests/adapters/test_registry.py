@@ -65,7 +65,7 @@ def test_every_family_is_one_folder_with_one_record():
         records[name] = module.FAMILY
     # every folder with a record is listed, once, and nothing else is
     assert sorted(map(id, records.values())) == sorted(map(id, adapters.FAMILIES))
-    assert sorted(records) == ["eagle", "hf_llava", "llava"]
+    assert sorted(records) == ["eagle", "hf_llava", "llava", "qwen_vl"]
     names = [family.name for family in adapters.FAMILIES]
     assert len(set(names)) == len(names) and set(adapters.BY_NAME) == set(names)
     # No module of adapters/ but the protocol, the registry and refusal.py sits outside a folder.

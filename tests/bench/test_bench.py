@@ -132,3 +132,18 @@ def test_side_by_side_profiles_interleave_their_timed_runs(monkeypatch):
     assert calls == ["a", "b"] + ["a", "b"] * 3 + ["a", "b"]  # warm-ups, timed rounds, the FLOPs-counted runs
     assert [r["repeats"] for r in out] == [3, 3]
     assert [[row["part"] for row in r["parts"]] for r in out] == [[prof.OTHER], [prof.OTHER]]
+
+
+def test_quick_qwen_vl_bench_prunes_inside_the_tower_and_in_the_language_model(capsys):
+    assert main(["bench", "qwen-vl", "--quick", "--repeats", "1", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    unpruned, pruned = result["variants"]["unpruned"], result["variants"]["meteor"]
+    # a 16x24-patch image: 96 merged tokens, half kept inside the tower, an eighth (12) after Stage 3's layer
+    assert (unpruned["encoder_tokens"], pruned["encoder_tokens"]) == (96, 48)
+    assert (unpruned["visual_tokens"], pruned["visual_tokens"]) == (96, 12)
+    length = result["sequence_length"]
+    assert unpruned["layer_tokens"] == [length] * 4 and pruned["layer_tokens"] == [length - 48] * 2 + [length - 84] * 2
+    assert result["flops_ratio"] > 1 and pruned["kv_cache_mib"] < unpruned["kv_cache_mib"]
+    assert main(["bench", "qwen-vl", "--quick", "--profile"]) == 2
+    assert "the qwen-vl bench has no profile yet" in capsys.readouterr().err
+

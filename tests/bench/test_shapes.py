@@ -3,23 +3,30 @@
 import pytest
 import torch
 
-from meteor_plugin.bench import eagle_prefill, llava_next_prefill, llava_prefill, shapes
+from meteor_plugin.bench import eagle_prefill, llava_next_prefill, llava_prefill, qwen_vl_prefill, shapes
 from meteor_plugin.cli import main
 
 EXPECTED = {  # visual tokens unpruned -> pruned, as each bench prunes them at full size
     "llava-1.5-7b": (576, 144),
     "llava-next-7b": (2880, 360),
     "eagle-x4-7b": (1024, 242),
+    "qwen2.5-vl-7b": (384, 48),
 }
+LLM_DIMS = {"qwen2.5-vl-7b": (3584, 28, 28, 18944)}  # Qwen2.5-7B; the others are Vicuna-7B's
 
 
 @pytest.mark.parametrize("name", list(shapes.SHAPES))
 def test_every_full_size_builder_runs_scaled_down_with_the_real_token_geometry(name):
     which, spec = shapes.shape(name)
-    assert (spec.llm_hidden, spec.llm_layers, spec.llm_heads, spec.llm_intermediate) == (4096, 32, 32, 11008)
+    dims = LLM_DIMS.get(name, (4096, 32, 32, 11008))
+    assert (spec.llm_hidden, spec.llm_layers, spec.llm_heads, spec.llm_intermediate) == dims
     small = shapes.scaled(spec, width=32, depth=8)
-    assert small.llm_hidden == 128 and small.llm_layers == 4  # one head of Vicuna's 128 channels
-    if which == "llava":
+    assert small.llm_hidden == 128 and small.llm_layers == 4  # one head of 128 channels (Vicuna's and Qwen's)
+    if which == "qwen-vl":
+        result = qwen_vl_prefill.run(qwen_vl_prefill.QwenBench(repeats=1, warmup=0), small)
+        got = (result["variants"]["unpruned"]["visual_tokens"], result["variants"]["meteor"]["visual_tokens"])
+        assert result["variants"]["meteor"]["encoder_tokens"] == 192  # half of them kept inside the tower
+    elif which == "llava":
         result = llava_prefill.run(llava_prefill.PrefillBench(repeats=1, warmup=0), small)
         got = (result["variants"]["unpruned"]["visual_tokens"], result["variants"]["stage3"]["visual_tokens"])
     elif which == "llava-next":
@@ -40,6 +47,7 @@ def test_every_full_size_builder_runs_scaled_down_with_the_real_token_geometry(n
 def test_parameter_estimates_match_the_7b_models():
     assert 6.9e9 < shapes.parameters(shapes.shape("llava-1.5-7b")[1]) < 7.2e9  # Vicuna-7B 6.74B + CLIP-L 0.30B
     assert 8.0e9 < shapes.parameters(shapes.shape("eagle-x4-7b")[1]) < 9.0e9  # + ConvNeXt-XXL, SAM-L, Pix2Struct-L
+    assert 8.2e9 < shapes.parameters(shapes.shape("qwen2.5-vl-7b")[1]) < 8.4e9  # Qwen2.5-VL-7B: 8.29B
 
 
 def test_a_device_without_room_is_refused_before_anything_is_built(monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """What transformers' LLaVA classes share on every transformers generation: Stage 1 inside the CLIP or SigLIP
 tower, LLaVA-NeXT's crops spread to full grids and back, where the images landed in the prompt (Stage 3's
-layout, with proportional attention's geometry), the refusals, and the family's per-call record (``HfCall``).
+layout, with proportional attention's geometry), the refusals, and the family's per-call record (``shared.transformers_vlm.VlmCall``).
 ``v5.py`` (transformers 5.x, where the model takes ready-made features) and ``v4.py`` (4.x, where the adapter
 splices the images itself) are built on these.
 """
@@ -8,12 +8,10 @@ splices the images itself) are built on these.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 
-from ... import percall
 from ...compat.transformers import clip_layers
 from ...core.budget import resolve_stage_budget
 from ...stages import proportional
@@ -22,26 +20,7 @@ from ...stages.layout import VisualLayout, identity_geometry, query_mask, unprun
 from ...stages.vision import ImageTokens, VitParts
 from ...stats import RunStats, StageCount
 from ..shared import anyres
-
-
-@dataclass
-class HfCall:
-    """What one call of a transformers LLaVA model carries between its methods (``MeteorCall.family``)."""
-
-    layout: Any = None  # the layout generate built for its prefill
-    plan: Any = None  # Stage 1's plan while the tower runs
-    kept: Any = None  # Stage 1's kept patches per CLIP input, from the last encoding
-    sizes: Any = None  # with proportional attention: the tokens each kept patch stands for, per CLIP input
-    labels: bool = False  # a loss is taken
-    embeds: Any = None  # transformers 4.x: the spliced prompt generate's prefill runs on (v4.py)
-
-
-def state() -> HfCall:
-    """This call's record (created at its first use)."""
-    call = percall.current()
-    if call.family is None:
-        call.family = HfCall()
-    return call.family
+from ..shared.transformers_vlm import state
 
 
 # Towers Stage 1 prunes between blocks: CLIP (a CLS token first) and SigLIP (none, every token a patch).
@@ -133,20 +112,6 @@ def drop_pruned(packed: Any) -> List[torch.Tensor]:
     return [p[~torch.isnan(p).all(dim=-1)] for p in packed]
 
 
-def image_runs(ids: torch.Tensor, valid: torch.Tensor, token: int) -> List[Tuple[int, int, int]]:
-    """(sample, start, end) of every run of image tokens, in the order the model fills them."""
-    runs = []
-    image = (ids == token) & valid
-    for i in range(ids.shape[0]):
-        positions = torch.nonzero(image[i]).flatten().tolist()
-        for p in positions:
-            if runs and runs[-1][0] == i and runs[-1][2] == p:
-                runs[-1] = (i, runs[-1][1], p + 1)
-            else:
-                runs.append((i, p, p + 1))
-    return runs
-
-
 def build_layout(model: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.Tensor], features: List[torch.Tensor],
                  crops: List[int], runs: List[Tuple[int, int, int]]) -> VisualLayout:
     """Visual tokens = image-token positions less the row separators; stats of Stages 1 and the crops."""
@@ -206,20 +171,3 @@ def _unpruned_geometry(model: Any, cfg: Any, valid: torch.Tensor, runs: List[Tup
 def prunes(cfg: Any) -> bool:
     """Whether ``cfg`` removes tokens at all (Stage 2 has nothing to fuse in a one-tower LLaVA)."""
     return bool(cfg.encoder or cfg.llm)
-
-
-def refuse_beams(model: Any, cfg: Any, kwargs: Dict[str, Any]) -> None:
-    if cfg.llm:
-        beams = kwargs.get("num_beams", getattr(getattr(model, "generation_config", None), "num_beams", 1)) or 1
-        if beams > 1:
-            raise NotImplementedError(
-                f"meteor-plugin Stage 3 does not support beam search (num_beams={beams}); use num_beams=1 "
-                "or enable(..., llm=False)")
-
-
-def refuse_training(model: Any, labels: bool) -> None:
-    if labels or (model.training and torch.is_grad_enabled()):
-        raise NotImplementedError(
-            f"meteor-plugin: a loss or training forward of transformers' {type(model).__name__} with pruning "
-            "is not supported (its labels would not follow the pruned sequence); the llava package's "
-            "classes train pruned (meteor_plugin.train), or set encoder=False, llm=False")

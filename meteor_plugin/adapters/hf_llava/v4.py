@@ -36,6 +36,7 @@ from ...compat import transformers as compat
 from ...runtime import pruning_config
 from ...stages.decoder import patch_language_model
 from ..family import require
+from ..shared.transformers_vlm import refuse_beams, refuse_training, state
 from . import common
 
 # (module, class, spatial) of the 4.x classes; LLaVA-NeXT exists from 4.39, OneVision only where 5.x's path runs.
@@ -161,7 +162,7 @@ def wrap_forward(original: Any, registry: Any) -> Any:
             return original(self, *args, **kwargs)
         a = signature.bind(self, *args, **kwargs).arguments
         extra = a.pop("kwargs", {})
-        call, mine = percall.current(), common.state()
+        call, mine = percall.current(), state()
         call.language_model, call.language_config = _decoder(self, registry), cfg
         layout, mine.layout = mine.layout, None  # generate's, for its prefill
         embeds, mine.embeds = mine.embeds, None
@@ -171,7 +172,7 @@ def wrap_forward(original: Any, registry: Any) -> Any:
         ids, pixels = a.get("input_ids"), a.get("pixel_values")
         if (layout is None and common.prunes(cfg) and ids is not None and pixels is not None
                 and ids.shape[1] != 1 and a.get("inputs_embeds") is None):
-            common.refuse_training(self, a.get("labels") is not None)
+            refuse_training(self, a.get("labels") is not None)
             if compat.past_length(a.get("past_key_values"), 0):
                 raise NotImplementedError(
                     "meteor-plugin on transformers' LLaVA splices the pruned image itself: a forward with images "
@@ -198,7 +199,7 @@ def wrap_generate(original: Any, registry: Any) -> Any:
         cfg = pruning_config(self)
         if cfg is None:
             return original(self, *args, **kwargs)
-        common.refuse_beams(self, cfg, kwargs)
+        refuse_beams(self, cfg, kwargs)
         a = signature.bind(self, *args, **kwargs).arguments
         extra = {**{k: v for k, v in a.items() if k not in ("self", "inputs", "kwargs")}, **a.get("kwargs", {})}
         prompt, pixels = a.get("inputs", extra.get("input_ids")), extra.get("pixel_values")
@@ -210,7 +211,7 @@ def wrap_generate(original: Any, registry: Any) -> Any:
         # The user's prompt goes along as input_ids: the output starts with it, as unpruned generate's does, and
         # max_new_tokens counts from it; the model runs on the spliced embeddings.
         extra.update(input_ids=prompt, inputs_embeds=embeds, attention_mask=mask)
-        mine = common.state()
+        mine = state()
         mine.layout, mine.embeds = layout, embeds
         try:
             return original(self, **extra)

@@ -52,8 +52,8 @@ from ... import percall
 from ...runtime import pruning_config
 from ...stages.decoder import patch_language_model
 from ..family import require
-from .common import (build_layout, check_stage1, drop_pruned, image_runs, is_anyres, prunes, refuse_beams,
-                     refuse_training, spread_crops, stage1, state, tower_patches)
+from ..shared.transformers_vlm import fit_prompt, refuse_beams, refuse_training, state, wrap_causal_forward
+from .common import build_layout, check_stage1, drop_pruned, is_anyres, prunes, spread_crops, stage1, tower_patches
 
 
 @dataclass(frozen=True)
@@ -147,36 +147,6 @@ def encode(inner: Any, pixel_values: Any, kwargs: Dict[str, Any]) -> Any:
 
 
 # The prompt and the layout ------------------------------------------------------------------------------------
-def fit_prompt(ids: torch.Tensor, mask: Optional[torch.Tensor], token: int, counts: List[int]) -> tuple:
-    """Each image's run of image tokens cut to its feature count (its last tokens dropped), rows re-padded on
-    the side the mask pads; returns (ids, mask, runs after the cut)."""
-    valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    runs = image_runs(ids, valid, token)
-    if len(runs) != len(counts) or any(end - start < n for (_, start, end), n in zip(runs, counts)):
-        raise ValueError(
-            f"meteor-plugin: the prompt has {len(runs)} runs of image tokens of lengths "
-            f"{[end - start for _, start, end in runs]} for {len(counts)} images of {counts} features; was it built "
-            "by this model's processor (one run per image, images not adjacent)?")
-    kept = valid.clone()
-    for (i, start, end), n in zip(runs, counts):
-        kept[i, start + n:end] = False
-    if bool(kept.eq(valid).all()):
-        return ids, mask, runs
-    b = ids.shape[0]
-    width = int(kept.sum(dim=1).max())
-    left = mask is not None and bool((~valid[:, 0]).any()) and bool(valid[:, -1].all())
-    new_ids = ids.new_zeros(b, width)
-    new_mask = torch.zeros(b, width, dtype=mask.dtype if mask is not None else torch.long, device=ids.device)
-    for i in range(b):
-        row = ids[i][kept[i]]
-        span = slice(width - row.shape[0], width) if left else slice(0, row.shape[0])
-        new_ids[i, span] = row
-        new_mask[i, span] = 1
-    new_valid = new_mask.bool()
-    return new_ids, (new_mask if mask is not None or not bool(new_valid.all()) else None), image_runs(
-        new_ids, new_valid, token)
-
-
 def prepare(model: Any, inner: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.Tensor], pixels: Any,
             kwargs: Dict[str, Any]) -> tuple:
     """Encode the images (Stage 1), fit the prompt to them, and build Stage 3's layout.
@@ -222,22 +192,24 @@ def wrap_generate(original: Any) -> Any:
         if cfg is None:
             return original(self, *args, **kwargs)
         refuse_beams(self, cfg, kwargs)
-        a = signature.bind(self, *args, **kwargs).arguments
-        extra = dict(a.get("kwargs", {}))
-        prompt, pixels = a.get("inputs", extra.get("input_ids")), extra.get("pixel_values")
+        named = dict(signature.bind(self, *args, **kwargs).arguments)
+        extra = dict(named.pop("kwargs", {}))
+        named.pop("self")
+        prompt = named.pop("inputs", None)
+        prompt = prompt if prompt is not None else extra.get("input_ids")
+        pixels = extra.get("pixel_values")
         _refuse_video(cfg, extra.get("pixel_values_videos"))
         if not prunes(cfg) or pixels is None or not torch.is_tensor(prompt):
             return original(self, *args, **kwargs)
         ids, mask, encoded, layout = prepare(self, self.model, cfg, prompt, extra.get("attention_mask"), pixels, extra)
-        extra.pop("inputs", None)
         extra.pop("pixel_values")
         extra.update(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": encoded})
         if mask is None:
             extra.pop("attention_mask")
         call, mine = percall.current(), state()
         call.in_generate, mine.layout = True, layout
-        try:
-            out = original(self, **extra)
+        try:  # generate's own named arguments (generation_config, logits_processor...) go on as given
+            out = original(self, **named, **extra)
         finally:
             call.in_generate, mine.layout = False, None
         if ids.shape == prompt.shape:
@@ -252,23 +224,6 @@ def wrap_generate(original: Any) -> Any:
         return out
 
     return generate
-
-
-def wrap_causal_forward(original: Any) -> Any:
-    """The causal class's ``forward``: notes for the inner forward whether labels were given."""
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    @percall.entry
-    def forward(self, *args, **kwargs):
-        mine = state()
-        mine.labels = signature.bind(self, *args, **kwargs).arguments.get("labels") is not None
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            mine.labels = False
-
-    return forward
 
 
 def wrap_inner_forward(original: Any, registry: Any) -> Any:

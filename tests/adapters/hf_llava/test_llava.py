@@ -1,7 +1,7 @@
 """transformers' own LlavaForConditionalGeneration and LlavaNextForConditionalGeneration (llava-hf
 checkpoints), against the unpatched models, on every stack: transformers 5.x (the processor writes one image
 token per visual token, the model scatters features into them) and 4.37/4.44 (one image token per image,
-spliced inside the model; the adapter splices the pruned image itself, adapters/hf_llava_v4.py).
+spliced inside the model; the adapter splices the pruned image itself, adapters/hf_llava/v4.py).
 """
 
 import pytest
@@ -103,6 +103,11 @@ def test_stage1_prunes_inside_the_tower_and_generate_gives_back_the_users_prompt
     assert (encoder.entered, encoder.left, len(encoder.detail["kept"][0])) == (VISUAL, 16, 16)
     out = generate(model, ids, mask, pixels, steps=3)
     assert out.shape == (1, ids.shape[1] + 3) and torch.equal(out[:, :ids.shape[1]], ids)
+    # generate's own named arguments reach it: a generation_config of 2 new tokens gives 2
+    config = transformers.GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, generation_config=config)
+    assert out.shape == (1, ids.shape[1] + 2) and torch.equal(out[:, :ids.shape[1]], ids)
 
 
 @towers
