@@ -123,9 +123,13 @@ def _bench_tensor_parallel(args: argparse.Namespace) -> int:
     from meteor_plugin.bench import llava_prefill, shapes
     from meteor_plugin.bench import tensor_parallel as tp
 
+    from meteor_plugin.compat.tensor_parallel import unavailable
+
     if args.which != "llava" or args.profile or args.tp < 2:
         raise ValueError("--tp N (N >= 2) runs the llava bench tensor-parallel: `meteor-plugin bench llava --tp N`, "
                          "without --profile")
+    if unavailable():
+        raise ValueError(f"--tp: {unavailable()}")
     if not tp.is_rank():
         argv = ["bench", "llava", "--tp", str(args.tp), "--repeats", str(args.repeats), "--device", args.device,
                 "--dtype", args.dtype] + (["--quick"] if args.quick else []) + (["--json"] if args.json else [])

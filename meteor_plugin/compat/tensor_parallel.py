@@ -105,3 +105,19 @@ def refusal(name: str, module: Any, style: str) -> Optional[str]:
         return f"{name} runs under {style}, whose output is not whole attention heads"
     return None
 
+
+
+def unavailable() -> Optional[str]:
+    """Why this environment cannot load a model tensor-parallel (None when it can): transformers 4.37 and 4.44
+    have no ``tp_plan``; 5.x loads with ``distributed_config=DistributedConfig(tp_plan="auto")``."""
+    import torch
+    import transformers
+
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        return "torch.distributed with gloo is not available"
+    try:
+        from transformers.distributed import DistributedConfig  # noqa: F401
+    except ImportError:
+        return (f"transformers {transformers.__version__} has no tensor-parallel loading (from_pretrained(..., "
+                "tp_plan=...) arrived after 4.44; transformers 5.x has it)")
+    return None

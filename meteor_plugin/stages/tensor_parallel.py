@@ -16,6 +16,7 @@ it does not know are refused by name). Everything here is a no-op for a model th
 from __future__ import annotations
 
 import json
+import re
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -64,10 +65,10 @@ def layout(model: Any) -> Tuple[Optional[TensorParallel], List[str]]:
     known = _LAYOUTS.get(model)
     if known is not None:
         return known
-    problems = []
+    problems: List[str] = []
     for name, module, style in compat_tp.styles(model):
-        why = compat_tp.refusal(name, module, style)
-        if why is not None:
+        why = compat_tp.refusal(re.sub(r"\.\d+\.", ".*.", name), module, style)  # once for all layers
+        if why is not None and why not in problems:
             problems.append(why)
     layers = getattr(model, "layers", None) or []
     skipped = [i for i, layer in enumerate(layers) if type(layer).__name__ == "PipelineIdentityLayer"]

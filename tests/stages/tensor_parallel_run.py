@@ -166,19 +166,5 @@ def main(root: str) -> None:
     dist.destroy_process_group()
 
 
-def has_tensor_parallel() -> Optional[str]:
-    """Why this stack cannot run the cases (None when it can)."""
-    import transformers
-
-    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
-        return "torch.distributed with gloo is not available"
-    try:
-        from transformers.distributed import DistributedConfig  # noqa: F401
-    except ImportError:
-        return (f"transformers {transformers.__version__} has no tensor-parallel loading (from_pretrained(..., "
-                "tp_plan=...) arrived after 4.44; transformers 5.x has it)")
-    return None
-
-
 if __name__ == "__main__":
     main(sys.argv[1])

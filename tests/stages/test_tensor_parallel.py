@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
+from meteor_plugin.compat.tensor_parallel import unavailable
 from tests.stages import tensor_parallel_run as cases
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WHY_NOT = cases.has_tensor_parallel()
+WHY_NOT = unavailable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 FAMILIES = sorted({case.family for case in cases.CASES.values()})
 RUN = [name for name in cases.CASES if name not in cases.REFUSED]
