@@ -80,6 +80,17 @@ def layout(model: Any) -> Tuple[Optional[TensorParallel], List[str]]:
     return known
 
 
+def refuse_sharded(blocks: Any, what: str) -> None:
+    """Refuse by name a tensor-parallel style anywhere in ``blocks`` (a vision tower's): ``what`` scores their tokens
+    from every head's attention, which it finds whole on every rank only (transformers' plans replicate the towers)."""
+    for index, block in enumerate(blocks):
+        for name, module, style in compat_tp.styles(block):
+            raise NotImplementedError(
+                f"meteor-plugin {what}: {name or type(module).__name__} of encoder block {index} is tensor-parallel "
+                f"({style}); {what} runs on a vision tower that every rank holds whole, as the models' own plans "
+                "(tp_plan='auto') leave it")
+
+
 def prefill(model: Any, cfg: Any, changes_layers: bool, valid: torch.Tensor,
             visual: Optional[torch.Tensor]) -> Optional[TensorParallel]:
     """At each prefill: the model's tensor-parallel group (None without one), after refusing a plan that Stage 3 (or

@@ -43,12 +43,16 @@ CASES = {
     "sequence-parallel": Case("llava", dict(encoder=False, llm=True),
                               plan={"model.language_model.layers.*.input_layernorm": "sequence_parallel"}),
     "ranks-disagree": Case("llava", dict(encoder=False, llm=True), rank1=dict(llm_max_keep=0.25)),
+    "sharded-tower": Case("llava", dict(encoder=True, llm=False),
+                          plan={"model.vision_tower.encoder.layers.*.self_attn.q_proj": "colwise"}),
 }
 # Cases that fail on every rank, with the error they must raise.
 REFUSED = {"sequence-parallel": "NotImplementedError: meteor-plugin Stage 3 cannot run on this tensor-parallel "
                                 "LlamaModel: layers.*.input_layernorm runs under sequence parallelism",
            "ranks-disagree": "RuntimeError: meteor-plugin: the ranks of a tensor-parallel group were given different "
-                             "inputs, visual layouts or configs"}
+                             "inputs, visual layouts or configs",
+           "sharded-tower": "NotImplementedError: meteor-plugin Stage 1: self_attn.q_proj of encoder block 0 is "
+                            "tensor-parallel (ColwiseParallel)"}
 HF_CLASSES = {"llava": "LlavaForConditionalGeneration", "next": "LlavaNextForConditionalGeneration",
               "onevision": "LlavaOnevisionForConditionalGeneration"}
 
