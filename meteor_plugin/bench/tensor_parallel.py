@@ -66,6 +66,9 @@ def _start(bench: TensorParallelBench) -> torch.device:
     if world != bench.ranks:
         raise ValueError(f"--tp {bench.ranks} runs on {bench.ranks} ranks, but this launch has {world}")
     device = torch.device(bench.device)
+    if device.type == "cpu" and torch.cuda.is_available():
+        raise ValueError("--tp on a machine with CUDA: transformers puts a tensor-parallel model on the GPUs, so run "
+                         "it with --device cuda (one rank per GPU)")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -128,7 +131,7 @@ def run(bench: TensorParallelBench, spec: TinyLlavaSpec) -> Dict[str, Any]:
         start = time.perf_counter()
         prefill()
         sync()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the prefill ends when its slowest rank does
         return float(elapsed)
 

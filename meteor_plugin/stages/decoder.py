@@ -170,6 +170,7 @@ class DecoderPruner:
                 f"meteor-plugin Stage 3: {type(model).__name__} has no decoder `layers`; "
                 "the llm stage needs a Llama-family model"
             )
+        tensor_parallel.refuse_pipeline(layers)
         for layer in layers:  # every layer: one missing projection would fail mid-forward otherwise
             for required in ("input_layernorm", "self_attn"):
                 if not hasattr(layer, required):

@@ -71,13 +71,19 @@ def layout(model: Any) -> Tuple[Optional[TensorParallel], List[str]]:
         if why is not None and why not in problems:
             problems.append(why)
     layers = getattr(model, "layers", None) or []
-    skipped = [i for i, layer in enumerate(layers) if type(layer).__name__ == "PipelineIdentityLayer"]
-    if skipped:
-        problems.append(f"layers {skipped} run on other ranks (pipeline parallelism)")
-    attn = getattr(layers[0], "self_attn", None) if len(layers) and not skipped else None
+    attn = getattr(layers[0], "self_attn", None) if len(layers) else None
     group = of_module(attn.q_proj) if attn is not None and hasattr(attn, "q_proj") else None
     known = _LAYOUTS[model] = (group, problems)
     return known
+
+
+def refuse_pipeline(layers: Any) -> None:
+    """Refuse by name a decoder whose layers transformers' pipeline parallelism gave to other ranks."""
+    skipped = [i for i, layer in enumerate(layers) if type(layer).__name__ == "PipelineIdentityLayer"]
+    if skipped:
+        raise NotImplementedError(
+            f"meteor-plugin Stage 3: decoder layers {skipped} run on other ranks (pipeline parallelism, pp_size > 1), "
+            "which the plugin does not support; tensor parallelism (tp_plan='auto') is")
 
 
 def refuse_sharded(blocks: Any, what: str) -> None:
@@ -114,7 +120,7 @@ def _same_everywhere(tp: TensorParallel, cfg: Any, valid: torch.Tensor, visual: 
     settings = json.dumps(cfg.to_dict(), sort_keys=True, default=str) if hasattr(cfg, "to_dict") else repr(cfg)
     mine = torch.tensor([valid.shape[0], valid.shape[1], int(valid.sum()), int((valid.long() * at).sum()),
                          int(visual.sum()), int((visual.long() * at).sum()), zlib.crc32(settings.encode())],
-                        dtype=torch.long)
+                        dtype=torch.long, device=valid.device)  # NCCL exchanges only tensors on its GPU
     every = [torch.empty_like(mine) for _ in range(tp.size)]
     dist.all_gather(every, mine, group=tp.group)
     if any(not torch.equal(other, every[0]) for other in every):

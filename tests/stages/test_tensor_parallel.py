@@ -96,3 +96,18 @@ def test_what_stage3_cannot_run_under_is_refused_by_name_on_every_rank(launched,
     for rank in range(2):
         error = ranks[rank][name].get("error", "")
         assert error.startswith(cases.REFUSED[name]), error
+
+
+def test_pipeline_parallelism_is_refused_by_name():
+    """What pp_size=2 leaves on a rank: the other rank's decoder layers replaced by transformers' identities."""
+    import meteor_plugin
+    from meteor_plugin.testing.llava import build_tiny_hf_llava, hf_batch
+    from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
+
+    model = build_tiny_hf_llava()
+    model.model.language_model.layers[3] = PipelineIdentityLayer()
+    ids, mask, pixels = hf_batch([(4, 6)], seed=1)
+    meteor_plugin.enable(encoder=False, llm=True)
+    with pytest.raises(NotImplementedError, match=r"decoder layers \[3\] run on other ranks \(pipeline parallelism"):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
