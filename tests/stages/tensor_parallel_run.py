@@ -38,6 +38,7 @@ CASES = {
     "llava-fastv": Case("llava", dict(method="fastv", encoder=False, llm=True, llm_max_keep=16)),
     "next": Case("next", dict(encoder=True, llm=True, proportional_attention="off", **HEADS)),
     "onevision": Case("onevision", dict(encoder=False, llm=True, proportional_attention="on", **HEADS)),
+    "onevision-stage1": Case("onevision", dict(encoder=True, llm=True, proportional_attention="off", **HEADS)),
     "llava-package-random": Case("llava-package", dict(method="random", fusion_keep=16, llm=True, **HEADS)),
     "eagle": Case("eagle", dict(fusion_keep=0.25, **HEADS)),
     "sequence-parallel": Case("llava", dict(encoder=False, llm=True),
@@ -65,7 +66,7 @@ def save_family(family: str, folder: str) -> None:
 
     if family in HF_CLASSES:
         if family == "onevision":
-            model = tiny.build_tiny_hf_onevision()
+            model = tiny.build_tiny_hf_onevision(max_crops=4)  # its anyres_max step keeps these grids: Stage 1 runs
         else:
             model = tiny.build_tiny_hf_llava(tiny.TinyLlavaSpec(merge="flat" if family == "llava" else "spatial_unpad"))
         if family == "llava":
