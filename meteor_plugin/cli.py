@@ -65,6 +65,8 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.which == "fidelity":
         return _bench_fidelity(args)
+    if args.tp is not None:
+        return _bench_tensor_parallel(args)
     from meteor_plugin.bench import eagle_prefill, llava_prefill
 
     results, reports = [], []
@@ -126,6 +128,40 @@ def _bench(args: argparse.Namespace) -> int:
         results.append(decode.run(settings, _depth(args, spec, settings.llm_layer)))
         reports.append(decode.report(results[-1]))
     print(json.dumps(results, indent=2) if args.json else "\n\n".join(reports))
+    return 0
+
+
+def _bench_tensor_parallel(args: argparse.Namespace) -> int:
+    """``bench llava --tp N``: relaunched on N ranks under torch.distributed.run, unless this is one of them."""
+    from meteor_plugin.bench import llava_prefill, shapes
+    from meteor_plugin.bench import tensor_parallel as tp
+
+    from meteor_plugin.compat.tensor_parallel import unavailable
+
+    if args.which != "llava" or args.profile or args.tp < 2:
+        raise ValueError("--tp N (N >= 2) runs the llava bench tensor-parallel: `meteor-plugin bench llava --tp N`, "
+                         "without --profile")
+    if unavailable():
+        raise ValueError(f"--tp: {unavailable()}")
+    if not tp.is_rank():
+        argv = ["bench", "llava", "--tp", str(args.tp), "--repeats", str(args.repeats), "--device", args.device,
+                "--dtype", args.dtype] + (["--quick"] if args.quick else []) + (["--json"] if args.json else [])
+        argv += (["--llm-layers", str(args.llm_layers)] if args.llm_layers is not None else [])
+        argv += (["--shape", args.shape] if args.shape else [])
+        return tp.launch(args.tp, argv)
+    settings = tp.TensorParallelBench(ranks=args.tp, repeats=args.repeats, device=args.device, dtype=args.dtype)
+    spec = llava_prefill.LLAVA15_SCALED
+    if args.quick:
+        settings.keep, settings.text_before, settings.text_after = 36, 5, 5
+        spec = llava_prefill.QUICK
+    if args.shape:  # each rank holds 1/N of the language model: the one-device memory check does not apply
+        which, spec = shapes.shape(args.shape)
+        if which != "llava" or args.quick or args.llm_layers is not None:
+            raise ValueError(f"--tp runs the llava bench: --shape llava-1.5-7b (not {args.shape}), without --quick "
+                             "or --llm-layers")
+    result = tp.run(settings, _depth(args, spec, settings.llm_layer))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2) if args.json else tp.report(result))
     return 0
 
 
@@ -221,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "prefill (encoders, projectors, decoder layers, each stage's scoring, selection and gathering) beside "
                    "its share of the FLOPs; eagle also profiles the unpruned run and gives the speedup without the "
                    "encoders both variants run whole")
+    p.add_argument("--tp", type=int, metavar="N", help="llava: the prefill of transformers' LLaVA loaded tensor-parallel "
+                   "over N ranks (tp_plan='auto'), relaunched under torch.distributed.run; on a CPU (gloo) a functional "
+                   "check whose times mean little, on N GPUs (--device cuda) the pruned/unpruned ratio under tensor "
+                   "parallelism")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     f = p.add_argument_group("fidelity")
     f.add_argument("--model-path", help="a trained fidelity checkpoint (default: the one shipped in the package)")

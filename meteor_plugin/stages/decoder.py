@@ -35,7 +35,7 @@ from ..core.token_sizes import absorbed_sizes
 from ..core.text_attention import (apply_rope, attended_regions, attention_spread, mean_query_attention,
                                    select_heads)
 from ..stats import UNKNOWN_VISUAL, RunStats
-from . import proportional
+from . import proportional, tensor_parallel
 from .layout import IGNORE_INDEX, VisualLayout
 
 
@@ -96,8 +96,9 @@ def query_attention(layer: torch.nn.Module, call: compat.LayerCall, hidden: torc
         normed = layer.input_layernorm(hidden) if normed is None else normed
         q = attn.q_proj(gather_tokens(normed, q_index))
         k = attn.k_proj(normed)
-    q = q.view(b, q_index.shape[1], dims["heads"], dims["head_dim"])
-    k = k.view(b, length, dims["kv_heads"], dims["head_dim"])
+    heads, kv_heads = tensor_parallel.local_heads(attn, q.shape[-1], k.shape[-1], dims)  # a slice under tp_plan
+    q = q.view(b, q_index.shape[1], heads, dims["head_dim"])
+    k = k.view(b, length, kv_heads, dims["head_dim"])
     q, k = _head_norms(attn, q, k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = compat.rope_cos_sin(layer, call, hidden)
@@ -105,7 +106,8 @@ def query_attention(layer: torch.nn.Module, call: compat.LayerCall, hidden: torc
     q = apply_rope(q, gather_tokens(cos, q_index), gather_tokens(sin, q_index))
     k = apply_rope(k, cos, sin)
     scale = float(getattr(attn, "scaling", dims["head_dim"] ** -0.5))
-    return mean_query_attention(q, k, q_index, q_valid, valid, scale, key_bias=key_bias)
+    rows = mean_query_attention(q, k, q_index, q_valid, valid, scale, key_bias=key_bias)
+    return tensor_parallel.all_heads(attn, rows, dims["heads"])
 
 
 def _head_norms(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple:
@@ -170,6 +172,7 @@ class DecoderPruner:
         self.plan: Optional[_Plan] = None
         self.prefix: Optional[_Prefix] = None
         self.heads_used = 0
+        self.tp: Optional[tensor_parallel.TensorParallel] = None  # the tensor-parallel group, found at each prefill
         self.layer_index = {id(layer): idx for idx, layer in enumerate(model.layers)}
 
     @classmethod
@@ -182,6 +185,7 @@ class DecoderPruner:
                 f"meteor-plugin Stage 3: {type(model).__name__} has no decoder `layers`; "
                 "the llm stage needs a Llama-family model"
             )
+        tensor_parallel.refuse_pipeline(layers)
         for layer in layers:  # every layer: one missing projection would fail mid-forward otherwise
             for required in ("input_layernorm", "self_attn"):
                 if not hasattr(layer, required):
@@ -220,6 +224,9 @@ class DecoderPruner:
                 self.heads_used = check_against_model(cfg, self.model.config)
             valid = raw[:, -length:].bool() if raw is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
             stats = layout.stats if layout is not None else RunStats(batch)
+            changes = cfg.llm or (layout is not None and layout.positions is not None)  # the layers' sequence or masks
+            self.tp = tensor_parallel.prefill(self.model, cfg, changes, valid,
+                                              layout.visual if layout is not None else None)
             if unknown_visual:
                 stats.notes.append(UNKNOWN_VISUAL)
             if layout is not None and layout.positions is not None and compat.mask_kind(
@@ -302,13 +309,13 @@ class DecoderPruner:
                                visual, self.heads_used)
             signal = self._budget_signal(cfg, rel, visual, normed)
             budget = adaptive_keep(signal, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
-        kept_visual = topk_mask(rel.scores, budget, visual)
+        kept_visual = tensor_parallel.agree(self.tp, topk_mask(rel.scores, budget, visual))  # rank 0's, on every rank
         keep = plan.valid & (~visual | kept_visual)
         left_padded = bool((~plan.valid[:, 0]).any()) and not bool((~plan.valid[:, -1]).any())
         plan.index, plan.kept_valid = compaction_index(keep, align_right=left_padded)
         plan.kept_visual = kept_visual
         if plan.key_bias is not None:  # proportional attention: the dropped tokens' sizes go to the kept ones
-            plan.key_bias = _absorbed_bias(plan.key_bias, normed, visual, kept_visual)
+            plan.key_bias = tensor_parallel.agree(self.tp, _absorbed_bias(plan.key_bias, normed, visual, kept_visual))
         plan.stats.set_stage(
             "llm", entered, kept_visual.sum(dim=1),
             mass=rel.mass.float(), signal=signal.float(),
@@ -559,6 +566,7 @@ def patch_language_model(cls: type, registry: Any) -> None:
     def forward(self, *args, **kwargs):
         call = percall.current()
         if call is None or call.language_model is not self:
+            percall.record_stats(self, None)  # a run that prunes nothing leaves no stats behind
             return original(self, *args, **kwargs)
         return pruned(self, *args, **kwargs)
 

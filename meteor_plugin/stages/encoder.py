@@ -34,6 +34,7 @@ from .. import percall
 from ..core.select import compaction_index, floor_count, gather_tokens, spread, topk_beyond
 from ..core.token_scores import cls_attention, received_attention, similarity_to_mean
 from ..core.token_sizes import kept_sizes
+from . import tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class VitPruner:
 
     @classmethod
     def attach(cls, layers: Sequence[torch.nn.Module], block: VitBlock, registry: Any) -> "VitPruner":
+        tensor_parallel.refuse_sharded(layers, "Stage 1")
         for block_cls in {type(layer) for layer in layers}:
             if not registry.is_patched(block_cls, "forward"):
                 registry.patch(block_cls, "forward", _wrap_block_forward(block_cls.forward))
