@@ -25,6 +25,7 @@ import torch
 from ..compat import training as compat
 from . import lora, quant, save
 from ..distributed import barrier
+from ..runtime import pruning_config
 
 
 def is_peft_model(model: Any) -> bool:
@@ -44,12 +45,15 @@ class MeteorTrainerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         session = type(self).meteor_session
+        bare = bare_model(kwargs["model"] if "model" in kwargs else args[0])
         prepare = session.codebase.hook("before_training")
         if prepare is not None:
             # Before Trainer.__init__, which moves the model to its device: modules the checkpoint lacks
             # are made here, and exist before the optimizer and DeepSpeed see the parameters.
-            model = kwargs["model"] if "model" in kwargs else args[0]
-            prepare(bare_model(model), kwargs["args"] if "args" in kwargs else args[1])
+            prepare(bare, kwargs["args"] if "args" in kwargs else args[1])
+        cfg = pruning_config(bare)
+        if cfg is not None:  # the trained model records the config it was trained with: its checkpoint carries it
+            bare.config.meteor = cfg.to_dict()
         super().__init__(*args, **compat.trainer_kwargs(kwargs))
         session.trainer = self
         model = self.model

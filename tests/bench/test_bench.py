@@ -127,7 +127,13 @@ def test_side_by_side_profiles_interleave_their_timed_runs(monkeypatch):
 
     monkeypatch.setattr(prof, "watching", lambda model, parts: contextlib.nullcontext())
     state, calls = {}, []
-    variants = [Variant("a", lambda: state.update(v="a")), Variant("b", lambda: state.update(v="b"))]
+    @contextlib.contextmanager
+    def variant(name):
+        state.update(v=name)
+        yield
+        state.update(v=None)  # the prefill runs inside the variant's scope, never after it
+
+    variants = [Variant("a", lambda: variant("a")), Variant("b", lambda: variant("b"))]
     out = prof.profile_side_by_side(None, lambda: calls.append(state["v"]), 3, torch.device("cpu"), variants)
     assert calls == ["a", "b"] + ["a", "b"] * 3 + ["a", "b"]  # warm-ups, timed rounds, the FLOPs-counted runs
     assert [r["repeats"] for r in out] == [3, 3]
