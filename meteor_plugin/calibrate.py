@@ -133,9 +133,10 @@ class CodebaseMissing(ModuleNotFoundError):
 
 
 def load_checkpoint(model_path: str):
-    """(tokenizer, model) through the codebase's own loader, in float32 on the CPU. A checkpoint whose family
-    builds extra modules at load time (a converted EAGLE checkpoint's per-encoder projectors) gets them: the
-    family's ``loading`` context is around the load."""
+    """(tokenizer or processor, model) through the codebase's own loader, in float32 on the CPU: LLaVA's or EAGLE's
+    ``load_pretrained_model`` (a checkpoint whose family builds extra modules at load time, a converted EAGLE
+    checkpoint's per-encoder projectors, gets them: the family's ``loading`` context is around the load), else the
+    family's own (transformers' checkpoints: its processor and class)."""
     import json
 
     path = os.path.join(model_path, "config.json")
@@ -144,7 +145,13 @@ def load_checkpoint(model_path: str):
     with open(path) as fh:
         config = json.load(fh)
     model_type = config.get("model_type")
-    codebase = adapters.spec_for_checkpoint(config, model_path)
+    try:
+        codebase = adapters.spec_for_checkpoint(config, model_path)
+    except ValueError:
+        opened = adapters.open_checkpoint(model_path, config)  # a transformers checkpoint: its own loaders
+        if opened is None:
+            raise
+        return opened
     try:
         load_pretrained_model, get_model_name_from_path = codebase.loader()
     except ModuleNotFoundError as exc:
@@ -159,8 +166,10 @@ def load_checkpoint(model_path: str):
 
 
 def add_subparser(subparsers: Any) -> None:
-    p = subparsers.add_parser("calibrate", help="measure encoder ranks (and Stage 3's lambda) for a checkpoint")
-    p.add_argument("--model-path", required=True, help="a LLaVA or EAGLE checkpoint folder")
+    p = subparsers.add_parser("calibrate", help="measure encoder ranks and Stage 3's lambda for a checkpoint, or its "
+                              "operating points on your own questions (--questions)")
+    p.add_argument("--model-path", required=True, help="a LLaVA, EAGLE or transformers (llava-hf, Qwen-VL) checkpoint "
+                                                        "folder")
     p.add_argument("--images", help="a folder of images (default: generated scenes of the fidelity task)")
     p.add_argument("--num-images", type=int, default=8, help="images the ranks are measured on (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
@@ -170,6 +179,24 @@ def add_subparser(subparsers: Any) -> None:
     p.add_argument("--rank-measure", default="effective", choices=list(RANK_MEASURES),
                    help="effective (default): the effective rank of the centred features; numerical: the "
                         "paper's, which saturates at min(tokens, channels) and so splits the budget uniformly")
+    q = p.add_argument_group("operating points on your own questions")
+    q.add_argument("--questions", help="a .jsonl file of questions in LLaVA's format ({\"image\", \"question\" or "
+                   "\"text\", \"answer\"} per line): sweep Stage 3's layer and budget, measure accuracy and prefill "
+                   "FLOPs at each point, and write the cheapest config that keeps the unpruned accuracy")
+    q.add_argument("--image-folder", help="where the questions' images are (default: the file's folder)")
+    q.add_argument("--layers", help="comma-separated Stage 3 layers to try (default: a spread of the model's)")
+    q.add_argument("--budgets", default="0.5,0.25,0.125", help="comma-separated average budgets to try, ratios of "
+                   "the visual tokens entering Stage 3 (default 0.5,0.25,0.125)")
+    q.add_argument("--tolerance", type=float, default=0.01, help="accuracy a chosen point may lose, as a share of "
+                   "the unpruned model's (default 0.01)")
+    q.add_argument("--max-questions", type=int, help="use the first N questions only")
+    q.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per answer (default 8)")
+    q.add_argument("--conv-mode", help="LLaVA/EAGLE: the conversation template (default llava_v1); transformers' "
+                   "checkpoints use their processor's chat template")
+    q.add_argument("--flops-questions", type=int, default=8, help="questions whose prefill FLOPs are counted per "
+                   "point (default 8)")
+    q.add_argument("--plot", help="also draw accuracy against prefill FLOPs per point in this PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="where to write the calibrated config (.json)")
     p.set_defaults(func=run)
 
@@ -178,6 +205,8 @@ def run(args: Any, load: Callable[[str], tuple] = load_checkpoint,
         generate: Optional[Callable[[int, int], List[Any]]] = None) -> int:
     """``meteor-plugin calibrate``: ``load(model path)`` gives (tokenizer, model); ``generate(count, seed)`` the
     images when no folder is given."""
+    if getattr(args, "questions", None):
+        return run_questions(args, load)
     tokenizer, model = load(args.model_path)
     base = MeteorConfig.from_file(args.config) if args.config else (stored_config(model.config) or MeteorConfig())
     target = None
@@ -199,3 +228,48 @@ def calibrate_checkpoint(model_path: str, images_dir: str, config: MeteorConfig)
     """The hook ``meteor-plugin convert --calibration-images DIR`` calls: encoder ranks on those images."""
     _, model = load_checkpoint(model_path)
     return config.replace(encoder_ranks=encoder_ranks(model, pixels(model, load_images(images_dir, 8))))
+
+
+def run_questions(args: Any, load: Callable[[str], tuple] = load_checkpoint) -> int:
+    """``meteor-plugin calibrate --questions``: the operating points (``operating_points.py``) on the user's own
+    questions, and the chosen config written, only once everything has run."""
+    from . import operating_points as op
+
+    if not args.out.endswith(".json"):
+        raise ValueError(f"--out {args.out}: a calibrated config is written as .json")
+    questions = op.load_questions(args.questions, args.image_folder, args.max_questions)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    if any(not 0 < b < 1 for b in budgets):
+        raise ValueError(f"--budgets {args.budgets}: each a ratio in (0, 1) of the visual tokens entering Stage 3")
+    _require_tokenizer(args.model_path)
+    processor, model = load(args.model_path)
+    family = adapters.family_of(model)
+    if family is None:
+        raise ValueError(f"{args.model_path}: no family prunes {type(model).__name__}")
+    base = MeteorConfig.from_file(args.config) if args.config else (stored_config(model.config) or MeteorConfig())
+    text_config = getattr(model.config, "text_config", None) or model.config
+    layers = ([int(x) for x in args.layers.split(",")] if args.layers
+              else op.default_layers(int(text_config.num_hidden_layers)))
+    asker = op.Asker(model, processor, family, questions, args.conv_mode, args.max_new_tokens, not args.no_progress)
+    points = op.sweep(asker, base, layers, budgets, args.flops_questions)
+    op.score(points, questions)
+    chosen, keeps = op.choose(points, args.tolerance)
+    print(f"{len(questions)} questions from {args.questions}; {type(model).__name__}")
+    print(op.table(points, chosen))
+    verdict = "keeps" if keeps else "does NOT keep (no point did; the most accurate is chosen)"
+    print(f"chosen: {chosen.label()}: {verdict} the unpruned accuracy within {args.tolerance:.0%}, at "
+          f"{chosen.gflops / points[0].gflops:.0%} of its prefill FLOPs")
+    if args.plot:
+        print(f"plot: {op.plot(points, args.plot)}")
+    temporary = args.out + ".partial"
+    chosen.config.save(temporary)
+    os.replace(temporary, args.out)  # written whole, or not at all
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _require_tokenizer(model_path: str) -> None:
+    """A checkpoint the questions are asked through must carry its tokenizer (or processor)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if os.path.isdir(model_path) and not any(os.path.isfile(os.path.join(model_path, n)) for n in names):
+        raise ValueError(f"{model_path} has no tokenizer ({', '.join(names)}): calibrate asks the questions through it")

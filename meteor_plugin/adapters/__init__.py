@@ -92,5 +92,23 @@ def encoders_of(model: Any) -> Optional[List[Any]]:
     return None
 
 
+def family_of(model: Any) -> Optional[Family]:
+    """The family that prunes ``model`` (the one whose target knows its encoders), or None."""
+    for family in FAMILIES:
+        if family.is_installed() and family.target.encoders(model) is not None:
+            return family
+    return None
+
+
+def open_checkpoint(path: str, config: Dict[str, Any]) -> Optional[tuple]:
+    """(processor, model) of a checkpoint a family opens itself (transformers' classes), or None."""
+    for family in FAMILIES:
+        if family.is_installed():
+            opened = family.target.open(path, config)
+            if opened is not None:
+                return opened
+    return None
+
+
 __all__ = ["FAMILIES", "BY_NAME", "Family", "training_specs", "training_spec", "spec_for_checkpoint",
-           "spec_for_training", "patcher_specs", "encoders_of"]
+           "spec_for_training", "patcher_specs", "encoders_of", "family_of", "open_checkpoint"]

@@ -125,3 +125,31 @@ def bounded_shares(total: int, ranks: Sequence[Optional[float]], low: Sequence[i
         i = max(range(len(shares)), key=lambda j: (shares[j] - low[j], -j))
         shares[i] -= 1
     return shares
+
+
+def clipped_budgets(signals: torch.Tensor, scale: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``adaptive_keep``'s per-sample budgets ``clip(round(scale * signal), low, high)`` for (N,) signals and bounds."""
+    raw = torch.floor(signals.double() * scale + 0.5)
+    return torch.minimum(torch.maximum(raw, low.double()), high.double())
+
+
+def solve_scale(signals: Sequence[float], target: float, low: Sequence[float], high: Sequence[float]) -> float:
+    """The scale (``llm_lambda``) whose clipped budgets (``clipped_budgets``) average ``target`` over ``signals``, by
+    bisection (the mean grows with the scale). Raises when no signal is positive or the bounds cannot reach it."""
+    s = torch.tensor(list(signals), dtype=torch.float64)
+    lo, hi = torch.tensor(list(low), dtype=torch.float64), torch.tensor(list(high), dtype=torch.float64)
+    if s.numel() == 0 or float(s.max()) <= 0:
+        raise ValueError("Stage 3 recorded no budget signal on the calibration questions")
+    if not float(lo.mean()) <= target <= float(hi.mean()):
+        raise ValueError(f"an average of {target:.1f} tokens lies outside the per-question bounds "
+                         f"({float(lo.mean()):.1f} to {float(hi.mean()):.1f} on average)")
+    a, b = 0.0, 1.0
+    while float(clipped_budgets(s, b, lo, hi).mean()) < target and b < 1e9:
+        b *= 2
+    for _ in range(60):
+        mid = (a + b) / 2
+        if float(clipped_budgets(s, mid, lo, hi).mean()) < target:
+            a = mid
+        else:
+            b = mid
+    return b

@@ -91,3 +91,27 @@ def prompt_ids(tokenizer, question: str) -> List[int]:
     head = tokenizer(before).input_ids
     tail = tokenizer(after, add_special_tokens=False).input_ids
     return head + [IMAGE_TOKEN_INDEX] + tail
+
+
+def export_questions(folder: str, per_kind: int, split: str = "val", seed: int = 0, start: int = 0) -> str:
+    """``per_kind`` primary questions of every kind of ``split`` (samples ``start`` on) as LLaVA's question format
+    (``questions.jsonl`` of ``{"image", "question", "answer"}`` with PNG images beside it): what ``meteor-plugin
+    calibrate --questions`` reads. Returns the file's path."""
+    import json
+    import os
+
+    from PIL import Image
+
+    from .datasets import make_sample
+    from .questions import KINDS
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "questions.jsonl")
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(start, start + per_kind * len(KINDS)):
+            sample = make_sample(split, i, seed=seed, max_turns=1)
+            name = f"{split}-{seed}-{i}.png"
+            Image.fromarray(sample.image.permute(1, 2, 0).numpy()).save(os.path.join(folder, name))
+            fh.write(json.dumps({"image": name, "question": sample.question.text, "answer": sample.question.answer,
+                                 "kind": sample.kind}) + "\n")
+    return path

@@ -92,7 +92,7 @@ def test_a_family_folder_lacking_a_part_of_the_protocol_is_named():
             return True
 
     problems = missing_parts(Family(name="partial", target=Partial()))
-    assert problems == ["target.patch()", "target.encoders()"]
+    assert problems == ["target.patch()", "target.encoders()", "target.open()", "target.prompt()"]
     assert missing_parts(Family(name="other", target=_ToyTarget())) == [
         "target.name equal to the family's name 'other'"]
     assert missing_parts(object()) == ["FAMILY is a object, not an adapters.family.Family"]
@@ -116,6 +116,12 @@ class _ToyTarget:
 
     def encoders(self, model):
         return None
+
+    def open(self, path, config):
+        return None
+
+    def prompt(self, model, processor, image, question, conv_mode=None):
+        return {}
 
 
 def _toy_family():

@@ -14,6 +14,7 @@ from typing import Any, List, Optional
 from ...compat import transformers as compat
 from ...stages.vision import EncoderParts
 from ..family import Family
+from ..shared.transformers_vlm import chat_inputs, open_checkpoint
 from . import v4, v5
 
 
@@ -46,6 +47,15 @@ class TransformersLlavaTarget:
             return model.vision_tower(images, output_hidden_states=True).hidden_states[layer]
 
         return [EncoderParts(kind, run)]
+
+    def open(self, path: str, config: dict) -> Optional[tuple]:
+        """(processor, model) of one of its checkpoints (a llava-hf folder), or None."""
+        return open_checkpoint(path, config, [c.causal for c in v5.CLASSES])
+
+    def prompt(self, model: Any, processor: Any, image: Any, question: str, conv_mode: Optional[str] = None) -> dict:
+        """``question`` about ``image`` through the checkpoint's processor and chat template (``conv_mode``: unused;
+        the chat template is the checkpoint's)."""
+        return chat_inputs(model, processor, image, question)
 
 
 TARGET = TransformersLlavaTarget()

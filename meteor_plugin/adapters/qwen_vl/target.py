@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 from ...compat import transformers as compat
 from ..family import require
 from ...stages.vision import EncoderParts
-from ..shared.transformers_vlm import wrap_causal_forward
+from ..shared.transformers_vlm import chat_inputs, open_checkpoint, wrap_causal_forward
 from .inference import wrap_generate, wrap_inner_forward
 
 
@@ -109,6 +109,14 @@ class QwenVLTarget:
                 "split to calibrate")
 
         return [EncoderParts("visual", run)]
+
+    def open(self, path: str, config: dict) -> Optional[tuple]:
+        """(processor, model) of one of its checkpoints, or None."""
+        return open_checkpoint(path, config, [c.causal for c in CLASSES])
+
+    def prompt(self, model: Any, processor: Any, image: Any, question: str, conv_mode: Optional[str] = None) -> dict:
+        """``question`` about ``image`` through the checkpoint's processor and chat template."""
+        return chat_inputs(model, processor, image, question)
 
 
 TARGET = QwenVLTarget()

@@ -470,6 +470,37 @@ class ArchTarget:
             return None
         return self._encoders(model)
 
+    def open(self, path: str, config: dict) -> Optional[tuple]:
+        """Its checkpoints load through the codebase's own loader (the family's ``TrainingSpec``): not here."""
+        return None
+
+    def prompt(self, model: Any, tokenizer: Any, image: Any, question: str, conv_mode: str = "llava_v1") -> dict:
+        """The inputs of ``model.generate`` (and ``model``) asking ``question`` about the PIL ``image``, as the
+        codebase's own eval scripts build them: its conversation template ``conv_mode`` with ``<image>`` before the
+        question, and its ``process_images`` (pad, anyres) on the image."""
+        import importlib
+
+        package = self.module.split(".")[0]
+        conversation = importlib.import_module(f"{package}.conversation")
+        utils = importlib.import_module(f"{package}.mm_utils")
+        if conv_mode not in conversation.conv_templates:
+            raise ValueError(f"conv_mode={conv_mode!r} is not one of {package}'s conversation templates: "
+                             f"{', '.join(sorted(conversation.conv_templates))}")
+        conv = conversation.conv_templates[conv_mode].copy()
+        conv.append_message(conv.roles[0], "<image>\n" + question)
+        conv.append_message(conv.roles[1], None)
+        before, after = conv.get_prompt().split("<image>")
+        ids = tokenizer(before).input_ids + [IMAGE_TOKEN_INDEX] + tokenizer(after, add_special_tokens=False).input_ids
+        tower = model.get_model().get_vision_tower()
+        param = next(model.parameters())
+        pixels = utils.process_images([image], tower.image_processor, model.config)
+        pixels = pixels.to(device=param.device, dtype=param.dtype) if torch.is_tensor(pixels) else \
+            [p.to(device=param.device, dtype=param.dtype) for p in pixels]
+        inputs = {"input_ids": torch.tensor([ids], device=param.device), "images": pixels}
+        if str(getattr(model.config, "image_aspect_ratio", "")).startswith("anyres"):
+            inputs["image_sizes"] = [image.size]
+        return inputs
+
     def patch(self, registry: Any) -> List[type]:
         """Patch every installed class pair and the vision towers; returns the causal classes now pruned."""
         pairs = self.all_classes()

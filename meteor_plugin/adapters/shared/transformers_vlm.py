@@ -111,3 +111,30 @@ def refuse_training(model: Any, labels: bool) -> None:
             f"meteor-plugin: a loss or training forward of transformers' {type(model).__name__} with pruning "
             "is not supported (its labels would not follow the pruned sequence); the llava package's "
             "classes train pruned (meteor_plugin.train), or set encoder=False, llm=False")
+
+
+def chat_inputs(model: Any, processor: Any, image: Any, question: str) -> Dict[str, Any]:
+    """The inputs of ``model.generate`` (and ``model``) asking ``question`` about the PIL ``image`` through the
+    checkpoint's own processor and chat template (what transformers' model cards do)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    param = next(model.parameters())
+    return {k: (v.to(device=param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device))
+            if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def open_checkpoint(path: str, config: Dict[str, Any], class_names: List[str]) -> Optional[tuple]:
+    """(processor, model) of a transformers checkpoint whose ``architectures`` name one of ``class_names``, loaded
+    with transformers' own loaders in float32 on the CPU; None for any other checkpoint."""
+    import importlib
+
+    import transformers
+
+    name = next((a for a in config.get("architectures") or [] if a in class_names), None)
+    if name is None:
+        return None
+    cls = getattr(transformers, name, None) or getattr(importlib.import_module("transformers"), name)
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    model = cls.from_pretrained(path).float().eval()
+    return processor, model
