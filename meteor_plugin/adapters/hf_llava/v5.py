@@ -52,7 +52,8 @@ from ... import percall
 from ...runtime import pruning_config
 from ...stages.decoder import patch_language_model
 from ..family import require
-from ..shared.transformers_vlm import fit_prompt, refuse_beams, refuse_training, state, wrap_causal_forward
+from ..shared.transformers_vlm import (fit_prompt, refuse_beams, refuse_training, state, with_users_prompt,
+                                      wrap_causal_forward)
 from .common import build_layout, check_stage1, drop_pruned, is_anyres, prunes, spread_crops, stage1, tower_patches
 
 
@@ -212,16 +213,7 @@ def wrap_generate(original: Any) -> Any:
             out = original(self, **named, **extra)
         finally:
             call.in_generate, mine.layout = False, None
-        if ids.shape == prompt.shape:
-            return out
-        # Give back the user's prompt, as unpruned generate does: callers slice the new tokens off at its length.
-        sequences = out if torch.is_tensor(out) else out.sequences
-        repeat = sequences.shape[0] // prompt.shape[0]
-        restored = torch.cat([prompt.repeat_interleave(repeat, dim=0), sequences[:, ids.shape[1]:]], dim=1)
-        if torch.is_tensor(out):
-            return restored
-        out.sequences = restored
-        return out
+        return with_users_prompt(out, prompt, ids)
 
     return generate
 

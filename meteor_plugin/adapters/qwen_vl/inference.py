@@ -29,7 +29,7 @@ from ...stages import baselines, proportional
 from ...stages.layout import VisualLayout, query_mask
 from ...stats import RunStats, StageCount
 from ...stages.decoder import patch_language_model
-from ..shared.transformers_vlm import refuse_beams, refuse_training, state
+from ..shared.transformers_vlm import refuse_beams, refuse_training, state, with_users_prompt
 from . import positions as pos
 from .vision import Encoded, encode_baseline, encode_stage1, wrap_merger_forward
 
@@ -160,16 +160,7 @@ def wrap_generate(original: Any, registry: Any) -> Any:
             call.in_generate, mine.layout = False, None
         self.model.rope_deltas = prep.prompt.deltas  # what the model holds after a prefill of this prompt
         ids = prep.prompt.ids
-        if ids.shape == prompt.shape:
-            return out
-        # Give back the user's prompt, as unpruned generate does: callers slice the new tokens off at its length.
-        sequences = out if torch.is_tensor(out) else out.sequences
-        repeat = sequences.shape[0] // prompt.shape[0]
-        restored = torch.cat([prompt.repeat_interleave(repeat, dim=0), sequences[:, ids.shape[1]:]], dim=1)
-        if torch.is_tensor(out):
-            return restored
-        out.sequences = restored
-        return out
+        return with_users_prompt(out, prompt, ids)
 
     return generate
 

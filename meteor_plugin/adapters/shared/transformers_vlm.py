@@ -113,6 +113,20 @@ def refuse_training(model: Any, labels: bool) -> None:
             "classes train pruned (meteor_plugin.train), or set encoder=False, llm=False")
 
 
+def with_users_prompt(out: Any, prompt: torch.Tensor, fitted: torch.Tensor) -> Any:
+    """``generate``'s output with the user's ``prompt`` in front of the new tokens, where the model ran a ``fitted``
+    (shortened) prompt: callers slice the new tokens off at their prompt's length, as unpruned generate lets them."""
+    if fitted.shape == prompt.shape:
+        return out
+    sequences = out if torch.is_tensor(out) else out.sequences
+    repeat = sequences.shape[0] // prompt.shape[0]
+    restored = torch.cat([prompt.repeat_interleave(repeat, dim=0), sequences[:, fitted.shape[1]:]], dim=1)
+    if torch.is_tensor(out):
+        return restored
+    out.sequences = restored
+    return out
+
+
 def chat_inputs(model: Any, processor: Any, image: Any, question: str) -> Dict[str, Any]:
     """The inputs of ``model.generate`` (and ``model``) asking ``question`` about the PIL ``image`` through the
     checkpoint's own processor and chat template (what transformers' model cards do)."""
