@@ -17,7 +17,7 @@ import threading
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from . import adapters, runtime
-from .adapters import refusal
+from .adapters import refusal, support
 from .compat import transformers as compat
 from .config import MeteorConfig
 from .percall import forget_stats
@@ -71,10 +71,13 @@ def _install(targets: Optional[Iterable[str]], allow_untested: Optional[bool]) -
     compat.check_version(allow_untested)
     chosen = _chosen(targets)
     with _USERS.lock:
+        pruned = []
         for target in chosen:
-            target.patch(REGISTRY)
+            pruned.append((target, target.patch(REGISTRY)))
             _USERS.targets.add(target.name)
         refusal.install(REGISTRY, {cls: why for f in adapters.FAMILIES for cls, why in f.refused.items()})
+        for target, classes in pruned:  # a method and switches a model cannot run are refused before it runs
+            support.install(REGISTRY, target.target, classes)
         compat.patch_rotary_floor(REGISTRY)
     return chosen
 

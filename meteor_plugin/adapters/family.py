@@ -4,8 +4,9 @@ Each family is one folder under ``adapters/`` whose ``__init__.py`` defines ``FA
 (the registry) is the one module that imports them all. Everything else reaches a family only through this
 record, never by importing an adapter or testing a family's name:
 
-- ``target`` (``InferenceTarget``): what ``enable()`` patches, the classes refused by name, and the family's
-  vision encoders as ``stages.vision.EncoderParts`` (what ``meteor-plugin calibrate`` measures);
+- ``target`` (``InferenceTarget``): what ``enable()`` patches, the classes refused by name, the family's
+  vision encoders as ``stages.vision.EncoderParts`` (what ``meteor-plugin calibrate`` measures), and what each
+  model runs (``support``: its stages and refused methods, ``adapters/support.py``);
 - ``training`` (``TrainingSpec``): what ``meteor_plugin.train``, ``convert``, ``merge-lora`` and ``calibrate``
   need of the upstream codebase the family trains and loads through; None where there is none;
 - ``patcher`` (``PatcherSpec``): the edits ``meteor-plugin patch`` makes to a checkout; None where there is no
@@ -53,6 +54,10 @@ class InferenceTarget(Protocol):
 
     def encoders(self, model: Any) -> Optional[List[Any]]:
         """``model``'s vision encoders as ``stages.vision.EncoderParts``, or None if it is not this family's."""
+
+    def support(self, model: Any) -> Any:
+        """What ``model`` runs (``adapters.support.Support``): the stages that prune on it and the methods it
+        refuses. Checked before every ``generate`` and ``forward`` of a pruned class (``support.install``)."""
 
 
 # Training -------------------------------------------------------------------------------------------------------
@@ -198,7 +203,7 @@ def missing_parts(family: Any) -> List[str]:
     for attr in ("name", "refused"):
         if not hasattr(target, attr):
             missing.append(f"target.{attr}")
-    for method in ("is_installed", "patch", "encoders"):
+    for method in ("is_installed", "patch", "encoders", "support"):
         if not callable(getattr(target, method, None)):
             missing.append(f"target.{method}()")
     if getattr(target, "name", family.name) != family.name:
