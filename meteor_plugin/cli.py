@@ -21,8 +21,10 @@ def _demo(args: argparse.Namespace) -> int:
         if args.image_file:
             raise ValueError("--image-file asks about your image on a LLaVA or EAGLE checkpoint: give --model-path "
                              "(the fidelity model knows only its generated scenes)")
-        result = demo.run_fidelity(args.prompt, args.seed, config, args.fidelity_model, args.repeats, args.save_map,
-                                   args.scenes)
+        if args.repeats is not None:
+            raise ValueError("--repeats times the prefill of a LLaVA demo (--model-path, --random-llava); the fidelity "
+                             "model is too small to show speed: run `meteor-plugin bench`")
+        result = demo.run_fidelity(args.prompt, args.seed, config, args.fidelity_model, args.save_map, args.scenes)
         text = demo.report_fidelity(result)
     else:
         if args.save_map:
@@ -183,11 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which generated test scene the fidelity model is asked about")
     p.add_argument("--prompt", default=None, help="the question (fidelity: one of the task's questions; default: "
                                                   "one question of every kind the scene answers)")
-    p.add_argument("--scenes", type=int, default=1, help="fidelity model: ask about N scenes from --seed on, and "
-                                                          "count how often pruning keeps the answers")
-    p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds after the warm-up (median shown)")
+    p.add_argument("--scenes", type=int, default=1, help="fidelity model: ask about N scenes from --seed on, count "
+                                                          "how often pruning keeps the answers, and give the mean "
+                                                          "tokens kept per stage")
+    p.add_argument("--repeats", type=int, help="--model-path, --random-llava: interleaved timing rounds after the "
+                                               "warm-up (default 9; the median shown)")
     p.add_argument("--save-map", metavar="PNG", help="fidelity model: draw where each stage's kept tokens are, per "
-                                                    "encoder, for the first question")
+                                                    "encoder, for the first question (with the question, both answers "
+                                                    "and a legend)")
     p.add_argument("--config", help="a MeteorConfig .json/.yaml (default: fidelity, the checkpoint's calibrated "
                                     "METEOR at 24%%; LLaVA: the config stored in the checkpoint, else Stage 1 keeps "
                                     "50%% inside CLIP and Stage 3 25%% of those, 12.5%% of the visual tokens)")

@@ -116,9 +116,9 @@ def test_validation_split_is_reported_as_such(capsys):
     assert result["split"] == "val" and "val questions: 2 per kind (after the calibration ones)" in fidelity.report(result)
 
 
-def test_demo_asks_every_kind_about_its_scenes_and_times_interleaved(tmp_path, capsys):
+def test_demo_asks_every_kind_about_its_scenes_gives_the_mean_kept_per_stage_and_no_speed(tmp_path, capsys):
     png = tmp_path / "map.png"
-    assert cli.main(["demo", "--seed", "3", "--scenes", "2", "--repeats", "3", "--save-map", str(png), "--json"]) == 0
+    assert cli.main(["demo", "--seed", "3", "--scenes", "2", "--save-map", str(png), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [e["seed"] for e in result["scenes"]] == [3, 4]
     kinds = [a["kind"] for a in result["scenes"][0]["answers"]]  # one of each kind the scene answers
@@ -130,14 +130,77 @@ def test_demo_asks_every_kind_about_its_scenes_and_times_interleaved(tmp_path, c
     g = result["agreement"]
     assert g["of_questions"] == len(answers) and g["questions"] == sum(a["unpruned"] == a["meteor"] for a in answers)
     assert g["of_scenes"] == 2 and 0 <= g["scenes"] <= 2
-    timing = result["timing"]
-    assert timing["speedup"]["rounds"] == 3
-    assert timing["speedup"]["low"] <= timing["speedup"]["median"] <= timing["speedup"]["high"]
-    with Image.open(png) as img:
-        assert img.format == "PNG" and img.width > 3 * 256 and img.height > 2 * 256  # 2 encoders x 3 stages
+    # --scenes: the mean tokens in and kept per stage over every question asked
+    means = result["mean_stages"]
+    assert list(means) == ["encoder", "fusion", "llm"]
+    for stage, m in means.items():
+        assert m["questions"] == len(answers)
+        assert m["out"] == pytest.approx(sum(a["stages"][stage]["out"] for a in answers) / len(answers))
+        assert m["in"] == pytest.approx(sum(a["stages"][stage]["in"] for a in answers) / len(answers))
+    assert "timing" not in result  # no speed: the README sends users to `bench` for it
     text = demo.report_fidelity(result)
     assert f"pruned answers equal to unpruned: {g['questions']} of {g['of_questions']} questions" in text
-    assert "interleaved rounds after a warm-up" in text
+    assert f"llm {means['llm']['in']:.1f} in, {means['llm']['out']:.1f} kept" in text
+    assert "speed: not measured here" in text and "ms" not in text
+    # the map names the encoders as the header does, and carries the question and both answers
+    first = result["scenes"][0]["answers"][0]
+    assert result["map"]["caption"] == token_map.caption(first["prompt"], first["unpruned"], first["meteor"],
+                                                         first["expected"])
+    assert all(row in result["model"] for row in result["map"]["rows"]) and len(result["map"]["rows"]) == 2
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width > 3 * 256 and img.height > 2 * 256  # 2 encoders x 3 stages
+    assert cli.main(["demo", "--repeats", "3"]) == 2  # timing rounds of a model the demo does not time
+    assert "--repeats times the prefill of a LLaVA demo" in capsys.readouterr().err
+
+
+def test_the_map_has_a_legend_and_its_caption(tmp_path):
+    image = torch.full((3, 16, 16), 235, dtype=torch.uint8)
+    cells = {"encoder": {"a": {0, 1}}, "llm": {"a": {0}}}
+    lines = token_map.caption("What colour is the circle?", "red", "blue", "red")
+    assert lines == ["Q: What colour is the circle?", "unpruned: red   METEOR: blue   expected: red"]
+    plain = tmp_path / "plain.png"
+    token_map.draw_map(image, cells, {"a": 2}, str(plain))
+    path = tmp_path / "map.png"
+    token_map.draw_map(image, cells, {"a": 2}, str(path), lines, {"a": "a (CLIP ViT at 32 px, 2x2 tokens)"})
+    with Image.open(path) as img, Image.open(plain) as without:
+        assert img.height == without.height + 2 * token_map.LINE  # the caption's two lines on top
+        legend_top = img.height - token_map.LINE * len(token_map.LEGEND) - 4
+        (kept_box, kept_text, _), (dropped_box, dropped_text, _) = token_map.legend_boxes(legend_top)
+        inside = lambda box: img.getpixel(((box[0] + box[2]) // 2, (box[1] + box[3]) // 2))  # noqa: E731
+        assert "kept token" in kept_text and "dropped token: darkened" in dropped_text
+        assert sum(inside(dropped_box)) < sum(inside(kept_box)) / 2  # dark = dropped
+
+
+def test_interleaved_prefill_installs_the_patches_once_and_its_ratio_is_of_the_medians(monkeypatch):
+    from meteor_plugin.registry import REGISTRY
+
+    import time
+
+    from meteor_plugin import MeteorConfig
+    from meteor_plugin.runtime import pruning_config
+
+    restored, seen = [], []
+    real = REGISTRY.restore_all
+
+    def restore_all():
+        restored.append(len(seen))
+        real()
+
+    monkeypatch.setattr(REGISTRY, "restore_all", restore_all)
+    model = type("Model", (), {"config": type("Config", (), {})()})()
+
+    def prefill():
+        layer = pruning_config(model).llm_layer
+        seen.append(layer)
+        time.sleep(0.004 if layer == 1 else 0.001)
+
+    t = demo.interleaved_prefill(prefill, {"unpruned": MeteorConfig(llm_layer=1), "meteor": MeteorConfig(llm_layer=3)},
+                                 repeats=3, warmup=1)
+    assert seen == [1, 3, 3, 1, 1, 3, 3, 1]  # interleaved, the order reversed every other round
+    assert restored == [8]  # the patches went back once, after every round
+    assert t["speedup"]["median_ratio"] == t["unpruned"]["median_s"] / t["meteor"]["median_s"] > 1
+    assert t["speedup"]["rounds"] == 3 and t["speedup"]["warmup"] == 1
+    assert demo._timing_line(t, "batch 1").endswith(f"{t['speedup']['median_ratio']:.2f}x (the ratio of the medians)")
 
 
 def test_token_map_chains_each_stage_back_to_encoder_grid_cells():
