@@ -214,3 +214,80 @@ def test_token_map_chains_each_stage_back_to_encoder_grid_cells():
     assert token_map.grid_sides(stages["encoder"]["per_encoder"]) == {"a": 2, "b": 2}
     with pytest.raises(ValueError, match="no Stage 1 positions"):
         token_map.kept_cells({"llm": {"kept": [0]}}, ["a"])
+
+
+class _Bars:
+    """Every progress bar drawn, by name, with whether it was shown (tqdm.auto.tqdm recorded)."""
+
+    def __init__(self):
+        self.made = []
+
+    def __call__(self, *args, desc="", disable=False, **kwargs):
+        import tqdm
+
+        self.made.append((desc, not disable))
+        return tqdm.tqdm(*args, desc=desc, disable=True, **kwargs)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_every_phase_of_the_bench_has_a_bar_and_no_progress_hides_them_all(monkeypatch, capsys, quiet):
+    import tqdm.auto
+
+    bars = _Bars()
+    monkeypatch.setattr(tqdm.auto, "tqdm", bars)
+    args = ["bench", "fidelity", "--per-kind", "1", "--val-per-kind", "1", "--budgets", "0.25", "--methods", "avgpool",
+            "--plot", "none", "--json", "--flops-questions", "1"]
+    assert cli.main(args + (["--no-progress"] if quiet else [])) == 0
+    names = [name for name, _ in bars.made]
+    for phase in ("fidelity: loading the checkpoint", "val questions", "encoder ranks", "calibration: llm_layer",
+                  "calibration: llm_lambda", "test questions", "fidelity"):
+        assert phase in names, names
+    assert all(shown is not quiet for _, shown in bars.made)
+
+
+def _interrupted_bench(monkeypatch, capsys, after):
+    """The bench with a stand-in calibration, stopped by Ctrl-C when the run numbered ``after`` begins."""
+    from meteor_plugin.fidelity import calibration, evaluate
+
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: methods.Calibration({"clip-448": 1.0}, 2, 2))
+    real, calls = evaluate.evaluate, []
+
+    def evaluate_until(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate", evaluate_until)
+    code = cli.main(["bench", "fidelity", "--per-kind", "1", "--budgets", "0.25", "--methods", "random,avgpool",
+                     "--plot", "none", "--flops-questions", "1", "--no-progress"])
+    return code, capsys.readouterr()
+
+
+def test_ctrl_c_prints_the_rows_finished_so_far_in_separated_columns(monkeypatch, capsys):
+    code, (out, err) = _interrupted_bench(monkeypatch, capsys, after=2)
+    assert code == 130
+    assert "INTERRUPTED after 2 of 5 runs" in out
+    assert "not run: random@52 seed 1, random@52 seed 2, avgpool@52" in out
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    header, rows = lines[at], lines[at + 2:at + 4]
+    import re
+
+    columns = re.split(r"\s{2,}", header)
+    assert columns == ["method", "budget", "kept", "GFLOPs", "per layer", *KINDS, "overall", "rel."]
+    for row, method in zip(rows, ["unpruned", "random"]):
+        cells = re.split(r"\s{2,}", row)
+        assert cells[0] == method and len(cells) == len(columns), row  # every column stands apart
+        assert re.fullmatch(r"(\d+/){7}\d+", cells[4])  # the per-layer counts: one cell
+    code, (out, err) = _interrupted_bench(monkeypatch, capsys, after=0)  # nothing finished: nothing to print
+    assert code == 130 and out == "" and err.strip().endswith("meteor-plugin bench: interrupted")
+
+
+def test_table_columns_never_run_together():
+    lines = fidelity.table(["method", "budget", "per layer"], [["meteor:deep-similarity", 52, "208/208/104/104"],
+                                                                ["random", 26, "26"]])
+    assert lines == ["method                  budget  per layer",
+                     "-----------------------------------------",
+                     "meteor:deep-similarity      52  208/208/104/104",
+                     "random                      26  26"]
