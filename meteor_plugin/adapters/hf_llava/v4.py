@@ -8,7 +8,7 @@ from which cached keys are zero). A pruned image has fewer features than that me
 pruning the adapter does the splice itself, as the merge would:
 
 - the images are encoded with the model's own tower and projector (Stage 1 inside the CLIP or SigLIP
-  tower, ``common.stage1``; LLaVA-NeXT's crops packed by its own ``pack_image_features`` after
+  tower, ``common.stage1``, or a pre-LLM baseline on each CLIP input's projected tokens, ``common.baseline``; LLaVA-NeXT's crops packed by its own ``pack_image_features`` after
   ``common.spread_crops``, the NaN rows dropped after it);
 - each image token is replaced by its image's features, rows re-padded on the side the mask pads, and the
   model gets ``inputs_embeds``, the mask and the positions (``cumsum`` of the mask, as the merge computes);

@@ -18,6 +18,9 @@ positions, refusing a count that differs; the language model is any decoder with
 - **Stage 3** runs in the language model as on the llava package's models (``stages/decoder.py``): the
   visual tokens are the image-token positions, less LLaVA-NeXT's and OneVision's row separators (structure,
   never pruned);
+- **the pre-LLM baselines** (``random``, ``avgpool``, ``visionzip``) keep ``fusion_keep`` of each CLIP input's
+  projected tokens instead of Stage 1 (``common.Baseline``): on the flat LLaVA after ``get_image_features``, on the
+  packing classes inside ``pack_image_features``, spread to their patches like Stage 1's tokens;
 - **proportional attention**: on the flat LLaVA, Stage 1's kept patches keep their unpruned places and sizes
   (``common._unpruned_geometry``); with Stage 3 alone every token starts at its own place with size 1 (packed crops
   too); Stage 1 on packed crops runs without it (``stage1`` warns or refuses).
