@@ -34,9 +34,11 @@ def test_untested_transformers_version_is_refused_with_the_supported_range(monke
 
 def test_nothing_to_patch_is_an_error(monkeypatch):
     from meteor_plugin.adapters.hf_llava import TransformersLlavaTarget
+    from meteor_plugin.adapters.qwen_vl.target import QwenVLTarget
 
     monkeypatch.setattr(ArchTarget, "is_installed", lambda self: False)
     monkeypatch.setattr(TransformersLlavaTarget, "is_installed", lambda self: False)
+    monkeypatch.setattr(QwenVLTarget, "is_installed", lambda self: False)
     with pytest.raises(RuntimeError, match="found nothing to patch: install LLaVA"):
         meteor_plugin.enable()
 

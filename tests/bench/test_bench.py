@@ -127,7 +127,12 @@ def test_side_by_side_profiles_interleave_their_timed_runs(monkeypatch):
 
     monkeypatch.setattr(prof, "watching", lambda model, parts: contextlib.nullcontext())
     state, calls = {}, []
-    variants = [Variant("a", lambda: state.update(v="a")), Variant("b", lambda: state.update(v="b"))]
+    @contextlib.contextmanager
+    def running(name):
+        state.update(v=name)
+        yield
+
+    variants = [Variant("a", lambda: running("a")), Variant("b", lambda: running("b"))]
     out = prof.profile_side_by_side(None, lambda: calls.append(state["v"]), 3, torch.device("cpu"), variants)
     assert calls == ["a", "b"] + ["a", "b"] * 3 + ["a", "b"]  # warm-ups, timed rounds, the FLOPs-counted runs
     assert [r["repeats"] for r in out] == [3, 3]
