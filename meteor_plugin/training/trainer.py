@@ -39,6 +39,16 @@ def bare_model(model: Any) -> Any:
     return model
 
 
+def record_config(model: Any) -> None:
+    """The config training prunes ``model`` with, in its ``config.meteor``: the checkpoint it saves then prunes as it
+    was trained (training runs in a scope, which writes nothing to the model by itself)."""
+    from ..runtime import pruning_config
+
+    cfg = pruning_config(model)
+    if cfg is not None:
+        model.config.meteor = cfg.to_dict()
+
+
 class MeteorTrainerMixin:
     meteor_session: Any = None  # set by make_trainer
 
@@ -50,6 +60,7 @@ class MeteorTrainerMixin:
             # are made here, and exist before the optimizer and DeepSpeed see the parameters.
             model = kwargs["model"] if "model" in kwargs else args[0]
             prepare(bare_model(model), kwargs["args"] if "args" in kwargs else args[1])
+        record_config(bare_model(kwargs["model"] if "model" in kwargs else args[0]))
         super().__init__(*args, **compat.trainer_kwargs(kwargs))
         session.trainer = self
         model = self.model
