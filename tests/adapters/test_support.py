@@ -61,7 +61,8 @@ def test_the_refusal_comes_before_the_model_runs_in_forward_and_generate_and_dis
     cls = type(model)
     before = {name: cls.__dict__.get(name) for name in ("forward", "generate")}
     towers = []
-    handle = model.model.vision_tower.register_forward_pre_hook(lambda *a: towers.append(1))
+    tower = model.model.vision_tower if generation() == "5" else model.vision_tower  # 4.x: on the model itself
+    handle = tower.register_forward_pre_hook(lambda *a: towers.append(1))
     try:
         with torch.no_grad():
             meteor_plugin.enable(method="drop_encoder", drop_encoder=0)
