@@ -2,6 +2,8 @@
 
 A user error (a missing file, a malformed or invalid config, a checkpoint that cannot be used) prints
 one line naming the problem and exits 2; ``--debug`` (anywhere on the line) shows the traceback instead.
+``--no-progress`` (anywhere on the line) draws no progress bar, whichever part of the command would. Ctrl-C exits
+130; ``bench fidelity`` first prints the rows it finished.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ def _demo(args: argparse.Namespace) -> int:
         if args.image_file:
             raise ValueError("--image-file asks about your image on a LLaVA or EAGLE checkpoint: give --model-path "
                              "(the fidelity model knows only its generated scenes)")
-        result = demo.run_fidelity(args.prompt, args.seed, config, args.fidelity_model, args.repeats, args.save_map,
-                                   args.scenes)
+        if args.repeats is not None:
+            raise ValueError("--repeats times the prefill of a LLaVA demo (--model-path, --random-llava); the fidelity "
+                             "model is too small to show speed: run `meteor-plugin bench`")
+        result = demo.run_fidelity(args.prompt, args.seed, config, args.fidelity_model, args.save_map, args.scenes)
         text = demo.report_fidelity(result)
     else:
         if args.save_map:
@@ -59,12 +63,10 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
         test_seed=args.test_seed, split=args.split, flops_questions=args.flops_questions)
     result = fidelity.run(settings, log=lambda *a: print(*a, file=sys.stderr))
     print(json.dumps(result, indent=2) if args.json else fidelity.report(result))
-    return 0
+    return INTERRUPTED if result.get("interrupted") else 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.which == "fidelity":
-        return _bench_fidelity(args)
     if args.tp is not None:
         return _bench_tensor_parallel(args)
     from meteor_plugin.bench import eagle_prefill, llava_prefill
@@ -200,9 +202,50 @@ def _full_size(args: argparse.Namespace) -> dict:
     return {which: dataclasses.replace(spec, attn_implementation=shapes.attention_for(device))}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def fidelity_parser() -> argparse.ArgumentParser:
+    """``meteor-plugin bench fidelity``: a parser of its own, so that its ``--help`` shows its options alone."""
     from meteor_plugin.fidelity.methods import ABLATIONS
 
+    p = argparse.ArgumentParser(prog="meteor-plugin bench fidelity", description=(
+        "Accuracy per question kind of a trained two-encoder model under every pruning method at equal budgets "
+        "(docs/fidelity.md). Ctrl-C prints the rows finished so far."))
+    p.add_argument("--model-path", help="a trained fidelity checkpoint (default: the one shipped in the package)")
+    p.add_argument("--train", action="store_true", help="train a fidelity model first, as the shipped one was "
+                   "(85 minutes of training on 2 cores, then two further rounds of about an hour in all, plus writing "
+                   "the data; the plan and its end time are printed)")
+    p.add_argument("--train-minutes", type=float, default=85.0, help="wall-clock budget of pretraining and the first "
+                   "fine-tuning")
+    p.add_argument("--train-rounds", action=argparse.BooleanOptionalAction, default=True,
+                   help="then the shipped model's further fine-tuning rounds (where it learned to count; "
+                   "--no-train-rounds stops after the budget)")
+    p.add_argument("--train-dir", help="work folder of --train (default: ./fidelity-train)")
+    p.add_argument("--per-kind", type=int, default=500, help="test questions per question kind")
+    p.add_argument("--val-per-kind", type=int, default=100, help="validation questions per kind, for calibration")
+    p.add_argument("--budgets", help="comma-separated ratios of the 208 visual tokens (default: 0.5,0.25,0.125,0.0625; "
+                                     "METEOR also runs at 0.24)")
+    p.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    p.add_argument("--plot", default="fidelity.png", help="PNG of accuracy against retained tokens ('none': no plot)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--meteor-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a MeteorConfig field of every METEOR run (repeatable), e.g. fusion_similarity=cosine; the "
+                        "baselines never take it")
+    p.add_argument("--ablation", action="store_true",
+                   help="also run METEOR with each of its choices switched alone and all together, at 25%% and 12.5%% "
+                        f"({', '.join(ABLATIONS)})")
+    p.add_argument("--test-seed", type=int, default=0,
+                   help="seed of the test scenes: another seed draws fresh held-out questions (default 0)")
+    p.add_argument("--flops-questions", type=int, default=32,
+                   help="questions whose prefill FLOPs are counted per run, each alone (default 32)")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="test (default); val: validation questions other than the calibration ones, for choosing "
+                        "defaults without looking at the test split")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (any command takes it)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+    p.set_defaults(func=_bench_fidelity, command="bench", which="fidelity")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meteor-plugin", description=__doc__)
     parser.add_argument("--version", action="version", version=f"meteor-plugin {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -219,11 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which generated test scene the fidelity model is asked about")
     p.add_argument("--prompt", default=None, help="the question (fidelity: one of the task's questions; default: "
                                                   "one question of every kind the scene answers)")
-    p.add_argument("--scenes", type=int, default=1, help="fidelity model: ask about N scenes from --seed on, and "
-                                                          "count how often pruning keeps the answers")
-    p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds after the warm-up (median shown)")
+    p.add_argument("--scenes", type=int, default=1, help="fidelity model: ask about N scenes from --seed on, count "
+                                                          "how often pruning keeps the answers, and give the mean "
+                                                          "tokens kept per stage")
+    p.add_argument("--repeats", type=int, help="--model-path, --random-llava: interleaved timing rounds after the "
+                                               "warm-up (default 9; the median shown)")
     p.add_argument("--save-map", metavar="PNG", help="fidelity model: draw where each stage's kept tokens are, per "
-                                                    "encoder, for the first question")
+                                                    "encoder, for the first question (with the question, both answers "
+                                                    "and a legend)")
     p.add_argument("--config", help="a MeteorConfig .json/.yaml (default: fidelity, the checkpoint's calibrated "
                                     "METEOR at 24%%; LLaVA: the config stored in the checkpoint, else Stage 1 keeps "
                                     "50%% inside CLIP and Stage 3 25%% of those, 12.5%% of the visual tokens)")
@@ -240,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Qwen2.5-VL-shaped one (transformers' class, not in all); decode: batched generate with the KV "
                         "cache on the LLaVA-1.5 shape (batch 8, 64 new tokens), tokens per second and KV-cache bytes; "
                         "fidelity: accuracy per question kind of a trained "
-                        "two-encoder model under every pruning method at equal budgets")
+                        "two-encoder model under every pruning method at equal budgets (its options: "
+                        "meteor-plugin bench fidelity --help)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each variant (median reported)")
     p.add_argument("--device", default="cpu", help="where the speed benches run (cpu, cuda, cuda:1...)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -262,38 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "check whose times mean little, on N GPUs (--device cuda) the pruned/unpruned ratio under tensor "
                    "parallelism")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
-    f = p.add_argument_group("fidelity")
-    f.add_argument("--model-path", help="a trained fidelity checkpoint (default: the one shipped in the package)")
-    f.add_argument("--train", action="store_true", help="train a fidelity model first, as the shipped one was "
-                   "(85 minutes of training on 2 cores, then two further rounds of about an hour in all, plus writing "
-                   "the data; the plan and its end time are printed)")
-    f.add_argument("--train-minutes", type=float, default=85.0, help="wall-clock budget of pretraining and the first "
-                   "fine-tuning")
-    f.add_argument("--train-rounds", action=argparse.BooleanOptionalAction, default=True,
-                   help="then the shipped model's further fine-tuning rounds (where it learned to count; "
-                   "--no-train-rounds stops after the budget)")
-    f.add_argument("--train-dir", help="work folder of --train (default: ./fidelity-train)")
-    f.add_argument("--per-kind", type=int, default=500, help="test questions per question kind")
-    f.add_argument("--val-per-kind", type=int, default=100, help="validation questions per kind, for calibration")
-    f.add_argument("--budgets", help="comma-separated ratios of the 208 visual tokens (default: 0.5,0.25,0.125,0.0625; "
-                                     "METEOR also runs at 0.24)")
-    f.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
-    f.add_argument("--plot", default="fidelity.png", help="PNG of accuracy against retained tokens ('none': no plot)")
-    f.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    f.add_argument("--meteor-set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a MeteorConfig field of every METEOR run (repeatable), e.g. fusion_similarity=cosine; the "
-                        "baselines never take it")
-    f.add_argument("--ablation", action="store_true",
-                   help="also run METEOR with each of its choices switched alone and all together, at 25%% and 12.5%% "
-                        f"({', '.join(ABLATIONS)})")
-    f.add_argument("--test-seed", type=int, default=0,
-                   help="seed of the test scenes: another seed draws fresh held-out questions (default 0)")
-    f.add_argument("--flops-questions", type=int, default=32,
-                   help="questions whose prefill FLOPs are counted per run, each alone (default 32)")
-    f.add_argument("--split", default="test", choices=["test", "val"],
-                   help="test (default); val: validation questions other than the calibration ones, for choosing "
-                        "defaults without looking at the test split")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
 
     from meteor_plugin.calibrate import add_subparser as add_calibrate
@@ -349,16 +364,37 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     quiet_cli_notices()
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]  # accepted after the subcommand too
-    args = build_parser().parse_args(argv)
+    debug, quiet = "--debug" in argv, "--no-progress" in argv
+    argv = [a for a in argv if a not in ("--debug", "--no-progress")]  # accepted anywhere on the line
+    args = parse(argv)
+    from meteor_plugin.progress import silenced
+
     try:
-        return args.func(args)
+        with silenced(quiet):
+            return args.func(args)
     except _user_errors() as exc:
         if debug:
             raise
         print(f"meteor-plugin {args.command}: error: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a command that can report what it finished has done so (bench fidelity)
+        if debug:
+            raise
+        print(f"meteor-plugin {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+INTERRUPTED = 130  # the shell's code for a program stopped by Ctrl-C
+
+
+def parse(argv: List[str]) -> argparse.Namespace:
+    """The command line: ``bench fidelity`` with its own parser (its ``--help`` lists its options alone)."""
+    if argv[:1] == ["bench"]:
+        rest = argv[1:]
+        first = next((i for i, a in enumerate(rest) if not a.startswith("-")), None)
+        if first is not None and rest[first] == "fidelity" and not any(a in ("-h", "--help") for a in rest[:first]):
+            return fidelity_parser().parse_args(rest[:first] + rest[first + 1:])
+    return build_parser().parse_args(argv)
 
 
 if __name__ == "__main__":

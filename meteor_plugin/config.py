@@ -41,8 +41,18 @@ LEGACY = {
 }
 
 
+class ConfigError(ValueError):
+    """A mistake in a METEOR config a user wrote (an unknown field, a bad value, a file that is missing, unreadable
+    or not JSON/YAML): the message is one line that names the field and, for a file, the file. Entry points print
+    that line alone; any other exception is a bug and keeps its traceback."""
+
+
+class ConfigFileNotFoundError(ConfigError, FileNotFoundError):
+    """A METEOR config file that is not there."""
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"MeteorConfig.{name}={value!r} is invalid: allowed {allowed}")
+    raise ConfigError(f"MeteorConfig.{name}={value!r} is invalid: allowed {allowed}")
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -99,7 +109,7 @@ def _parse_file(path: str, text: str) -> Any:
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"METEOR config file {path} is not valid JSON: {exc}") from None
+            raise ConfigError(f"METEOR config file {path} is not valid JSON: {exc}") from None
     try:
         import yaml
     except ImportError as exc:  # pragma: no cover - pyyaml is a dependency
@@ -107,7 +117,7 @@ def _parse_file(path: str, text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"METEOR config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+        raise ConfigError(f"METEOR config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
 
 
 def _check_choice(name: str, value: Any, choices) -> None:
@@ -222,7 +232,7 @@ class MeteorConfig:
         _check_budget("llm_min_keep", self.llm_min_keep)
         _check_budget("llm_max_keep", self.llm_max_keep)
         if type(self.llm_min_keep) is type(self.llm_max_keep) and self.llm_min_keep > self.llm_max_keep:
-            raise ValueError(
+            raise ConfigError(
                 f"MeteorConfig.llm_min_keep={self.llm_min_keep!r} is larger than "
                 f"llm_max_keep={self.llm_max_keep!r}: allowed llm_min_keep <= llm_max_keep"
             )
@@ -248,14 +258,16 @@ class MeteorConfig:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "MeteorConfig":
         if not isinstance(data, dict):
-            raise ValueError(f"a METEOR config must be a mapping of field names to values, got {type(data).__name__}")
+            raise ConfigError(f"a METEOR config must be a mapping of field names to values, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown MeteorConfig field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
             )
         version = data.get("version", 1)
+        if isinstance(version, int) and not isinstance(version, bool) and not 1 <= version <= VERSION:
+            _fail("version", version, f"an int in [1, {VERSION}]")
         legacy = {}
         for old in range(version if isinstance(version, int) else VERSION, VERSION):
             legacy.update({k: v for k, v in LEGACY[old].items() if k not in legacy})
@@ -266,7 +278,7 @@ class MeteorConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"a METEOR config in JSON is not valid JSON: {exc}") from None
+            raise ConfigError(f"a METEOR config in JSON is not valid JSON: {exc}") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -274,27 +286,27 @@ class MeteorConfig:
         """Load from a .json, .yaml or .yml file; every error names the file."""
         path = os.fspath(path)
         if not path.endswith((".json", ".yaml", ".yml")):
-            raise ValueError(f"METEOR config file {path} must end in .json, .yaml or .yml")
+            raise ConfigError(f"METEOR config file {path} must end in .json, .yaml or .yml")
         if not os.path.isfile(path):
             what = "is not a file" if os.path.exists(path) else "not found"
-            raise FileNotFoundError(f"METEOR config file {what}: {path}")
+            raise ConfigFileNotFoundError(f"METEOR config file {what}: {path}")
         try:
             with open(path, encoding="utf-8") as fh:
                 text = fh.read()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"METEOR config file {path} cannot be read: {exc}") from None
+            raise ConfigError(f"METEOR config file {path} cannot be read: {exc}") from None
         if not text.strip():
-            raise ValueError(f"METEOR config file {path} is empty: write a mapping of MeteorConfig fields "
+            raise ConfigError(f"METEOR config file {path} is empty: write a mapping of MeteorConfig fields "
                              "(an empty mapping, {}, for the defaults)")
         data = _parse_file(path, text)
         if not isinstance(data, dict):
             shown = "null" if data is None else type(data).__name__
-            raise ValueError(f"METEOR config file {path} holds {shown}, not a mapping of MeteorConfig field names "
+            raise ConfigError(f"METEOR config file {path} holds {shown}, not a mapping of MeteorConfig field names "
                              "to values (an empty mapping, {}, for the defaults)")
         try:
             return cls.from_dict(data)
-        except ValueError as exc:
-            raise ValueError(f"METEOR config file {path}: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"METEOR config file {path}: {exc}") from None
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         with open(path, "w", encoding="utf-8") as fh:

@@ -17,9 +17,9 @@ import threading
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from . import adapters, runtime
-from .adapters import refusal
+from .adapters import refusal, support
 from .compat import transformers as compat
-from .config import MeteorConfig
+from .config import ConfigError, MeteorConfig
 from .percall import forget_stats
 from .registry import REGISTRY
 from .runtime import ACTIVE, restore_configs
@@ -71,10 +71,13 @@ def _install(targets: Optional[Iterable[str]], allow_untested: Optional[bool]) -
     compat.check_version(allow_untested)
     chosen = _chosen(targets)
     with _USERS.lock:
+        pruned = []
         for target in chosen:
-            target.patch(REGISTRY)
+            pruned.append((target, target.patch(REGISTRY)))
             _USERS.targets.add(target.name)
         refusal.install(REGISTRY, {cls: why for f in adapters.FAMILIES for cls, why in f.refused.items()})
+        for target, classes in pruned:  # a method and switches a model cannot run are refused before it runs
+            support.install(REGISTRY, target.target, classes)
         compat.patch_rotary_floor(REGISTRY)
     return chosen
 
@@ -258,4 +261,27 @@ def enable_from_env() -> Optional[MeteorConfig]:
     argv = sys.argv or [""]
     if not path or os.path.basename(argv[0]) == "meteor-plugin" or names_config(argv[1:]):
         return None
-    return enable(MeteorConfig.from_file(path))
+    try:
+        return enable(MeteorConfig.from_file(path))
+    except ConfigError as exc:
+        error = ConfigError(f"METEOR_CONFIG: {exc}")
+        one_line_if_uncaught(error)
+        raise error from None
+
+
+def one_line_if_uncaught(error: BaseException) -> None:
+    """If ``error`` ends the program uncaught, print ``meteor-plugin: <its message>`` instead of a traceback.
+
+    A user's mistake in a config reached through an import (``METEOR_CONFIG`` read by ``import meteor_plugin``)
+    must fail the import: running unpruned would be silent. The exception itself is raised as usual, so code that
+    catches it (a notebook, a server) sees it; only the interpreter's last report of it is one line. Any other
+    uncaught exception goes to the hook that was there before (a bug keeps its traceback)."""
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if value is error:
+            print(f"meteor-plugin: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, traceback)
+
+    sys.excepthook = hook

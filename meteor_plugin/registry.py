@@ -2,7 +2,8 @@
 
 Two kinds of change are recorded:
 - class (or module) attributes replaced by ``patch``: ``restore_all`` puts the original object back,
-  or deletes the attribute where the owner did not define it itself (it was inherited);
+  or deletes the attribute where the owner did not define it itself (it was inherited); ``wrap`` puts one more
+  layer over an attribute (patched or not), undone before the patches under it;
 - forward hooks on model instances, registered through ``add_hook``: ``restore_all`` removes them.
 """
 
@@ -28,6 +29,7 @@ class PatchRegistry:
     def __init__(self) -> None:
         self._patches: Dict[Tuple[int, str], _Patch] = {}
         self._order: List[Tuple[int, str]] = []
+        self._layers: Dict[Tuple[int, str], _Patch] = {}  # ``wrap``: (id(owner), name) -> the layer, in order
         self._hooks: List[Any] = []  # RemovableHandle objects
         self._hooked: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._lock = threading.Lock()  # layer classes are patched at a model's first forward, maybe in threads
@@ -44,6 +46,22 @@ class PatchRegistry:
             self._order.append(key)
             setattr(owner, name, replacement)
             return True
+
+    def wrap(self, owner: Any, name: str, make: Callable[[Any], Any]) -> bool:
+        """Set ``owner.name = make(owner.name)`` on top of whatever is there (another patch of ours included), once
+        per attribute; returns False if it was wrapped already. ``restore_all`` removes it first."""
+        key = (id(owner), name)
+        with self._lock:
+            if key in self._layers:
+                return False
+            original = owner.__dict__.get(name, _MISSING) if hasattr(owner, "__dict__") else getattr(owner, name)
+            replacement = make(getattr(owner, name))
+            self._layers[key] = _Patch(owner, name, original, replacement)
+            setattr(owner, name, replacement)
+            return True
+
+    def is_wrapped(self, owner: Any, name: str) -> bool:
+        return (id(owner), name) in self._layers
 
     def is_patched(self, owner: Any, name: str) -> bool:
         return (id(owner), name) in self._patches
@@ -77,15 +95,21 @@ class PatchRegistry:
             handle.remove()
         self._hooks.clear()
         self._hooked = weakref.WeakSet()
+        for rec in reversed(list(self._layers.values())):
+            self._put_back(rec)
+        self._layers.clear()
         for key in reversed(self._order):
-            rec = self._patches[key]
-            if rec.original is _MISSING:
-                if rec.name in getattr(rec.owner, "__dict__", {}):
-                    delattr(rec.owner, rec.name)
-            else:
-                setattr(rec.owner, rec.name, rec.original)
+            self._put_back(self._patches[key])
         self._patches.clear()
         self._order.clear()
+
+    @staticmethod
+    def _put_back(rec: _Patch) -> None:
+        if rec.original is _MISSING:
+            if rec.name in getattr(rec.owner, "__dict__", {}):
+                delattr(rec.owner, rec.name)
+        else:
+            setattr(rec.owner, rec.name, rec.original)
 
 
 REGISTRY = PatchRegistry()  # what pruning patches (enable, scopes, attached models); patching.py undoes it

@@ -52,24 +52,29 @@ def main(argv: Optional[List[str]] = None) -> None:
         codebase, attn = entries[argv[0]]
         train.run_program(head + ["--meteor-codebase", codebase, "--meteor-attn", attn] + argv[1:])
         return
-    from meteor_plugin.entry import config_path, pop_options
+    from meteor_plugin.entry import checked, config_path, pop_options
 
     passed_on = list(head)
-    options = pop_options(passed_on)
+    try:
+        options = pop_options(passed_on)
+    except SystemExit as exc:  # a malformed option or --meteor-set value: one line, exit 2
+        print(f"meteor_plugin.run: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     unknown = [a for a in passed_on if not a.startswith(("--local_rank", "--local-rank"))]
     if any(not a.isdigit() for a in unknown):
         raise SystemExit(f"unknown option(s) before MODULE: {' '.join(unknown)}\n{USAGE}")
     import meteor_plugin
 
-    try:
-        path = config_path(options.config)
-        if path is not None or options.overrides:
-            meteor_plugin.enable(path, **options.overrides)
-        elif not meteor_plugin.is_enabled():
-            meteor_plugin.enable()
-    except (ValueError, OSError) as exc:  # a bad config file or value: one line, exit 2 (the module never ran)
-        print(f"meteor_plugin.run: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    path = config_path(options.config)
+    if path is not None or options.overrides:
+        try:
+            checked(path, options.overrides, "meteor_plugin.run")
+        except SystemExit as exc:  # a user's mistake in the config: one line, exit 2 (the module never ran)
+            print(exc, file=sys.stderr)
+            raise SystemExit(2) from None
+        meteor_plugin.enable(path, **options.overrides)
+    elif not meteor_plugin.is_enabled():
+        meteor_plugin.enable()
     module = argv[0]
     sys.argv = [module] + passed_on + argv[1:]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -49,6 +49,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = arguments.pop_options(argv)
     if options.off and (options.config or options.overrides):
         raise SystemExit("--meteor-off trains without pruning: it cannot be combined with other METEOR flags")
+    if not options.off:  # a mistake in the config ends it here, in one line, before the training code is imported
+        from meteor_plugin.entry import checked, config_path
+
+        path = config_path(options.config)
+        if path is not None or options.overrides:
+            checked(path, options.overrides, "meteor_plugin.train")
     try:
         codebase = adapters.spec_for_training(options.codebase)
     except (ValueError, RuntimeError) as exc:

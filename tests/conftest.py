@@ -3,13 +3,19 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread, here and in the subprocesses the tests start (set before torch is imported): the tests' models are
+# tiny, and a second thread on a busy machine spins instead of working (tests/adapters/hf_llava/test_llava.py ran
+# 212 s at two threads against 10 s at one on 2 shared cores). METEOR_TEST_THREADS=N to choose.
+THREADS = os.environ.get("METEOR_TEST_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)
+os.environ.setdefault("MKL_NUM_THREADS", THREADS)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import meteor_plugin  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(THREADS))
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ FLOORS: Tuple[Tuple[str, int], ...] = (
     # 1: the stages, and which config applies to a model
     ("stages/", 1), ("runtime.py", 1),
     # 2: what a family is written with: the record, the pieces families share, the refusal of the others
-    ("adapters/family.py", 2), ("adapters/shared/", 2), ("adapters/refusal.py", 2),
+    ("adapters/family.py", 2), ("adapters/shared/", 2), ("adapters/refusal.py", 2), ("adapters/support.py", 2),
     # 3: the families, one folder each
     ("adapters/", 3),
     # 4: the registry of families

@@ -104,3 +104,29 @@ def test_long_commands_share_one_progress_bar_on_stderr(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "convert" in err and "copying the checkpoint" in err
     assert "convert:" not in out
+
+
+def test_bench_fidelity_help_shows_its_own_options_and_bench_help_not_them(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "fidelity", "--help"])
+    own = capsys.readouterr().out
+    assert own.startswith("usage: meteor-plugin bench fidelity")
+    assert "--per-kind" in own and "--meteor-set" in own and "--ablation" in own
+    assert "--repeats" not in own and "--device" not in own and "--shape" not in own
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    speed = capsys.readouterr().out
+    assert "--repeats" in speed and "--per-kind" not in speed and "meteor-plugin bench fidelity --help" in speed
+
+
+def test_no_progress_silences_every_bar_wherever_it_is_drawn():
+    from meteor_plugin import progress
+
+    with progress.bar(3, "shown") as shown:
+        assert not shown.disable
+    with progress.silenced():
+        with progress.bar(3, "calibrate's") as a, progress.phase("a phase"):
+            assert a.disable
+        assert list(progress.steps([1, 2], "steps")) == [1, 2]
+    with progress.bar(3, "shown again") as again:
+        assert not again.disable

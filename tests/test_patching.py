@@ -34,9 +34,11 @@ def test_untested_transformers_version_is_refused_with_the_supported_range(monke
 
 def test_nothing_to_patch_is_an_error(monkeypatch):
     from meteor_plugin.adapters.hf_llava import TransformersLlavaTarget
+    from meteor_plugin.adapters.qwen_vl.target import QwenVLTarget
 
     monkeypatch.setattr(ArchTarget, "is_installed", lambda self: False)
     monkeypatch.setattr(TransformersLlavaTarget, "is_installed", lambda self: False)
+    monkeypatch.setattr(QwenVLTarget, "is_installed", lambda self: False)
     with pytest.raises(RuntimeError, match="found nothing to patch: install LLaVA"):
         meteor_plugin.enable()
 
@@ -130,7 +132,46 @@ def _run(code_or_args, env_extra, cwd):
     return subprocess.run([sys.executable, *code_or_args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture
+def run_here(tmp_path, monkeypatch, capsys):
+    """``python ARGS`` for the runner (``-m meteor_plugin.run ...``) and for a patched entry point (a script path), in
+    this process: the runner's own parsing and enabling, then the module or script run as ``__main__`` by runpy, as
+    the interpreter would. A process costs seconds of imports; each test below still starts one real process."""
+    import runpy
+
+    from meteor_plugin import run
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+
+    def go(args, env=None):
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        code = 0
+        try:
+            if args[:2] == ["-m", "meteor_plugin.run"]:
+                run.main(args[2:])
+            else:
+                sys.argv = list(args)
+                runpy.run_path(str(tmp_path / args[0]), run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+            if not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
+        except ImportError as exc:
+            code = 1
+            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        out, err = capsys.readouterr()
+        meteor_plugin.disable()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return go
+
+
 def test_meteor_config_variable_makes_the_import_enable_the_plugin(tmp_path):
+    """(A bad config in the variable: tests/test_config_errors.py.)"""
     path = tmp_path / "cfg.yaml"
     path.write_text("llm_layer: 3\nllm_max_keep: 16\n")
     code = ("import meteor_plugin, json; from meteor_plugin.runtime import ACTIVE; "
@@ -138,35 +179,33 @@ def test_meteor_config_variable_makes_the_import_enable_the_plugin(tmp_path):
     out = _run(["-c", code], {"METEOR_CONFIG": str(path)}, tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, 16]
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"llm_layer": 0}))
-    out = _run(["-c", "import meteor_plugin"], {"METEOR_CONFIG": str(bad)}, tmp_path)
-    assert out.returncode != 0 and "llm_layer=0 is invalid" in out.stderr
 
 
-def test_runner_runs_a_module_as_main_with_the_plugin_enabled(tmp_path):
-    (tmp_path / "probe_script.py").write_text(textwrap.dedent("""
-        import sys, json, meteor_plugin
-        from meteor_plugin.runtime import ACTIVE
-        if __name__ == "__main__":
-            print(json.dumps([meteor_plugin.is_enabled(), sys.argv[1:], ACTIVE.config.llm_layer if ACTIVE.config else None]))
-    """))
+PROBE_SCRIPT = """
+    import sys, json, meteor_plugin
+    from meteor_plugin.runtime import ACTIVE
+    if __name__ == "__main__":
+        print(json.dumps([meteor_plugin.is_enabled(), sys.argv[1:], ACTIVE.config.llm_layer if ACTIVE.config else None]))
+"""
+
+
+def test_runner_runs_a_module_as_main_with_the_plugin_enabled(tmp_path, run_here):
+    (tmp_path / "probe_script.py").write_text(textwrap.dedent(PROBE_SCRIPT))
     cfg = tmp_path / "c.json"
     MeteorConfig(llm_layer=3).save(cfg)
     out = _run(["-m", "meteor_plugin.run", "--meteor-config", str(cfg), "probe_script", "--flag", "1"], {}, tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, ["--flag", "1"], 3]
-    out = _run(["-m", "meteor_plugin.run", "--meteor-set", "llm_layer=3", "--local_rank=1", "probe_script", "x"],
-               {}, tmp_path)
+    out = run_here(["-m", "meteor_plugin.run", "--meteor-set", "llm_layer=3", "--local_rank=1", "probe_script", "x"])
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, ["--local_rank=1", "x"], None]
-    out = _run(["-m", "meteor_plugin.run"], {}, tmp_path)
+    out = run_here(["-m", "meteor_plugin.run"])
     assert out.returncode != 0 and "usage: python -m meteor_plugin.run" in out.stderr
-    out = _run(["-m", "meteor_plugin.run", "--verbose", "probe_script"], {}, tmp_path)
+    out = run_here(["-m", "meteor_plugin.run", "--verbose", "probe_script"])
     assert out.returncode != 0 and "unknown option(s) before MODULE: --verbose" in out.stderr
 
 
-def test_an_explicit_meteor_config_wins_over_the_environment(tmp_path):
+def test_an_explicit_meteor_config_wins_over_the_environment(tmp_path, run_here):
     (tmp_path / "probe_entry.py").write_text(textwrap.dedent("""
         import sys, json
         import meteor_plugin.entry
@@ -179,42 +218,51 @@ def test_an_explicit_meteor_config_wins_over_the_environment(tmp_path):
     MeteorConfig(llm_layer=3).save(good)
     MeteorConfig(llm_layer=5).save(env)
     stale = {"METEOR_CONFIG": str(tmp_path / "gone.json")}
+    out = _run(["probe_entry.py", "--meteor-config", str(good), "x"], stale, tmp_path)  # a patched entry point
+    assert out.returncode == 0, out.stderr  # the import skipped the stale variable: the command line names a config
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [3, {}, ["x"]]
     for spelling in (["--meteor-config", str(good)], [f"--meteor_config={good}"]):
-        out = _run(["-m", "meteor_plugin.run", *spelling, "probe_script_env"], stale, tmp_path)
+        out = run_here(["-m", "meteor_plugin.run", *spelling, "probe_script_env"], stale)
         assert out.returncode != 0 and "No module named probe_script_env" in out.stderr  # got past the config
-        out = _run(["-m", "meteor_plugin.run", *spelling, "probe_entry", "x"], stale, tmp_path)
+        out = run_here(["-m", "meteor_plugin.run", *spelling, "probe_entry", "x"], stale)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout.strip().splitlines()[-1]) == [3, {}, ["x"]]
-        out = _run(["probe_entry.py", *spelling, "x"], stale, tmp_path)  # a patched entry point
+        out = run_here(["probe_entry.py", *spelling, "x"], stale)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout.strip().splitlines()[-1]) == [3, {}, ["x"]]
     # Without --meteor-config the variable is the config, and --meteor-set applies on top of it.
-    out = _run(["-m", "meteor_plugin.run", "--meteor-set", "llm_max_keep=16", "probe_entry"], {"METEOR_CONFIG": str(env)},
-               tmp_path)
+    out = run_here(["-m", "meteor_plugin.run", "--meteor-set", "llm_max_keep=16", "probe_entry"],
+                   {"METEOR_CONFIG": str(env)})
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [5, {"llm_max_keep": 16}, []]
 
 
-@pytest.mark.parametrize("flag", [["--local-rank", "0"], ["--local-rank=0"], ["--local_rank", "0"]])
-def test_runner_takes_both_spellings_of_local_rank(tmp_path, flag):
+def test_runner_takes_both_spellings_of_local_rank(tmp_path, run_here):
     (tmp_path / "probe_rank.py").write_text("import sys, json\nprint(json.dumps(sys.argv[1:]))\n")
-    out = _run(["-m", "meteor_plugin.run", *flag, "probe_rank", "x"], {}, tmp_path)
+    out = _run(["-m", "meteor_plugin.run", "--local-rank", "0", "probe_rank", "x"], {}, tmp_path)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [*flag, "x"]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["--local-rank", "0", "x"]
+    for flag in (["--local-rank", "0"], ["--local-rank=0"], ["--local_rank", "0"]):
+        out = run_here(["-m", "meteor_plugin.run", *flag, "probe_rank", "x"])
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == [*flag, "x"]
 
 
-def test_runner_reports_a_bad_config_in_one_line_and_exits_2(tmp_path):
+def test_runner_reports_a_bad_config_in_one_line_and_exits_2(tmp_path, run_here):
     (tmp_path / "probe_never.py").write_text("print('ran')\n")
     bad = tmp_path / "bad.json"
     bad.write_text('{"llm_max_keep": 1.5}')
+    out = _run(["-m", "meteor_plugin.run", "--meteor-config", str(bad), "probe_never"], {}, tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "ran" not in out.stdout
+    assert [line for line in out.stderr.splitlines() if line.strip()] == [
+        line for line in out.stderr.splitlines() if line.startswith("meteor_plugin.run: error: ")]
+    assert "llm_max_keep=1.5 is invalid" in out.stderr
     for args in (["--meteor-config", str(bad)], ["--meteor-set", "text_query=first"],
                  ["--meteor-config", str(tmp_path / "missing.json")]):
-        out = _run(["-m", "meteor_plugin.run", *args, "probe_never"], {}, tmp_path)
+        out = run_here(["-m", "meteor_plugin.run", *args, "probe_never"])
         assert out.returncode == 2, out.stderr
         lines = [line for line in out.stderr.splitlines() if line.startswith("meteor_plugin.run: error: ")]
         assert len(lines) == 1 and "Traceback" not in out.stderr and "ran" not in out.stdout
-    assert "llm_max_keep=1.5 is invalid" in _run(["-m", "meteor_plugin.run", "--meteor-config", str(bad), "probe_never"],
-                                                {}, tmp_path).stderr
 
 
 @pytest.mark.parametrize("module,codebase,attn", [("llava.train.train_mem", "llava", "flash_attention_2"),

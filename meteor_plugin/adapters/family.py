@@ -6,7 +6,8 @@ record, never by importing an adapter or testing a family's name:
 
 - ``target`` (``InferenceTarget``): what ``enable()`` patches, the classes refused by name, the family's vision
   encoders as ``stages.vision.EncoderParts`` (what ``meteor-plugin calibrate`` measures), and how its tools open a
-  checkpoint and ask it a question (``open``, ``prompt``: ``meteor-plugin calibrate --questions``);
+  checkpoint and ask it a question (``open``, ``prompt``: ``meteor-plugin calibrate --questions``),
+  and what each model runs (``support``: its stages and refused methods, ``adapters/support.py``);
 - ``training`` (``TrainingSpec``): what ``meteor_plugin.train``, ``convert``, ``merge-lora`` and ``calibrate``
   need of the upstream codebase the family trains and loads through; None where there is none;
 - ``patcher`` (``PatcherSpec``): the edits ``meteor-plugin patch`` makes to a checkout; None where there is no
@@ -62,6 +63,10 @@ class InferenceTarget(Protocol):
     def prompt(self, model: Any, processor: Any, image: Any, question: str, conv_mode: Optional[str] = None) -> dict:
         """The inputs of ``model.generate`` asking ``question`` about a PIL ``image``, as the family's own tools build
         them (``meteor-plugin calibrate --questions``)."""
+
+    def support(self, model: Any) -> Any:
+        """What ``model`` runs (``adapters.support.Support``): the stages that prune on it and the methods it
+        refuses. Checked before every ``generate`` and ``forward`` of a pruned class (``support.install``)."""
 
 
 # Training -------------------------------------------------------------------------------------------------------
@@ -207,7 +212,7 @@ def missing_parts(family: Any) -> List[str]:
     for attr in ("name", "refused"):
         if not hasattr(target, attr):
             missing.append(f"target.{attr}")
-    for method in ("is_installed", "patch", "encoders", "open", "prompt"):
+    for method in ("is_installed", "patch", "encoders", "open", "prompt", "support"):
         if not callable(getattr(target, method, None)):
             missing.append(f"target.{method}()")
     if getattr(target, "name", family.name) != family.name:

@@ -31,6 +31,7 @@ from ..fidelity import calibration
 from ..fidelity import evaluate as ev
 from ..fidelity import methods as mt
 from ..fidelity.questions import KINDS
+from ..progress import phase
 
 
 @dataclass
@@ -190,7 +191,8 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     path = settings.model_path or checkpoint_path()
-    model, tokenizer = load(path)
+    with phase("fidelity: loading the checkpoint"):
+        model, tokenizer = load(path)
     budgets = [mt.tokens_for(b) for b in settings.budgets]
     extra = [mt.tokens_for(b) for b in settings.meteor_extra if mt.tokens_for(b) not in budgets]
     ablation_budgets = [mt.tokens_for(b) for b in settings.ablation_budgets] if ablations else []
@@ -207,16 +209,23 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
         raise ValueError(f"split={settings.split!r} is invalid: allowed 'test' or 'val'")
     plan = mt.configs(methods, budgets, cal, extra, ablations, ablation_budgets)
     runs = []
-    with _bar(len(plan) * len(test), "fidelity", settings.progress) as bar:
-        for method, budget, seed, config in plan:
-            bar.set_postfix_str(f"{method}@{budget}")
-            r = ev.evaluate(model, test, config, settings.batch_size, progress=bar.update)
-            runs.append({"method": method, "budget": budget, "seed": seed, "config": config.to_dict(),
-                         "accuracy": _accuracies(r), "kept": r.mean_kept(), "llm_input": r.mean_llm_input(),
-                         "kept_per_kind": {k: r.mean_kept(k) for k in KINDS},
-                         "visual_per_layer": r.mean_layer_visual(),
-                         "gflops": ev.prefill_flops(model, test, config, settings.flops_questions) / 1e9,
-                         "kept_exact": _exact(r, method, budget)})
+    try:
+        with _bar(len(plan) * len(test), "fidelity", settings.progress) as bar:
+            for method, budget, seed, config in plan:
+                bar.set_postfix_str(f"{method}@{budget}")
+                r = ev.evaluate(model, test, config, settings.batch_size, progress=bar.update)
+                runs.append({"method": method, "budget": budget, "seed": seed, "config": config.to_dict(),
+                             "accuracy": _accuracies(r), "kept": r.mean_kept(), "llm_input": r.mean_llm_input(),
+                             "kept_per_kind": {k: r.mean_kept(k) for k in KINDS},
+                             "visual_per_layer": r.mean_layer_visual(),
+                             "gflops": ev.prefill_flops(model, test, config, settings.flops_questions) / 1e9,
+                             "kept_exact": _exact(r, method, budget)})
+        interrupted = None
+    except KeyboardInterrupt:  # Ctrl-C: what is finished is reported (unpruned first), the rest is named as missing
+        if not runs:
+            raise
+        interrupted = {"runs_done": len(runs), "runs_planned": len(plan),
+                       "missing": [f"{m}@{b}" + (f" seed {s}" if m == "random" else "") for m, b, s, _ in plan[len(runs):]]}
     import meteor_plugin
 
     meteor_plugin.detach(model)  # load() attached it
@@ -227,8 +236,11 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
         "questions_per_kind": settings.per_kind, "split": settings.split, "test_seed": settings.test_seed,
         "kinds": list(KINDS),
         "calibration": cal.to_dict(), "meteor": dict(settings.meteor), "flops_questions": settings.flops_questions,
-        "rows": rows, "runs": runs, "equal_flops": equal_flops(rows, budgets), "targets": targets(rows, budgets),
+        "rows": rows, "runs": runs, "equal_flops": [] if interrupted else equal_flops(rows, budgets),
+        "targets": {} if interrupted else targets(rows, budgets), "interrupted": interrupted,
     }
+    if interrupted:  # the comparisons and the plot need every run
+        return result
     if settings.plot:
         from ..fidelity.plot import draw
 
@@ -256,7 +268,22 @@ def _machine() -> Dict[str, Any]:
 
 
 def _fmt(x: Optional[float]) -> str:
-    return "   -  " if x is None else f"{x:.3f}"
+    return "-" if x is None else f"{x:.3f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: Sequence[int] = (0, -1),
+          indent: str = "") -> List[str]:
+    """Lines of a table whose columns are as wide as their widest cell and two spaces apart (the columns ``left``
+    aligned left, the others right), the header underlined: no cell runs into the next."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    left = {i % len(header) for i in left}
+
+    def line(cells):
+        return indent + "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    head = line(header)
+    return [head, indent + "-" * (len(head) - len(indent))] + [line(r) for r in rows]
 
 
 def report(result: Dict[str, Any]) -> str:
@@ -269,32 +296,34 @@ def report(result: Dict[str, Any]) -> str:
              f"FLOPs counted on {result['flops_questions']} of them, each alone; {result['seconds']} s on "
              f"{result['machine']['cores']} cores (torch threads {result['machine']['threads']}, load "
              f"{result['machine']['loadavg_at_end']})", ""]
-    head = f"{'method':<22}{'budget':>7}{'kept':>7}{'GFLOPs':>8}{'per layer':>14}" + \
-        "".join(f"{k:>14}" for k in kinds) + f"{'overall':>9}{'rel.':>7}"
-    lines += [head, "-" * len(head)]
+    stopped = result.get("interrupted")
+    if stopped:
+        lines += [f"INTERRUPTED after {stopped['runs_done']} of {stopped['runs_planned']} runs: the rows below are the "
+                  f"runs that finished; not run: {', '.join(stopped['missing'])}. The comparisons at equal FLOPs, the "
+                  "targets and the plot need every run and are left out.", ""]
+    body = []
     for r in rows:
         acc = r["accuracy"]
-        layers = "/".join(f"{v:.0f}" for v in r["visual_per_layer"])
-        spread = f"  (seeds {r['low']['overall']:.3f}-{r['high']['overall']:.3f})" if "low" in r else ""
-        lines.append(f"{r['method']:<22}{r['budget']:>7}{r['kept']:>7.1f}{r['gflops']:>8.3f}{layers:>14}"
-                     + "".join(f"{acc[k]:>14.3f}" for k in kinds)
-                     + f"{acc['overall']:>9.3f}{r['relative']['overall']:>7.3f}{spread}")
+        spread = f"(seeds {r['low']['overall']:.3f}-{r['high']['overall']:.3f})" if "low" in r else ""
+        body.append([r["method"], r["budget"], f"{r['kept']:.1f}", f"{r['gflops']:.3f}",
+                     "/".join(f"{v:.0f}" for v in r["visual_per_layer"])] + [f"{acc[k]:.3f}" for k in kinds]
+                    + [f"{acc['overall']:.3f}", f"{r['relative']['overall']:.3f}", spread])
+    lines += table(["method", "budget", "kept", "GFLOPs", "per layer", *kinds, "overall", "rel.", ""], body)
     lines += ["", "'per layer': visual tokens each decoder layer ran on (mean); 'kept': after the last stage.", ""]
     if result["equal_flops"]:
         lines.append("At equal prefill FLOPs (each baseline's accuracy-vs-FLOPs curve read at METEOR's FLOPs; a "
                      "baseline that never runs that cheaply is read at its cheapest run, which costs more):")
-        head = f"  {'METEOR at':<12}{'GFLOPs':>8}  {'method':<15}" + "".join(f"{k:>14}" for k in kinds) + f"{'overall':>9}"
-        lines.append(head)
-        shown = set()
+        body, shown = [], set()
         for c in result["equal_flops"]:
             if c["budget"] not in shown:
                 shown.add(c["budget"])
-                lines.append(f"  {c['budget']:<12}{c['gflops']:>8.3f}  {'meteor':<15}"
-                             + "".join(f"{c['meteor'][k]:>14.3f}" for k in kinds) + f"{c['meteor']['overall']:>9.3f}")
-            note = {"cheapest": f"  (its cheapest run, {c['cheapest_gflops']:.3f} GFLOPs)",
-                    "dearer": "  (costs less than METEOR at every budget)"}.get(c["read"], "")
-            lines.append(f"  {'':<12}{'':>8}  {c['baseline']:<15}" + "".join(f"{_fmt(c['accuracy'][k]):>14}" for k in kinds)
-                         + f"{_fmt(c['accuracy']['overall']):>9}{note}")
+                body.append([c["budget"], f"{c['gflops']:.3f}", "meteor"] + [f"{c['meteor'][k]:.3f}" for k in kinds]
+                            + [f"{c['meteor']['overall']:.3f}", ""])
+            note = {"cheapest": f"(its cheapest run, {c['cheapest_gflops']:.3f} GFLOPs)",
+                    "dearer": "(costs less than METEOR at every budget)"}.get(c["read"], "")
+            body.append(["", "", c["baseline"]] + [_fmt(c["accuracy"][k]) for k in kinds]
+                        + [_fmt(c["accuracy"]["overall"]), note])
+        lines += table(["METEOR at", "GFLOPs", "method", *kinds, "overall", ""], body, left=(0, 2, -1), indent="  ")
         lines.append("")
     lines.append("Stage 3 tokens kept per kind (adaptive):")
     for r in rows:

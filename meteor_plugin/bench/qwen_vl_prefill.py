@@ -71,7 +71,7 @@ def run(bench: Optional[QwenBench] = None, spec: TinyQwenSpec = QWEN25_SCALED) -
     def inspect(name):
         stats = meteor_plugin.stats(model)
         length = batch["input_ids"].shape[1]
-        if stats is None:
+        if stats is None or name == "unpruned":  # stats() holds the last pruned run's: not this one's
             return {"layer_tokens": [length] * spec.llm_layers, "encoder_tokens": visual, "visual_tokens": visual}
         s = stats.stages[0]
         return {"layer_tokens": list(stats.layer_seq_len), "encoder_tokens": s["encoder"].left,

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ..progress import steps
 from . import evaluate as ev
 from . import methods as mt
 
@@ -35,7 +36,7 @@ def calibrate(model, tokenizer, methods: Sequence[str], budgets: Sequence[int], 
     layers = list(layers or range(1, model.config.num_hidden_layers))
     k = mt.tokens_for(0.25)
     scores = {}
-    for layer in layers:
+    for layer in steps(layers, "calibration: llm_layer", "layer"):
         trial = mt.Calibration(ranks, layer, layer, meteor=dict(meteor or {}))
         solve(model, val, trial, [("meteor-s3", k)], batch_size)
         s3 = ev.evaluate(model, val, mt.config_for("meteor-s3", k, trial), batch_size).accuracy()
@@ -54,7 +55,7 @@ def solve(model, val: ev.EvalSet, cal: mt.Calibration, pairs, batch_size: int = 
     """Stage 3's lambda per (method, budget) into ``cal``: probe with every token kept, then bisect."""
     import meteor_plugin
 
-    for method, k in pairs:
+    for method, k in steps(pairs, "calibration: llm_lambda", "run"):
         signals: List[float] = []
         with torch.no_grad(), meteor_plugin.enabled(mt.stage3_probe(method, k, cal)), ev.left_padded(model):
             for start in range(0, len(val), batch_size):

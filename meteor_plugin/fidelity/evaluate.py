@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..progress import steps
 from .datasets import make_sample
 from .llava_format import prompt_ids
 from .model import pixels
@@ -49,7 +50,8 @@ def eval_set(tokenizer, per_kind: int, split: str = "test", seed: int = 0, start
     ``split`` (kinds cycle with the index, answers are balanced within each kind)."""
     if per_kind < 1:
         raise ValueError(f"per_kind={per_kind} is invalid: allowed >= 1")
-    samples = [make_sample(split, i, seed=seed, max_turns=1) for i in range(start, start + per_kind * len(KINDS))]
+    samples = [make_sample(split, i, seed=seed, max_turns=1)
+               for i in steps(range(start, start + per_kind * len(KINDS)), f"{split} questions", "question")]
     answers = []
     for s in samples:
         ids = tokenizer(s.question.answer, add_special_tokens=False).input_ids

@@ -37,6 +37,15 @@ TOWERS: Dict[str, Dict[str, Any]] = {
     "convnext-1024": {"input_image_size": 96, "patch_size": 4, "hidden_sizes": [48, 96], "depths": [2, 2],
                       "layer_scale_init_value": 0.0},
 }
+KINDS = {"clip": "CLIP ViT", "convnext": "ConvNeXt"}
+
+
+def encoder_titles() -> Dict[str, str]:
+    """Each encoder as the demo's header and its map name it: ``clip-448 (CLIP ViT at 32 px, 8x8 tokens)``."""
+    return {name: f"{name} ({KINDS[name.split('-')[0]]} at {TOWERS[name]['input_image_size']} px, {g}x{g} tokens)"
+            for name, g in zip(ENCODERS, GRIDS)}
+
+
 LLM = {"llm_hidden": 96, "llm_layers": 8, "llm_heads": 6, "llm_kv_heads": 6, "llm_intermediate": 256}
 # CLIP normalisation, what the towers' image processor applies (``clip_style_image_processor``).
 MEAN = (0.48145466, 0.4578275, 0.40821073)

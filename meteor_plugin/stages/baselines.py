@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,82 @@ def drop_encoder_keep(encoders: Sequence[EncoderTokens], keep: int, drop: int) -
     shares = rank_budgets(keep, [e.tokens.shape[1] for e in rest])
     return torch.cat([e.tokens[:, _even(e.tokens.shape[1], k, e.tokens.device)] for e, k in zip(rest, shares) if k > 0],
                      dim=1)
+
+
+# The same selections as mixes of one image's tokens: (k, n) rows whose product with its (n, D) tokens gives the kept
+# tokens, and the token each kept one sits at (its "anchor"), so that a family can put the kept tokens back at
+# their places (a packed crop grid, multimodal positions). The tests check them against the functions above.
+def random_rows(n: int, k: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(k, n) one-hot rows: ``random_keep``'s draw, read off an identity matrix; and their tokens."""
+    rows = random_keep(torch.eye(n)[None], k, seed)[0]
+    return rows, rows.argmax(dim=1)
+
+
+def pooled_rows(h: int, w: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(k, h*w) rows averaging the cells of an adaptive average pooling of the (h, w) grid to the smallest grid of
+    its aspect with k cells or more (``avgpool_keep`` pools square grids only), then an even subsample of
+    k of those cells; and the cell at the middle of each pooled region."""
+    ph = min(h, math.ceil(math.sqrt(k * h / w)))
+    pw = min(w, max(math.ceil(math.sqrt(k * w / h)), math.ceil(k / ph)))
+    ph = max(ph, math.ceil(k / pw))
+    rows = torch.zeros(ph * pw, h * w)
+    middle = torch.zeros(ph * pw, dtype=torch.long)
+    for a in range(ph):
+        r0, r1 = (a * h) // ph, -((-(a + 1) * h) // ph)
+        for b in range(pw):
+            c0, c1 = (b * w) // pw, -((-(b + 1) * w) // pw)
+            cell = torch.zeros(h, w)
+            cell[r0:r1, c0:c1] = 1.0 / ((r1 - r0) * (c1 - c0))
+            rows[a * pw + b] = cell.flatten()
+            middle[a * pw + b] = ((r0 + r1 - 1) // 2) * w + (c0 + c1 - 1) // 2
+    pick = _even(ph * pw, k, None)
+    return rows[pick], middle[pick]
+
+
+def visionzip_rows(features: torch.Tensor, importance: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(k, n) rows of ``visionzip_keep`` on one image (its dominant tokens by importance, then its
+    contextual tokens, each the mean of the remaining tokens most like it; the tests check the two agree), and
+    the tokens they sit at: a dominant token at itself, a contextual one at the token it was merged into."""
+    n = features.shape[0]
+    if k >= n:
+        return torch.eye(n), torch.arange(n)
+    contextual = min(k - 1, max(1, round(k * CONTEXT_SHARE))) if k > 1 else 0
+    top = topk_mask(importance.float().cpu()[None], torch.tensor([k - contextual]), torch.ones(1, n, dtype=torch.bool))[0]
+    rows, anchors = [torch.eye(n)[top]], [torch.nonzero(top).flatten()]
+    if contextual:
+        rest = torch.nonzero(~top).flatten()
+        targets = rest[_even(rest.shape[0], contextual, None)]
+        feats = features.float().cpu()
+        sim = F.normalize(feats[rest], dim=-1) @ F.normalize(feats[targets], dim=-1).T
+        assign = F.one_hot(sim.argmax(dim=-1), contextual).float()  # (R, C)
+        merged = torch.zeros(contextual, n)
+        merged[:, rest] = assign.T / assign.sum(dim=0).clamp(min=1)[:, None]
+        rows.append(merged)
+        anchors.append(targets)
+    return torch.cat(rows), torch.cat(anchors)
+
+
+def keep_each(method: str, tokens: torch.Tensor, keep: int, grid: Tuple[int, int],
+              importance: Optional[torch.Tensor] = None, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``method`` on each of ``tokens``' (n, N, D) inputs (one encoder's grid each, ``grid`` = (rows, columns)):
+    (n, keep, D) kept tokens and the (n, keep) token each sits at. ``importance`` (n, N): visionzip's score
+    (without it, the feature norm). ``random`` draws with ``seed + i`` for input i."""
+    rows_per_input = []
+    for i, feats in enumerate(tokens):
+        if method == "random":
+            rows, anchors = random_rows(feats.shape[0], keep, seed + i)
+        elif method == "avgpool":
+            rows, anchors = pooled_rows(grid[0], grid[1], keep)
+        elif method == "visionzip":
+            score = importance[i] if importance is not None else feats.float().norm(dim=-1)
+            rows, anchors = visionzip_rows(feats, score, keep)
+        else:
+            raise ValueError(f"{method!r} is not a baseline that keeps tokens of each input: allowed random, avgpool, "
+                             "visionzip")
+        rows_per_input.append((rows, anchors))
+    mix = torch.stack([r for r, _ in rows_per_input]).to(tokens.device, torch.float32)
+    kept = (mix @ tokens.float()).to(tokens.dtype)
+    return kept, torch.stack([a for _, a in rows_per_input]).to(tokens.device)
 
 
 def select(method: str, encoders: Sequence[EncoderTokens], keep: int, seed: int = 0,

@@ -40,6 +40,14 @@ def bare_model(model: Any) -> Any:
     return model
 
 
+def record_config(model: Any) -> None:
+    """The config training prunes ``model`` with, in its ``config.meteor``: the checkpoint it saves then prunes as it
+    was trained (training runs in a scope, which writes nothing to the model by itself)."""
+    cfg = pruning_config(model)
+    if cfg is not None:
+        model.config.meteor = cfg.to_dict()
+
+
 class MeteorTrainerMixin:
     meteor_session: Any = None  # set by make_trainer
 
@@ -51,9 +59,7 @@ class MeteorTrainerMixin:
             # Before Trainer.__init__, which moves the model to its device: modules the checkpoint lacks
             # are made here, and exist before the optimizer and DeepSpeed see the parameters.
             prepare(bare, kwargs["args"] if "args" in kwargs else args[1])
-        cfg = pruning_config(bare)
-        if cfg is not None:  # the trained model records the config it was trained with: its checkpoint carries it
-            bare.config.meteor = cfg.to_dict()
+        record_config(bare)
         super().__init__(*args, **compat.trainer_kwargs(kwargs))
         session.trainer = self
         model = self.model

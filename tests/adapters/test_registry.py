@@ -68,9 +68,9 @@ def test_every_family_is_one_folder_with_one_record():
     assert sorted(records) == ["eagle", "hf_llava", "llava", "qwen_vl"]
     names = [family.name for family in adapters.FAMILIES]
     assert len(set(names)) == len(names) and set(adapters.BY_NAME) == set(names)
-    # No module of adapters/ but the protocol, the registry and refusal.py sits outside a folder.
+    # No module of adapters/ but the protocol, the registry, refusal.py and support.py sits outside a folder.
     loose = sorted(p.name for p in (PACKAGE / "adapters").glob("*.py"))
-    assert loose == ["__init__.py", "family.py", "refusal.py"]
+    assert loose == ["__init__.py", "family.py", "refusal.py", "support.py"]
     # The training and patcher lookups read exactly the families' records.
     assert list(adapters.training_specs().values()) == [f.training for f in adapters.FAMILIES if f.training is not None]
     assert patcher.known() == tuple(f.patcher for f in adapters.FAMILIES if f.patcher is not None)
@@ -92,7 +92,7 @@ def test_a_family_folder_lacking_a_part_of_the_protocol_is_named():
             return True
 
     problems = missing_parts(Family(name="partial", target=Partial()))
-    assert problems == ["target.patch()", "target.encoders()", "target.open()", "target.prompt()"]
+    assert problems == ["target.patch()", "target.encoders()", "target.open()", "target.prompt()", "target.support()"]
     assert missing_parts(Family(name="other", target=_ToyTarget())) == [
         "target.name equal to the family's name 'other'"]
     assert missing_parts(object()) == ["FAMILY is a object, not an adapters.family.Family"]
@@ -122,6 +122,11 @@ class _ToyTarget:
 
     def prompt(self, model, processor, image, question, conv_mode=None):
         return {}
+
+    def support(self, model):
+        from meteor_plugin.adapters.support import Support
+
+        return Support(type(model).__name__, frozenset({"llm"}))
 
 
 def _toy_family():

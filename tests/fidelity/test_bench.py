@@ -116,9 +116,9 @@ def test_validation_split_is_reported_as_such(capsys):
     assert result["split"] == "val" and "val questions: 2 per kind (after the calibration ones)" in fidelity.report(result)
 
 
-def test_demo_asks_every_kind_about_its_scenes_and_times_interleaved(tmp_path, capsys):
+def test_demo_asks_every_kind_about_its_scenes_gives_the_mean_kept_per_stage_and_no_speed(tmp_path, capsys):
     png = tmp_path / "map.png"
-    assert cli.main(["demo", "--seed", "3", "--scenes", "2", "--repeats", "3", "--save-map", str(png), "--json"]) == 0
+    assert cli.main(["demo", "--seed", "3", "--scenes", "2", "--save-map", str(png), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [e["seed"] for e in result["scenes"]] == [3, 4]
     kinds = [a["kind"] for a in result["scenes"][0]["answers"]]  # one of each kind the scene answers
@@ -130,14 +130,77 @@ def test_demo_asks_every_kind_about_its_scenes_and_times_interleaved(tmp_path, c
     g = result["agreement"]
     assert g["of_questions"] == len(answers) and g["questions"] == sum(a["unpruned"] == a["meteor"] for a in answers)
     assert g["of_scenes"] == 2 and 0 <= g["scenes"] <= 2
-    timing = result["timing"]
-    assert timing["speedup"]["rounds"] == 3
-    assert timing["speedup"]["low"] <= timing["speedup"]["median"] <= timing["speedup"]["high"]
-    with Image.open(png) as img:
-        assert img.format == "PNG" and img.width > 3 * 256 and img.height > 2 * 256  # 2 encoders x 3 stages
+    # --scenes: the mean tokens in and kept per stage over every question asked
+    means = result["mean_stages"]
+    assert list(means) == ["encoder", "fusion", "llm"]
+    for stage, m in means.items():
+        assert m["questions"] == len(answers)
+        assert m["out"] == pytest.approx(sum(a["stages"][stage]["out"] for a in answers) / len(answers))
+        assert m["in"] == pytest.approx(sum(a["stages"][stage]["in"] for a in answers) / len(answers))
+    assert "timing" not in result  # no speed: the README sends users to `bench` for it
     text = demo.report_fidelity(result)
     assert f"pruned answers equal to unpruned: {g['questions']} of {g['of_questions']} questions" in text
-    assert "interleaved rounds after a warm-up" in text
+    assert f"llm {means['llm']['in']:.1f} in, {means['llm']['out']:.1f} kept" in text
+    assert "speed: not measured here" in text and "ms" not in text
+    # the map names the encoders as the header does, and carries the question and both answers
+    first = result["scenes"][0]["answers"][0]
+    assert result["map"]["caption"] == token_map.caption(first["prompt"], first["unpruned"], first["meteor"],
+                                                         first["expected"])
+    assert all(row in result["model"] for row in result["map"]["rows"]) and len(result["map"]["rows"]) == 2
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width > 3 * 256 and img.height > 2 * 256  # 2 encoders x 3 stages
+    assert cli.main(["demo", "--repeats", "3"]) == 2  # timing rounds of a model the demo does not time
+    assert "--repeats times the prefill of a LLaVA demo" in capsys.readouterr().err
+
+
+def test_the_map_has_a_legend_and_its_caption(tmp_path):
+    image = torch.full((3, 16, 16), 235, dtype=torch.uint8)
+    cells = {"encoder": {"a": {0, 1}}, "llm": {"a": {0}}}
+    lines = token_map.caption("What colour is the circle?", "red", "blue", "red")
+    assert lines == ["Q: What colour is the circle?", "unpruned: red   METEOR: blue   expected: red"]
+    plain = tmp_path / "plain.png"
+    token_map.draw_map(image, cells, {"a": 2}, str(plain))
+    path = tmp_path / "map.png"
+    token_map.draw_map(image, cells, {"a": 2}, str(path), lines, {"a": "a (CLIP ViT at 32 px, 2x2 tokens)"})
+    with Image.open(path) as img, Image.open(plain) as without:
+        assert img.height == without.height + 2 * token_map.LINE  # the caption's two lines on top
+        legend_top = img.height - token_map.LINE * len(token_map.LEGEND) - 4
+        (kept_box, kept_text, _), (dropped_box, dropped_text, _) = token_map.legend_boxes(legend_top)
+        inside = lambda box: img.getpixel(((box[0] + box[2]) // 2, (box[1] + box[3]) // 2))  # noqa: E731
+        assert "kept token" in kept_text and "dropped token: darkened" in dropped_text
+        assert sum(inside(dropped_box)) < sum(inside(kept_box)) / 2  # dark = dropped
+
+
+def test_interleaved_prefill_installs_the_patches_once_and_its_ratio_is_of_the_medians(monkeypatch):
+    from meteor_plugin.registry import REGISTRY
+
+    import time
+
+    from meteor_plugin import MeteorConfig
+    from meteor_plugin.runtime import pruning_config
+
+    restored, seen = [], []
+    real = REGISTRY.restore_all
+
+    def restore_all():
+        restored.append(len(seen))
+        real()
+
+    monkeypatch.setattr(REGISTRY, "restore_all", restore_all)
+    model = type("Model", (), {"config": type("Config", (), {})()})()
+
+    def prefill():
+        layer = pruning_config(model).llm_layer
+        seen.append(layer)
+        time.sleep(0.004 if layer == 1 else 0.001)
+
+    t = demo.interleaved_prefill(prefill, {"unpruned": MeteorConfig(llm_layer=1), "meteor": MeteorConfig(llm_layer=3)},
+                                 repeats=3, warmup=1)
+    assert seen == [1, 3, 3, 1, 1, 3, 3, 1]  # interleaved, the order reversed every other round
+    assert restored == [8]  # the patches went back once, after every round
+    assert t["speedup"]["median_ratio"] == t["unpruned"]["median_s"] / t["meteor"]["median_s"] > 1
+    assert t["speedup"]["rounds"] == 3 and t["speedup"]["warmup"] == 1
+    assert demo._timing_line(t, "batch 1").endswith(f"{t['speedup']['median_ratio']:.2f}x (the ratio of the medians)")
 
 
 def test_token_map_chains_each_stage_back_to_encoder_grid_cells():
@@ -151,3 +214,80 @@ def test_token_map_chains_each_stage_back_to_encoder_grid_cells():
     assert token_map.grid_sides(stages["encoder"]["per_encoder"]) == {"a": 2, "b": 2}
     with pytest.raises(ValueError, match="no Stage 1 positions"):
         token_map.kept_cells({"llm": {"kept": [0]}}, ["a"])
+
+
+class _Bars:
+    """Every progress bar drawn, by name, with whether it was shown (tqdm.auto.tqdm recorded)."""
+
+    def __init__(self):
+        self.made = []
+
+    def __call__(self, *args, desc="", disable=False, **kwargs):
+        import tqdm
+
+        self.made.append((desc, not disable))
+        return tqdm.tqdm(*args, desc=desc, disable=True, **kwargs)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_every_phase_of_the_bench_has_a_bar_and_no_progress_hides_them_all(monkeypatch, capsys, quiet):
+    import tqdm.auto
+
+    bars = _Bars()
+    monkeypatch.setattr(tqdm.auto, "tqdm", bars)
+    args = ["bench", "fidelity", "--per-kind", "1", "--val-per-kind", "1", "--budgets", "0.25", "--methods", "avgpool",
+            "--plot", "none", "--json", "--flops-questions", "1"]
+    assert cli.main(args + (["--no-progress"] if quiet else [])) == 0
+    names = [name for name, _ in bars.made]
+    for phase in ("fidelity: loading the checkpoint", "val questions", "encoder ranks", "calibration: llm_layer",
+                  "calibration: llm_lambda", "test questions", "fidelity"):
+        assert phase in names, names
+    assert all(shown is not quiet for _, shown in bars.made)
+
+
+def _interrupted_bench(monkeypatch, capsys, after):
+    """The bench with a stand-in calibration, stopped by Ctrl-C when the run numbered ``after`` begins."""
+    from meteor_plugin.fidelity import calibration, evaluate
+
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: methods.Calibration({"clip-448": 1.0}, 2, 2))
+    real, calls = evaluate.evaluate, []
+
+    def evaluate_until(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate", evaluate_until)
+    code = cli.main(["bench", "fidelity", "--per-kind", "1", "--budgets", "0.25", "--methods", "random,avgpool",
+                     "--plot", "none", "--flops-questions", "1", "--no-progress"])
+    return code, capsys.readouterr()
+
+
+def test_ctrl_c_prints_the_rows_finished_so_far_in_separated_columns(monkeypatch, capsys):
+    code, (out, err) = _interrupted_bench(monkeypatch, capsys, after=2)
+    assert code == 130
+    assert "INTERRUPTED after 2 of 5 runs" in out
+    assert "not run: random@52 seed 1, random@52 seed 2, avgpool@52" in out
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    header, rows = lines[at], lines[at + 2:at + 4]
+    import re
+
+    columns = re.split(r"\s{2,}", header)
+    assert columns == ["method", "budget", "kept", "GFLOPs", "per layer", *KINDS, "overall", "rel."]
+    for row, method in zip(rows, ["unpruned", "random"]):
+        cells = re.split(r"\s{2,}", row)
+        assert cells[0] == method and len(cells) == len(columns), row  # every column stands apart
+        assert re.fullmatch(r"(\d+/){7}\d+", cells[4])  # the per-layer counts: one cell
+    code, (out, err) = _interrupted_bench(monkeypatch, capsys, after=0)  # nothing finished: nothing to print
+    assert code == 130 and out == "" and err.strip().endswith("meteor-plugin bench: interrupted")
+
+
+def test_table_columns_never_run_together():
+    lines = fidelity.table(["method", "budget", "per layer"], [["meteor:deep-similarity", 52, "208/208/104/104"],
+                                                                ["random", 26, "26"]])
+    assert lines == ["method                  budget  per layer",
+                     "-----------------------------------------",
+                     "meteor:deep-similarity      52  208/208/104/104",
+                     "random                      26  26"]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import meteor_plugin
-from meteor_plugin.stages.baselines import EncoderTokens, avgpool_keep, drop_encoder_keep, random_keep, visionzip_keep
+from meteor_plugin.stages.baselines import (EncoderTokens, avgpool_keep, drop_encoder_keep, keep_each, pooled_rows,
+                                            random_keep, random_rows, visionzip_keep, visionzip_rows)
 from meteor_plugin.testing.eagle_like import build_tiny_eagle
 from meteor_plugin.testing.llava import make_batch
 
@@ -16,6 +17,34 @@ def test_avgpool_pools_each_grid_and_splits_the_budget_by_token_count():
     assert out.shape == (1, 5, 1)
     assert out[0, :4, 0].tolist() == [2.5, 4.5, 10.5, 12.5]  # 2x2 means of the 4x4 grid
     assert out[0, 4, 0].item() == 0.0
+
+
+def test_baseline_rows_equal_the_shared_baselines():
+    """The baselines as mixes of one image's tokens (so that each kept token's place is known: Qwen-VL's positions,
+    LLaVA-NeXT's crop grids) give the tokens the batch functions give (random's draw, square avgpool, VisionZip)."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(36, 8, generator=g)
+    importance = torch.rand(36, generator=g)
+    rows, anchors = random_rows(36, 9, seed=3)
+    assert torch.equal(rows @ feats, random_keep(feats[None], 9, 3)[0]) and torch.equal(feats[anchors], rows @ feats)
+    rows, _ = pooled_rows(6, 6, 7)
+    torch.testing.assert_close(rows @ feats, avgpool_keep([EncoderTokens(feats[None], grid=6)], 7)[0])
+    rows, anchors = visionzip_rows(feats, importance, 10)
+    reference = visionzip_keep([EncoderTokens(feats[None], importance=importance[None])], 10)[0]
+    torch.testing.assert_close(rows @ feats, reference)
+    assert anchors.shape == (10,) and len(set(anchors.tolist())) == 10
+
+
+@pytest.mark.parametrize("method", ["random", "avgpool", "visionzip"])
+def test_keep_each_keeps_the_budget_of_every_input_at_distinct_places(method):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(3, 36, 8, generator=g)
+    kept, anchors = keep_each(method, tokens, 7, (6, 6), torch.rand(3, 36, generator=g), seed=2)
+    assert kept.shape == (3, 7, 8) and anchors.shape == (3, 7)
+    assert all(len(set(a.tolist())) == 7 and 0 <= min(a.tolist()) and max(a.tolist()) < 36 for a in anchors)
+    if method == "random":  # each input its own draw, each kept token the token at its place
+        assert torch.equal(kept, torch.gather(tokens, 1, anchors[..., None].expand(-1, -1, 8)))
+        assert not torch.equal(anchors[0], anchors[1])
 
 
 def test_random_is_seeded_and_differs_per_image():

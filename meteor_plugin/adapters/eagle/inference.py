@@ -30,6 +30,7 @@ from ...stages.fusion import rank_weighted_positions
 from ...stages.vision import VisionRecord, encode_and_fuse, ranks_for
 from ..family import require
 from ..shared.llava_arch import VISION_HANDLERS, ArchTarget
+from ..support import ONE_ENCODER, Support
 from .conversion import wrap_llm_init
 from .encoders import CAUSAL, FUSION_KEY, MODEL_MODULE, FusionConfigError, encoder_names, is_converted, parts
 
@@ -150,5 +151,22 @@ def patch_eagle_vision(registry: Any) -> None:
     VISION_HANDLERS[MultiBackboneChannelConcatenationVisionTower] = encode_images
 
 
+def support(model: Any) -> Support:
+    """A converted model (per-encoder projectors) runs every stage and method; an unconverted one fuses EAGLE's
+    way, where the encoders only score the shared grid (Stage 1 prunes nothing) and no encoder can be dropped."""
+    several = len(encoder_names(model)) > 1
+    stages = {"encoder", "llm"} | ({"fusion"} if several else set())
+    refused, why_not = {}, {} if several else {"fusion": "has nothing to fuse: this model has one vision encoder"}
+    if not several:
+        refused["drop_encoder"] = ONE_ENCODER
+    if not is_converted(model):
+        stages.discard("encoder")
+        why_not["encoder"] = ("only scores on an unconverted EAGLE model (its encoders describe one shared grid): "
+                              "convert it (meteor-plugin convert) to prune inside each encoder")
+        refused.setdefault("drop_encoder", "it needs per-encoder projectors: convert the checkpoint first "
+                                           "(meteor-plugin convert)")
+    return Support(type(model).__name__, frozenset(stages), refused, why_not)
+
+
 TARGET = ArchTarget(name="eagle", module=MODEL_MODULE, causal=CAUSAL, llm="EagleLlamaModel",
-                    vision=(patch_eagle_vision,), encoders=parts)
+                    vision=(patch_eagle_vision,), encoders=parts, support=support)

@@ -15,6 +15,7 @@ from ...compat import transformers as compat
 from ...stages.vision import EncoderParts
 from ..family import Family
 from ..shared.transformers_vlm import chat_inputs, open_checkpoint
+from ..support import ONE_ENCODER, Support
 from . import v4, v5
 
 
@@ -35,6 +36,11 @@ class TransformersLlavaTarget:
 
     def patch(self, registry: Any) -> List[type]:
         return v5.patch(registry) if compat.generation() == "5" else v4.patch(registry)
+
+    def support(self, model: Any) -> Support:
+        """One vision tower: Stage 1 inside it (CLIP or SigLIP), Stage 3, and every baseline but drop_encoder."""
+        return Support(type(model).__name__, frozenset({"encoder", "llm"}), {"drop_encoder": ONE_ENCODER},
+                       {"fusion": "has nothing to fuse: it has one vision tower"})
 
     def encoders(self, model: Any) -> Optional[List[EncoderParts]]:
         """The vision tower as calibration measures it (one encoder: its selected layer's patch tokens)."""

@@ -1,5 +1,6 @@
 """What transformers' LLaVA classes share on every transformers generation: Stage 1 inside the CLIP or SigLIP
-tower, LLaVA-NeXT's crops spread to full grids and back, where the images landed in the prompt (Stage 3's
+tower, the pre-LLM baselines on each CLIP input's projected tokens (``Baseline``), LLaVA-NeXT's crops spread to
+full grids and back, where the images landed in the prompt (Stage 3's
 layout, with proportional attention's geometry), the refusals, and the family's per-call record (``shared.transformers_vlm.VlmCall``).
 ``v5.py`` (transformers 5.x, where the model takes ready-made features) and ``v4.py`` (4.x, where the adapter
 splices the images itself) are built on these.
@@ -8,13 +9,16 @@ splices the images itself) are built on these.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Optional, Tuple
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from ...compat.transformers import clip_layers
 from ...core.budget import resolve_stage_budget
-from ...stages import proportional
+from ...core.token_scores import cls_attention, received_attention
+from ...stages import baselines, proportional
 from ...stages.encoder import selected_depth, vit_stage1
 from ...stages.layout import VisualLayout, identity_geometry, query_mask, unpruned_geometry
 from ...stages.vision import ImageTokens, VitParts
@@ -39,7 +43,7 @@ def is_anyres(model: Any) -> bool:
 
 
 def check_stage1(model: Any, cfg: Any) -> None:
-    if not cfg.encoder:
+    if not cfg.encoder or cfg.method in baselines.PRE_LLM:  # a pre-LLM baseline replaces Stage 1
         return
     layer = model.config.vision_feature_layer
     if not isinstance(layer, int):
@@ -76,7 +80,7 @@ def tower_parts(model: Any) -> VitParts:
 def stage1(model: Any, cfg: Any, registry: Any) -> Iterator[Any]:
     """Stage 1 inside ``model``'s vision tower for what runs in the block (yields its plan, whose
     ``positions`` are each CLIP input's kept patches afterwards), or nothing when Stage 1 is off."""
-    if not cfg.encoder:
+    if not cfg.encoder or cfg.method in baselines.PRE_LLM:
         yield None
         return
     check_stage1(model, cfg)
@@ -94,7 +98,86 @@ def stage1(model: Any, cfg: Any, registry: Any) -> Iterator[Any]:
         finally:
             mine.plan = None
     mine.kept = plan.positions.tolist() if plan.positions is not None else None
+    mine.stage = "encoder" if mine.kept is not None else None
     mine.sizes = plan.sizes if track else None
+
+
+# The pre-LLM baselines ------------------------------------------------------------------------------------------
+@dataclass
+class Baseline:
+    """A pre-LLM baseline (``random``, ``avgpool``, ``visionzip``) for one encoding: it keeps ``fusion_keep`` of each
+    CLIP input's patch tokens after the projector (the base image and every crop alike, as VisionZip does on
+    LLaVA-NeXT), at known patch positions, so that LLaVA-NeXT's crops go through their packing as Stage 1's do.
+    With ``visionzip`` the tower's selected block is watched for its attention (CLS attention on CLIP, attention
+    received on SigLIP)."""
+
+    model: Any
+    cfg: Any
+    captured: Dict[str, Any] = field(default_factory=dict)
+    kept: List[List[int]] = field(default_factory=list)  # per CLIP input, in encoding order: its kept patches
+
+    def select(self, features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, N, D) projected tokens -> (inputs, k, D) kept ones (a leading CLS token, where the select
+        strategy keeps it, stays in front) and (inputs, k) the patch each kept one sits at."""
+        model, cfg = self.model, self.cfg
+        patches = tower_patches(model)
+        cls = features.shape[1] == patches + 1
+        if features.shape[1] != patches + int(cls):
+            raise NotImplementedError(f"meteor-plugin: the {cfg.method!r} baseline on {type(model).__name__} needs "
+                                      f"{patches} patch tokens per image, got {features.shape[1]}")
+        body = features[:, 1:] if cls else features
+        keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, patches)
+        side = math.isqrt(patches)
+        kept, anchors = baselines.keep_each(cfg.method, body, keep, (side, side), self.importance(), cfg.seed)
+        self.kept.extend(anchors.tolist())
+        return (torch.cat([features[:, :1], kept], dim=1) if cls else kept), anchors
+
+    def importance(self) -> Optional[torch.Tensor]:
+        hidden = self.captured.get("hidden")
+        if hidden is None:
+            return None
+        vit = tower_parts(self.model)
+        with torch.no_grad():
+            q, k, scale = vit.block.qk(vit.layers[vit.depth - 1], hidden)
+            return cls_attention(q, k, scale) if vit.has_cls else received_attention(q, k, scale)
+
+
+def check_baseline(model: Any, cfg: Any, layer: Any = None) -> None:
+    """Refuse by name what a pre-LLM baseline cannot read: visionzip scores with the selected block of a CLIP or
+    SigLIP tower, and needs one selected layer."""
+    layer = model.config.vision_feature_layer if layer is None else layer
+    kind = getattr(model.config.vision_config, "model_type", "")
+    if cfg.method == "visionzip" and (kind not in VISION_TYPES or not isinstance(layer, int)):
+        raise NotImplementedError(
+            f"meteor-plugin: the 'visionzip' baseline on {type(model).__name__} scores tokens by the attention of "
+            f"one selected block of a CLIP or SigLIP tower; this model has a {kind!r} tower and vision_feature_layer="
+            f"{layer!r}: choose random or avgpool")
+
+
+@contextlib.contextmanager
+def baseline(model: Any, cfg: Any) -> Iterator[Optional[Baseline]]:
+    """A pre-LLM baseline for the encoding that runs in the block (yields it; ``Baseline.select`` is called on the
+    projected tokens), or nothing when ``cfg`` runs none."""
+    if cfg.method not in baselines.PRE_LLM:
+        yield None
+        return
+    check_baseline(model, cfg)
+    request, mine, handle = Baseline(model, cfg), state(), None
+    if cfg.method == "visionzip":
+        vit = tower_parts(model)
+
+        def grab(module, args, kwargs):
+            request.captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+        handle = vit.layers[vit.depth - 1].register_forward_pre_hook(grab, with_kwargs=True)
+    mine.baseline = request
+    try:
+        yield request
+    finally:
+        mine.baseline = None
+        if handle is not None:
+            handle.remove()
+    mine.kept, mine.stage, mine.sizes = request.kept, "baseline", None
 
 
 def spread_crops(image_features: Any, positions: List[List[int]], patches: int) -> List[torch.Tensor]:
@@ -121,20 +204,23 @@ def build_layout(model: Any, cfg: Any, ids: torch.Tensor, mask: Optional[torch.T
     line = getattr(model, "image_newline", None)
     stats = RunStats(ids.shape[0])
     patches = tower_patches(model)
-    keep = resolve_stage_budget("encoder_keep", cfg.encoder_keep, patches) if cfg.encoder else patches
     mine = state()
     kept = list(mine.kept or [])
+    pruned = mine.stage if kept else None  # "encoder" (Stage 1) or "baseline" kept those patches
+    keep = len(kept[0]) if pruned else patches
     geometry = _unpruned_geometry(model, cfg, valid, runs, kept, mine.sizes)
     for (i, start, end), feature, n in zip(runs, features, crops):
         visual[i, start:end] = True
         if line is not None:
             newlines[i, start:end] = (feature == line.to(feature.dtype).view(1, -1)).all(dim=-1).to(newlines.device)
         sample = stats.stages[i]
-        if cfg.encoder:
-            count = sample.setdefault("encoder", StageCount(0, 0, {"kept": []}))
+        if pruned:
+            count = sample.setdefault(pruned, StageCount(0, 0, {"kept": []}))
             count.entered += n * patches
-            count.left += n * keep
+            count.left += sum(len(k) for k in kept[:n])
             count.detail["kept"] += kept[:n]  # per CLIP input (base image, then crops): the patches kept
+            if pruned == "baseline":
+                count.detail["method"] = cfg.method
             kept = kept[n:]
         if is_anyres(model):
             rows = int(newlines[i, start:end].sum())
@@ -170,4 +256,4 @@ def _unpruned_geometry(model: Any, cfg: Any, valid: torch.Tensor, runs: List[Tup
 
 def prunes(cfg: Any) -> bool:
     """Whether ``cfg`` removes tokens at all (Stage 2 has nothing to fuse in a one-tower LLaVA)."""
-    return bool(cfg.encoder or cfg.llm)
+    return bool(cfg.encoder or cfg.llm or cfg.method in baselines.PRE_LLM)

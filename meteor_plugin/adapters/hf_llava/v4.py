@@ -8,7 +8,7 @@ from which cached keys are zero). A pruned image has fewer features than that me
 pruning the adapter does the splice itself, as the merge would:
 
 - the images are encoded with the model's own tower and projector (Stage 1 inside the CLIP or SigLIP
-  tower, ``common.stage1``; LLaVA-NeXT's crops packed by its own ``pack_image_features`` after
+  tower, ``common.stage1``, or a pre-LLM baseline on each CLIP input's projected tokens, ``common.baseline``; LLaVA-NeXT's crops packed by its own ``pack_image_features`` after
   ``common.spread_crops``, the NaN rows dropped after it);
 - each image token is replaced by its image's features, rows re-padded on the side the mask pads, and the
   model gets ``inputs_embeds``, the mask and the positions (``cumsum`` of the mask, as the merge computes);
@@ -73,19 +73,24 @@ def encode(model: Any, cfg: Any, registry: Any, pixels: torch.Tensor, sizes: Any
             pixels = torch.cat([p[:n] for p, n in zip(pixels, crops)], dim=0)
     else:
         crops = [1] * pixels.shape[0]
-    with common.stage1(model, cfg, registry) as plan:
+    with common.stage1(model, cfg, registry) as plan, common.baseline(model, cfg) as request:
         hidden = model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
-    if strategy == "default":
-        hidden = hidden[:, 1:]
-    features = model.multi_modal_projector(hidden)
+        if strategy == "default":
+            hidden = hidden[:, 1:]
+        features = model.multi_modal_projector(hidden)
+        positions = None
+        if request is not None:  # a pre-LLM baseline: each CLIP input's kept tokens, at their patches
+            features, positions = request.select(features)
+    if plan is not None:
+        positions = plan.positions
     if not spatial:
         return list(features), crops
     per_image = list(torch.split(features, crops, dim=0))
-    if plan is not None:
-        per_image = common.spread_crops(per_image, plan.positions.tolist(), common.tower_patches(model))
+    if positions is not None:
+        per_image = common.spread_crops(per_image, positions.tolist(), common.tower_patches(model))
     packed, lens = model.pack_image_features(per_image, sizes, image_newline=model.image_newline)
     packed = list(torch.split(packed, [int(n) for n in lens], dim=0)) if torch.is_tensor(packed) else list(packed)
-    return (common.drop_pruned(packed) if plan is not None else packed), crops
+    return (common.drop_pruned(packed) if positions is not None else packed), crops
 
 
 # The splice ----------------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ positions, refusing a count that differs; the language model is any decoder with
 - **Stage 3** runs in the language model as on the llava package's models (``stages/decoder.py``): the
   visual tokens are the image-token positions, less LLaVA-NeXT's and OneVision's row separators (structure,
   never pruned);
+- **the pre-LLM baselines** (``random``, ``avgpool``, ``visionzip``) keep ``fusion_keep`` of each CLIP input's
+  projected tokens instead of Stage 1 (``common.Baseline``): on the flat LLaVA after ``get_image_features``, on the
+  packing classes inside ``pack_image_features``, spread to their patches like Stage 1's tokens;
 - **proportional attention**: on the flat LLaVA, Stage 1's kept patches keep their unpruned places and sizes
   (``common._unpruned_geometry``); with Stage 3 alone every token starts at its own place with size 1 (packed crops
   too); Stage 1 on packed crops runs without it (``stage1`` warns or refuses).
@@ -50,11 +53,13 @@ import torch
 
 from ... import percall
 from ...runtime import pruning_config
+from ...stages.baselines import PRE_LLM
 from ...stages.decoder import patch_language_model
 from ..family import require
 from ..shared.transformers_vlm import (fit_prompt, refuse_beams, refuse_training, state, with_users_prompt,
                                       wrap_causal_forward)
-from .common import build_layout, check_stage1, drop_pruned, is_anyres, prunes, spread_crops, stage1, tower_patches
+from .common import (baseline, build_layout, check_stage1, drop_pruned, is_anyres, prunes, spread_crops, stage1,
+                     tower_patches)
 
 
 @dataclass(frozen=True)
@@ -87,16 +92,27 @@ def wrap_image_features(original: Any, registry: Any) -> Any:
         cfg = pruning_config(self)
         if cfg is None:
             return original(self, pixel_values, *args, **kwargs)
-        if cfg.encoder and hasattr(self.config, "vision_aspect_ratio"):
+        vision_side = cfg.method in PRE_LLM or cfg.encoder
+        if vision_side and hasattr(self.config, "vision_aspect_ratio"):
             a = signature.bind(self, pixel_values, *args, **kwargs).arguments
-            _refuse_resampled(self, a.get("image_sizes"), a.get("vision_aspect_ratio"), a.get("batch_num_images"))
-        with stage1(self, cfg, registry):
-            return original(self, pixel_values, *args, **kwargs)
+            what = f"the {cfg.method!r} baseline" if cfg.method in PRE_LLM else "Stage 1"
+            _refuse_resampled(self, a.get("image_sizes"), a.get("vision_aspect_ratio"), a.get("batch_num_images"),
+                              what)
+        if cfg.method not in PRE_LLM:
+            with stage1(self, cfg, registry):
+                return original(self, pixel_values, *args, **kwargs)
+        with baseline(self, cfg) as request:
+            out = original(self, pixel_values, *args, **kwargs)
+            if not is_anyres(self):  # the flat LLaVA: each image's tokens as they are (the packing ones select there)
+                features = list(out.pooler_output)
+                kept, _ = request.select(torch.stack(features))
+                out.pooler_output = list(kept)
+        return out
 
     return get_image_features
 
 
-def _refuse_resampled(model: Any, sizes: Any, aspect: Optional[str], per_sample: Any) -> None:
+def _refuse_resampled(model: Any, sizes: Any, aspect: Optional[str], per_sample: Any, what: str = "Stage 1") -> None:
     """OneVision's ``anyres_max_N`` step interpolates an image's unpadded crop grid down when it holds more than
     about N crops' patches (by 10%, as upstream's ``pack_image_features`` decides): pruned patches cannot be
     placed back in a resampled grid, so Stage 1 refuses such an image by name (smaller grids are pruned)."""
@@ -115,21 +131,28 @@ def _refuse_resampled(model: Any, sizes: Any, aspect: Optional[str], per_sample:
         _, height, width = module.unpad_image(torch.empty(0, rows * side, cols * side), size).shape
         if math.sqrt(height * width / (int(most.group(1)) * side ** 2)) > 1.1:
             raise NotImplementedError(
-                f"meteor-plugin Stage 1 on {INNER[type(model).__name__].causal}: image {k} "
+                f"meteor-plugin {what} on {INNER[type(model).__name__].causal}: image {k} "
                 f"({int(size[0])}x{int(size[1])}) makes a {rows}x{cols} crop grid that its {aspect} step interpolates "
-                "down, so pruned patches cannot be placed back in it (Stage 1 prunes images whose unpadded grid fits "
-                "the budget); set encoder=False for such inputs (Stage 3 runs)")
+                f"down, so pruned patches cannot be placed back in it ({what} prunes images whose unpadded grid fits "
+                "the budget); for such inputs set encoder=False with method='meteor' or 'fastv' (Stage 3 runs)")
 
 
 def wrap_pack(original: Any) -> Any:
-    """LLaVA-NeXT's ``pack_image_features`` on Stage 1's tokens: spread to full grids, packed, NaN rows dropped."""
+    """LLaVA-NeXT's ``pack_image_features`` on Stage 1's tokens (or a baseline's, selected here): spread to full
+    grids, packed, NaN rows dropped."""
 
     @functools.wraps(original)
     def pack_image_features(self, image_features, *args, **kwargs):
-        plan = state().plan if percall.current() is not None else None
-        if plan is None:
+        mine = state() if percall.current() is not None else None
+        if mine is None or (mine.plan is None and mine.baseline is None):
             return original(self, image_features, *args, **kwargs)
-        spread = spread_crops(image_features, plan.positions.tolist(), tower_patches(self))
+        if mine.baseline is not None:  # a pre-LLM baseline keeps its tokens of every crop here
+            crops = [f.shape[0] for f in image_features]
+            kept, positions = mine.baseline.select(torch.cat(list(image_features)))
+            image_features = list(torch.split(kept, crops))
+        else:
+            positions = mine.plan.positions
+        spread = spread_crops(image_features, positions.tolist(), tower_patches(self))
         packed, _ = original(self, spread, *args, **kwargs)
         packed = drop_pruned(packed)
         lens = torch.tensor([p.shape[0] for p in packed], dtype=torch.long, device=packed[0].device)

@@ -12,6 +12,7 @@ count the blocks up to that selected layer.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -26,6 +27,7 @@ from ...stages.vision import EncoderParts, ImageTokens, VisionRecord, VitParts
 from ..family import require
 from ..shared.anyres import is_spatial, spread_to_grid
 from ..shared.llava_arch import VISION_HANDLERS, ArchTarget
+from ..support import ONE_ENCODER, Support
 
 MODEL_MODULE = "llava.model.language_model.llava_llama"
 CAUSAL = "LlavaLlamaForCausalLM"
@@ -85,11 +87,7 @@ def llava_clip_encode(model: Any, images: Any, cfg: Any, record: VisionRecord, o
                                  f"{model.config.mm_patch_merge_type!r}) yet")
         cfg = cfg.replace(proportional_attention="off")
     if cfg.method in baselines.PRE_LLM:
-        if spatial:
-            raise NotImplementedError(
-                f"meteor-plugin: the {cfg.method!r} baseline does not run on LLaVA-1.6's spatial merges "
-                f"(mm_patch_merge_type={model.config.mm_patch_merge_type!r}); METEOR's stages do")
-        return llava_baseline(model, images, cfg, record, original)
+        return llava_baseline(model, images, cfg, record, original, spatial)
     if not cfg.encoder:
         return original(model, images)
     call = percall.current()
@@ -104,11 +102,25 @@ def llava_clip_encode(model: Any, images: Any, cfg: Any, record: VisionRecord, o
     return features
 
 
-def llava_baseline(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any):
-    """A pre-LLM baseline on LLaVA: CLIP unpruned, then ``fusion_keep`` of its projected tokens."""
+def llava_baseline(model: Any, images: Any, cfg: Any, record: VisionRecord, original: Any, spatial: bool = False):
+    """A pre-LLM baseline on LLaVA: CLIP unpruned, then ``fusion_keep`` of its projected tokens. On LLaVA-1.6's
+    spatial merges, of each CLIP input's (base image and crops alike, as VisionZip does), put back at their patches
+    in full grids (NaN elsewhere) for upstream's merge, as Stage 1's are."""
     vit = clip_parts(model.get_model().get_vision_tower())
     features, importance = attention_importance(vit.layers, HF_CLIP_BLOCK, vit.depth - 1,
                                                 lambda: original(model, images), has_cls=True)
+    if spatial:
+        if cfg.method == "drop_encoder":
+            raise NotImplementedError("meteor-plugin: drop_encoder removes one of several encoders; LLaVA has one")
+        patches = vit.patches
+        if features.shape[1] != patches:
+            raise NotImplementedError(f"meteor-plugin: the {cfg.method!r} baseline on LLaVA-1.6's spatial merges "
+                                      f"takes its {patches} patch tokens per CLIP input, got {features.shape[1]}")
+        keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, patches)
+        side = math.isqrt(patches)
+        kept, anchors = baselines.keep_each(cfg.method, features, keep, (side, side), importance, cfg.seed)
+        record.stage("baseline").add(patches, keep, anchors, method=cfg.method)
+        return spread_to_grid(kept, anchors.tolist(), patches)
     if features.shape[1] == importance.shape[1] + 1:  # 'cls_patch' features: CLS ranks first
         importance = torch.cat([torch.ones_like(importance[:, :1]), importance], dim=1)
     keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, features.shape[1])
@@ -134,6 +146,12 @@ def encoders(model: Any) -> List[EncoderParts]:
     return [EncoderParts("clip", run=tower)]
 
 
+def support(model: Any) -> Support:
+    """One CLIP tower: Stage 1 inside it and Stage 3, every baseline but drop_encoder; no Stage 2."""
+    return Support(type(model).__name__, frozenset({"encoder", "llm"}), {"drop_encoder": ONE_ENCODER},
+                   {"fusion": "has nothing to fuse: LLaVA has one vision encoder"})
+
+
 TARGET = ArchTarget(
     name="llava",
     module=MODEL_MODULE,
@@ -141,6 +159,7 @@ TARGET = ArchTarget(
     llm="LlavaLlamaModel",
     vision=(patch_llava_clip,),
     encoders=encoders,
+    support=support,
     # llava-v1.6-mistral: the same llava_arch on MistralModel, whose decoder layers are Llama's
     variants=(("llava.model.language_model.llava_mistral", "LlavaMistralForCausalLM", "LlavaMistralModel"),),
     refused={"LlavaMptForCausalLM": "its upstream forward does not run in llava-torch 1.2.2 (MPT's "

@@ -20,6 +20,7 @@ from ...compat import transformers as compat
 from ..family import require
 from ...stages.vision import EncoderParts
 from ..shared.transformers_vlm import chat_inputs, open_checkpoint, wrap_causal_forward
+from ..support import ONE_ENCODER, Support
 from .inference import wrap_generate, wrap_inner_forward
 
 
@@ -95,6 +96,11 @@ class QwenVLTarget:
                 registry.patch(inner, "forward", wrap_inner_forward(inner.forward, registry))
             pruned.append(causal)
         return pruned
+
+    def support(self, model: Any) -> Support:
+        """One vision tower: Stage 1 inside it, Stage 3, and the baselines but drop_encoder."""
+        return Support(type(model).__name__, frozenset({"encoder", "llm"}), {"drop_encoder": ONE_ENCODER},
+                       {"fusion": "has nothing to fuse: it has one vision tower"})
 
     def encoders(self, model: Any) -> Optional[List[EncoderParts]]:
         """Its one vision tower. Calibration cannot run it on an image batch (it takes packed patches with each image's

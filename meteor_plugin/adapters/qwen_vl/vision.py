@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from ... import percall
 from ...compat.transformers import LayerCall
 from ...core.budget import resolve_budget
-from ...core.select import compaction_index, floor_count, spread, topk_beyond, topk_mask
+from ...core.select import compaction_index, floor_count, spread, topk_beyond
 from ...core.text_attention import apply_rope
 from ...core.token_scores import received_attention, similarity_to_mean
 from ...core.token_sizes import kept_sizes
@@ -337,60 +336,6 @@ def encode_stage1(inner: Any, cfg: Any, pixels: torch.Tensor, grid: torch.Tensor
 
 
 # Pre-LLM baselines on the merged tokens ----------------------------------------------------------------------------
-def _even(n: int, k: int) -> torch.Tensor:
-    return torch.floor(torch.arange(k, dtype=torch.float64) * n / k).long() if k < n else torch.arange(n)
-
-
-def _random_rows(n: int, k: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(k, n) one-hot rows: ``baselines.random_keep``'s draw, read off an identity matrix; and their tokens."""
-    rows = baselines.random_keep(torch.eye(n)[None], k, seed)[0]
-    return rows, rows.argmax(dim=1)
-
-
-def _pooled_rows(h: int, w: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(k, h*w) rows averaging the cells of an adaptive average pooling of the (h, w) grid to the smallest grid of
-    its aspect with k cells or more (``baselines.avgpool_keep`` pools square grids only), then an even subsample of
-    k of those cells; and the cell at the middle of each pooled region."""
-    ph = min(h, math.ceil(math.sqrt(k * h / w)))
-    pw = min(w, max(math.ceil(math.sqrt(k * w / h)), math.ceil(k / ph)))
-    ph = max(ph, math.ceil(k / pw))
-    rows = torch.zeros(ph * pw, h * w)
-    middle = torch.zeros(ph * pw, dtype=torch.long)
-    for a in range(ph):
-        r0, r1 = (a * h) // ph, -((-(a + 1) * h) // ph)
-        for b in range(pw):
-            c0, c1 = (b * w) // pw, -((-(b + 1) * w) // pw)
-            cell = torch.zeros(h, w)
-            cell[r0:r1, c0:c1] = 1.0 / ((r1 - r0) * (c1 - c0))
-            rows[a * pw + b] = cell.flatten()
-            middle[a * pw + b] = ((r0 + r1 - 1) // 2) * w + (c0 + c1 - 1) // 2
-    pick = _even(ph * pw, k)
-    return rows[pick], middle[pick]
-
-
-def _visionzip_rows(features: torch.Tensor, importance: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(k, n) rows of ``baselines.visionzip_keep`` on one image (its dominant tokens by importance, then its
-    contextual tokens, each the mean of the remaining tokens most like it; the tests check the two agree), and
-    the tokens they sit at: a dominant token at itself, a contextual one at the token it was merged into."""
-    n = features.shape[0]
-    if k >= n:
-        return torch.eye(n), torch.arange(n)
-    contextual = min(k - 1, max(1, round(k * baselines.CONTEXT_SHARE))) if k > 1 else 0
-    top = topk_mask(importance.float().cpu()[None], torch.tensor([k - contextual]), torch.ones(1, n, dtype=torch.bool))[0]
-    rows, anchors = [torch.eye(n)[top]], [torch.nonzero(top).flatten()]
-    if contextual:
-        rest = torch.nonzero(~top).flatten()
-        targets = rest[_even(rest.shape[0], contextual)]
-        feats = features.float().cpu()
-        sim = F.normalize(feats[rest], dim=-1) @ F.normalize(feats[targets], dim=-1).T
-        assign = F.one_hot(sim.argmax(dim=-1), contextual).float()  # (R, C)
-        merged = torch.zeros(contextual, n)
-        merged[:, rest] = assign.T / assign.sum(dim=0).clamp(min=1)[:, None]
-        rows.append(merged)
-        anchors.append(targets)
-    return torch.cat(rows), torch.cat(anchors)
-
-
 def _last_block_importance(visual: Any, grid: torch.Tensor, run: Any) -> Tuple[Any, torch.Tensor]:
     """Run the tower (``run()``) and return its output with each merged token's importance: the mean attention its
     patches receive in the last block, over its image (VisionZip's score for a tower without a CLS token)."""
@@ -445,11 +390,11 @@ def encode_baseline(inner: Any, cfg: Any, pixels: torch.Tensor, grid: torch.Tens
         n = feat.shape[0]
         k = _image_keep(cfg.fusion_keep, n)
         if cfg.method == "random":
-            rows, anchors = _random_rows(n, k, cfg.seed + i)
+            rows, anchors = baselines.random_rows(n, k, cfg.seed + i)
         elif cfg.method == "avgpool":
-            rows, anchors = _pooled_rows(int(h) // merge, int(w) // merge, k)
+            rows, anchors = baselines.pooled_rows(int(h) // merge, int(w) // merge, k)
         else:
-            rows, anchors = _visionzip_rows(feat, score, k)
+            rows, anchors = baselines.visionzip_rows(feat, score, k)
         mix = rows.to(feat.device, torch.float32)
         mixes.append(mix)
         features.append((mix @ feat.float()).to(feat.dtype))

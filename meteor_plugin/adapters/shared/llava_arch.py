@@ -151,7 +151,8 @@ def spatial_stats(model: Any, stats: RunStats, record: Optional[VisionRecord], o
     """Per sample of a spatial merge: the visual tokens from the base image and from the crops (after
     Stage 1 and upstream's unpad), and the row separators, as the ``anyres`` entry of its stats."""
     tower = model.get_model().get_vision_tower()
-    encoder = record.stages.get("encoder") if record is not None else None
+    stages = record.stages if record is not None else {}
+    encoder = stages.get("encoder") or stages.get("baseline")  # what each CLIP input kept before the merge
     for i in range(visual.shape[0]):
         first = next((j for j, owner in enumerate(owners) if owner == i), None)
         if first is None:
@@ -417,7 +418,7 @@ class ArchTarget:
 
     def __init__(self, name: str, module: str, causal: str, llm: str, vision: Sequence[Any] = (),
                  variants: Sequence[tuple] = (), refused: Optional[dict] = None,
-                 encoders: Optional[Callable[[Any], list]] = None):
+                 encoders: Optional[Callable[[Any], list]] = None, support: Optional[Callable[[Any], Any]] = None):
         self.name = name
         self.module = module
         self.causal = causal
@@ -426,6 +427,7 @@ class ArchTarget:
         self.variants = tuple(variants)
         self.refused = dict(refused or {})  # class name -> why it is not pruned
         self._encoders = encoders  # model -> its vision encoders as stages.vision.EncoderParts
+        self._support = support  # model -> what it runs (adapters.support.Support)
 
     @staticmethod
     def _has_file(module: str) -> bool:
@@ -500,6 +502,10 @@ class ArchTarget:
         if str(getattr(model.config, "image_aspect_ratio", "")).startswith("anyres"):
             inputs["image_sizes"] = [image.size]
         return inputs
+
+    def support(self, model: Any) -> Any:
+        """What ``model`` runs: its methods and stages (``adapters.support.Support``)."""
+        return self._support(model)
 
     def patch(self, registry: Any) -> List[type]:
         """Patch every installed class pair and the vision towers; returns the causal classes now pruned."""

@@ -21,7 +21,9 @@ class VlmCall:
 
     layout: Any = None  # the layout generate built for its prefill
     plan: Any = None  # Stage 1's plan while the tower runs
-    kept: Any = None  # Stage 1's kept patches per CLIP input, from the last encoding
+    kept: Any = None  # Stage 1's (or a pre-LLM baseline's) kept patches per CLIP input, from the last encoding
+    stage: Optional[str] = None  # which of them kept those: "encoder" or "baseline" (None: nothing was pruned)
+    baseline: Any = None  # a pre-LLM baseline while the tower runs (hf_llava/common.Baseline)
     sizes: Any = None  # with proportional attention: the tokens each kept patch stands for, per CLIP input
     labels: bool = False  # a loss is taken
     embeds: Any = None  # transformers 4.x: the spliced prompt generate's prefill runs on (hf_llava/v4.py)

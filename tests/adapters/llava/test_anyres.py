@@ -127,12 +127,29 @@ def test_cached_generate_equals_greedy_without_cache(tiny_llava):
     assert torch.equal(cached, reference)
 
 
-def test_pre_llm_baselines_are_refused_on_spatial_merges(tiny_llava):
+@pytest.mark.parametrize("method", ["random", "avgpool", "visionzip"])
+def test_pre_llm_baselines_keep_fusion_keep_of_every_clip_input_and_every_row_separator(tiny_llava, method):
+    """The baselines keep ``fusion_keep`` of the base image's and each crop's tokens, at their patches, so upstream's
+    merge (unpad, row separators) runs on them as on Stage 1's."""
     model = tiny_llava(merge="spatial_unpad")
     ids, mask, images, sizes = anyres_batch([(2, 3)])
-    meteor_plugin.enable(method="random", encoder=False, fusion=True, llm=False, fusion_keep=0.25)
-    with pytest.raises(NotImplementedError, match="'random' baseline does not run on LLaVA-1.6's spatial merges"):
-        run(model, ids, mask, as_list(images, sizes), sizes)
+    images = as_list(images, sizes)
+    rows = newline_count(model, ids, mask, images, sizes)
+    meteor_plugin.enable(method=method, encoder=True, fusion=True, llm=False, fusion_keep=0.25)
+    seen = {}
+    handle = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update({0: kwargs.get("hidden_states", args[0] if args else None)}),
+        with_kwargs=True)
+    try:
+        run(model, ids, mask, images, sizes)
+    finally:
+        handle.remove()
+    stats = meteor_plugin.stats(model).stages[0]
+    baseline, layout = stats["baseline"], stats["anyres"]
+    assert (baseline.entered, baseline.left) == (5 * PATCHES, 5 * PATCHES // 4) and "encoder" not in stats
+    assert layout.detail["base"] == PATCHES // 4 and 0 < layout.detail["crops"] <= 4 * PATCHES // 4
+    assert layout.detail["newlines"] == rows
+    assert seen[0].shape[1] == ids.shape[1] - 1 + layout.left + rows
 
 
 def test_drop_pruned_rows_repads_embeddings_masks_labels_and_positions():

@@ -377,26 +377,6 @@ def test_pre_llm_baselines_keep_fusion_keep_of_each_image(kind, method):
     assert out.shape == (2, 2)
 
 
-def test_baseline_rows_equal_the_shared_baselines():
-    """The Qwen baselines build each kept token as a mix of the image's tokens so that its place is known; the mixes
-    give the tokens ``stages/baselines.py`` gives (random's draw, square avgpool, VisionZip)."""
-    from meteor_plugin.adapters.qwen_vl.vision import _pooled_rows, _random_rows, _visionzip_rows
-    from meteor_plugin.stages import baselines
-
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(36, 8, generator=g)
-    importance = torch.rand(36, generator=g)
-    rows, anchors = _random_rows(36, 9, seed=3)
-    assert torch.equal(rows @ feats, baselines.random_keep(feats[None], 9, 3)[0]) and torch.equal(feats[anchors],
-                                                                                                  rows @ feats)
-    rows, _ = _pooled_rows(6, 6, 7)
-    torch.testing.assert_close(rows @ feats, baselines.avgpool_keep([baselines.EncoderTokens(feats[None], grid=6)], 7)[0])
-    rows, anchors = _visionzip_rows(feats, importance, 10)
-    reference = baselines.visionzip_keep([baselines.EncoderTokens(feats[None], importance=importance[None])], 10)[0]
-    torch.testing.assert_close(rows @ feats, reference)
-    assert anchors.shape == (10,) and len(set(anchors.tolist())) == 10
-
-
 @kinds
 def test_fastv_runs_as_stage3_and_drop_encoder_is_refused_by_name(kind):
     model, batch = model_and_batch(kind)
@@ -404,7 +384,8 @@ def test_fastv_runs_as_stage3_and_drop_encoder_is_refused_by_name(kind):
     logits(model, batch)
     assert [s["llm"].left for s in meteor_plugin.stats(model).stages] == [3, 3]
     meteor_plugin.enable(method="drop_encoder", drop_encoder=0)
-    with pytest.raises(NotImplementedError, match=rf"'drop_encoder' baseline .* {CLASSES[kind]}Model has one vision tower"):
+    with pytest.raises(NotImplementedError, match=rf"method='drop_encoder' .* on {CLASSES[kind]}ForConditionalGeneration: "
+                       "it has one vision encoder"):
         logits(model, batch)
 
 
