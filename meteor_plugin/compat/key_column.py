@@ -43,10 +43,25 @@ class KeyColumn:
 _ACTIVE: contextvars.ContextVar[Optional[KeyColumn]] = contextvars.ContextVar("meteor_key_column", default=None)
 
 
+_FLOAT_MASK: contextvars.ContextVar[bool] = contextvars.ContextVar("meteor_key_column_off", default=False)
+
+
 def applies(kind: str) -> bool:
     """Whether the key column runs here: transformers 5 (attention through ``AttentionInterface``), with a mask
-    format of SDPA or FlashAttention (eager takes the additive mask; its kernel is not causal without one)."""
-    return compat.generation() == "5" and kind in (compat.MASK_BOOL, compat.MASK_2D)
+    format of SDPA or FlashAttention (eager takes the additive mask; its kernel is not causal without one), and
+    not inside ``float_mask()``."""
+    return compat.generation() == "5" and kind in (compat.MASK_BOOL, compat.MASK_2D) and not _FLOAT_MASK.get()
+
+
+@contextlib.contextmanager
+def float_mask() -> Iterator[None]:
+    """Inside it, proportional attention takes the additive float mask where the key column would run (SDPA then
+    computes the full square; FlashAttention-2 refuses it): what the benchmarks and tests compare the column with."""
+    token = _FLOAT_MASK.set(True)
+    try:
+        yield
+    finally:
+        _FLOAT_MASK.reset(token)
 
 
 def current() -> Optional[KeyColumn]:

@@ -82,13 +82,12 @@ class KernelCalls(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def both_paths(monkeypatch, fn, layers):
+def both_paths(fn, layers):
     """fn() with the key column, the SDPA kernel calls its ``layers`` made, and fn() with the float mask (the
     reference)."""
     with KernelCalls(layers) as kernels:
         column = fn()
-    with monkeypatch.context() as m:
-        m.setattr(key_column, "applies", lambda kind: False)
+    with key_column.float_mask():
         reference = fn()
     return column, kernels.calls, reference
 
@@ -129,13 +128,13 @@ def llava_package_run(model, ids, mask, images):
 
 @pytest.mark.skipif(not V5, reason="transformers 4.37/4.44 keep the float mask (attention computed inline)")
 @pytest.mark.parametrize("stage3", [False, True])
-def test_llava_package_model(tiny_llava, monkeypatch, stage3):
+def test_llava_package_model(tiny_llava, stage3):
     model = tiny_llava(padding_side="left")
     model.generation_config.eos_token_id = None
     ids, mask, images = make_batch([(4, 8), (2, 5)], [True, True], pad_side="left", seed=3)
     meteor_plugin.enable(encoder=True, fusion=False, llm=stage3, encoder_keep=16, llm_min_keep=4, llm_max_keep=8,
                          proportional_attention="on")
-    column, calls, reference = both_paths(monkeypatch, llava_package_run(model, ids, mask, images),
+    column, calls, reference = both_paths(llava_package_run(model, ids, mask, images),
                                           model.get_model().layers)
     assert_same(column, reference)
     assert_causal_kernels(calls)
@@ -143,12 +142,12 @@ def test_llava_package_model(tiny_llava, monkeypatch, stage3):
 
 @pytest.mark.skipif(not V5, reason="transformers 4.37/4.44 keep the float mask (attention computed inline)")
 @pytest.mark.parametrize("stage3", [False, True])
-def test_converted_eagle(eagle, monkeypatch, stage3):
+def test_converted_eagle(eagle, stage3):
     model = eagle(converted=True, padding_side="left")
     ids, mask, images = make_batch([(3, 5), (2, 9)], [True, True], pad_side="left", image_size=128, seed=3)
     meteor_plugin.enable(encoder=True, fusion=True, encoder_keep=0.3, fusion_keep=64, encoder_ranks=RANKS,
                          llm=stage3, llm_min_keep=16, llm_max_keep=32, llm_lambda=60.0, proportional_attention="on")
-    column, calls, reference = both_paths(monkeypatch, llava_package_run(model, ids, mask, images),
+    column, calls, reference = both_paths(llava_package_run(model, ids, mask, images),
                                           model.get_model().layers)
     assert_same(column, reference)
     assert_causal_kernels(calls)
@@ -156,7 +155,7 @@ def test_converted_eagle(eagle, monkeypatch, stage3):
 
 @pytest.mark.skipif(not V5, reason="transformers 4.37/4.44 keep the float mask (attention computed inline)")
 @pytest.mark.parametrize("stage3", [False, True])
-def test_transformers_llava(monkeypatch, stage3):
+def test_transformers_llava(stage3):
     model = build_tiny_hf_llava()
     model.generation_config.eos_token_id = None
     ids, mask, pixels = hf_batch([(2, 5), (4, 8)], visual_tokens=64)  # left padded
@@ -171,7 +170,7 @@ def test_transformers_llava(monkeypatch, stage3):
 
     meteor_plugin.enable(encoder=True, fusion=False, llm=stage3, encoder_keep=16, llm_min_keep=4, llm_max_keep=8,
                          proportional_attention="on")
-    column, calls, reference = both_paths(monkeypatch, run, hf_language_layers(model))
+    column, calls, reference = both_paths(run, hf_language_layers(model))
     assert_same(column, reference)
     assert_causal_kernels(calls)
 
