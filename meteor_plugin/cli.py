@@ -62,9 +62,23 @@ def _bench_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from meteor_plugin.bench import gpu
+
+    settings = gpu.GpuBench(device=args.device or "cuda", dtype=args.dtype or "bfloat16", repeats=args.repeats,
+                            shapes=[args.shape] if args.shape else list(gpu.SHAPES))
+    gpu.require_gpu(settings.device)  # before anything is built
+    result = gpu.run(settings, log=lambda *a: print(*a, file=sys.stderr))
+    print(json.dumps(result, indent=2) if args.json else gpu.report(result))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.which == "fidelity":
         return _bench_fidelity(args)
+    if args.which == "gpu":
+        return _bench_gpu(args)
+    args.device, args.dtype = args.device or "cpu", args.dtype or "float32"
     from meteor_plugin.bench import eagle_prefill, llava_prefill
 
     results, reports = [], []
@@ -183,21 +197,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="prefill latency and memory, or accuracy against retained tokens (fidelity)")
-    p.add_argument("which", nargs="?", default="all", choices=["llava", "llava-next", "eagle", "all", "decode", "fidelity"],
+    p.add_argument("which", nargs="?", default="all",
+                   choices=["llava", "llava-next", "eagle", "all", "decode", "fidelity", "gpu"],
                    help="llava: Stage 3 on a LLaVA-1.5-shaped model; llava-next: Stages 1 and 3 on a LLaVA-1.6-shaped "
                         "one (anyres, 2880 patch tokens); eagle: all stages on an EAGLE-X4-shaped one "
                         "(llava, llava-next, eagle and all measure prefill speed); decode: batched generate with the KV "
                         "cache on the LLaVA-1.5 shape (batch 8, 64 new tokens), tokens per second and KV-cache bytes; "
                         "fidelity: accuracy per question kind of a trained "
-                        "two-encoder model under every pruning method at equal budgets")
+                        "two-encoder model under every pruning method at equal budgets; gpu: on a CUDA GPU, the "
+                        "key column's exactness there and the full-size shapes (bfloat16, FlashAttention-2 where "
+                        "installed) in one table (refused without a GPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each variant (median reported)")
-    p.add_argument("--device", default="cpu", help="where the speed benches run (cpu, cuda, cuda:1...)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the speed benches' weights and activations (default float32)")
+    p.add_argument("--device", help="where the speed benches run (cpu, the default; cuda, cuda:1...; gpu: cuda)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="the speed benches' weights and activations (default float32; gpu: bfloat16)")
     p.add_argument("--quick", action="store_true", help="a tiny model: checks the benchmark runs, numbers mean little")
     p.add_argument("--shape", help="a full-size model for GPUs, random weights with the real 7B dimensions: "
                    "llava-1.5-7b, llava-next-7b or eagle-x4-7b (use --device cuda --dtype bfloat16; FlashAttention-2 "
-                   "where installed); refused where the device cannot hold it")
+                   "where installed); refused where the device cannot hold it. gpu: that shape only")
     p.add_argument("--llm-layers", type=int, help="llava, llava-next, eagle, decode: the language model's depth. "
                    "32 is Vicuna-7B's, where the speed figures are headlined; the default, 8, is the quick CPU-sized "
                    "mode, where the fixed work (encoders, scoring) weighs about four times more")

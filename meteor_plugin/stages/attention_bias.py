@@ -21,6 +21,11 @@ from ..compat import transformers as compat
 from ..core.key_column import with_padding
 
 
+def runs_with(kind: str) -> bool:
+    """Whether proportional attention can run with this mask format: everywhere but FlashAttention-2 on 4.x."""
+    return kind != compat.MASK_2D or key_column.applies(kind)
+
+
 def layer_mask(kind: str, query_valid: torch.Tensor, key_valid: torch.Tensor, dtype: torch.dtype,
                bias: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], Optional[key_column.KeyColumn]]:
     """(the layer's attention mask, its key column or None) for queries ``query_valid`` (B, Q), the last Q of the keys

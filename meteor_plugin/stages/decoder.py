@@ -210,11 +210,11 @@ class DecoderPruner:
             stats = layout.stats if layout is not None else RunStats(batch)
             if unknown_visual:
                 stats.notes.append(UNKNOWN_VISUAL)
-            kind = compat.mask_kind(self.model.config, None)
-            if layout is not None and layout.positions is not None and kind == compat.MASK_2D and not \
-                    attention_bias.key_column.applies(kind):
+            if layout is not None and layout.positions is not None and not attention_bias.runs_with(
+                    compat.mask_kind(self.model.config, None)):
                 proportional.unavailable(cfg, self.model, "adds a bias to the attention logits, which FlashAttention-2 "
-                                         "cannot take: load the model with attn_implementation='sdpa' to have it")
+                                         "cannot take on transformers 4.x (whose attention classes compute inline): "
+                                         "load the model with attn_implementation='sdpa' to have it")
                 layout.positions = layout.key_bias = None  # "auto": this call's layout, as without it
             self.plan = _Plan("prefill", cfg, stats, valid, layout=layout)
             self.prefix = None
