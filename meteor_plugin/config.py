@@ -168,8 +168,9 @@ class MeteorConfig:
     # the tokens it stands for: itself and the dropped tokens most like it, log(size) added to its attention
     # logit in every layer (ToMe's proportional attention). A model trained on whole images counts and reads
     # geometry from the shares of attention; without it, dropping look-alike tokens inflates the share of
-    # what is kept. "auto" (since version 5): where it can run (the llava package's and EAGLE's models, eager
-    # or sdpa attention; FlashAttention-2 takes no bias), with a warning where it cannot; "on": refuse where it
+    # what is kept. "auto" (since version 5): where it can run (the llava package's and EAGLE's models, eager,
+    # sdpa or, on transformers 5, FlashAttention-2: the sizes ride in a key column), with a warning where it
+    # cannot; "on": refuse where it
     # cannot; "off": versions 1-4. On the v2 fidelity model's validation split, METEOR at 25% keeps 0.99 with
     # it against 0.86 without (it keeps counting: 0.96 against 0.63).
     proportional_attention: str = "auto"

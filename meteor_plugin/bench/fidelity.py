@@ -4,8 +4,8 @@ On random weights every token choice is as good as any other; this benchmark use
 (``meteor_plugin/fidelity/checkpoint``, or one trained now with ``--train``) and asks it the test
 split's questions under every method at equal budgets (``fidelity/methods.py``), side by side in one
 run: accuracy per question kind, the tokens each method really kept (from ``meteor_plugin.stats``), the
-visual tokens each decoder layer ran on, the prefill FLOPs counted (``meteor_plugin.flops``, as ``meteor-plugin
-bench`` counts them), accuracy relative to the unpruned model, every baseline read at METEOR's FLOPs
+visual tokens each decoder layer ran on, the prefill FLOPs that are needed (``meteor_plugin.flops``, as ``meteor-plugin
+bench`` counts them: causal attention as its lower triangle), accuracy relative to the unpruned model, every baseline read at METEOR's FLOPs
 (equal cost, not only equal final tokens: a method that prunes later spends more), Stage 3's spending
 per kind, optional ablations of METEOR's choices, the targets, a PNG plot of accuracy against FLOPs and,
 with ``--json``, everything as JSON.
@@ -293,7 +293,7 @@ def report(result: Dict[str, Any]) -> str:
     lines = [f"model: {result['model']}", f"METEOR fields set on top of the defaults: {overrides}",
              f"{result['split']} questions: {result['questions_per_kind']} per kind "
              f"({'test seed ' + str(result['test_seed']) if result['split'] == 'test' else 'after the calibration ones'}); prefill "
-             f"FLOPs counted on {result['flops_questions']} of them, each alone; {result['seconds']} s on "
+             f"FLOPs (needed: causal attention as its lower triangle) counted on {result['flops_questions']} of them, each alone; {result['seconds']} s on "
              f"{result['machine']['cores']} cores (torch threads {result['machine']['threads']}, load "
              f"{result['machine']['loadavg_at_end']})", ""]
     stopped = result.get("interrupted")

@@ -20,7 +20,7 @@ from typing import Any, Dict
 import torch
 
 import meteor_plugin
-from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text, speedup_line
+from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text, speed, speedup_line
 from meteor_plugin.bench.llava_prefill import LLAVA15_SCALED, QUICK
 from meteor_plugin.bench.machine import describe
 from meteor_plugin.bench.profile import profile, report as profile_report
@@ -79,12 +79,9 @@ def run(bench: NextBench = NextBench(), spec: TinyLlavaSpec = LLAVA16_SCALED) ->
                       llm=model.get_model())
     profiled = profile(model, prefill, bench.repeats, device, variants[1]) if bench.profile else None
     attachment.detach()
-    speedup = results["unpruned"]["seconds"] / results["meteor"]["seconds"]
-    flops_ratio = results["unpruned"]["gflops"] / results["meteor"]["gflops"]
     return {
         "benchmark": "llava-next-prefill", "machine": describe(device), "dtype": bench.dtype, "model": asdict(spec),
-        "settings": asdict(bench), "profile": profiled, "variants": results, "speedup": speedup, "flops_ratio": flops_ratio,
-        "speedup_over_flops_ratio": speedup / flops_ratio,
+        "settings": asdict(bench), "profile": profiled, "variants": results, **speed(results, "unpruned", "meteor", device),
     }
 
 

@@ -16,7 +16,8 @@ from typing import Any, Dict
 import torch
 
 import meteor_plugin
-from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text, speedup_line
+from meteor_plugin.bench.compare import (Variant, compare, cost_rows, float_mask_line, runs_text, speed,
+                                         speedup_line)
 from meteor_plugin.bench.machine import describe
 from meteor_plugin.bench.profile import profile, report as profile_report
 from meteor_plugin.stages.decoder import DecoderPruner
@@ -34,6 +35,7 @@ class PrefillBench:
     device: str = "cpu"
     dtype: str = "float32"
     profile: bool = False  # also time each part of the pruned prefill (bench.profile)
+    float_mask: bool = False  # also time the pruned prefill with proportional attention in a float mask
 
 
 LLAVA15_SCALED = TinyLlavaSpec(
@@ -98,6 +100,8 @@ def run(bench: PrefillBench = PrefillBench(), spec: TinyLlavaSpec = LLAVA15_SCAL
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     attachment = meteor_plugin.attach(model, config)  # this model prunes; "unpruned" runs it as it is
     variants = [Variant("unpruned", meteor_plugin.disabled), Variant("stage3", contextlib.nullcontext)]
+    if bench.float_mask:
+        variants.append(float_mask_variant())
     results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=layers, llm=model.get_model())
     # Scoring's share: its time inside pruned prefills, both measured in the same runs.
     elapsed = 0.0
@@ -109,8 +113,6 @@ def run(bench: PrefillBench = PrefillBench(), spec: TinyLlavaSpec = LLAVA15_SCAL
             elapsed += time.perf_counter() - start
     profiled = profile(model, prefill, bench.repeats, device, variants[1]) if bench.profile else None
     attachment.detach()
-    speedup = results["unpruned"]["seconds"] / results["stage3"]["seconds"]
-    flops_ratio = results["unpruned"]["gflops"] / results["stage3"]["gflops"]
     return {
         "benchmark": "llava-stage3-prefill",
         "machine": describe(device),
@@ -120,11 +122,17 @@ def run(bench: PrefillBench = PrefillBench(), spec: TinyLlavaSpec = LLAVA15_SCAL
         "profile": profiled,
         "sequence_length": ids.shape[1] - 1 + visual,
         "variants": results,
-        "speedup": speedup,
-        "flops_ratio": flops_ratio,
-        "speedup_over_flops_ratio": speedup / flops_ratio,
+        **speed(results, "unpruned", "stage3", device),
         "scoring_share_of_pruned_prefill": scoring.total / elapsed,
     }
+
+
+def float_mask_variant() -> Variant:
+    """The pruned prefill with proportional attention's biases in an additive float mask, where the key column would
+    run (``--float-mask``): what transformers 4.x and eager attention run."""
+    from meteor_plugin.compat.key_column import float_mask
+
+    return Variant("float mask", float_mask)  # inside it, the attached model runs its pruned prefill that way
 
 
 def report(result: Dict[str, Any]) -> str:
@@ -146,6 +154,8 @@ def report(result: Dict[str, Any]) -> str:
         speedup_line(result),
         f"  Stage 3 scoring takes {100 * result['scoring_share_of_pruned_prefill']:.1f}% of the pruned prefill",
     ]
+    if float_mask_line(result, "stage3"):
+        lines.append(float_mask_line(result, "stage3"))
     if result.get("profile"):
         lines += ["", profile_report(result["profile"], "pruned")]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 import meteor_plugin
-from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text, speedup_line
+from meteor_plugin.bench.compare import Variant, compare, cost_rows, runs_text, speed, speedup_line
 from meteor_plugin.bench.machine import describe
 from meteor_plugin.testing.qwen_vl import TinyQwenSpec, build_tiny_qwen_vl, qwen_batch
 
@@ -82,13 +82,10 @@ def run(bench: Optional[QwenBench] = None, spec: TinyQwenSpec = QWEN25_SCALED) -
     results = compare(prefill, variants, bench.repeats, bench.warmup, device, inspect=inspect,
                       llm=model.model.language_model)
     attachment.detach()
-    speedup = results["unpruned"]["seconds"] / results["meteor"]["seconds"]
-    flops_ratio = results["unpruned"]["gflops"] / results["meteor"]["gflops"]
     return {
         "benchmark": "qwen-vl-prefill", "machine": describe(device), "dtype": bench.dtype, "model": asdict(spec),
         "settings": {**asdict(bench), "llm_keep": keep}, "sequence_length": batch["input_ids"].shape[1],
-        "variants": results, "speedup": speedup, "flops_ratio": flops_ratio,
-        "speedup_over_flops_ratio": speedup / flops_ratio,
+        "variants": results, **speed(results, "unpruned", "meteor", device),
     }
 
 

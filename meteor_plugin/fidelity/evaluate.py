@@ -162,8 +162,9 @@ def evaluate(model, data: EvalSet, config, batch_size: int = 100,
 
 
 def prefill_flops(model, data: EvalSet, config, count: int = 32) -> float:
-    """Mean prefill FLOPs of one question under ``config``, counted as ``meteor-plugin bench`` counts them
-    (``meteor_plugin.flops``: matmuls, convolutions, attention; encoders, projectors and language model) over the
+    """Mean prefill FLOPs of one question under ``config``, the work that is needed, counted as ``meteor-plugin bench``
+    counts them (``meteor_plugin.flops``: matmuls, convolutions, attention with causal attention as its lower
+    triangle, whether a mask makes the kernel compute more or not; encoders, projectors and language model) over the
     first ``count`` questions of ``data``, each alone (a batch would count its padding)."""
     import meteor_plugin
 

@@ -78,7 +78,7 @@ PANELS = (("overall", "overall"), ("background", "background (global)"), ("colou
 
 
 def draw(rows: Sequence[Dict[str, object]], path: str, panels: Sequence[Tuple[str, str]] = PANELS,
-         x_key: str = "gflops", x_label: str = "prefill GFLOPs (counted)", columns: int = 3) -> str:
+         x_key: str = "gflops", x_label: str = "prefill GFLOPs (needed)", columns: int = 3) -> str:
     """Write the plot of ``rows`` (the benchmark's summary rows: method, ``x_key``, accuracy {series: value},
     low/high {series: value} for seeded methods) to ``path`` (PNG); returns ``path``."""
     x_max = max(float(r[x_key]) for r in rows) * 1.05

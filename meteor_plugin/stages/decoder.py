@@ -35,7 +35,7 @@ from ..core.token_sizes import absorbed_sizes
 from ..core.text_attention import (apply_rope, attended_regions, attention_spread, mean_query_attention,
                                    select_heads)
 from ..stats import UNKNOWN_VISUAL, RunStats
-from . import proportional, tensor_parallel
+from . import attention_bias, proportional, tensor_parallel
 from .layout import IGNORE_INDEX, VisualLayout
 
 
@@ -160,6 +160,8 @@ class _Plan:
         self.kept_visual: Optional[torch.Tensor] = None  # (B, L) visual tokens kept
         self.subs: Optional[Dict[str, Any]] = None
         self.full_subs: Optional[Dict[str, Any]] = None  # proportional attention, layers before ``layer``
+        self.column: Any = None  # proportional attention's key column (attention_bias), compacted layers
+        self.full_column: Any = None  # and layers before ``layer``
         self.key_bias = layout.key_bias if layout is not None else None  # (B, L) proportional attention
 
 
@@ -202,6 +204,7 @@ class DecoderPruner:
         for layer_cls in {type(layer) for layer in layers}:
             if not registry.is_patched(layer_cls, "forward"):
                 registry.patch(layer_cls, "forward", _wrap_layer_forward(layer_cls.forward))
+        attention_bias.install(registry)
         return cls(model)
 
     # Per forward -------------------------------------------------------------------------------------
@@ -229,10 +232,11 @@ class DecoderPruner:
                                               layout.visual if layout is not None else None)
             if unknown_visual:
                 stats.notes.append(UNKNOWN_VISUAL)
-            if layout is not None and layout.positions is not None and compat.mask_kind(
-                    self.model.config, None) == compat.MASK_2D:
+            if layout is not None and layout.positions is not None and not attention_bias.runs_with(
+                    compat.mask_kind(self.model.config, None)):
                 proportional.unavailable(cfg, self.model, "adds a bias to the attention logits, which FlashAttention-2 "
-                                         "cannot take: load the model with attn_implementation='sdpa' to have it")
+                                         "cannot take on transformers 4.x (whose attention classes compute inline): "
+                                         "load the model with attn_implementation='sdpa' to have it")
                 layout.positions = layout.key_bias = None  # "auto": this call's layout, as without it
             self.plan = _Plan("prefill", cfg, stats, valid, layout=layout)
             self.prefix = None
@@ -283,7 +287,7 @@ class DecoderPruner:
             if call.has(name):
                 call.set(name, value)
         args, kwargs = call.call_args()
-        return args, kwargs, compat.rotary_floor(call)
+        return args, kwargs, attention_bias.around(call, plan.column)
 
     # Selection -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -344,8 +348,8 @@ class DecoderPruner:
             return
         kind = compat.mask_kind(self.model.config, call.get("attention_mask"))
         bias = gather_tokens(plan.key_bias, plan.index) if plan.key_bias is not None else None  # after _select
-        subs: Dict[str, Any] = {"attention_mask": compat.build_mask(kind, plan.kept_valid, plan.kept_valid, hidden.dtype,
-                                                                    bias)}
+        mask, plan.column = attention_bias.layer_mask(kind, plan.kept_valid, plan.kept_valid, hidden.dtype, bias)
+        subs: Dict[str, Any] = {"attention_mask": mask}
         position_ids = call.get("position_ids")
         if position_ids is not None:
             subs["position_ids"] = gather_tokens(position_ids, plan.index)
@@ -376,8 +380,8 @@ class DecoderPruner:
         key_valid = torch.cat([prefix.valid, new_valid], dim=1)
         kind = compat.mask_kind(self.model.config, call.get("attention_mask"))
         bias = _extended(prefix.bias, new_valid.shape[1])
-        subs: Dict[str, Any] = {"attention_mask": compat.build_mask(kind, new_valid[:, -q:], key_valid, hidden.dtype,
-                                                                    bias)}
+        mask, plan.column = attention_bias.layer_mask(kind, new_valid[:, -q:], key_valid, hidden.dtype, bias)
+        subs: Dict[str, Any] = {"attention_mask": mask}
         if call.get("cache_position") is not None:
             subs["cache_position"] = torch.arange(cached, cached + q, device=hidden.device)
         plan.subs = subs
@@ -393,7 +397,7 @@ class DecoderPruner:
             if call.has(name):
                 call.set(name, value)
         args, kwargs = call.call_args()
-        return args, kwargs, compat.rotary_floor(call)
+        return args, kwargs, attention_bias.around(call, plan.full_column)
 
     def _full_length_mask(self, plan: _Plan, idx: int, call: compat.LayerCall, hidden: torch.Tensor) -> Dict[str, Any]:
         prefix = plan.prefix if plan.mode == "decode" else None
@@ -402,13 +406,16 @@ class DecoderPruner:
             return {}
         kind = compat.mask_kind(self.model.config, call.get("attention_mask"))
         if plan.mode == "prefill":
-            return {"attention_mask": compat.build_mask(kind, plan.valid, plan.valid, hidden.dtype, bias)}
+            mask, plan.full_column = attention_bias.layer_mask(kind, plan.valid, plan.valid, hidden.dtype, bias)
+            return {"attention_mask": mask}
         q = hidden.shape[1]
         new = compat.past_length(call.get("past"), idx) + q - prefix.full_len
         new_valid = (plan.raw_mask[:, prefix.full_len:].bool() if plan.raw_mask is not None
                      else torch.ones(hidden.shape[0], new, dtype=torch.bool, device=hidden.device))
         key_valid = torch.cat([prefix.full_valid, new_valid], dim=1)
-        return {"attention_mask": compat.build_mask(kind, new_valid[:, -q:], key_valid, hidden.dtype, _extended(bias, new))}
+        mask, plan.full_column = attention_bias.layer_mask(kind, new_valid[:, -q:], key_valid, hidden.dtype,
+                                                           _extended(bias, new))
+        return {"attention_mask": mask}
 
     def positions_for(self, batch: int, length: int, past: Any, device: torch.device) -> Optional[torch.Tensor]:
         """The position ids of a forward under proportional attention (the unpruned ones), or None."""

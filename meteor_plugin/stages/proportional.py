@@ -2,7 +2,8 @@
 
 It runs where the plugin sees each encoder's kept tokens (the llava package's models and transformers'
 ``LlavaForConditionalGeneration``, one image or a flat merge; EAGLE with post-projection fusion; Stage 3 alone on
-packed crops) and the attention takes an additive mask (eager, sdpa).
+packed crops): on transformers 5 with SDPA or FlashAttention-2 (the sizes ride in a key column, ``attention_bias``)
+or eager (a float mask), on 4.37 and 4.44 with eager or SDPA (a float mask).
 Elsewhere ``"on"`` refuses by name and ``"auto"`` (the default) runs without it, with a warning once per
 model and reason, so a user knows which numbers they get.
 """

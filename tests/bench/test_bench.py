@@ -8,7 +8,7 @@ from meteor_plugin.cli import main
 
 
 def test_quick_benchmarks_report_token_counts_and_counted_flops(capsys):
-    assert main(["bench", "all", "--quick", "--repeats", "1", "--json"]) == 0
+    assert main(["bench", "all", "--quick", "--repeats", "1", "--json", "--float-mask"]) == 0
     llava, next_, eagle = json.loads(capsys.readouterr().out)
     stage3 = llava["variants"]["stage3"]
     assert stage3["visual_tokens"] == 36 and llava["variants"]["unpruned"]["visual_tokens"] == 144
@@ -36,15 +36,27 @@ def test_quick_benchmarks_report_token_counts_and_counted_flops(capsys):
     assert kept[-1] >= kept[0]
     assert eagle["flops_ratio"] > 1 and abs(eagle["visual_tokens_reduction"] - (1 - 100 / 1024)) < 1e-9
     # The KV cache read from the prefill's own cache: LLaVA's 4 layers of 2 KV heads x 16 channels in float32 hold
-    # 154 tokens each unpruned, and 154, 154, 46, 46 with Stage 3 keeping 36 of 144 from layer 2 on.
-    per_token = 2 * 2 * 16 * 4
+    # 154 tokens each unpruned, and 154, 154, 46, 46 with Stage 3 keeping 36 of 144 from layer 2 on. Those two
+    # layers' keys carry the sizes Stage 3 gave the kept tokens (proportional attention's key column: one more
+    # channel on this CPU, keys and values alike).
+    per_token, widened = 2 * 2 * 16 * 4, 2 * 2 * 17 * 4
     assert llava["variants"]["unpruned"]["kv_cache_mib"] * 2 ** 20 == per_token * 4 * 154
-    assert stage3["kv_cache_mib"] * 2 ** 20 == per_token * (2 * 154 + 2 * 46)
+    assert stage3["kv_cache_mib"] * 2 ** 20 == per_token * 2 * 154 + widened * 2 * 46
+    # Needed FLOPs do not depend on how the sizes reach the logits; what is executed beyond them does: nothing in
+    # LLaVA's unpruned run (the causal kernel; EAGLE's has Pix2Struct's padding patches, masked), the column's channel
+    # on the key column's path, the upper triangle with the float mask.
+    assert llava["variants"]["unpruned"]["overhead_gflops"] == 0
+    for result, pruned in ((llava, "stage3"), (eagle, "meteor")):
+        v = result["variants"]
+        assert v["float mask"]["gflops"] == pytest.approx(v[pruned]["gflops"], rel=1e-9)
+        assert v["float mask"]["overhead_gflops"] > v[pruned]["overhead_gflops"] > v["unpruned"]["overhead_gflops"]
+        assert result["target"] == 0.9 and len(result["round_speedups"]) == 1
     for result in (llava, next_, eagle):
-        full, pruned = result["variants"].values()
+        full, pruned = list(result["variants"].values())[:2]
         assert pruned["kv_cache_mib"] < full["kv_cache_mib"] and pruned["llm_peak_memory_mib"] < full["llm_peak_memory_mib"]
         for variant in result["variants"].values():
             assert variant["seconds"] > 0 and variant["peak_memory_mib"] > 0 and len(variant["runs"]) == 1
+            assert variant["overhead_gflops"] >= 0
             assert 0 < variant["llm_peak_memory_mib"] <= variant["peak_memory_mib"]
 
 
@@ -56,9 +68,10 @@ def test_quick_decode_bench_reads_the_kv_cache_that_stage3_shrank(capsys):
     # Quick shape: 4 layers, 2 KV heads of 16 channels, float32, batch 2. The cache holds the prompt (10 text
     # + 144 visual tokens) and 3 of the 4 new tokens (the last is never fed back); Stage 3 removes 108 visual
     # tokens from layers 2 and 3.
+    # Layers 2 and 3 hold proportional attention's key column (one more channel in keys and values on this CPU).
     per_token = 2 * 2 * 2 * 16 * 4  # batch x (keys, values) x heads x channels x bytes
     assert unpruned["kv_cache_mib"] * 2 ** 20 == per_token * 4 * 157
-    assert pruned["kv_cache_mib"] * 2 ** 20 == per_token * (2 * 157 + 2 * 49)
+    assert pruned["kv_cache_mib"] * 2 ** 20 == per_token * 2 * 157 + per_token * 17 // 16 * 2 * 49
     assert result["kv_cache_ratio"] == unpruned["kv_cache_mib"] / pruned["kv_cache_mib"]
     for variant in (unpruned, pruned):
         assert variant["tokens_per_second"] == 2 * 4 / variant["generate_seconds"] > 0

@@ -10,6 +10,9 @@ import torch
 
 import meteor_plugin
 from meteor_plugin.compat.transformers import generation
+
+if generation() == "5":
+    from transformers import AttentionInterface
 from meteor_plugin.testing.llava import make_batch
 
 pytestmark = pytest.mark.skipif(
@@ -50,15 +53,22 @@ def flash_registered():
     yield NAME
 
 
-def test_flash_style_attention_matches_sdpa_with_pruning(tiny_llava, flash_registered):
+@pytest.mark.parametrize("proportional", ["off", "on"])
+def test_flash_style_attention_matches_sdpa_with_pruning(tiny_llava, flash_registered, proportional, monkeypatch):
+    """With proportional attention, both run it through the key column (FlashAttention with its 2-D padding mask,
+    SDPA with none); Stage 1 sizes the keys of every layer."""
     ids, mask, images = make_batch([(3, 5), (2, 10)], [True, True], pad_side="left", seed=29)
+    widths_seen = []
+    monkeypatch.setitem(AttentionInterface._global_mapping, NAME,
+                        lambda module, query, *a, **k: widths_seen.append(query.shape[-1]) or
+                        cpu_flash_attention(module, query, *a, **k))
     results = {}
     for impl in ("sdpa", flash_registered):
         model = tiny_llava(attn_implementation=impl, padding_side="left")
         model.generation_config.eos_token_id = None
-        # Proportional attention needs a bias FlashAttention cannot take ("auto" turns it off there): compare without.
-        meteor_plugin.enable(encoder=False, fusion=False, llm=True, llm_lambda=30.0, llm_min_keep=6, llm_max_keep=30,
-                             proportional_attention="off")
+        meteor_plugin.enable(encoder=proportional == "on", encoder_keep=16, fusion=False, llm=True, llm_lambda=30.0,
+                             llm_min_keep=6, llm_max_keep=10 if proportional == "on" else 30,
+                             proportional_attention=proportional)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, images=images, position_ids=ids.clone()).logits
             run = meteor_plugin.stats(model)
@@ -67,7 +77,8 @@ def test_flash_style_attention_matches_sdpa_with_pruning(tiny_llava, flash_regis
         meteor_plugin.disable()
     (ref_logits, ref_kept, widths, ref_tokens) = results["sdpa"]
     (logits, kept, _, tokens) = results[flash_registered]
-    assert kept == ref_kept and all(len(k) < 64 for k in kept)
+    assert kept == ref_kept and all(len(k) < (16 if proportional == "on" else 64) for k in kept)
     for i, n in enumerate(widths):
         torch.testing.assert_close(logits[i, -n:], ref_logits[i, -n:], atol=1e-5, rtol=1e-4)
     assert torch.equal(tokens, ref_tokens)
+    assert set(widths_seen) == ({16 + 1} if proportional == "on" else {16})  # the column reached the kernel

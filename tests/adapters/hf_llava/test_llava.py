@@ -326,15 +326,23 @@ def test_proportional_attention_on_transformers_llava_keeps_positions_and_sizes(
     # ... and generate continues from there: the same tokens as a full forward per new token.
     assert torch.equal(generate(model, ids, mask, pixels, 3)[:, -3:], greedy(model, ids, mask, pixels, 3)[:, -3:])
     # Stage 3: the kept visual keys carry the dropped ones' sizes: exp(bias) over a query's keys adds up to the
-    # unpruned sequence's length.
+    # unpruned sequence's length. transformers 5: in the key column the attention gets (and no mask); 4.x: in the
+    # float mask it gets, after the plugin's substitution.
+    from meteor_plugin.compat import key_column
+
+    def bias_row(m, a, k):
+        column = key_column.current()
+        masks.append((column.bias if column is not None else k["attention_mask"][:, 0, -1], k["attention_mask"]))
+
     masks = []
-    attention = layers[3].self_attn  # the mask the attention itself gets, after the plugin's substitution
-    handle = attention.register_forward_pre_hook(lambda m, a, k: masks.append(k["attention_mask"]), with_kwargs=True)
+    handle = layers[3].self_attn.register_forward_pre_hook(bias_row, with_kwargs=True)
     meteor_plugin.enable(encoder=True, fusion=False, llm=True, encoder_keep=16, llm_layer=2, llm_min_keep=4,
                          llm_max_keep=4, proportional_attention="on")
     logits(model, ids, mask, pixels)
     handle.remove()
-    last = masks[-1][:, 0, -1].float()  # (B, kept length): the last token's row
+    last, layer_mask = masks[-1]
+    last = last.float()  # (B, kept length): the last token's row
+    assert (layer_mask is None) == V5  # SDPA's causal kernel, the padding in the column
     assert last.exp().sum(dim=1).tolist() == pytest.approx((mask.sum(dim=1) + GROWN).tolist(), rel=1e-4)
     assert last.max() > 0.5  # sizes above 1, not only zeros and -inf
 
