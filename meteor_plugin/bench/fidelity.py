@@ -109,9 +109,15 @@ def read_at(points: Sequence[tuple], x: float) -> tuple:
     return pts[0][1], "interpolated"
 
 
+def _curve_rows(rows: List[Dict[str, Any]], method: str) -> List[Dict[str, Any]]:
+    """A method's rows: FastV's at every layer it ran at (``fastv:<layer>``), read along their frontier."""
+    return [r for r in rows if r["method"] == method or (method == "fastv" and r["method"].startswith("fastv:"))]
+
+
 def equal_flops(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> List[Dict[str, Any]]:
-    """Each baseline's accuracy read off its accuracy-vs-FLOPs curve (its rows at every budget) at the
-    prefill FLOPs METEOR spent at each of ``budgets`` (``read_at``): the comparison at equal cost."""
+    """Each baseline's accuracy read off its accuracy-vs-FLOPs curve (its rows at every budget; FastV's frontier
+    over its layers) at the prefill FLOPs METEOR spent at each of ``budgets`` (``read_at``): the comparison at
+    equal cost."""
     series = list(KINDS) + ["overall"]
     meteor = {r["budget"]: r for r in rows if r["method"] == "meteor"}
     out = []
@@ -120,15 +126,35 @@ def equal_flops(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> List[Dict
             continue
         m = meteor[budget]
         for method in mt.BASELINES + ("meteor-s3", "meteor-s3-fixed"):
-            curve = [r for r in rows if r["method"] == method]
+            curve = _curve_rows(rows, method)
             if not curve:
                 continue
-            read = {key: read_at([(r["gflops"], r["accuracy"][key]) for r in curve], m["gflops"]) for key in series}
-            out.append({"budget": budget, "gflops": m["gflops"], "baseline": method,
-                        "accuracy": {key: v[0] for key, v in read.items()}, "read": read["overall"][1],
-                        "cheapest_gflops": min(r["gflops"] for r in curve),
-                        "meteor": {key: m["accuracy"][key] for key in series}})
+            read, layers = {}, None
+            for key in series:
+                points = mt.frontier([(r["gflops"], r["accuracy"][key], r["method"]) for r in curve])
+                read[key] = read_at([p[:2] for p in points], m["gflops"])
+                if key == "overall" and any(r["method"] != method for r in curve):
+                    layers = _bracketing(points, m["gflops"])
+            entry = {"budget": budget, "gflops": m["gflops"], "baseline": method,
+                     "accuracy": {key: v[0] for key, v in read.items()}, "read": read["overall"][1],
+                     "cheapest_gflops": min(r["gflops"] for r in curve),
+                     "meteor": {key: m["accuracy"][key] for key in series}}
+            if layers is not None:
+                entry["frontier_runs"] = layers
+            out.append(entry)
     return out
+
+
+def _bracketing(points: Sequence[tuple], x: float) -> List[str]:
+    """The runs (names) of the frontier points a reading at cost ``x`` comes from: the two around it, or the
+    cheapest where it never runs that cheaply (none where it always costs less)."""
+    below = [p for p in points if p[0] <= x + 1e-9]
+    above = [p for p in points if p[0] > x + 1e-9]
+    if not below:
+        return [above[0][2]] if above else []
+    if abs(below[-1][0] - x) <= 1e-9:
+        return [below[-1][2]]
+    return [below[-1][2], above[0][2]] if above else []
 
 
 MANY_TOKEN_KIND, FEW_TOKEN_KIND = "count", "background"  # every object of a colour, against a global property
@@ -281,8 +307,9 @@ def report(result: Dict[str, Any]) -> str:
                      + f"{acc['overall']:>9.3f}{r['relative']['overall']:>7.3f}{spread}")
     lines += ["", "'per layer': visual tokens each decoder layer ran on (mean); 'kept': after the last stage.", ""]
     if result["equal_flops"]:
-        lines.append("At equal prefill FLOPs (each baseline's accuracy-vs-FLOPs curve read at METEOR's FLOPs; a "
-                     "baseline that never runs that cheaply is read at its cheapest run, which costs more):")
+        lines.append("At equal prefill FLOPs (each baseline's accuracy-vs-FLOPs curve read at METEOR's FLOPs, FastV's "
+                     "frontier over its layers; a baseline that never runs that cheaply is read at its cheapest run, "
+                     "which costs more):")
         head = f"  {'METEOR at':<12}{'GFLOPs':>8}  {'method':<15}" + "".join(f"{k:>14}" for k in kinds) + f"{'overall':>9}"
         lines.append(head)
         shown = set()
@@ -293,6 +320,8 @@ def report(result: Dict[str, Any]) -> str:
                              + "".join(f"{c['meteor'][k]:>14.3f}" for k in kinds) + f"{c['meteor']['overall']:>9.3f}")
             note = {"cheapest": f"  (its cheapest run, {c['cheapest_gflops']:.3f} GFLOPs)",
                     "dearer": "  (costs less than METEOR at every budget)"}.get(c["read"], "")
+            if c.get("frontier_runs"):
+                note += f"  (frontier over its layers: {' and '.join(c['frontier_runs'])})"
             lines.append(f"  {'':<12}{'':>8}  {c['baseline']:<15}" + "".join(f"{_fmt(c['accuracy'][k]):>14}" for k in kinds)
                          + f"{_fmt(c['accuracy']['overall']):>9}{note}")
         lines.append("")
