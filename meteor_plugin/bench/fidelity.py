@@ -197,11 +197,14 @@ def targets(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> Dict[str, Any
                           "ratio": many / few if few else float("inf"), "met": many >= 2 * few})
     if spend:
         out["stage3_adapts"] = {"met": all(x["met"] for x in spend), "by_run": spend}
-    fixed = {r["budget"]: r for r in rows if r["method"] == "meteor-s3-fixed"}
-    versus = [{"budget": r["budget"], "adaptive": r["accuracy"]["overall"], "fixed": fixed[r["budget"]]["accuracy"]["overall"],
-               "adaptive_kept": r["kept"], "fixed_kept": fixed[r["budget"]]["kept"],
-               "met": r["accuracy"]["overall"] > fixed[r["budget"]]["accuracy"]["overall"]}
-              for r in rows if r["method"] == "meteor-s3" and r["budget"] in fixed]
+    versus = []
+    for adaptive, same in (("meteor-s3", "meteor-s3-fixed"), ("meteor", "meteor-fixed")):  # alone, all stages
+        fixed = {r["budget"]: r for r in rows if r["method"] == same}
+        versus += [{"method": adaptive, "budget": r["budget"], "adaptive": r["accuracy"]["overall"],
+                    "fixed": fixed[r["budget"]]["accuracy"]["overall"], "adaptive_kept": r["kept"],
+                    "fixed_kept": fixed[r["budget"]]["kept"],
+                    "met": r["accuracy"]["overall"] > fixed[r["budget"]]["accuracy"]["overall"]}
+                   for r in rows if r["method"] == adaptive and r["budget"] in fixed]
     if versus:
         out["stage3_adaptive_beats_fixed"] = {"met": all(x["met"] for x in versus), "by_budget": versus}
     return out
@@ -356,7 +359,7 @@ def report(result: Dict[str, Any]) -> str:
                      f"{'met' if x['met'] else 'NOT met'} ({detail})")
     if "stage3_adaptive_beats_fixed" in t:
         x = t["stage3_adaptive_beats_fixed"]
-        detail = "; ".join(f"{v['budget']}: {v['adaptive']:.3f} vs {v['fixed']:.3f}" for v in x["by_budget"])
+        detail = "; ".join(f"{v['method']}@{v['budget']}: {v['adaptive']:.3f} vs {v['fixed']:.3f}" for v in x["by_budget"])
         lines.append(f"  Stage 3's adaptive budget beats the same scoring at a fixed budget of the same average: "
                      f"{'met' if x['met'] else 'NOT met'} ({detail})")
     if result.get("plot"):

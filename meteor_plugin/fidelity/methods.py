@@ -17,6 +17,7 @@ method is run at the same budgets and the tokens really kept are read back from 
 | meteor-s3 | Stage 3 alone: adaptive, K on average after ``llm_layer`` | ``llm_lambda`` solved |
 | meteor-s3-fixed | Stage 3 alone with the same scoring, K for every question (what the adaptive budget must beat) | ``llm_min_keep = llm_max_keep = K`` |
 | meteor | all three: Stage 1 to E, Stage 2 to F = 2K, Stage 3 to K on average | see `fusion_share` |
+| meteor-fixed | all three, Stage 3 at K for every question (what METEOR's adaptive budget must beat) | the same, ``llm_min_keep = llm_max_keep = K`` |
 | meteor:NAME | ``meteor`` with one choice switched (`ABLATIONS`; ``paper``: all of them) | the same |
 
 Every METEOR row runs the config defaults unless told otherwise. Calibration uses the validation split
@@ -42,7 +43,7 @@ BUDGETS = (0.5, 0.25, 0.125, 0.0625)
 METEOR_TARGET = 0.24  # the paper's setting: 242 of EAGLE's 1024 visual tokens
 RANDOM_SEEDS = (0, 1, 2)
 BASELINES = ("random", "avgpool", "visionzip", "drop-clip", "drop-convnext", "fastv")
-METEOR = ("meteor-s1", "meteor-s2", "meteor-s3", "meteor-s3-fixed", "meteor")
+METEOR = ("meteor-s1", "meteor-s2", "meteor-s3", "meteor-s3-fixed", "meteor-fixed", "meteor")
 ALL_METHODS = BASELINES + METEOR
 # METEOR (all stages) with one choice switched to its alternative: the paper's where ours differs
 # (``paper`` switches them all: the method as version 1 of the config ran it). Run as ``meteor:<name>``.
@@ -57,6 +58,10 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "all-query": {"text_query": "all"},
     "no-spread-floor": {"spread_floor": 0.0},
     "no-proportional": {"proportional_attention": "off"},  # versions 1-4: compacted positions, no sizes
+    "top-selection": {"llm_selection": "top"},  # versions 1-5: Stage 3 keeps the most attended tokens
+    "regions-budget": {"llm_budget_signal": "regions"},  # version 4-5's signal
+    "own-layer-signal": {"llm_signal_layers": "own"},  # versions 1-5: the signal of Stage 3's layer alone
+    "version-5": {"llm_selection": "top", "llm_budget_signal": "regions", "llm_signal_layers": "own"},
     # Version 1's values of every field added since (llm_lambda aside: the bench solves it per run).
     "paper": {"rank": "numerical", **{k: v for old in sorted(LEGACY, reverse=True) for k, v in LEGACY[old].items()
                                       if k != "llm_lambda"}},  # the oldest version's value of each field wins
@@ -158,6 +163,8 @@ def config_for(method: str, k: int, cal: Calibration, seed: int = 0):
     if method == "meteor-s3-fixed":
         return _meteor_run({"llm": True, "llm_layer": cal.meteor_layer, "llm_min_keep": k, "llm_max_keep": k},
                            cal.meteor)
+    if method == "meteor-fixed":
+        return _stage3_run("meteor", k, cal, {"llm_min_keep": k, "llm_max_keep": k})
     if method in ("meteor-s3", "meteor") or is_ablation(method):
         lam = cal.meteor.get("llm_lambda", cal.lambdas.get(stage3_key(method, k)))
         if lam is None:

@@ -19,7 +19,7 @@ PALETTE = {
     "random": (150, 150, 150), "avgpool": (31, 119, 180), "visionzip": (44, 160, 44),
     "drop-clip": (188, 189, 34), "drop-convnext": (140, 86, 75), "fastv": (148, 103, 189),
     "meteor-s1": (255, 152, 150), "meteor-s2": (255, 127, 14), "meteor-s3": (227, 119, 194),
-    "meteor-s3-fixed": (247, 182, 210), "meteor": (214, 39, 40),
+    "meteor-s3-fixed": (247, 182, 210), "meteor-fixed": (255, 187, 120), "meteor": (214, 39, 40),
 }
 W, H = 560, 420
 MARGIN = (64, 36, 20, 52)  # left, top, right, bottom
