@@ -19,7 +19,7 @@ that attends to every object of a colour.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,12 +44,16 @@ def region_similarity(states: torch.Tensor, sharpness: float = 16.0) -> torch.Te
 
 
 @torch.no_grad()
-def greedy_cover(p: torch.Tensor, z: torch.Tensor, picks: int, share: Optional[float] = None
+def greedy_cover(p: torch.Tensor, z: torch.Tensor, picks: int, share: Optional[float] = None, block: int = 32
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The greedy order of facility location on attention ``p`` (N,) >= 0 (summing to 1) and similarity ``z``
     (N, N): each pick is the token that adds the most covered attention, ``sum_i p_i max(0, z_ij - c_i)`` with
     ``c_i`` what the kept tokens already cover of token i (ties: the lower index). Once nothing is left to
     cover, the rest go by attention (ties: the lower index).
+
+    Lazy (Minoux): a token's gain only falls as the kept set grows, so a gain computed earlier bounds it; each
+    pick recomputes the gains of the ``block`` best bounds until the best bound is exact. The same order as
+    recomputing every gain at every pick, for O(N * block) a pick instead of O(N^2).
 
     Stops after ``picks`` tokens, or, with ``share``, as soon as the kept tokens cover that share of the
     attention (whichever comes first). Returns (order (M,) long, covered (M + 1,) float64: the share covered
@@ -57,27 +61,41 @@ def greedy_cover(p: torch.Tensor, z: torch.Tensor, picks: int, share: Optional[f
     n = p.shape[0]
     picks = min(int(picks), n)
     p = p.float()
+    z = z.float()
     cover = torch.zeros(n, dtype=torch.float32, device=p.device)
-    free = torch.ones(n, dtype=torch.bool, device=p.device)
+    bound = torch.mv(z.T, p)  # every gain, exact for the empty set
+    exact = torch.ones(n, dtype=torch.bool, device=p.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=p.device)
     order = []
     covered = [0.0]
-    buf = torch.empty_like(z, dtype=torch.float32)
     while len(order) < picks and (share is None or covered[-1] < share):
-        gains = torch.mv(torch.sub(z, cover[:, None], out=buf).clamp_(min=0).T, p)
-        gains = gains.masked_fill(~free, -1.0)
-        best = float(gains.max())
-        if best <= 0:  # everything attended is covered: the rest by attention alone
-            rest = torch.where(free, p, torch.full_like(p, -1.0))
+        while True:
+            open_bound = bound.masked_fill(taken, float("-inf"))
+            j = int(torch.argmax(open_bound))  # the first of equal bounds: ties go to the lower index
+            if exact[j]:
+                break
+            stale = open_bound.masked_fill(exact, float("-inf"))
+            cand = torch.topk(stale, min(block, int((~exact & ~taken).sum()))).indices
+            bound[cand] = torch.mv((z[:, cand] - cover[:, None]).clamp_(min=0).T, p)
+            exact[cand] = True
+        if float(bound[j]) <= 0:  # everything attended is covered: the rest by attention alone
+            rest = torch.where(taken, torch.full_like(p, -1.0), p)
             ranked = torch.sort(rest, descending=True, stable=True).indices[: picks - len(order)]
             order += ranked.tolist()
             covered += [covered[-1]] * len(ranked)
             break
-        j = int(torch.nonzero(gains == best)[0])
         order.append(j)
-        free[j] = False
+        taken[j] = True
         torch.maximum(cover, z[:, j], out=cover)
+        exact.fill_(False)
         covered.append(float(torch.dot(p.double(), cover.double())))
     return torch.tensor(order, dtype=torch.long, device=p.device), torch.tensor(covered, dtype=torch.float64)
+
+
+def similarities(visual: torch.Tensor, states: torch.Tensor, sharpness: float = 16.0) -> List[torch.Tensor]:
+    """``region_similarity`` of each row's visual tokens (a list: rows differ in count), to share between
+    ``coverage_count`` and ``coverage_keep`` on the same states."""
+    return [region_similarity(states[i, torch.nonzero(visual[i]).flatten()], sharpness) for i in range(visual.shape[0])]
 
 
 def _attention(scores: torch.Tensor) -> Optional[torch.Tensor]:
@@ -88,11 +106,12 @@ def _attention(scores: torch.Tensor) -> Optional[torch.Tensor]:
 
 @torch.no_grad()
 def coverage_keep(scores: torch.Tensor, budget: torch.Tensor, visual: torch.Tensor, states: torch.Tensor,
-                  sharpness: float = 16.0) -> torch.Tensor:
+                  sharpness: float = 16.0, similarity: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """The ``budget[b]`` visual tokens of each row that cover most of its attention (``greedy_cover``).
     scores: (B, L) >= 0, the query's attention; budget: (B,); visual: (B, L) bool; states: (B, L, D), what
-    ``region_similarity`` compares. Returns (B, L) bool, ``min(budget, visual count)`` per row; a row with no
-    attention on its visual tokens keeps its first ones (as top-K would on equal scores)."""
+    ``region_similarity`` compares (``similarity``: those already computed, from `similarities`). Returns (B, L)
+    bool, ``min(budget, visual count)`` per row; a row with no attention on its visual tokens keeps its first
+    ones (as top-K would on equal scores)."""
     out = torch.zeros_like(visual)
     for i in range(scores.shape[0]):
         idx = torch.nonzero(visual[i]).flatten()
@@ -103,18 +122,21 @@ def coverage_keep(scores: torch.Tensor, budget: torch.Tensor, visual: torch.Tens
         if p is None:
             out[i, idx[:k]] = True
             continue
-        order, _ = greedy_cover(p, region_similarity(states[i, idx], sharpness), k)
+        z = similarity[i] if similarity is not None else region_similarity(states[i, idx], sharpness)
+        order, _ = greedy_cover(p, z, k)
         out[i, idx[order]] = True
     return out
 
 
 @torch.no_grad()
 def coverage_count(scores: torch.Tensor, visual: torch.Tensor, states: torch.Tensor, share: float = 0.75,
-                   sharpness: float = 16.0, limit: Optional[int] = None) -> torch.Tensor:
+                   sharpness: float = 16.0, limit: Optional[int] = None,
+                   similarity: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """How many tokens it takes to cover ``share`` of each row's attention on its visual tokens, in greedy order,
     interpolated within the last pick (so the budget moves smoothly with the attention): (B,) float32 in
     [0, visual count]; 0 for a row without visual tokens or attention on them. ``limit``: stop counting there
-    (the count is then at most ``limit``).
+    (the count is then at most ``limit``: a budget clipped below ``lambda * limit`` does not need more);
+    ``similarity``: as in `coverage_keep`.
 
     Stage 3's budget signal ``llm_budget_signal="coverage"`` (``K = llm_lambda * count``). A question about a
     global property whose attention lies on look-alike background needs one or two picks; one that attends to
@@ -126,7 +148,8 @@ def coverage_count(scores: torch.Tensor, visual: torch.Tensor, states: torch.Ten
         if p is None:
             continue
         cap = idx.numel() if limit is None else min(int(limit), idx.numel())
-        _, covered = greedy_cover(p, region_similarity(states[i, idx], sharpness), cap, share)
+        z = similarity[i] if similarity is not None else region_similarity(states[i, idx], sharpness)
+        _, covered = greedy_cover(p, z, cap, share)
         steps = covered.numel() - 1
         if covered[-1] >= share and steps > 0:  # the last pick crossed the share: the fraction of it needed
             before, after = float(covered[-2]), float(covered[-1])

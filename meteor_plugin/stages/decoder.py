@@ -33,7 +33,7 @@ from .. import percall
 from ..compat import transformers as compat
 from ..config import MeteorConfig
 from ..core.budget import adaptive_keep, resolve_budget, resolve_budget_per_sample
-from ..core.coverage import coverage_count, coverage_keep
+from ..core.coverage import coverage_count, coverage_keep, similarities
 from ..core.select import compaction_index, gather_tokens, topk_mask
 from ..core.token_sizes import absorbed_sizes
 from ..core.text_attention import (apply_rope, attended_regions, attention_spread, mean_query_attention,
@@ -291,12 +291,13 @@ class DecoderPruner:
         else:
             rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims, plan.key_bias, normed),
                                visual, self.heads_used)
-            signal = self._budget_signal(cfg, rel, visual, normed)
+            zs = _similarities(cfg, visual, normed)  # the tokens' likeness, shared by the signal and the selection
+            signal = self._budget_signal(cfg, rel, visual, normed, zs, _count_limit(cfg, entered))
             if plan.early_signals:  # llm_signal_layers="up_to": the mean over the layers up to this one
                 signal = torch.stack(plan.early_signals + [signal.float()]).mean(dim=0)
             budget = adaptive_keep(signal, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
         if cfg.method != "fastv" and cfg.llm_selection == "coverage":  # FastV keeps its paper's top-K
-            kept_visual = coverage_keep(rel.scores, budget, visual, normed, cfg.llm_region_sharpness)
+            kept_visual = coverage_keep(rel.scores, budget, visual, normed, cfg.llm_region_sharpness, zs)
         else:
             kept_visual = topk_mask(rel.scores, budget, visual)
         keep = plan.valid & (~visual | kept_visual)
@@ -330,12 +331,15 @@ class DecoderPruner:
         attn = query_attention(layer, call, hidden, layout.query & plan.valid, plan.valid, llm_dims(self.model.config),
                                plan.key_bias, normed)
         rel = select_heads(attn, visual, self.heads_used)
-        plan.early_signals.append(self._budget_signal(plan.cfg, rel, visual, normed).float())
+        limit = _count_limit(plan.cfg, visual.sum(dim=1))
+        plan.early_signals.append(self._budget_signal(plan.cfg, rel, visual, normed, limit=limit).float())
 
     @staticmethod
-    def _budget_signal(cfg: MeteorConfig, rel: Any, visual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    def _budget_signal(cfg: MeteorConfig, rel: Any, visual: torch.Tensor, normed: torch.Tensor,
+                       zs: Optional[list] = None, limit: Optional[int] = None) -> torch.Tensor:
         if cfg.llm_budget_signal == "coverage":  # on the states the layer's keys are computed from
-            return coverage_count(rel.scores, visual, normed, cfg.llm_coverage_share, cfg.llm_region_sharpness)
+            return coverage_count(rel.scores, visual, normed, cfg.llm_coverage_share, cfg.llm_region_sharpness,
+                                  limit, zs)
         if cfg.llm_budget_signal == "mass":
             return rel.mass
         if cfg.llm_budget_signal == "regions":  # on the states the layer's keys are computed from
@@ -432,6 +436,21 @@ class DecoderPruner:
             return labels
         out = torch.gather(labels, 1, plan.index.to(labels.device))
         return out.masked_fill(~plan.kept_valid.to(labels.device), IGNORE_INDEX)
+
+
+def _similarities(cfg: MeteorConfig, visual: torch.Tensor, normed: torch.Tensor) -> Optional[list]:
+    """Each sample's ``core.coverage.region_similarity``, once, where the coverage signal and selection both use it."""
+    if cfg.llm_budget_signal == "coverage" and cfg.llm_selection == "coverage":
+        return similarities(visual, normed, cfg.llm_region_sharpness)
+    return None
+
+
+def _count_limit(cfg: MeteorConfig, entered: torch.Tensor) -> int:
+    """Where the coverage count can stop: beyond ``llm_max_keep / llm_lambda`` the budget is clipped anyway (times
+    the layers averaged: one layer's count at that limit makes their mean reach the clip whatever the others')."""
+    hi = int(resolve_budget_per_sample(cfg.llm_max_keep, entered).max()) if entered.numel() else 0
+    layers = cfg.llm_layer if cfg.llm_signal_layers == "up_to" else 1
+    return int(layers * hi / cfg.llm_lambda) + 2
 
 
 def _reads_early_signal(cfg: MeteorConfig, idx: int) -> bool:
