@@ -40,7 +40,8 @@ LEGACY = {
     2: {"spread_floor": 0.0},
     3: {"llm_budget_signal": "spread", "llm_lambda": 0.6},
     4: {"proportional_attention": "off"},
-    5: {"llm_selection": "top", "llm_budget_signal": "regions", "llm_signal_layers": "own", "llm_lambda": 11.0},
+    5: {"llm_selection": "top", "llm_budget_signal": "regions", "llm_signal_layers": "own", "llm_score_layers": "own",
+        "llm_lambda": 11.0},
 }
 
 
@@ -187,6 +188,10 @@ class MeteorConfig:
     # it ("up_to", since version 6): one layer's attention can be idiosyncratic (the fidelity model's layer 2 sends a
     # counting question's attention to the background, its layer 4 spreads a digit question's over the image).
     llm_signal_layers: str = "up_to"
+    # Which attention chooses the kept tokens: Stage 3's layer's ("own", versions 1-5), or the mean over every layer
+    # from 1 up to it, each renormalised over the visual tokens ("up_to", since version 6). On the v2 fidelity model's
+    # validation split, Stage 3 alone at layer 4 with 13 tokens: 0.938 with its own layer's, 0.973 with the mean.
+    llm_score_layers: str = "up_to"
     # Which tokens Stage 3 keeps: the K most attended ("top": the paper's, versions 1-5) or the K that cover most of
     # the attention, each covering the tokens it looks like ("coverage", since version 6; core/coverage.py): top-K
     # can spend the budget on one look-alike region. On the v2 fidelity model's validation split, Stage 3 alone at
@@ -238,6 +243,7 @@ class MeteorConfig:
         _check_float("llm_region_sharpness", self.llm_region_sharpness, 0.0, lo_open=True)
         _check_float("llm_coverage_share", self.llm_coverage_share, 0.0, 1.0, lo_open=True)
         _check_choice("llm_signal_layers", self.llm_signal_layers, SIGNAL_LAYERS)
+        _check_choice("llm_score_layers", self.llm_score_layers, SIGNAL_LAYERS)
         _check_choice("llm_selection", self.llm_selection, LLM_SELECTIONS)
         _check_budget("llm_min_keep", self.llm_min_keep)
         _check_budget("llm_max_keep", self.llm_max_keep)

@@ -28,6 +28,7 @@ def test_defaults_are_valid_and_round_trip_through_json():
     ("proportional_attention", True, "proportional_attention=True is invalid: allowed one of 'auto', 'on', 'off'"),
     ("llm_selection", "best", "llm_selection='best' is invalid: allowed one of 'top', 'coverage'"),
     ("llm_signal_layers", "all", "llm_signal_layers='all' is invalid: allowed one of 'own', 'up_to'"),
+    ("llm_score_layers", "last", "llm_score_layers='last' is invalid: allowed one of 'own', 'up_to'"),
     ("llm_coverage_share", 0.0, r"llm_coverage_share=0.0 is invalid: allowed a number in \(0.0, 1.0\]"),
     ("llm_budget_signal", "tokens", "llm_budget_signal='tokens' is invalid: allowed one of 'mass', 'spread', "
                                     "'regions', 'coverage'"),
@@ -68,7 +69,7 @@ def test_a_config_without_version_keeps_the_behaviour_it_was_written_for():
     assert old.llm_lambda == 64.0 and MeteorConfig().llm_lambda == 11.8
     assert old.spread_floor == 0.0
     assert (old.llm_selection, old.llm_signal_layers) == ("top", "own")
-    v5_stage3 = {"llm_selection": "top", "llm_signal_layers": "own"}  # what every version before 6 keeps
+    v5_stage3 = {"llm_selection": "top", "llm_signal_layers": "own", "llm_score_layers": "own"}  # before version 6
     v2 = MeteorConfig.from_dict({"llm_layer": 3, "version": 2})
     assert v2 == MeteorConfig(llm_layer=3, spread_floor=0.0, llm_budget_signal="spread", llm_lambda=0.6,
                               proportional_attention="off", version=2, **v5_stage3)
@@ -86,7 +87,8 @@ def test_a_config_without_version_keeps_the_behaviour_it_was_written_for():
     assert v3.default_of("llm_budget_signal") == "spread" and v5.default_of("llm_budget_signal") == "regions"
     new = MeteorConfig.from_dict({"llm_layer": 3, "version": 6})
     assert new == MeteorConfig(llm_layer=3) and (new.llm_budget_signal, new.llm_lambda) == ("coverage", 11.8)
-    assert (new.llm_selection, new.llm_signal_layers, new.llm_coverage_share) == ("coverage", "up_to", 0.75)
+    assert (new.llm_selection, new.llm_signal_layers, new.llm_score_layers, new.llm_coverage_share) == (
+        "coverage", "up_to", "up_to", 0.75)
     assert v5.default_of("llm_selection") == "top" and new.default_of("llm_selection") == "coverage"
     # A field a version 1 file does set wins over the legacy value; saving keeps everything explicit.
     assert MeteorConfig.from_dict({"text_query": "last"}).text_query == "last"

@@ -61,7 +61,9 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "top-selection": {"llm_selection": "top"},  # versions 1-5: Stage 3 keeps the most attended tokens
     "regions-budget": {"llm_budget_signal": "regions"},  # version 4-5's signal
     "own-layer-signal": {"llm_signal_layers": "own"},  # versions 1-5: the signal of Stage 3's layer alone
-    "version-5": {"llm_selection": "top", "llm_budget_signal": "regions", "llm_signal_layers": "own"},
+    "own-layer-scores": {"llm_score_layers": "own"},  # versions 1-5: the tokens chosen by Stage 3's layer alone
+    "version-5": {"llm_selection": "top", "llm_budget_signal": "regions", "llm_signal_layers": "own",
+                  "llm_score_layers": "own"},
     # Version 1's values of every field added since (llm_lambda aside: the bench solves it per run).
     "paper": {"rank": "numerical", **{k: v for old in sorted(LEGACY, reverse=True) for k, v in LEGACY[old].items()
                                       if k != "llm_lambda"}},  # the oldest version's value of each field wins

@@ -149,6 +149,7 @@ class _Plan:
         self.full_subs: Optional[Dict[str, Any]] = None  # proportional attention, layers before ``layer``
         self.key_bias = layout.key_bias if layout is not None else None  # (B, L) proportional attention
         self.early_signals: list = []  # llm_signal_layers="up_to": the budget signal of each layer before ``layer``
+        self.early_scores: list = []  # llm_score_layers="up_to": each such layer's attention on the visual tokens
 
 
 class DecoderPruner:
@@ -296,10 +297,13 @@ class DecoderPruner:
             if plan.early_signals:  # llm_signal_layers="up_to": the mean over the layers up to this one
                 signal = torch.stack(plan.early_signals + [signal.float()]).mean(dim=0)
             budget = adaptive_keep(signal, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
+        scores = rel.scores
+        if plan.early_scores:  # llm_score_layers="up_to": the mean attention over the layers up to this one
+            scores = torch.stack(plan.early_scores + [_on_visual(scores, visual)]).mean(dim=0)
         if cfg.method != "fastv" and cfg.llm_selection == "coverage":  # FastV keeps its paper's top-K
-            kept_visual = coverage_keep(rel.scores, budget, visual, normed, cfg.llm_region_sharpness, zs)
+            kept_visual = coverage_keep(scores, budget, visual, normed, cfg.llm_region_sharpness, zs)
         else:
-            kept_visual = topk_mask(rel.scores, budget, visual)
+            kept_visual = topk_mask(scores, budget, visual)
         keep = plan.valid & (~visual | kept_visual)
         left_padded = bool((~plan.valid[:, 0]).any()) and not bool((~plan.valid[:, -1]).any())
         plan.index, plan.kept_valid = compaction_index(keep, align_right=left_padded)
@@ -331,8 +335,11 @@ class DecoderPruner:
         attn = query_attention(layer, call, hidden, layout.query & plan.valid, plan.valid, llm_dims(self.model.config),
                                plan.key_bias, normed)
         rel = select_heads(attn, visual, self.heads_used)
-        limit = _count_limit(plan.cfg, visual.sum(dim=1))
-        plan.early_signals.append(self._budget_signal(plan.cfg, rel, visual, normed, limit=limit).float())
+        if plan.cfg.llm_signal_layers == "up_to":
+            limit = _count_limit(plan.cfg, visual.sum(dim=1))
+            plan.early_signals.append(self._budget_signal(plan.cfg, rel, visual, normed, limit=limit).float())
+        if plan.cfg.llm_score_layers == "up_to":
+            plan.early_scores.append(_on_visual(rel.scores, visual))
 
     @staticmethod
     def _budget_signal(cfg: MeteorConfig, rel: Any, visual: torch.Tensor, normed: torch.Tensor,
@@ -454,8 +461,14 @@ def _count_limit(cfg: MeteorConfig, entered: torch.Tensor) -> int:
 
 
 def _reads_early_signal(cfg: MeteorConfig, idx: int) -> bool:
-    """Whether layer ``idx`` (before Stage 3's) adds its budget signal to the mean that sets Stage 3's budget."""
-    return cfg.llm_signal_layers == "up_to" and idx >= 1 and cfg.method != "fastv"
+    """Whether layer ``idx`` (before Stage 3's) adds its budget signal or attention to the means Stage 3 uses."""
+    return "up_to" in (cfg.llm_signal_layers, cfg.llm_score_layers) and idx >= 1 and cfg.method != "fastv"
+
+
+def _on_visual(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """(B, L) attention renormalised over each row's visual tokens (0 elsewhere), so layers weigh alike."""
+    w = scores.float().clamp(min=0) * visual
+    return w / w.sum(dim=1, keepdim=True).clamp(min=1e-30)
 
 
 def _absorbed_bias(bias: torch.Tensor, states: torch.Tensor, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

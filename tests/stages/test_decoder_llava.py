@@ -371,23 +371,31 @@ def test_coverage_budget_is_the_mean_signal_up_to_stage3_and_keeps_the_covering_
             h.remove()
     stages = meteor_plugin.stats(model).stages
     heads = check_against_model(meteor_plugin.MeteorConfig(**cfg), model.config)
-    signals, scores, normed = [], None, None
+    signals, scores, normed = [], [], None
     with torch.no_grad():
         for i in (1, 2):
             layer, call = model.model.layers[i], calls[i]
             hidden = call.get("hidden_states")
             normed = layer.input_layernorm(hidden)
             attn = query_attention(layer, call, hidden, masks["query"], masks["valid"], llm_dims(model.config))
-            scores = select_heads(attn, masks["visual"], heads).scores
-            signals.append(coverage_count(scores, masks["visual"], normed, 0.75))
+            scores.append(select_heads(attn, masks["visual"], heads).scores)
+            signals.append(coverage_count(scores[-1], masks["visual"], normed, 0.75))
     mean = (signals[0] + signals[1]) / 2
     budget = torch.clamp(torch.floor(mean.double() * 0.5 + 0.5).long(), min=3, max=VISUAL)
-    kept = coverage_keep(scores, budget, masks["visual"], normed)
+    kept = coverage_keep(scores[1], budget, masks["visual"], normed)
     for i, sample in enumerate(stages):
         llm = sample["llm"]
         assert llm.detail["signal"] == pytest.approx(float(mean[i]), rel=1e-5)
         assert llm.left == int(budget[i]) and 3 <= llm.left < VISUAL
         assert llm.detail["kept"] == torch.nonzero(kept[i][masks["visual"][i]]).flatten().tolist()
+    # llm_score_layers="up_to": the tokens that cover the mean of both layers' attention, each over the image.
+    meteor_plugin.enable(**cfg, llm_score_layers="up_to")
+    forward_logits(model, ids, mask, images)
+    on_image = [(s * masks["visual"]) / (s * masks["visual"]).sum(dim=1, keepdim=True) for s in scores]
+    kept = coverage_keep((on_image[0] + on_image[1]) / 2, budget, masks["visual"], normed)
+    for i, sample in enumerate(meteor_plugin.stats(model).stages):
+        assert sample["llm"].left == int(budget[i])
+        assert sample["llm"].detail["kept"] == torch.nonzero(kept[i][masks["visual"][i]]).flatten().tolist()
     # The paper's top-K on the same attention keeps other tokens (here, at least).
     meteor_plugin.enable(**cfg, llm_selection="top")
     forward_logits(model, ids, mask, images)
