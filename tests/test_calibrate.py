@@ -65,7 +65,7 @@ def test_calibrate_command_writes_ranks_and_lambda(tmp_path):
     assert "encoder ranks (effective)" in done.stdout
     ranks = list(written["encoder_ranks"].values())
     assert len(set(ranks)) == 4 and any(r != int(r) for r in ranks)
-    assert written["version"] == 5 and written["llm_budget_signal"] == "regions" and written["spread_floor"] == 0.375
+    assert written["version"] == 6 and written["llm_budget_signal"] == "coverage" and written["spread_floor"] == 0.375
 
 
 def test_stage_budgets_are_validated_against_the_real_token_counts(tiny_llava):

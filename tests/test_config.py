@@ -26,6 +26,12 @@ def test_defaults_are_valid_and_round_trip_through_json():
     ("fusion_keep", True, "fusion_keep=True"),
     ("fusion_similarity", "dot", "fusion_similarity='dot' is invalid: allowed one of 'cosine', 'centred_cosine'"),
     ("proportional_attention", True, "proportional_attention=True is invalid: allowed one of 'auto', 'on', 'off'"),
+    ("llm_selection", "best", "llm_selection='best' is invalid: allowed one of 'top', 'coverage'"),
+    ("llm_signal_layers", "all", "llm_signal_layers='all' is invalid: allowed one of 'own', 'up_to'"),
+    ("llm_score_layers", "last", "llm_score_layers='last' is invalid: allowed one of 'own', 'up_to'"),
+    ("llm_coverage_share", 0.0, r"llm_coverage_share=0.0 is invalid: allowed a number in \(0.0, 1.0\]"),
+    ("llm_budget_signal", "tokens", "llm_budget_signal='tokens' is invalid: allowed one of 'mass', 'spread', "
+                                    "'regions', 'coverage'"),
 ])
 def test_bad_values_raise_value_error_naming_field_and_range(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -43,7 +49,7 @@ def test_unknown_fields_are_named():
 
 
 def test_files_in_json_and_yaml(tmp_path):
-    (tmp_path / "c.json").write_text(json.dumps({"version": 5, "llm_layer": 3, "llm_max_keep": 0.25}))
+    (tmp_path / "c.json").write_text(json.dumps({"version": 6, "llm_layer": 3, "llm_max_keep": 0.25}))
     (tmp_path / "c.yaml").write_text("llm_layer: 3\nllm_max_keep: 0.25\ntext_query: last\n")
     assert MeteorConfig.from_file(tmp_path / "c.json") == MeteorConfig(llm_layer=3, llm_max_keep=0.25)
     assert MeteorConfig.from_file(tmp_path / "c.yaml").text_query == "last"
@@ -60,28 +66,36 @@ def test_a_config_without_version_keeps_the_behaviour_it_was_written_for():
     old = MeteorConfig.from_dict({"llm_layer": 3})
     assert old.version == 1
     assert (old.fusion_similarity, old.text_query, old.llm_budget_signal, old.llm_min_heads) == ("cosine", "all", "mass", 1)
-    assert old.llm_lambda == 64.0 and MeteorConfig().llm_lambda == 11.0
+    assert old.llm_lambda == 64.0 and MeteorConfig().llm_lambda == 11.8
     assert old.spread_floor == 0.0
+    assert (old.llm_selection, old.llm_signal_layers) == ("top", "own")
+    v5_stage3 = {"llm_selection": "top", "llm_signal_layers": "own", "llm_score_layers": "own"}  # before version 6
     v2 = MeteorConfig.from_dict({"llm_layer": 3, "version": 2})
     assert v2 == MeteorConfig(llm_layer=3, spread_floor=0.0, llm_budget_signal="spread", llm_lambda=0.6,
-                              proportional_attention="off", version=2)
+                              proportional_attention="off", version=2, **v5_stage3)
     assert (v2.fusion_similarity, v2.text_query, v2.llm_budget_signal, v2.llm_min_heads) == ("duplicate", "last", "spread", 4)
     v3 = MeteorConfig.from_dict({"llm_layer": 3, "version": 3})
     assert v3 == MeteorConfig(llm_layer=3, llm_budget_signal="spread", llm_lambda=0.6, proportional_attention="off",
-                              version=3)
+                              version=3, **v5_stage3)
     assert v3.spread_floor == 0.375 and v2.default_of("spread_floor") == 0.0
     v4 = MeteorConfig.from_dict({"llm_layer": 3, "version": 4})
-    assert v4 == MeteorConfig(llm_layer=3, proportional_attention="off", version=4)
-    new = MeteorConfig.from_dict({"llm_layer": 3, "version": 5})
-    assert new == MeteorConfig(llm_layer=3) and (new.llm_budget_signal, new.llm_lambda) == ("regions", 11.0)
-    assert new.proportional_attention == "auto" and v4.default_of("proportional_attention") == "off"
-    assert v3.default_of("llm_budget_signal") == "spread" and new.default_of("llm_budget_signal") == "regions"
+    assert v4 == MeteorConfig(llm_layer=3, proportional_attention="off", version=4, llm_budget_signal="regions",
+                              llm_lambda=11.0, **v5_stage3)
+    v5 = MeteorConfig.from_dict({"llm_layer": 3, "version": 5})
+    assert v5 == MeteorConfig(llm_layer=3, llm_budget_signal="regions", llm_lambda=11.0, version=5, **v5_stage3)
+    assert v5.proportional_attention == "auto" and v4.default_of("proportional_attention") == "off"
+    assert v3.default_of("llm_budget_signal") == "spread" and v5.default_of("llm_budget_signal") == "regions"
+    new = MeteorConfig.from_dict({"llm_layer": 3, "version": 6})
+    assert new == MeteorConfig(llm_layer=3) and (new.llm_budget_signal, new.llm_lambda) == ("coverage", 11.8)
+    assert (new.llm_selection, new.llm_signal_layers, new.llm_score_layers, new.llm_coverage_share) == (
+        "coverage", "up_to", "up_to", 0.75)
+    assert v5.default_of("llm_selection") == "top" and new.default_of("llm_selection") == "coverage"
     # A field a version 1 file does set wins over the legacy value; saving keeps everything explicit.
     assert MeteorConfig.from_dict({"text_query": "last"}).text_query == "last"
     assert MeteorConfig.from_json(old.to_json()) == old
     assert old.default_of("fusion_similarity") == "cosine" and new.default_of("fusion_similarity") == "duplicate"
-    with pytest.raises(ValueError, match=r"MeteorConfig.version=6 is invalid"):
-        MeteorConfig.from_dict({"version": 6})
+    with pytest.raises(ValueError, match=r"MeteorConfig.version=7 is invalid"):
+        MeteorConfig.from_dict({"version": 7})
 
 
 def _like_jq(text):
@@ -95,7 +109,7 @@ def test_a_budget_keeps_its_meaning_through_a_json_tool_that_drops_the_decimal(f
     cfg = MeteorConfig(**{field: 1.0, "llm_min_keep": 0.05})
     again = MeteorConfig.from_json(_like_jq(cfg.to_json()))
     assert again == cfg and getattr(again, field) == 1.0 and isinstance(getattr(again, field), float)
-    assert MeteorConfig.from_json(_like_jq(json.dumps({field: 2.0, "version": 5}))) == MeteorConfig(**{field: 2})
+    assert MeteorConfig.from_json(_like_jq(json.dumps({field: 2.0, "version": 6}))) == MeteorConfig(**{field: 2})
     assert MeteorConfig(**{field: "all"}) == cfg
 
 

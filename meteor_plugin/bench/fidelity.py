@@ -110,9 +110,15 @@ def read_at(points: Sequence[tuple], x: float) -> tuple:
     return pts[0][1], "interpolated"
 
 
+def _curve_rows(rows: List[Dict[str, Any]], method: str) -> List[Dict[str, Any]]:
+    """A method's rows: FastV's at every layer it ran at (``fastv:<layer>``), read along their frontier."""
+    return [r for r in rows if r["method"] == method or (method == "fastv" and r["method"].startswith("fastv:"))]
+
+
 def equal_flops(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> List[Dict[str, Any]]:
-    """Each baseline's accuracy read off its accuracy-vs-FLOPs curve (its rows at every budget) at the
-    prefill FLOPs METEOR spent at each of ``budgets`` (``read_at``): the comparison at equal cost."""
+    """Each baseline's accuracy read off its accuracy-vs-FLOPs curve (its rows at every budget; FastV's frontier
+    over its layers) at the prefill FLOPs METEOR spent at each of ``budgets`` (``read_at``): the comparison at
+    equal cost."""
     series = list(KINDS) + ["overall"]
     meteor = {r["budget"]: r for r in rows if r["method"] == "meteor"}
     out = []
@@ -121,15 +127,35 @@ def equal_flops(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> List[Dict
             continue
         m = meteor[budget]
         for method in mt.BASELINES + ("meteor-s3", "meteor-s3-fixed"):
-            curve = [r for r in rows if r["method"] == method]
+            curve = _curve_rows(rows, method)
             if not curve:
                 continue
-            read = {key: read_at([(r["gflops"], r["accuracy"][key]) for r in curve], m["gflops"]) for key in series}
-            out.append({"budget": budget, "gflops": m["gflops"], "baseline": method,
-                        "accuracy": {key: v[0] for key, v in read.items()}, "read": read["overall"][1],
-                        "cheapest_gflops": min(r["gflops"] for r in curve),
-                        "meteor": {key: m["accuracy"][key] for key in series}})
+            read, layers = {}, None
+            for key in series:
+                points = mt.frontier([(r["gflops"], r["accuracy"][key], r["method"]) for r in curve])
+                read[key] = read_at([p[:2] for p in points], m["gflops"])
+                if key == "overall" and any(r["method"] != method for r in curve):
+                    layers = _bracketing(points, m["gflops"])
+            entry = {"budget": budget, "gflops": m["gflops"], "baseline": method,
+                     "accuracy": {key: v[0] for key, v in read.items()}, "read": read["overall"][1],
+                     "cheapest_gflops": min(r["gflops"] for r in curve),
+                     "meteor": {key: m["accuracy"][key] for key in series}}
+            if layers is not None:
+                entry["frontier_runs"] = layers
+            out.append(entry)
     return out
+
+
+def _bracketing(points: Sequence[tuple], x: float) -> List[str]:
+    """The runs (names) of the frontier points a reading at cost ``x`` comes from: the two around it, or the
+    cheapest where it never runs that cheaply (none where it always costs less)."""
+    below = [p for p in points if p[0] <= x + 1e-9]
+    above = [p for p in points if p[0] > x + 1e-9]
+    if not below:
+        return [above[0][2]] if above else []
+    if abs(below[-1][0] - x) <= 1e-9:
+        return [below[-1][2]]
+    return [below[-1][2], above[0][2]] if above else []
 
 
 MANY_TOKEN_KIND, FEW_TOKEN_KIND = "count", "background"  # every object of a colour, against a global property
@@ -172,11 +198,14 @@ def targets(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> Dict[str, Any
                           "ratio": many / few if few else float("inf"), "met": many >= 2 * few})
     if spend:
         out["stage3_adapts"] = {"met": all(x["met"] for x in spend), "by_run": spend}
-    fixed = {r["budget"]: r for r in rows if r["method"] == "meteor-s3-fixed"}
-    versus = [{"budget": r["budget"], "adaptive": r["accuracy"]["overall"], "fixed": fixed[r["budget"]]["accuracy"]["overall"],
-               "adaptive_kept": r["kept"], "fixed_kept": fixed[r["budget"]]["kept"],
-               "met": r["accuracy"]["overall"] > fixed[r["budget"]]["accuracy"]["overall"]}
-              for r in rows if r["method"] == "meteor-s3" and r["budget"] in fixed]
+    versus = []
+    for adaptive, same in (("meteor-s3", "meteor-s3-fixed"), ("meteor", "meteor-fixed")):  # alone, all stages
+        fixed = {r["budget"]: r for r in rows if r["method"] == same}
+        versus += [{"method": adaptive, "budget": r["budget"], "adaptive": r["accuracy"]["overall"],
+                    "fixed": fixed[r["budget"]]["accuracy"]["overall"], "adaptive_kept": r["kept"],
+                    "fixed_kept": fixed[r["budget"]]["kept"],
+                    "met": r["accuracy"]["overall"] > fixed[r["budget"]]["accuracy"]["overall"]}
+                   for r in rows if r["method"] == adaptive and r["budget"] in fixed]
     if versus:
         out["stage3_adaptive_beats_fixed"] = {"met": all(x["met"] for x in versus), "by_budget": versus}
     return out
@@ -311,7 +340,8 @@ def report(result: Dict[str, Any]) -> str:
     lines += table(["method", "budget", "kept", "GFLOPs", "per layer", *kinds, "overall", "rel.", ""], body)
     lines += ["", "'per layer': visual tokens each decoder layer ran on (mean); 'kept': after the last stage.", ""]
     if result["equal_flops"]:
-        lines.append("At equal prefill FLOPs (each baseline's accuracy-vs-FLOPs curve read at METEOR's FLOPs; a "
+        lines.append("At equal prefill FLOPs (each baseline's accuracy-vs-FLOPs curve read at METEOR's FLOPs, FastV's "
+                     "frontier over its layers; a "
                      "baseline that never runs that cheaply is read at its cheapest run, which costs more):")
         body, shown = [], set()
         for c in result["equal_flops"]:
@@ -321,6 +351,8 @@ def report(result: Dict[str, Any]) -> str:
                             + [f"{c['meteor']['overall']:.3f}", ""])
             note = {"cheapest": f"(its cheapest run, {c['cheapest_gflops']:.3f} GFLOPs)",
                     "dearer": "(costs less than METEOR at every budget)"}.get(c["read"], "")
+            if c.get("frontier_runs"):
+                note += f" (frontier over its layers: {' and '.join(c['frontier_runs'])})"
             body.append(["", "", c["baseline"]] + [_fmt(c["accuracy"][k]) for k in kinds]
                         + [_fmt(c["accuracy"]["overall"]), note])
         lines += table(["METEOR at", "GFLOPs", "method", *kinds, "overall", ""], body, left=(0, 2, -1), indent="  ")
@@ -356,7 +388,7 @@ def report(result: Dict[str, Any]) -> str:
                      f"{'met' if x['met'] else 'NOT met'} ({detail})")
     if "stage3_adaptive_beats_fixed" in t:
         x = t["stage3_adaptive_beats_fixed"]
-        detail = "; ".join(f"{v['budget']}: {v['adaptive']:.3f} vs {v['fixed']:.3f}" for v in x["by_budget"])
+        detail = "; ".join(f"{v['method']}@{v['budget']}: {v['adaptive']:.3f} vs {v['fixed']:.3f}" for v in x["by_budget"])
         lines.append(f"  Stage 3's adaptive budget beats the same scoring at a fixed budget of the same average: "
                      f"{'met' if x['met'] else 'NOT met'} ({detail})")
     if result.get("plot"):

@@ -33,21 +33,26 @@ def calibrate(model, tokenizer, methods: Sequence[str], budgets: Sequence[int], 
     val = ev.eval_set(tokenizer, val_per_kind, split="val")
     images = pixels(val.images[:32])
     ranks, numerical = encoder_ranks(model, images), encoder_ranks(model, images, "numerical")
+    pinned = dict(meteor or {})
     layers = list(layers or range(1, model.config.num_hidden_layers))
     k = mt.tokens_for(0.25)
     scores = {}
     for layer in steps(layers, "calibration: llm_layer", "layer"):
-        trial = mt.Calibration(ranks, layer, layer, meteor=dict(meteor or {}))
-        solve(model, val, trial, [("meteor-s3", k)], batch_size)
-        s3 = ev.evaluate(model, val, mt.config_for("meteor-s3", k, trial), batch_size).accuracy()
+        trial = mt.Calibration(ranks, layer, layer, meteor=pinned)
+        s3 = None
+        if "llm_layer" not in pinned:  # a pinned layer is not chosen: only FastV's is
+            solve(model, val, trial, mt.needed_lambdas(["meteor-s3"], [k], pinned=pinned), batch_size)
+            s3 = round(ev.evaluate(model, val, mt.config_for("meteor-s3", k, trial), batch_size).accuracy(), 4)
         fv = ev.evaluate(model, val, mt.config_for("fastv", k, trial), batch_size).accuracy()
-        scores[layer] = (round(s3, 4), round(fv, 4))
-    cal = mt.Calibration(ranks, max(layers, key=lambda la: (scores[la][0], -la)),
-                         max(layers, key=lambda la: (scores[la][1], -la)), meteor=dict(meteor or {}),
-                         numerical_ranks=numerical)
+        scores[layer] = (s3, round(fv, 4))
+    meteor_layer = pinned.get("llm_layer") or max(layers, key=lambda la: (scores[la][0], -la))
+    cal = mt.Calibration(ranks, meteor_layer, max(layers, key=lambda la: (scores[la][1], -la)), meteor=pinned,
+                         numerical_ranks=numerical, fastv_layers=layers)
+    chosen = "pinned" if "llm_layer" in pinned else "chosen"
     log(f"calibration on {len(val)} validation questions: encoder ranks {ranks} (numerical {numerical}); accuracy "
-        f"at {k} tokens per llm_layer (meteor-s3, fastv) {scores} -> meteor {cal.meteor_layer}, fastv {cal.fastv_layer}")
-    solve(model, val, cal, mt.needed_lambdas(methods, budgets, extra, ablations, ablation_budgets), batch_size)
+        f"at {k} tokens per llm_layer (meteor-s3, fastv) {scores} -> meteor {cal.meteor_layer} ({chosen}), fastv "
+        f"{cal.fastv_layer}")
+    solve(model, val, cal, mt.needed_lambdas(methods, budgets, extra, ablations, ablation_budgets, pinned), batch_size)
     return cal
 
 
@@ -62,7 +67,8 @@ def solve(model, val: ev.EvalSet, cal: mt.Calibration, pairs, batch_size: int = 
                 rows = val.ids[start:start + batch_size]
                 ev.forward(model, rows, val.images[start:start + len(rows)])
                 signals += mt.signals_from_stats(meteor_plugin.stats(model))
-        mt.with_lambda(cal, method, k, mt.solve_lambda(signals, k, mt.entering_tokens(method, k)))
+        mt.with_lambda(cal, method, k, mt.solve_lambda(signals, k, mt.entering_tokens(method, k),
+                                                       mt.stage3_clip(method, k, cal)))
 
 
 def meteor_config(model, tokenizer, ratio: float = mt.METEOR_TARGET, val_per_kind: int = 100, log=print,

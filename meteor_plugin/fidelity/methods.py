@@ -11,19 +11,21 @@ method is run at the same budgets and the tokens really kept are read back from 
 | avgpool | each encoder's grid (8x8, 12x12) average-pooled, K split by token count | ``method="avgpool"`` |
 | visionzip | dominant tokens by CLIP attention / ConvNeXt feature norm + merged context | ``method="visionzip"`` |
 | drop-clip / drop-convnext | one encoder removed, the other evenly subsampled to K (not run where K exceeds its tokens) | ``method="drop_encoder"`` |
-| fastv | last instruction token's attention (all heads) at ``llm_layer``, K fixed | ``method="fastv"`` |
+| fastv | last instruction token's attention (all heads) at ``llm_layer``, K fixed; in the bench at every layer (``fastv:<layer>``), read as the frontier over them | ``method="fastv"`` |
 | meteor-s1 | Stage 1 alone: K tokens split across encoders by rank, pruned inside them | ``encoder_keep=K`` |
 | meteor-s2 | Stage 2 alone: K tokens by the Stage 2 similarity | ``fusion_keep=K`` |
 | meteor-s3 | Stage 3 alone: adaptive, K on average after ``llm_layer`` | ``llm_lambda`` solved |
 | meteor-s3-fixed | Stage 3 alone with the same scoring, K for every question (what the adaptive budget must beat) | ``llm_min_keep = llm_max_keep = K`` |
 | meteor | all three: Stage 1 to E, Stage 2 to F = 2K, Stage 3 to K on average | see `fusion_share` |
+| meteor-fixed | all three, Stage 3 at K for every question (what METEOR's adaptive budget must beat) | the same, ``llm_min_keep = llm_max_keep = K`` |
 | meteor:NAME | ``meteor`` with one choice switched (`ABLATIONS`; ``paper``: all of them) | the same |
 
 Every METEOR row runs the config defaults unless told otherwise. Calibration uses the validation split
 only: encoder ranks (``calibrate.encoder_ranks``, effective and numerical) and Stage 3's
 ``llm_lambda``, solved per config so that the mean clipped budget on validation questions equals K
 (the test split then shows the budget that really resulted). ``llm_layer`` is chosen on validation
-too, separately for METEOR's Stage 3 and FastV. ``Calibration.meteor`` holds MeteorConfig fields set on
+too for METEOR's Stage 3 (unless ``--meteor-set`` pins it); FastV runs at every layer and is read along its
+accuracy-vs-FLOPs frontier over them. ``Calibration.meteor`` holds MeteorConfig fields set on
 every METEOR run on top of the defaults (the bench's ``--meteor-set``, e.g. the paper's choices for an
 ablation); the baselines never take them.
 """
@@ -41,7 +43,7 @@ BUDGETS = (0.5, 0.25, 0.125, 0.0625)
 METEOR_TARGET = 0.24  # the paper's setting: 242 of EAGLE's 1024 visual tokens
 RANDOM_SEEDS = (0, 1, 2)
 BASELINES = ("random", "avgpool", "visionzip", "drop-clip", "drop-convnext", "fastv")
-METEOR = ("meteor-s1", "meteor-s2", "meteor-s3", "meteor-s3-fixed", "meteor")
+METEOR = ("meteor-s1", "meteor-s2", "meteor-s3", "meteor-s3-fixed", "meteor-fixed", "meteor")
 ALL_METHODS = BASELINES + METEOR
 # METEOR (all stages) with one choice switched to its alternative: the paper's where ours differs
 # (``paper`` switches them all: the method as version 1 of the config ran it). Run as ``meteor:<name>``.
@@ -56,6 +58,12 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "all-query": {"text_query": "all"},
     "no-spread-floor": {"spread_floor": 0.0},
     "no-proportional": {"proportional_attention": "off"},  # versions 1-4: compacted positions, no sizes
+    "top-selection": {"llm_selection": "top"},  # versions 1-5: Stage 3 keeps the most attended tokens
+    "regions-budget": {"llm_budget_signal": "regions"},  # version 4-5's signal
+    "own-layer-signal": {"llm_signal_layers": "own"},  # versions 1-5: the signal of Stage 3's layer alone
+    "own-layer-scores": {"llm_score_layers": "own"},  # versions 1-5: the tokens chosen by Stage 3's layer alone
+    "version-5": {"llm_selection": "top", "llm_budget_signal": "regions", "llm_signal_layers": "own",
+                  "llm_score_layers": "own"},
     # Version 1's values of every field added since (llm_lambda aside: the bench solves it per run).
     "paper": {"rank": "numerical", **{k: v for old in sorted(LEGACY, reverse=True) for k, v in LEGACY[old].items()
                                       if k != "llm_lambda"}},  # the oldest version's value of each field wins
@@ -91,25 +99,35 @@ class Calibration:
     lambdas: Dict[str, float] = field(default_factory=dict)  # "<method>@<k>" -> llm_lambda
     meteor: Dict[str, Any] = field(default_factory=dict)  # MeteorConfig fields of every METEOR run
     numerical_ranks: Optional[Dict[str, float]] = None  # the paper's rank, for the numerical-rank ablation
+    # FastV's layers in a bench: ``fastv`` runs at each (``fastv:<layer>``), its accuracy-vs-FLOPs frontier over
+    # them; empty: at ``fastv_layer`` alone.
+    fastv_layers: Sequence[int] = ()
 
     def to_dict(self) -> Dict[str, object]:
         return {"encoder_ranks": self.encoder_ranks, "numerical_ranks": self.numerical_ranks,
                 "meteor_layer": self.meteor_layer, "fastv_layer": self.fastv_layer, "lambdas": dict(self.lambdas),
-                "meteor": dict(self.meteor)}
+                "meteor": dict(self.meteor), "fastv_layers": list(self.fastv_layers)}
 
 
 def meteor_fields(method: str, cal: Calibration) -> Tuple[str, Dict[str, Any], Dict[str, float]]:
     """(base method, MeteorConfig fields, encoder ranks) of a METEOR method or ``meteor:<ablation>``."""
     name, _, variant = method.partition(":")
-    fields, ranks = dict(cal.meteor), cal.encoder_ranks
+    fields, ranks = dict(cal.meteor), cal.meteor.get("encoder_ranks", cal.encoder_ranks)
     if variant:
         change = dict(ABLATIONS[variant])
         if change.pop("rank", None) == "numerical":
             if cal.numerical_ranks is None:
                 raise ValueError(f"{method} needs the numerical ranks in the calibration")
             ranks = cal.numerical_ranks
+            fields.pop("encoder_ranks", None)
         fields.update(change)
     return name, fields, ranks
+
+
+def _meteor_run(own: Dict[str, Any], pinned: Dict[str, Any]):
+    """A METEOR run's config: what the method and the calibration set (``own``), then the fields every METEOR
+    run is given (``pinned``: the bench's ``--meteor-set``, and an ablation's switch), which win."""
+    return base().replace(**{**own, **pinned})
 
 
 def base():
@@ -137,19 +155,23 @@ def config_for(method: str, k: int, cal: Calibration, seed: int = 0):
         return b.replace(method=method, fusion_keep=k)
     if method in ("drop-clip", "drop-convnext"):
         return b.replace(method="drop_encoder", drop_encoder=0 if method == "drop-clip" else 1, fusion_keep=k)
-    if method == "fastv":
-        return b.replace(method="fastv", llm=True, llm_layer=cal.fastv_layer, llm_max_keep=k, llm_min_keep=k)
+    if method == "fastv" or method.startswith("fastv:"):  # ``fastv:<layer>``: at that layer
+        layer = int(method.partition(":")[2] or cal.fastv_layer)
+        return b.replace(method="fastv", llm=True, llm_layer=layer, llm_max_keep=k, llm_min_keep=k)
     if method == "meteor-s1":
-        return b.replace(**cal.meteor, encoder=True, encoder_keep=k, encoder_ranks=cal.encoder_ranks)
+        return _meteor_run({"encoder": True, "encoder_keep": k, "encoder_ranks": cal.encoder_ranks}, cal.meteor)
     if method == "meteor-s2":
-        return b.replace(**cal.meteor, fusion=True, fusion_keep=k)
+        return _meteor_run({"fusion": True, "fusion_keep": k}, cal.meteor)
     if method == "meteor-s3-fixed":
-        return b.replace(**cal.meteor, llm=True, llm_layer=cal.meteor_layer, llm_min_keep=k, llm_max_keep=k)
+        return _meteor_run({"llm": True, "llm_layer": cal.meteor_layer, "llm_min_keep": k, "llm_max_keep": k},
+                           cal.meteor)
+    if method == "meteor-fixed":
+        return _stage3_run("meteor", k, cal, {"llm_min_keep": k, "llm_max_keep": k})
     if method in ("meteor-s3", "meteor") or is_ablation(method):
-        lam = cal.lambdas.get(stage3_key(method, k))
+        lam = cal.meteor.get("llm_lambda", cal.lambdas.get(stage3_key(method, k)))
         if lam is None:
             raise KeyError(f"no llm_lambda calibrated for {method} at {k} tokens: run solve_lambda first")
-        return stage3_probe(method, k, cal).replace(llm_lambda=lam, **_clip_fields(method, k))
+        return _stage3_run(method, k, cal, {"llm_lambda": lam, **_clip_fields(method, k)})
     raise ValueError(f"unknown method {method!r}: allowed {', '.join(ALL_METHODS)}")
 
 
@@ -173,15 +195,34 @@ def _clip_fields(method: str, k: int) -> dict:
 
 
 def stage3_probe(method: str, k: int, cal: Calibration):
-    """The Stage 3 config with every visual token kept: its forwards record the budget signal."""
-    name, extra, ranks = meteor_fields(method, cal)
-    b = base().replace(**extra)
-    fields = stage3_fields(k, entering_tokens(method, k), cal.meteor_layer, 1.0)
-    fields.update(llm_min_keep=1.0, llm_max_keep=1.0)
+    """The Stage 3 config with every visual token kept: its forwards record the budget signal (a pinned
+    ``llm_lambda`` or clip does not apply to the probe, which must keep everything)."""
+    return _stage3_run(method, k, cal, {"llm_lambda": 1.0, "llm_min_keep": 1.0, "llm_max_keep": 1.0}, probe=True)
+
+
+def _stage3_run(method: str, k: int, cal: Calibration, stage3: Dict[str, Any], probe: bool = False):
+    """``meteor-s3``, ``meteor`` or an ablation at ``k``, with Stage 3's ``stage3`` fields (lambda and clip)."""
+    name, pinned, ranks = meteor_fields(method, cal)
+    own = {**stage3_fields(k, entering_tokens(method, k), cal.meteor_layer, 1.0), **stage3}
     if name == "meteor":
         e, f = fusion_share(k)
-        b = b.replace(encoder=True, fusion=True, encoder_keep=e, fusion_keep=f, encoder_ranks=ranks)
-    return b.replace(**fields)
+        own.update(encoder=True, fusion=True, encoder_keep=e, fusion_keep=f, encoder_ranks=ranks)
+    if probe:
+        pinned = {key: v for key, v in pinned.items() if key not in stage3}
+    return _meteor_run(own, pinned)
+
+
+def stage3_clip(method: str, k: int, cal: Calibration) -> Tuple[int, int]:
+    """Stage 3's per-question bounds of ``method`` at ``k`` (a pinned ``llm_min_keep`` / ``llm_max_keep`` wins),
+    as token counts of what enters Stage 3: what ``solve_lambda`` must solve under."""
+    from ..core.budget import resolve_budget
+
+    entering = entering_tokens(method, k)
+    lo, hi = llm_clip(k, entering)
+    pinned = meteor_fields(method, cal)[1]
+    lo = resolve_budget(pinned["llm_min_keep"], entering) if "llm_min_keep" in pinned else lo
+    hi = resolve_budget(pinned["llm_max_keep"], entering) if "llm_max_keep" in pinned else hi
+    return lo, hi
 
 
 def clipped_mean(masses: Sequence[float], lam: float, lo: int, hi: int) -> float:
@@ -190,10 +231,10 @@ def clipped_mean(masses: Sequence[float], lam: float, lo: int, hi: int) -> float
     return float(torch.clamp(torch.floor(m * lam + 0.5), lo, hi).mean())
 
 
-def solve_lambda(masses: Sequence[float], k: int, entering: int) -> float:
+def solve_lambda(masses: Sequence[float], k: int, entering: int, clip: Optional[Tuple[int, int]] = None) -> float:
     """The llm_lambda whose clipped budgets average ``k`` over ``masses`` (bisection; the mean grows
-    with lambda)."""
-    lo, hi = llm_clip(k, entering)
+    with lambda). ``clip``: the per-question bounds (default ``llm_clip(k, entering)``)."""
+    lo, hi = clip or llm_clip(k, entering)
     if not masses or max(masses) <= 0:
         raise ValueError("Stage 3 recorded no visual attention mass on the calibration questions")
     a, b = 0.0, 1.0
@@ -217,6 +258,9 @@ def configs(methods: Sequence[str], budgets: Sequence[int], cal: Calibration,
         for method in methods:
             if k > remaining_tokens(method):
                 continue  # dropping the ConvNeXt leaves CLIP's 64 tokens: no run keeps 104 (50%) of them
+            if method == "fastv" and cal.fastv_layers:  # its frontier: every layer
+                out += [(f"fastv:{layer}", k, 0, config_for(f"fastv:{layer}", k, cal)) for layer in cal.fastv_layers]
+                continue
             seeds = RANDOM_SEEDS if method == "random" else (0,)
             for seed in seeds:
                 out.append((method, k, seed, config_for(method, k, cal, seed)))
@@ -240,10 +284,14 @@ def remaining_tokens(method: str) -> int:
 
 
 def needed_lambdas(methods: Sequence[str], budgets: Sequence[int], meteor_extra: Sequence[int] = (),
-                   ablations: Sequence[str] = (), ablation_budgets: Sequence[int] = ()) -> List[Tuple[str, int]]:
+                   ablations: Sequence[str] = (), ablation_budgets: Sequence[int] = (),
+                   pinned: Optional[Dict[str, Any]] = None) -> List[Tuple[str, int]]:
+    """(method, budget) pairs whose ``llm_lambda`` calibration must solve (none where it is pinned)."""
     out = [(m, k) for k in budgets for m in methods if m in ("meteor-s3", "meteor")]
     out += [("meteor", k) for k in meteor_extra if "meteor" in methods]
     out += [(f"meteor:{name}", k) for k in ablation_budgets for name in ablations]
+    if pinned and "llm_lambda" in pinned:
+        out = [(m, k) for m, k in out if "llm_lambda" in ABLATIONS.get(m.partition(":")[2], {})]
     return out
 
 
@@ -264,6 +312,16 @@ def check_ablations(names: Sequence[str]) -> List[str]:
     if bad:
         raise ValueError(f"unknown ablation(s) {', '.join(bad)}: allowed {', '.join(ABLATIONS)}")
     return list(names)
+
+
+def frontier(points: Sequence[tuple]) -> List[tuple]:
+    """The (cost, accuracy, ...) points no other point beats (none as cheap or cheaper and at least as accurate),
+    by cost: a method run at several settings (FastV at each layer) is read along this upper envelope."""
+    out: List[tuple] = []
+    for p in sorted(points, key=lambda q: (q[0], -q[1])):
+        if not out or p[1] > out[-1][1]:
+            out.append(p)
+    return out
 
 
 def with_lambda(cal: Calibration, method: str, k: int, lam: float) -> Calibration:

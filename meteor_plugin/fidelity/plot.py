@@ -3,7 +3,8 @@
 One panel per series of questions (overall and every kind by default, three to a row): each method is a
 coloured line through its budgets at the FLOPs it really spent, random shows its seed spread as a vertical
 bar, and the unpruned model is a dashed horizontal line at its accuracy (its FLOPs are the right edge).
-Ablation rows (``meteor:NAME``) are left to the text report.
+Ablation rows (``meteor:NAME``) are left to the text report; FastV run at several layers (``fastv:<layer>``) is
+drawn as its frontier over them (at each cost, its most accurate layer).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .methods import frontier
+
 PALETTE = {
     "random": (150, 150, 150), "avgpool": (31, 119, 180), "visionzip": (44, 160, 44),
     "drop-clip": (188, 189, 34), "drop-convnext": (140, 86, 75), "fastv": (148, 103, 189),
     "meteor-s1": (255, 152, 150), "meteor-s2": (255, 127, 14), "meteor-s3": (227, 119, 194),
-    "meteor-s3-fixed": (247, 182, 210), "meteor": (214, 39, 40),
+    "meteor-s3-fixed": (247, 182, 210), "meteor-fixed": (255, 187, 120), "meteor": (214, 39, 40),
 }
 W, H = 560, 420
 MARGIN = (64, 36, 20, 52)  # left, top, right, bottom
@@ -94,18 +97,22 @@ def draw(rows: Sequence[Dict[str, object]], path: str, panels: Sequence[Tuple[st
             if r["method"] == "unpruned":
                 unpruned = acc
                 continue
-            if r["method"] not in PALETTE:
+            method = "fastv" if str(r["method"]).startswith("fastv:") else str(r["method"])  # its layers
+            if method not in PALETTE:
                 continue
             lo = r.get("low", {}).get(key, acc)
             hi = r.get("high", {}).get(key, acc)
-            series.setdefault(str(r["method"]), []).append((float(r[x_key]), acc, lo, hi))
-        for points in series.values():
+            series.setdefault(method, []).append((float(r[x_key]), acc, lo, hi))
+        for method, points in series.items():
             points.sort()
+            if any(str(r["method"]).startswith("fastv:") for r in rows) and method == "fastv":
+                points[:] = frontier(points)
         _panel(d, (p % columns) * W, (p // columns) * H, title, series, unpruned, x_max, x_label)
     x = 10
     font = _font()
     for method, colour in PALETTE.items():
-        if not any(r["method"] == method for r in rows):
+        if not any(r["method"] == method or str(r["method"]).startswith(f"{method}:") and method == "fastv"
+                   for r in rows):
             continue
         d.rectangle([x, H * n_rows + 8, x + 12, H * n_rows + 18], fill=colour)
         d.text((x + 16, H * n_rows + 6), method, fill=(0, 0, 0), font=font)

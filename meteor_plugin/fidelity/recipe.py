@@ -56,6 +56,9 @@ class RecipeSettings:
     threads: int = 2
     seed: int = 0
     per_kind: int = 3  # questions of each kind packed per image (``pack_turns``): 5.6 turns on average
+    # At most this many questions per image (None: every packed one). 1 for fine-tuning with Stage 3 active: Stage
+    # 3 keeps the tokens the first question asks for, which later questions of another kind would be trained on.
+    turns: Optional[int] = None
     logging_steps: int = 50
     refine_steps: int = 0  # phase 3 (``refine``): more steps on fresh images at a lower peak lr; 0: none
     refine_lr: float = 5e-4
@@ -118,7 +121,7 @@ def write_data(settings: RecipeSettings, count: int, echo=print, name: str = "da
     began = time.perf_counter()
     records = []
     for i in range(count):
-        sample = make_sample("train", i, seed=settings.seed, per_kind=settings.per_kind)
+        sample = make_sample("train", i, seed=settings.seed, per_kind=settings.per_kind, max_turns=settings.turns)
         name = f"{i:06d}.png"
         path = os.path.join(images, name)
         if not os.path.isfile(path):
@@ -212,12 +215,12 @@ def logged_losses(log: str) -> List[float]:
     return out
 
 
-def fixed_accuracy(model, tokenizer) -> Dict[str, float]:
-    """Accuracy of ``model`` on the fixed test questions, nothing pruned."""
+def fixed_accuracy(model, tokenizer, config=None) -> Dict[str, float]:
+    """Accuracy of ``model`` on the fixed test questions, nothing pruned (or under ``config``)."""
     from .evaluate import eval_set, evaluate
     from .model import unpruned_config
 
-    result = evaluate(model, eval_set(tokenizer, FIXED_PER_KIND, split="test"), unpruned_config())
+    result = evaluate(model, eval_set(tokenizer, FIXED_PER_KIND, split="test"), config or unpruned_config())
     return {**result.summary()["accuracy"], "correct": sum(result.correct), "questions": len(result.correct)}
 
 
@@ -229,6 +232,7 @@ def finish(settings: RecipeSettings, trained: str, dest: Optional[str] = None, e
 
     import meteor_plugin
 
+    from ..config import MeteorConfig
     from . import llava_format
     from .calibration import meteor_config
     from .model import load
@@ -242,7 +246,11 @@ def finish(settings: RecipeSettings, trained: str, dest: Optional[str] = None, e
     llava_format.save_hf_tokenizer(dest)
     model, tokenizer = load(dest)
     accuracy = fixed_accuracy(model, tokenizer)
-    meteor_config(model, tokenizer, log=echo).save(os.path.join(dest, "meteor-24.json"))
+    # A model fine-tuned with a METEOR config active is calibrated with that config's Stage 3 layer, not another.
+    pinned = {"llm_layer": MeteorConfig.from_file(settings.meteor_config).llm_layer} if settings.meteor_config else {}
+    calibrated = meteor_config(model, tokenizer, log=echo, meteor=pinned)
+    calibrated.save(os.path.join(dest, "meteor-24.json"))
+    pruned = fixed_accuracy(model, tokenizer, calibrated) if settings.meteor_config else None
     meteor_plugin.detach(model)
     record = {
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("log", "python", "workdir")},
@@ -250,6 +258,9 @@ def finish(settings: RecipeSettings, trained: str, dest: Optional[str] = None, e
         "cores": os.cpu_count(),
         "fixed_test": {"split": "test", "per_kind": FIXED_PER_KIND, "accuracy": accuracy},
     }
+    if pruned is not None:  # trained with pruning: also what it answers with its own calibrated config
+        record["fixed_test_meteor"] = {"split": "test", "per_kind": FIXED_PER_KIND, "config": "meteor-24.json",
+                                       "accuracy": pruned}
     with open(os.path.join(dest, RECORD), "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=1)
     return dest
@@ -409,7 +420,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("workdir")
     defaults = RecipeSettings(workdir="")
     for name in ("pretrain_steps", "pretrain_batch", "finetune_steps", "batch_size", "images", "threads", "seed",
-                 "per_kind", "logging_steps", "refine_steps", "refine_seed"):
+                 "per_kind", "turns", "logging_steps", "refine_steps", "refine_seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("pretrain_lr", "lr", "vision_lr", "budget_seconds", "pretrain_share", "refine_lr"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))

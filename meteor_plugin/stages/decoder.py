@@ -4,8 +4,11 @@ At decoder layer ``llm_layer`` the instruction tokens' attention to the visual t
 from that layer's own q/k projections (RoPE at the real positions, GQA heads repeated), so the model
 keeps running SDPA or FlashAttention. The heads with the highest visual attention value (at least
 ``llm_min_heads``) score the tokens and set the budget per sample: ``K = llm_lambda * signal``, the
-signal being their attention mass on visual tokens (the paper's) or how many visual tokens that
-attention spreads over (``llm_budget_signal="spread"``, the default). From that layer on, every layer runs on
+signal being their attention mass on visual tokens (the paper's), how many visual tokens or distinct
+regions that attention spreads over, or how many tokens it takes to cover most of it (``"coverage"``,
+the default), read at that layer or averaged over the layers up to it (``llm_signal_layers``). The
+kept tokens are the most attended (``llm_selection="top"``) or those that cover most of the attention
+(``"coverage"``, the default: ``core/coverage.py``). From that layer on, every layer runs on
 the compacted sequence: hidden states, position ids, rotary tables, masks and cache positions are
 gathered per layer, kept tokens keep their original position ids, and the KV cache of those layers
 holds only the kept tokens. Layers before ``llm_layer`` (and so layer 0's cache, which transformers
@@ -30,6 +33,7 @@ from .. import percall
 from ..compat import transformers as compat
 from ..config import MeteorConfig
 from ..core.budget import adaptive_keep, resolve_budget, resolve_budget_per_sample
+from ..core.coverage import coverage_count, coverage_keep, similarities
 from ..core.select import compaction_index, gather_tokens, topk_mask
 from ..core.token_sizes import absorbed_sizes
 from ..core.text_attention import (apply_rope, attended_regions, attention_spread, mean_query_attention,
@@ -163,6 +167,8 @@ class _Plan:
         self.column: Any = None  # proportional attention's key column (attention_bias), compacted layers
         self.full_column: Any = None  # and layers before ``layer``
         self.key_bias = layout.key_bias if layout is not None else None  # (B, L) proportional attention
+        self.early_signals: list = []  # llm_signal_layers="up_to": the budget signal of each layer before ``layer``
+        self.early_scores: list = []  # llm_score_layers="up_to": each such layer's attention on the visual tokens
 
 
 class DecoderPruner:
@@ -267,6 +273,8 @@ class DecoderPruner:
         if not plan.prunes or idx < plan.layer:
             if plan.mode == "prefill":
                 plan.stats.record_layer(idx, hidden.shape[1], plan.valid.sum(1).tolist())
+                if plan.prunes and plan.index is None and _reads_early_signal(plan.cfg, idx):
+                    self._early_signal(plan, layer, call, hidden)
             return self._full_length_bias(plan, idx, call, hidden)
         if plan.mode == "prefill":
             if idx == plan.layer:
@@ -311,9 +319,19 @@ class DecoderPruner:
         else:
             rel = select_heads(query_attention(layer, call, hidden, query, plan.valid, dims, plan.key_bias, normed),
                                visual, self.heads_used)
-            signal = self._budget_signal(cfg, rel, visual, normed)
+            zs = _similarities(cfg, visual, normed)  # the tokens' likeness, shared by the signal and the selection
+            signal = self._budget_signal(cfg, rel, visual, normed, zs, _count_limit(cfg, entered))
+            if plan.early_signals:  # llm_signal_layers="up_to": the mean over the layers up to this one
+                signal = torch.stack(plan.early_signals + [signal.float()]).mean(dim=0)
             budget = adaptive_keep(signal, cfg.llm_lambda, entered, cfg.llm_min_keep, cfg.llm_max_keep)
-        kept_visual = tensor_parallel.agree(self.tp, topk_mask(rel.scores, budget, visual))  # rank 0's, on every rank
+        scores = rel.scores
+        if plan.early_scores:  # llm_score_layers="up_to": the mean attention over the layers up to this one
+            scores = torch.stack(plan.early_scores + [_on_visual(scores, visual)]).mean(dim=0)
+        if cfg.method != "fastv" and cfg.llm_selection == "coverage":  # FastV keeps its paper's top-K
+            kept_visual = coverage_keep(scores, budget, visual, normed, cfg.llm_region_sharpness, zs)
+        else:
+            kept_visual = topk_mask(scores, budget, visual)
+        kept_visual = tensor_parallel.agree(self.tp, kept_visual)  # rank 0's, on every rank
         keep = plan.valid & (~visual | kept_visual)
         left_padded = bool((~plan.valid[:, 0]).any()) and not bool((~plan.valid[:, -1]).any())
         plan.index, plan.kept_valid = compaction_index(keep, align_right=left_padded)
@@ -335,8 +353,28 @@ class DecoderPruner:
             if plan.key_bias is not None:
                 self.prefix.bias = gather_tokens(plan.key_bias, plan.index)
 
+    @torch.no_grad()
+    def _early_signal(self, plan: _Plan, layer: torch.nn.Module, call: compat.LayerCall, hidden: torch.Tensor) -> None:
+        """The budget signal of a layer before Stage 3's, from its own norm and q/k, as ``_select`` reads it."""
+        layout = plan.layout
+        visual = layout.visual & plan.valid
+        with _eval_mode(layer.input_layernorm):
+            normed = layer.input_layernorm(hidden)
+        attn = query_attention(layer, call, hidden, layout.query & plan.valid, plan.valid, llm_dims(self.model.config),
+                               plan.key_bias, normed)
+        rel = select_heads(attn, visual, self.heads_used)
+        if plan.cfg.llm_signal_layers == "up_to":
+            limit = _count_limit(plan.cfg, visual.sum(dim=1))
+            plan.early_signals.append(self._budget_signal(plan.cfg, rel, visual, normed, limit=limit).float())
+        if plan.cfg.llm_score_layers == "up_to":
+            plan.early_scores.append(_on_visual(rel.scores, visual))
+
     @staticmethod
-    def _budget_signal(cfg: MeteorConfig, rel: Any, visual: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    def _budget_signal(cfg: MeteorConfig, rel: Any, visual: torch.Tensor, normed: torch.Tensor,
+                       zs: Optional[list] = None, limit: Optional[int] = None) -> torch.Tensor:
+        if cfg.llm_budget_signal == "coverage":  # on the states the layer's keys are computed from
+            return coverage_count(rel.scores, visual, normed, cfg.llm_coverage_share, cfg.llm_region_sharpness,
+                                  limit, zs)
         if cfg.llm_budget_signal == "mass":
             return rel.mass
         if cfg.llm_budget_signal == "regions":  # on the states the layer's keys are computed from
@@ -436,6 +474,32 @@ class DecoderPruner:
             return labels
         out = torch.gather(labels, 1, plan.index.to(labels.device))
         return out.masked_fill(~plan.kept_valid.to(labels.device), IGNORE_INDEX)
+
+
+def _similarities(cfg: MeteorConfig, visual: torch.Tensor, normed: torch.Tensor) -> Optional[list]:
+    """Each sample's ``core.coverage.region_similarity``, once, where the coverage signal and selection both use it."""
+    if cfg.llm_budget_signal == "coverage" and cfg.llm_selection == "coverage":
+        return similarities(visual, normed, cfg.llm_region_sharpness)
+    return None
+
+
+def _count_limit(cfg: MeteorConfig, entered: torch.Tensor) -> int:
+    """Where the coverage count can stop: beyond ``llm_max_keep / llm_lambda`` the budget is clipped anyway (times
+    the layers averaged: one layer's count at that limit makes their mean reach the clip whatever the others')."""
+    hi = int(resolve_budget_per_sample(cfg.llm_max_keep, entered).max()) if entered.numel() else 0
+    layers = cfg.llm_layer if cfg.llm_signal_layers == "up_to" else 1
+    return int(layers * hi / cfg.llm_lambda) + 2
+
+
+def _reads_early_signal(cfg: MeteorConfig, idx: int) -> bool:
+    """Whether layer ``idx`` (before Stage 3's) adds its budget signal or attention to the means Stage 3 uses."""
+    return "up_to" in (cfg.llm_signal_layers, cfg.llm_score_layers) and idx >= 1 and cfg.method != "fastv"
+
+
+def _on_visual(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """(B, L) attention renormalised over each row's visual tokens (0 elsewhere), so layers weigh alike."""
+    w = scores.float().clamp(min=0) * visual
+    return w / w.sum(dim=1, keepdim=True).clamp(min=1e-30)
 
 
 def _absorbed_bias(bias: torch.Tensor, states: torch.Tensor, visual: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

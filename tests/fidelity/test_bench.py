@@ -21,8 +21,9 @@ def test_small_bench_reports_every_method_with_its_budget_and_cost(tmp_path, cap
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     rows = {(r["method"], r["budget"]): r for r in result["rows"]}
+    fastv = [f"fastv:{layer}" for layer in range(1, 8)]  # at every layer: its frontier is read
     assert set(rows) == {("unpruned", 208)} | {(m, k) for k in (52, 26) for m in (
-        "random", "avgpool", "drop-convnext", "fastv", "meteor-s3", "meteor-s3-fixed", "meteor")} | {("meteor", 50)}
+        "random", "avgpool", "drop-convnext", "meteor-s3", "meteor-s3-fixed", "meteor", *fastv)} | {("meteor", 50)}
     assert rows[("unpruned", 208)]["kept"] == 208
     for run in result["runs"]:
         if run["kept_exact"] is not None:
@@ -33,11 +34,11 @@ def test_small_bench_reports_every_method_with_its_budget_and_cost(tmp_path, cap
     # What each decoder layer ran on: pre-LLM methods k everywhere, Stage 3 the full input before its layer.
     assert rows[("avgpool", 26)]["visual_per_layer"] == [26] * 8
     assert rows[("meteor", 52)]["visual_per_layer"][:layers] == [104] * layers
-    fastv_layer = result["calibration"]["fastv_layer"]
-    assert rows[("fastv", 26)]["visual_per_layer"] == [208] * fastv_layer + [26] * (8 - fastv_layer)
+    for layer in range(1, 8):
+        assert rows[(f"fastv:{layer}", 26)]["visual_per_layer"] == [208] * layer + [26] * (8 - layer)
     # FLOPs counted: fewer tokens cost less, and a method that prunes later costs more at the same final count.
     assert rows[("unpruned", 208)]["gflops"] > rows[("avgpool", 52)]["gflops"] > rows[("avgpool", 26)]["gflops"] > 0
-    assert rows[("fastv", 52)]["gflops"] > rows[("avgpool", 52)]["gflops"]
+    assert rows[("fastv:3", 52)]["gflops"] > rows[("fastv:2", 52)]["gflops"] > rows[("avgpool", 52)]["gflops"]
     for row in result["rows"]:
         assert set(row["accuracy"]) == {"background", "colour", "digit", "count", "overall", "needs_tokens"}
         assert 0.0 <= row["accuracy"]["overall"] <= 1.0
@@ -45,6 +46,13 @@ def test_small_bench_reports_every_method_with_its_budget_and_cost(tmp_path, cap
     for c in result["equal_flops"]:
         m = rows[("meteor", c["budget"])]
         assert c["gflops"] == m["gflops"]
+        if c["baseline"] == "fastv":  # read along the frontier of its 14 runs (7 layers, 2 budgets)
+            runs = [(r["gflops"], r["accuracy"]["overall"], r["method"]) for r in result["rows"]
+                    if r["method"].startswith("fastv:")]
+            curve = [p[:2] for p in methods.frontier(runs)]
+            assert c["accuracy"]["overall"] == fidelity.read_at(curve, m["gflops"])[0]
+            assert c["read"] != "cheapest" or c["frontier_runs"] == [methods.frontier(runs)[0][2]]
+            continue
         curve = sorted((rows[(c["baseline"], k)]["gflops"], rows[(c["baseline"], k)]["accuracy"]["overall"])
                        for k in (52, 26))
         if c["read"] == "interpolated":
@@ -86,6 +94,29 @@ def test_meteor_fields_and_ablations_reach_only_the_meteor_runs(capsys):
     assert result["meteor"] == result["calibration"]["meteor"] == {"fusion_similarity": "centred_cosine"}
     assert result["test_seed"] == 5
     assert "fusion_similarity='centred_cosine'" in fidelity.report(result)
+
+
+def test_meteor_set_pins_any_field_and_calibration_leaves_it_alone(capsys):
+    """``--meteor-set llm_layer=2`` (a field the calibration sets too) reaches every METEOR run, and the
+    calibration does not choose the layer; lambda pinned likewise is not solved."""
+    code = cli.main(["bench", "fidelity", "--per-kind", "1", "--val-per-kind", "1", "--budgets", "0.25",
+                     "--methods", "fastv,meteor-s3,meteor-s3-fixed,meteor", "--meteor-set", "llm_layer=2",
+                     "--plot", "none", "--json", "--no-progress", "--flops-questions", "1"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["calibration"]["meteor_layer"] == 2
+    layers = {r["method"]: r["config"]["llm_layer"] for r in result["runs"] if r["method"] != "unpruned"}
+    assert {m: la for m, la in layers.items() if m.startswith("meteor")} == {
+        "meteor-s3": 2, "meteor-s3-fixed": 2, "meteor": 2}
+    assert {m: la for m, la in layers.items() if m.startswith("fastv")} == {f"fastv:{i}": i for i in range(1, 8)}
+    code = cli.main(["bench", "fidelity", "--per-kind", "1", "--val-per-kind", "1", "--budgets", "0.25",
+                     "--methods", "meteor-s3", "--meteor-set", "llm_lambda=2.5", "--meteor-set", "llm_layer=3",
+                     "--plot", "none", "--json", "--no-progress", "--flops-questions", "1"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["calibration"]["lambdas"] == {}
+    run = [r for r in result["runs"] if r["method"] == "meteor-s3"][0]
+    assert (run["config"]["llm_lambda"], run["config"]["llm_layer"]) == (2.5, 3)
 
 
 def test_test_seed_draws_other_questions_than_the_default():

@@ -133,3 +133,34 @@ def test_dropping_an_encoder_is_not_run_above_the_other_encoders_tokens():
     # without the ConvNeXt only CLIP's 64 tokens remain: no drop-convnext run at 104 (50% of 208)
     assert runs == [("unpruned", 208), ("drop-clip", 104), ("avgpool", 104), ("drop-clip", 52),
                     ("drop-convnext", 52), ("avgpool", 52)]
+
+
+def test_pinned_fields_reach_every_meteor_run_and_win_over_the_calibration(setup):
+    """``--meteor-set`` works for every field: a field the method or the calibration would set (the layer, lambda,
+    the clip, the ranks) is the pinned value in every METEOR run, never a second keyword for the same field."""
+    _, _, _, cal = setup
+    pinned = {"llm_layer": 2, "llm_lambda": 3.5, "llm_min_keep": 4, "encoder_ranks": {"clip-448": 1.0, "convnext-1024": 3.0}}
+    cal = methods.Calibration(cal.encoder_ranks, meteor_layer=2, fastv_layer=5, meteor=pinned,
+                              numerical_ranks=cal.numerical_ranks)
+    assert methods.needed_lambdas(["meteor-s3", "meteor"], [32], pinned=pinned) == []  # lambda pinned: none solved
+    for method in ("meteor-s1", "meteor-s2", "meteor-s3-fixed", "meteor-s3", "meteor"):
+        config = methods.config_for(method, 32, cal)
+        assert (config.llm_layer, config.llm_lambda, config.llm_min_keep) == (2, 3.5, 4), method
+        assert config.encoder_ranks == pinned["encoder_ranks"], method
+    assert methods.config_for("meteor", 32, cal).llm_max_keep == methods.llm_clip(32, methods.fusion_share(32)[1])[1]
+    assert methods.stage3_clip("meteor-s3", 32, cal) == (4, methods.llm_clip(32, 208)[1])
+    probe = methods.stage3_probe("meteor-s3", 32, cal)  # the probe keeps every token whatever is pinned
+    assert (probe.llm_min_keep, probe.llm_max_keep, probe.llm_lambda, probe.llm_layer) == (1.0, 1.0, 1.0, 2)
+    assert methods.config_for("meteor:numerical-rank", 32, cal).encoder_ranks == cal.numerical_ranks  # the switch wins
+    assert methods.config_for("fastv", 32, cal).llm_layer == 5  # a baseline never takes them
+    assert methods.config_for("random", 32, cal).llm_lambda == methods.base().llm_lambda
+
+
+def test_fastv_runs_at_every_calibrated_layer_and_is_read_along_its_frontier():
+    cal = methods.Calibration({"clip-448": 30.0, "convnext-1024": 50.0}, meteor_layer=1, fastv_layer=2,
+                              fastv_layers=[1, 3, 7])
+    runs = [(m, k, c.llm_layer, c.llm_max_keep) for m, k, _, c in methods.configs(["fastv"], [52], cal)]
+    assert runs[1:] == [("fastv:1", 52, 1, 52), ("fastv:3", 52, 3, 52), ("fastv:7", 52, 7, 52)]
+    # cost, accuracy: (0.5, 0.8) is beaten by the cheaper, more accurate (0.4, 0.85); ties keep the cheaper
+    points = [(0.6, 0.9, "a"), (0.4, 0.85, "b"), (0.5, 0.8, "c"), (0.7, 0.9, "d"), (0.3, 0.5, "e")]
+    assert methods.frontier(points) == [(0.3, 0.5, "e"), (0.4, 0.85, "b"), (0.6, 0.9, "a")]

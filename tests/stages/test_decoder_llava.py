@@ -136,9 +136,23 @@ def test_layers_after_llm_layer_run_on_fewer_tokens(tiny_llava, language):
         for h in handles:
             h.remove()
     # Layer 2's own k_proj is called twice: once by the scorer on the full input, once on the compacted one.
-    assert seen[0] == [full] and seen[1] == [full]
+    # Layer 1's too (llm_signal_layers="up_to": its budget signal joins the mean); layer 0 never scores.
+    assert seen[0] == [full] and seen[1] == [full, full]
     assert seen[2] == [full, full - VISUAL + 16]
     assert seen[3] == [full - VISUAL + 16]
+    seen.clear()
+    meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=16, llm_max_keep=16, llm_signal_layers="own")
+    handles = [
+        layer.self_attn.k_proj.register_forward_hook(
+            lambda mod, inp, out, i=i: seen.setdefault(i, []).append(inp[0].shape[1]))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        forward_logits(model, ids, mask, images)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen[1] == [full] and seen[2] == [full, full - VISUAL + 16]  # the signal of Stage 3's layer alone
 
 
 # KV cache ---------------------------------------------------------------------------------------------------
@@ -321,6 +335,72 @@ def test_regions_budget_is_lambda_times_the_attended_regions_and_never_above_the
         # order-2 diversity with similarity <= order-2 perplexity <= perplexity (Hill numbers fall with order)
         assert 1.0 <= llm.detail["signal"] <= tokens + 1e-4
         assert llm.left == max(2, min(llm.entered, int(llm.detail["signal"] * 3.0 + 0.5)))
+
+
+def test_coverage_budget_is_the_mean_signal_up_to_stage3_and_keeps_the_covering_tokens(tiny_llava):
+    """Version 6's Stage 3, recomputed from each layer's own input: the coverage signal of layers 1 and 2
+    (each from its own norm and q/k), their mean times lambda, clipped, is the budget; the kept tokens are those
+    that cover most of layer 2's attention (``core.coverage``), not the most attended."""
+    from meteor_plugin.compat.transformers import LayerCall
+    from meteor_plugin.core.coverage import coverage_count, coverage_keep
+    from meteor_plugin.core.text_attention import select_heads
+    from meteor_plugin.stages import decoder
+    from meteor_plugin.stages.decoder import check_against_model, llm_dims, query_attention
+
+    model = tiny_llava()
+    ids, mask, images = make_batch([(3, 6), (5, 10)], [True, True], seed=17)
+    cfg = dict(STAGE3, llm_layer=2, llm_lambda=0.5, llm_min_keep=3, llm_max_keep=1.0)
+    calls, masks = {}, {}
+    def grab(mod, args, kwargs):
+        calls.setdefault(list(model.model.layers).index(mod), LayerCall(mod, args, kwargs))
+
+    hooks = [model.model.layers[i].register_forward_pre_hook(grab, with_kwargs=True) for i in (1, 2)]
+    select = decoder.DecoderPruner._select
+
+    def spy(self, plan, *args):
+        masks.update(visual=plan.layout.visual & plan.valid, query=plan.layout.query & plan.valid, valid=plan.valid)
+        return select(self, plan, *args)
+
+    decoder.DecoderPruner._select = spy
+    try:
+        meteor_plugin.enable(**cfg)
+        forward_logits(model, ids, mask, images)
+    finally:
+        decoder.DecoderPruner._select = select
+        for h in hooks:
+            h.remove()
+    stages = meteor_plugin.stats(model).stages
+    heads = check_against_model(meteor_plugin.MeteorConfig(**cfg), model.config)
+    signals, scores, normed = [], [], None
+    with torch.no_grad():
+        for i in (1, 2):
+            layer, call = model.model.layers[i], calls[i]
+            hidden = call.get("hidden_states")
+            normed = layer.input_layernorm(hidden)
+            attn = query_attention(layer, call, hidden, masks["query"], masks["valid"], llm_dims(model.config))
+            scores.append(select_heads(attn, masks["visual"], heads).scores)
+            signals.append(coverage_count(scores[-1], masks["visual"], normed, 0.75))
+    mean = (signals[0] + signals[1]) / 2
+    budget = torch.clamp(torch.floor(mean.double() * 0.5 + 0.5).long(), min=3, max=VISUAL)
+    kept = coverage_keep(scores[1], budget, masks["visual"], normed)
+    for i, sample in enumerate(stages):
+        llm = sample["llm"]
+        assert llm.detail["signal"] == pytest.approx(float(mean[i]), rel=1e-5)
+        assert llm.left == int(budget[i]) and 3 <= llm.left < VISUAL
+        assert llm.detail["kept"] == torch.nonzero(kept[i][masks["visual"][i]]).flatten().tolist()
+    # llm_score_layers="up_to": the tokens that cover the mean of both layers' attention, each over the image.
+    meteor_plugin.enable(**cfg, llm_score_layers="up_to")
+    forward_logits(model, ids, mask, images)
+    on_image = [(s * masks["visual"]) / (s * masks["visual"]).sum(dim=1, keepdim=True) for s in scores]
+    kept = coverage_keep((on_image[0] + on_image[1]) / 2, budget, masks["visual"], normed)
+    for i, sample in enumerate(meteor_plugin.stats(model).stages):
+        assert sample["llm"].left == int(budget[i])
+        assert sample["llm"].detail["kept"] == torch.nonzero(kept[i][masks["visual"][i]]).flatten().tolist()
+    # The paper's top-K on the same attention keeps other tokens (here, at least).
+    meteor_plugin.enable(**cfg, llm_selection="top")
+    forward_logits(model, ids, mask, images)
+    top = [s["llm"].detail["kept"] for s in meteor_plugin.stats(model).stages]
+    assert [len(t) for t in top] == [s["llm"].left for s in stages] and top != [s["llm"].detail["kept"] for s in stages]
 
 
 # Training ------------------------------------------------------------------------------------------------------
