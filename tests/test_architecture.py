@@ -24,7 +24,7 @@ FLOORS: Tuple[Tuple[str, int], ...] = (
     # 4: the registry of families
     ("adapters/__init__.py", 4),
     # 5: the tools built on the families
-    ("patching.py", 5), ("training/", 5), ("patcher/", 5), ("calibrate.py", 5), ("entry.py", 5),
+    ("patching.py", 5), ("training/", 5), ("patcher/", 5), ("calibrate.py", 5), ("operating_points.py", 5), ("entry.py", 5),
     # 6: entry points and the applications on top
     ("__init__.py", 6), ("cli.py", 6), ("run.py", 6), ("train.py", 6), ("demo.py", 6), ("bench/", 6),
     ("fidelity/", 6), ("testing/", 6),
@@ -34,7 +34,7 @@ ENTRY_POINTS = ("patcher/__main__.py", "patcher/make_patches.py")
 # What a user's `import meteor_plugin`, `meteor-plugin calibrate`, `convert`, `patch` and `train` reach.
 RUNTIME = ("config.py", "registry.py", "percall.py", "stats.py", "progress.py", "flops.py", "checkpoint_files.py",
            "distributed.py", "core/", "compat/", "source_edits/", "stages/", "runtime.py", "adapters/",
-           "patching.py", "training/", "patcher/", "calibrate.py", "entry.py", "__init__.py", "run.py", "train.py")
+           "patching.py", "training/", "patcher/", "calibrate.py", "operating_points.py", "entry.py", "__init__.py", "run.py", "train.py")
 
 
 def floor_of(relative: str) -> int:
