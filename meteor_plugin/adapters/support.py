@@ -16,6 +16,9 @@ What a config prunes (``Support.plan``):
   with ``llm=True`` Stage 3 runs after it.
 - ``fastv``: Stage 3's scoring replaced by FastV's; it needs ``llm=True`` (refused without it), and Stages 1-2
   run before it where switched on.
+
+``proportional_attention='on'`` with a pre-LLM baseline asks it to place its kept tokens (``stages/proportional.py``):
+refused where the family does not (``Support.placed``), never run without it.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Support:
     stages: FrozenSet[str]
     refused: Dict[str, str] = field(default_factory=dict)
     why_not: Dict[str, str] = field(default_factory=dict)  # stage -> why it prunes nothing here
+    placed: FrozenSet[str] = frozenset()  # pre-LLM baselines that run with proportional_attention='on' here
 
     def plan(self, cfg: Any) -> Tuple[str, ...]:
         """What ``cfg`` prunes on this model, in order: ``"baseline"`` (a pre-LLM baseline) or the stages that run
@@ -62,6 +66,12 @@ class Support:
             raise self._error(cfg, self.refused[method])
         asked = [s for s in SWITCHES if getattr(cfg, s)]
         runs = [s for s in asked if s in self.stages]
+        if method in PRE_LLM and cfg.proportional_attention == "on" and method not in self.placed:
+            why = ("its tokens are means over grid cells, and the regions it drops have no kept token standing for "
+                   "them" if method == "avgpool" else
+                   f"this model places the kept tokens of {', '.join(sorted(self.placed)) or 'no baseline'} only")
+            raise self._error(cfg, f"proportional_attention='on' asks the baseline to keep its tokens' places and "
+                                   f"sizes, and {why}; set it to 'auto' or 'off' to run the baseline as its paper does")
         if method in PRE_LLM:
             return ("baseline",) + (("llm",) if "llm" in runs else ())
         if method == "fastv":

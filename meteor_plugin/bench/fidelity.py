@@ -111,8 +111,9 @@ def read_at(points: Sequence[tuple], x: float) -> tuple:
 
 
 def _curve_rows(rows: List[Dict[str, Any]], method: str) -> List[Dict[str, Any]]:
-    """A method's rows: FastV's at every layer it ran at (``fastv:<layer>``), read along their frontier."""
-    return [r for r in rows if r["method"] == method or (method == "fastv" and r["method"].startswith("fastv:"))]
+    """A method's rows: FastV's at every layer it ran at (``fastv:<layer>``, ``fastv+pa:<layer>``), read along their
+    frontier."""
+    return [r for r in rows if r["method"] == method or (method in mt.FRONTIERS and r["method"].startswith(method + ":"))]
 
 
 def equal_flops(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> List[Dict[str, Any]]:
@@ -254,7 +255,7 @@ def run(settings: FidelityBench, log=print) -> Dict[str, Any]:
         if not runs:
             raise
         interrupted = {"runs_done": len(runs), "runs_planned": len(plan),
-                       "missing": [f"{m}@{b}" + (f" seed {s}" if m == "random" else "") for m, b, s, _ in plan[len(runs):]]}
+                       "missing": [f"{m}@{b}" + (f" seed {s}" if m.startswith("random") else "") for m, b, s, _ in plan[len(runs):]]}
     import meteor_plugin
 
     meteor_plugin.detach(model)  # load() attached it

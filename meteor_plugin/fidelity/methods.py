@@ -12,6 +12,7 @@ method is run at the same budgets and the tokens really kept are read back from 
 | visionzip | dominant tokens by CLIP attention / ConvNeXt feature norm + merged context | ``method="visionzip"`` |
 | drop-clip / drop-convnext | one encoder removed, the other evenly subsampled to K (not run where K exceeds its tokens) | ``method="drop_encoder"`` |
 | fastv | last instruction token's attention (all heads) at ``llm_layer``, K fixed; in the bench at every layer (``fastv:<layer>``), read as the frontier over them | ``method="fastv"`` |
+| random+pa, visionzip+pa, fastv+pa | the same with proportional attention, as METEOR runs (kept tokens at their unpruned places, each standing for the dropped tokens most like it): at equal cost the comparison isolates the selection. avgpool cannot (its tokens are means over cells, and the cells it drops have no kept token standing for them) | ``proportional_attention="on"`` |
 | meteor-s1 | Stage 1 alone: K tokens split across encoders by rank, pruned inside them | ``encoder_keep=K`` |
 | meteor-s2 | Stage 2 alone: K tokens by the Stage 2 similarity | ``fusion_keep=K`` |
 | meteor-s3 | Stage 3 alone: adaptive, K on average after ``llm_layer`` | ``llm_lambda`` solved |
@@ -42,7 +43,10 @@ from .model import VISUAL_TOKENS
 BUDGETS = (0.5, 0.25, 0.125, 0.0625)
 METEOR_TARGET = 0.24  # the paper's setting: 242 of EAGLE's 1024 visual tokens
 RANDOM_SEEDS = (0, 1, 2)
-BASELINES = ("random", "avgpool", "visionzip", "drop-clip", "drop-convnext", "fastv")
+BASELINES = ("random", "avgpool", "visionzip", "drop-clip", "drop-convnext", "fastv",
+             "random+pa", "visionzip+pa", "fastv+pa")
+WITH_PA = "+pa"  # a baseline's name + this: the same selection with proportional attention
+FRONTIERS = ("fastv", "fastv+pa")  # run at every layer (``<name>:<layer>``) and read along their frontier
 METEOR = ("meteor-s1", "meteor-s2", "meteor-s3", "meteor-s3-fixed", "meteor-fixed", "meteor")
 ALL_METHODS = BASELINES + METEOR
 # METEOR (all stages) with one choice switched to its alternative: the paper's where ours differs
@@ -148,6 +152,10 @@ def stage3_fields(k: int, entering: int, layer: int, lam: float) -> dict:
 def config_for(method: str, k: int, cal: Calibration, seed: int = 0):
     """The MeteorConfig of ``method`` at an average of ``k`` visual tokens (a lambda must already be in
     ``cal.lambdas`` for Stage 3 methods: see `stage3_key` and `solve_lambda`)."""
+    name, _, layer = method.partition(":")
+    if name.endswith(WITH_PA):
+        plain = name[:-len(WITH_PA)] + (f":{layer}" if layer else "")
+        return config_for(plain, k, cal, seed).replace(proportional_attention="on")
     b = base()
     if method == "random":
         return b.replace(method="random", fusion_keep=k, seed=seed)
@@ -258,10 +266,10 @@ def configs(methods: Sequence[str], budgets: Sequence[int], cal: Calibration,
         for method in methods:
             if k > remaining_tokens(method):
                 continue  # dropping the ConvNeXt leaves CLIP's 64 tokens: no run keeps 104 (50%) of them
-            if method == "fastv" and cal.fastv_layers:  # its frontier: every layer
-                out += [(f"fastv:{layer}", k, 0, config_for(f"fastv:{layer}", k, cal)) for layer in cal.fastv_layers]
+            if method in FRONTIERS and cal.fastv_layers:  # its frontier: every layer
+                out += [(f"{method}:{layer}", k, 0, config_for(f"{method}:{layer}", k, cal)) for layer in cal.fastv_layers]
                 continue
-            seeds = RANDOM_SEEDS if method == "random" else (0,)
+            seeds = RANDOM_SEEDS if method.startswith("random") else (0,)
             for seed in seeds:
                 out.append((method, k, seed, config_for(method, k, cal, seed)))
     for k in meteor_extra:

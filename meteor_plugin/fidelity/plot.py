@@ -13,16 +13,22 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .methods import frontier
+from .methods import FRONTIERS, frontier
 
 PALETTE = {
     "random": (150, 150, 150), "avgpool": (31, 119, 180), "visionzip": (44, 160, 44),
     "drop-clip": (188, 189, 34), "drop-convnext": (140, 86, 75), "fastv": (148, 103, 189),
+    "random+pa": (90, 90, 90), "visionzip+pa": (23, 100, 23), "fastv+pa": (90, 60, 130),
     "meteor-s1": (255, 152, 150), "meteor-s2": (255, 127, 14), "meteor-s3": (227, 119, 194),
     "meteor-s3-fixed": (247, 182, 210), "meteor-fixed": (255, 187, 120), "meteor": (214, 39, 40),
 }
 W, H = 560, 420
 MARGIN = (64, 36, 20, 52)  # left, top, right, bottom
+
+
+def _layered(row: dict) -> bool:
+    """A row of a method run at several layers (``fastv:<layer>``, ``fastv+pa:<layer>``), drawn as its frontier."""
+    return str(row["method"]).partition(":")[0] in FRONTIERS
 
 
 def _font():
@@ -97,7 +103,7 @@ def draw(rows: Sequence[Dict[str, object]], path: str, panels: Sequence[Tuple[st
             if r["method"] == "unpruned":
                 unpruned = acc
                 continue
-            method = "fastv" if str(r["method"]).startswith("fastv:") else str(r["method"])  # its layers
+            method = str(r["method"]).partition(":")[0] if _layered(r) else str(r["method"])  # FastV's layers
             if method not in PALETTE:
                 continue
             lo = r.get("low", {}).get(key, acc)
@@ -105,14 +111,13 @@ def draw(rows: Sequence[Dict[str, object]], path: str, panels: Sequence[Tuple[st
             series.setdefault(method, []).append((float(r[x_key]), acc, lo, hi))
         for method, points in series.items():
             points.sort()
-            if any(str(r["method"]).startswith("fastv:") for r in rows) and method == "fastv":
+            if any(_layered(r) and str(r["method"]).startswith(method + ":") for r in rows):
                 points[:] = frontier(points)
         _panel(d, (p % columns) * W, (p // columns) * H, title, series, unpruned, x_max, x_label)
     x = 10
     font = _font()
     for method, colour in PALETTE.items():
-        if not any(r["method"] == method or str(r["method"]).startswith(f"{method}:") and method == "fastv"
-                   for r in rows):
+        if not any(r["method"] == method or _layered(r) and str(r["method"]).startswith(f"{method}:") for r in rows):
             continue
         d.rectangle([x, H * n_rows + 8, x + 12, H * n_rows + 18], fill=colour)
         d.text((x + 16, H * n_rows + 6), method, fill=(0, 0, 0), font=font)

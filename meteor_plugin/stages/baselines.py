@@ -13,6 +13,12 @@ joined along the sequence, and keep exactly ``keep`` tokens per image (``fastv``
 
 The budget is split across encoders in proportion to their token counts where a method works per
 encoder (``avgpool``, ``drop_encoder``).
+
+With ``proportional_attention='on'`` (``placed``), the baselines whose kept tokens are tokens of the image
+(``random``, ``drop_encoder``, and ``visionzip``, whose contextual tokens sit at the token they merge into) also
+say where each kept token sits among the unpruned ones and how many it stands for, as METEOR's stages do: the
+comparison at equal cost then isolates the selection. ``avgpool`` cannot: its tokens are means over grid cells,
+and its even subsample of the pooled cells leaves regions that no kept token stands for.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import torch.nn.functional as F
 
 from ..core.budget import rank_budgets
 from ..core.select import compaction_index, gather_tokens, topk_mask
+from ..core.token_sizes import kept_sizes
 
 PRE_LLM = ("random", "avgpool", "visionzip", "drop_encoder")
+PLACED = ("random", "visionzip", "drop_encoder")  # the pre-LLM baselines that take proportional attention
 CONTEXT_SHARE = 10 / 64  # VisionZip's default on LLaVA-1.5: 54 dominant + 10 contextual of 64 kept
 
 
@@ -47,11 +55,14 @@ def _even(n: int, k: int, device) -> torch.Tensor:
     return torch.floor(torch.arange(k, device=device, dtype=torch.float64) * n / k).long()
 
 
+def _random_index(b: int, n: int, keep: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.stack([torch.randperm(n, generator=g)[:keep].sort().values for _ in range(b)])
+
+
 def random_keep(tokens: torch.Tensor, keep: int, seed: int) -> torch.Tensor:
     b, n, _ = tokens.shape
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    index = torch.stack([torch.randperm(n, generator=g)[:keep].sort().values for _ in range(b)])
-    return gather_tokens(tokens, index.to(tokens.device))
+    return gather_tokens(tokens, _random_index(b, n, keep, seed).to(tokens.device))
 
 
 def _pool(enc: EncoderTokens, keep: int) -> torch.Tensor:
@@ -103,6 +114,12 @@ def _normalised(enc: EncoderTokens) -> torch.Tensor:
 
 
 def drop_encoder_keep(encoders: Sequence[EncoderTokens], keep: int, drop: int) -> torch.Tensor:
+    index = _drop_encoder_index(encoders, keep, drop)
+    return gather_tokens(torch.cat([e.tokens for e in encoders], dim=1), index)
+
+
+def _drop_encoder_index(encoders: Sequence[EncoderTokens], keep: int, drop: int) -> torch.Tensor:
+    """(B, keep) indices among all encoders' joined tokens: the others' tokens evenly subsampled, in order."""
     if not 0 <= drop < len(encoders):
         raise ValueError(f"MeteorConfig.drop_encoder={drop} is invalid: allowed 0..{len(encoders) - 1} (the encoders)")
     rest = [e for i, e in enumerate(encoders) if i != drop]
@@ -112,8 +129,11 @@ def drop_encoder_keep(encoders: Sequence[EncoderTokens], keep: int, drop: int) -
             f"drop_encoder keeps {keep} tokens but only {available} remain without encoder {drop}: lower fusion_keep"
         )
     shares = rank_budgets(keep, [e.tokens.shape[1] for e in rest])
-    return torch.cat([e.tokens[:, _even(e.tokens.shape[1], k, e.tokens.device)] for e, k in zip(rest, shares) if k > 0],
-                     dim=1)
+    offsets = [sum(e.tokens.shape[1] for e in encoders[:i]) for i in range(len(encoders))]
+    rest_offsets = [o for i, o in enumerate(offsets) if i != drop]
+    device = encoders[0].tokens.device
+    index = torch.cat([o + _even(e.tokens.shape[1], k, device) for e, k, o in zip(rest, shares, rest_offsets) if k > 0])
+    return index.expand(encoders[0].tokens.shape[0], -1)
 
 
 # The same selections as mixes of one image's tokens: (k, n) rows whose product with its (n, D) tokens gives the kept
@@ -190,6 +210,31 @@ def keep_each(method: str, tokens: torch.Tensor, keep: int, grid: Tuple[int, int
     mix = torch.stack([r for r, _ in rows_per_input]).to(tokens.device, torch.float32)
     kept = (mix @ tokens.float()).to(tokens.dtype)
     return kept, torch.stack([a for _, a in rows_per_input]).to(tokens.device)
+
+
+def placed(method: str, encoders: Sequence[EncoderTokens], keep: int, seed: int = 0, drop: Optional[int] = None
+           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``select`` (the same kept tokens) with, for proportional attention, where each sits among the encoders'
+    joined tokens (B, keep) and how many tokens it stands for (B, keep; each row sums to the tokens entering).
+    ``random`` and ``drop_encoder`` give each dropped token to the kept token most like it (of its own encoder
+    where that keeps any: ``core.token_sizes``); ``visionzip``'s dominant tokens stand for themselves and each
+    contextual token for the tokens it is the mean of."""
+    tokens = torch.cat([e.tokens for e in encoders], dim=1)
+    b, n, _ = tokens.shape
+    owner = torch.cat([torch.full((e.tokens.shape[1],), i, dtype=torch.long) for i, e in enumerate(encoders)])
+    if method in ("random", "drop_encoder"):
+        index = (_random_index(b, n, min(keep, n), seed) if method == "random" else
+                 _drop_encoder_index(encoders, keep, drop if drop is not None else -1)).to(tokens.device)
+        return gather_tokens(tokens, index), index, kept_sizes(tokens, index, group=owner)
+    if method == "visionzip":
+        importance = torch.cat([_normalised(e) for e in encoders], dim=1)
+        rows, anchors = zip(*(visionzip_rows(tokens[i], importance[i], keep) for i in range(b)))
+        mix = torch.stack(rows).to(tokens.device)
+        kept = (mix @ tokens.float()).to(tokens.dtype)
+        return kept, torch.stack(anchors).to(tokens.device), (mix > 0).sum(dim=2).float()
+    raise ValueError(f"the {method!r} baseline cannot run with proportional attention: allowed {', '.join(PLACED)} "
+                     "(avgpool's tokens are means over grid cells, and regions it drops have no kept token standing "
+                     "for them)")
 
 
 def select(method: str, encoders: Sequence[EncoderTokens], keep: int, seed: int = 0,

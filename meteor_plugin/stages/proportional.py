@@ -6,6 +6,11 @@ packed crops): on transformers 5 with SDPA or FlashAttention-2 (the sizes ride i
 or eager (a float mask), on 4.37 and 4.44 with eager or SDPA (a float mask).
 Elsewhere ``"on"`` refuses by name and ``"auto"`` (the default) runs without it, with a warning once per
 model and reason, so a user knows which numbers they get.
+
+The baselines run as their papers do unless ``"on"`` asks for it: FastV then runs it as Stage 3 does, and the
+pre-LLM baselines that keep tokens of the image (``stages.baselines.PLACED``) place them where the family can
+(``adapters.support.Support.placed``; elsewhere ``"on"`` is refused), so that methods compare at equal cost with
+it on both sides.
 """
 
 from __future__ import annotations
@@ -14,13 +19,22 @@ import warnings
 import weakref
 from typing import Any
 
+from .baselines import PLACED
+
 _WARNED: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
 
 
 def wanted(cfg: Any) -> bool:
-    """Whether this config asks for it: METEOR's stages only; the baselines (FastV included) run as their
-    papers do."""
-    return cfg.proportional_attention != "off" and cfg.method == "meteor"
+    """Whether this config's stages run with it: METEOR's unless ``"off"``; FastV's (Stage 3 with FastV's scoring,
+    and Stages 1-2 before it where switched on) only when ``"on"`` asks."""
+    if cfg.method == "meteor":
+        return cfg.proportional_attention != "off"
+    return cfg.method == "fastv" and cfg.proportional_attention == "on"
+
+
+def placed(cfg: Any) -> bool:
+    """Whether a pre-LLM baseline places its kept tokens and gives their sizes (``stages.baselines.placed``)."""
+    return cfg.method in PLACED and cfg.proportional_attention == "on"
 
 
 def unavailable(cfg: Any, model: Any, why: str) -> None:

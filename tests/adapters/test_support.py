@@ -89,3 +89,22 @@ def test_a_family_whose_support_refuses_a_method_is_refused_whatever_its_own_cod
         model(**inputs)
     with meteor_plugin.enabled(method="avgpool"), torch.no_grad():
         model(**inputs)  # what it supports runs
+
+
+def test_proportional_attention_on_with_a_baseline_runs_where_the_family_places_its_tokens_and_is_refused_elsewhere():
+    placing = Support("Placing", frozenset({"encoder", "fusion", "llm"}), placed=frozenset({"random", "visionzip"}))
+    assert placing.plan(cfg(method="random", proportional_attention="on", llm=False)) == ("baseline",)
+    assert SEVERAL.plan(cfg(method="random", llm=False)) == ("baseline",)  # "auto": as its paper runs it
+    with pytest.raises(UnsupportedMethodError, match="Several.*places the kept tokens of no baseline"):
+        SEVERAL.plan(cfg(method="random", proportional_attention="on"))
+    with pytest.raises(UnsupportedMethodError, match="avgpool.*means over grid cells"):
+        placing.plan(cfg(method="avgpool", proportional_attention="on"))
+
+
+@pytest.mark.skipif(generation() != "5", reason="transformers' LLaVA prunes through the 5.x adapter here")
+def test_transformers_llava_refuses_a_baseline_with_proportional_attention_on_instead_of_running_without_it():
+    model = build_tiny_hf_llava(TinyLlavaSpec())
+    ids, mask, pixels = hf_batch([(3, 5)])
+    with meteor_plugin.enabled(method="random", fusion_keep=8, proportional_attention="on"):
+        with pytest.raises(UnsupportedMethodError, match="LlavaForConditionalGeneration.*proportional_attention='on'"):
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)

@@ -36,7 +36,7 @@ def _run(model, data, config):
 
 
 @pytest.mark.parametrize("method", ["random", "avgpool", "visionzip", "drop-clip", "drop-convnext",
-                                    "meteor-s1", "meteor-s2"])
+                                    "random+pa", "visionzip+pa", "meteor-s1", "meteor-s2"])
 @pytest.mark.parametrize("k", [16, 31, 64])
 def test_pre_llm_methods_keep_exactly_k_per_sample(setup, method, k):
     model, _, data, cal = setup
@@ -164,3 +164,42 @@ def test_fastv_runs_at_every_calibrated_layer_and_is_read_along_its_frontier():
     # cost, accuracy: (0.5, 0.8) is beaten by the cheaper, more accurate (0.4, 0.85); ties keep the cheaper
     points = [(0.6, 0.9, "a"), (0.4, 0.85, "b"), (0.5, 0.8, "c"), (0.7, 0.9, "d"), (0.3, 0.5, "e")]
     assert methods.frontier(points) == [(0.3, 0.5, "e"), (0.4, 0.85, "b"), (0.6, 0.9, "a")]
+
+
+def _logits(model, data, config):
+    meteor_plugin.enable(config)
+    with torch.no_grad(), ev.left_padded(model):
+        width = max(len(r) for r in data.ids)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in data.ids])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in data.ids])
+        return model(input_ids=ids, attention_mask=mask, images=pixels(data.images), use_cache=False).logits
+
+
+@pytest.mark.parametrize("method", ["random", "visionzip", "fastv"])
+def test_a_baseline_with_proportional_attention_keeps_its_tokens_and_attends_as_they_stand_for(setup, method):
+    """``<baseline>+pa``: the same selection and budget, run with proportional attention (what METEOR runs with),
+    so the answers change while what is kept does not."""
+    model, _, data, cal = setup
+    config = methods.config_for(method + "+pa", 31, cal)
+    assert config.proportional_attention == "on" and config.method == methods.config_for(method, 31, cal).method
+    plain_run, plain_layers = _run(model, data, methods.config_for(method, 31, cal))
+    pa_run, pa_layers = _run(model, data, config)
+    assert pa_layers == plain_layers  # every decoder layer saw as many visual tokens
+    assert ev.tokens_from_stats(pa_run, len(data)) == ev.tokens_from_stats(plain_run, len(data))
+    plain, with_pa = _logits(model, data, methods.config_for(method, 31, cal)), _logits(model, data, config)
+    assert (plain - with_pa).abs().max() > 1e-3
+
+
+def test_avgpool_with_proportional_attention_is_refused_by_name(setup):
+    model, _, data, cal = setup
+    with pytest.raises(NotImplementedError, match="avgpool.*means over grid cells"):
+        _logits(model, data, methods.config_for("avgpool", 31, cal).replace(proportional_attention="on"))
+
+
+def test_the_pa_baselines_run_as_their_plain_ones_do_in_the_bench():
+    cal = methods.Calibration({"clip-448": 30.0, "convnext-1024": 50.0}, meteor_layer=1, fastv_layer=2,
+                              fastv_layers=[1, 3])
+    runs = [(m, k, s, c.proportional_attention) for m, k, s, c in
+            methods.configs(["random+pa", "fastv+pa"], [52], cal)][1:]
+    assert runs == [("random+pa", 52, 0, "on"), ("random+pa", 52, 1, "on"), ("random+pa", 52, 2, "on"),
+                    ("fastv+pa:1", 52, 0, "on"), ("fastv+pa:3", 52, 0, "on")]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import meteor_plugin
-from meteor_plugin.stages.baselines import (EncoderTokens, avgpool_keep, drop_encoder_keep, keep_each, pooled_rows,
-                                            random_keep, random_rows, visionzip_keep, visionzip_rows)
+from meteor_plugin.stages.baselines import (EncoderTokens, avgpool_keep, drop_encoder_keep, keep_each, placed, pooled_rows,
+                                            random_keep, random_rows, select, visionzip_keep, visionzip_rows)
 from meteor_plugin.testing.eagle_like import build_tiny_eagle
 from meteor_plugin.testing.llava import make_batch
 
@@ -110,3 +110,36 @@ def test_pre_llm_baselines_on_llava_and_fastv_in_the_llm(tiny_llava):
     assert [s["llm"].left for s in run.stages] == [20, 20]
     assert all(len(s["llm"].detail["heads"]) == 4 for s in run.stages)  # every head
     assert all(s["llm"].detail["query_tokens"] == 1 for s in run.stages)  # the last instruction token
+
+
+def _two_encoders(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [EncoderTokens(torch.randn(batch, 16, 8, generator=g), grid=4, importance=torch.rand(batch, 16, generator=g)),
+            EncoderTokens(torch.randn(batch, 36, 8, generator=g), grid=6)]
+
+
+@pytest.mark.parametrize("method", ["random", "visionzip", "drop_encoder"])
+def test_placed_baselines_keep_the_same_tokens_and_say_where_they_sit_and_what_they_stand_for(method):
+    """Under proportional attention a baseline keeps what it keeps without it, and each kept token gets its place
+    among the joined tokens (the token it is, or merges into) and its size: every entering token counted once."""
+    encoders = _two_encoders()
+    drop = 0 if method == "drop_encoder" else None
+    kept, where, sizes = placed(method, encoders, 12, seed=5, drop=drop)
+    torch.testing.assert_close(kept, select(method, encoders, 12, seed=5, drop=drop))
+    joined = torch.cat([e.tokens for e in encoders], dim=1)
+    assert where.shape == sizes.shape == (2, 12)
+    for b in range(2):
+        assert len(set(where[b].tolist())) == 12 and 0 <= int(where[b].min()) and int(where[b].max()) < 52
+    assert torch.equal(sizes.sum(dim=1), torch.full((2,), 52.0))  # the 52 entering tokens, each counted once
+    assert bool((sizes >= 1).all())
+    if method != "visionzip":  # a kept token is the token at its place
+        assert torch.equal(kept, torch.stack([joined[b, where[b]] for b in range(2)]))
+    if method == "drop_encoder":
+        assert bool((where >= 16).all())  # nothing kept of the dropped encoder (its 16 tokens come first)
+    if method == "visionzip":  # the dominant tokens stand for themselves, the contextual ones for their merges
+        assert sizes[:, :10].eq(1).all() and bool((sizes[:, 10:] > 1).any())
+
+
+def test_avgpool_cannot_place_its_tokens_and_says_why():
+    with pytest.raises(ValueError, match="avgpool.*means over grid cells"):
+        placed("avgpool", _two_encoders(), 12)

@@ -148,18 +148,23 @@ def test_llava_stage_1_keeps_positions_and_sizes(tiny_llava):
 
 def test_on_refuses_what_it_cannot_run_on_and_auto_runs_without_it_with_a_warning(eagle):
     ids, mask, images = batch()
-    meteor_plugin.enable(method="random", encoder=False, fusion=False, llm=False, fusion_keep=64,
+    meteor_plugin.enable(method="avgpool", encoder=False, fusion=False, llm=False, fusion_keep=64,
                          proportional_attention="on")
-    with pytest.raises(ValueError, match="proportional_attention='on' applies to METEOR's stages"):
+    with pytest.raises(NotImplementedError, match="avgpool.*means over grid cells"):
         forward(eagle(converted=True), ids, mask, images)
     meteor_plugin.enable(method="random", encoder=False, fusion=False, llm=False, fusion_keep=64)
-    forward(eagle(converted=True), ids, mask, images)  # "auto": baselines run as their papers do, silently
+    plain = forward(eagle(converted=True), ids, mask, images)  # "auto": baselines run as their papers do, silently
+    meteor_plugin.enable(method="random", encoder=False, fusion=False, llm=False, fusion_keep=64,
+                         proportional_attention="on")  # asked: the same draw, at its places and sizes
+    assert (forward(eagle(converted=True), ids, mask, images) - plain).abs().max() > 1e-4
     fastv = dict(method="fastv", encoder=False, fusion=False, llm=True, llm_max_keep=64)
     model = eagle(converted=True)
     meteor_plugin.enable(**fastv, proportional_attention="off")
     reference = forward(model, ids, mask, images)
-    meteor_plugin.enable(**fastv)  # FastV too: the same tokens and logits as without it
+    meteor_plugin.enable(**fastv)  # FastV too under "auto": the same tokens and logits as without it
     torch.testing.assert_close(forward(model, ids, mask, images), reference, atol=0, rtol=0)
+    meteor_plugin.enable(**fastv, proportional_attention="on")  # asked: FastV runs it as Stage 3 does
+    assert (forward(model, ids, mask, images) - reference).abs().max() > 1e-4
     unconverted = eagle()
     meteor_plugin.enable(encoder=True, fusion=True, llm=False, proportional_attention="on")
     with pytest.raises(NotImplementedError, match="proportional_attention='on' needs the tokens each encoder keeps"):

@@ -27,7 +27,7 @@ from ...registry import REGISTRY
 from ...stages import baselines, proportional
 from ...stages.encoder import attention_importance
 from ...stages.fusion import rank_weighted_positions
-from ...stages.vision import VisionRecord, encode_and_fuse, ranks_for
+from ...stages.vision import ImageTokens, VisionRecord, encode_and_fuse, ranks_for
 from ..family import require
 from ..shared.llava_arch import VISION_HANDLERS, ArchTarget
 from ..support import ONE_ENCODER, Support
@@ -117,7 +117,11 @@ def encode_baseline(model: Any, images: torch.Tensor, cfg: Any, record: VisionRe
         encoders = [baselines.EncoderTokens(fused, grid=int(fused.shape[1] ** 0.5))]
     total = sum(e.tokens.shape[1] for e in encoders)
     keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, total)
-    kept = baselines.select(cfg.method, encoders, keep, cfg.seed, cfg.drop_encoder)
+    if proportional.placed(cfg):  # the kept tokens' places among all the encoders' tokens, and their sizes
+        kept, where, sizes = baselines.placed(cfg.method, encoders, keep, cfg.seed, cfg.drop_encoder)
+        record.tokens.extend(ImageTokens.batch(where, sizes, total))
+    else:
+        kept = baselines.select(cfg.method, encoders, keep, cfg.seed, cfg.drop_encoder)
     record.stage("baseline").add(total, kept.shape[1], None, images=images.shape[0], method=cfg.method)
     return kept
 
@@ -165,7 +169,7 @@ def support(model: Any) -> Support:
                               "convert it (meteor-plugin convert) to prune inside each encoder")
         refused.setdefault("drop_encoder", "it needs per-encoder projectors: convert the checkpoint first "
                                            "(meteor-plugin convert)")
-    return Support(type(model).__name__, frozenset(stages), refused, why_not)
+    return Support(type(model).__name__, frozenset(stages), refused, why_not, frozenset(baselines.PLACED))
 
 
 TARGET = ArchTarget(name="eagle", module=MODEL_MODULE, causal=CAUSAL, llm="EagleLlamaModel",

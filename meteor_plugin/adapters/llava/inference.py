@@ -124,8 +124,12 @@ def llava_baseline(model: Any, images: Any, cfg: Any, record: VisionRecord, orig
     if features.shape[1] == importance.shape[1] + 1:  # 'cls_patch' features: CLS ranks first
         importance = torch.cat([torch.ones_like(importance[:, :1]), importance], dim=1)
     keep = resolve_stage_budget("fusion_keep", cfg.fusion_keep, features.shape[1])
-    kept = baselines.select(cfg.method, [baselines.EncoderTokens(features, importance=importance)], keep, cfg.seed,
-                            cfg.drop_encoder)
+    encoders = [baselines.EncoderTokens(features, importance=importance)]
+    if proportional.placed(cfg):  # the kept tokens' places among the image's tokens, and their sizes
+        kept, where, sizes = baselines.placed(cfg.method, encoders, keep, cfg.seed, cfg.drop_encoder)
+        record.tokens.extend(ImageTokens.batch(where, sizes, features.shape[1]))
+    else:
+        kept = baselines.select(cfg.method, encoders, keep, cfg.seed, cfg.drop_encoder)
     record.stage("baseline").add(features.shape[1], kept.shape[1], None, images=features.shape[0], method=cfg.method)
     return kept
 
@@ -147,9 +151,11 @@ def encoders(model: Any) -> List[EncoderParts]:
 
 
 def support(model: Any) -> Support:
-    """One CLIP tower: Stage 1 inside it and Stage 3, every baseline but drop_encoder; no Stage 2."""
+    """One CLIP tower: Stage 1 inside it and Stage 3, every baseline but drop_encoder; no Stage 2. The baselines
+    keep their tokens' places under proportional attention on one grid per image, not on LLaVA-1.6's crops."""
+    placed = frozenset() if is_spatial(model) else frozenset(baselines.PLACED) - {"drop_encoder"}
     return Support(type(model).__name__, frozenset({"encoder", "llm"}), {"drop_encoder": ONE_ENCODER},
-                   {"fusion": "has nothing to fuse: LLaVA has one vision encoder"})
+                   {"fusion": "has nothing to fuse: LLaVA has one vision encoder"}, placed)
 
 
 TARGET = ArchTarget(

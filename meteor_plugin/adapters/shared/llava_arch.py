@@ -172,11 +172,6 @@ def wrap_encode_images(original: Any) -> Any:
         cfg = pruning_config(self)
         if cfg is None:
             return original(self, images, *args, **kwargs)
-        if cfg.proportional_attention == "on" and cfg.method != "meteor":
-            raise ValueError(
-                f"MeteorConfig.proportional_attention='on' applies to METEOR's stages, not the {cfg.method!r} "
-                "baseline (it runs as its paper does): set proportional_attention to 'auto' or 'off'"
-            )
         call = percall.current()
         record = VisionRecord()
         call.vision = record

@@ -86,7 +86,8 @@ def test_layers_after_llm_layer_run_on_fewer_tokens(language):
     full = ids.shape[1] + GROWN
     meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=16, llm_max_keep=16)
     seen = layer_lengths(model, lambda: logits(model, ids, mask, pixels))
-    assert seen[0] == [full] and seen[1] == [full]
+    # layer 1 also scores the visual tokens (llm_score_layers='up_to': the attention up to Stage 3's layer)
+    assert seen[0] == [full] and seen[1] == [full, full]
     assert seen[2] == [full, full - VISUAL + 16] and seen[3] == [full - VISUAL + 16]
     llm = meteor_plugin.stats(model).stages[0]["llm"]
     assert (llm.entered, llm.left) == (VISUAL, 16)
