@@ -94,7 +94,8 @@ def stage3_mass(model: Any, tokenizer: Any, images: torch.Tensor, config: Meteor
                 prompts: Sequence[str] = PROMPTS) -> Dict[str, float]:
     """Mean Stage 3 budget signal (``llm_budget_signal``) and mean visual tokens entering Stage 3, measured in a
     scope of its own (the user's switch and configs are left as they are)."""
-    probe = config.replace(llm=True, llm_min_keep=1.0, llm_max_keep=1.0)
+    # Every token kept, and lambda 1: the coverage count then never stops early (its limit is llm_max_keep / lambda)
+    probe = config.replace(llm=True, llm_min_keep=1.0, llm_max_keep=1.0, llm_lambda=1.0)
     masses, entering = [], []
     with enabled(probe):
         for i in counted(images.shape[0], "Stage 3 signal", "image"):

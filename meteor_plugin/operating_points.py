@@ -160,7 +160,8 @@ def sweep(asker: Asker, base: MeteorConfig, layers: Sequence[int], budgets: Sequ
     unpruned.gflops = asker.gflops(off, flops_questions)
     points = [unpruned]
     for layer in layers:
-        probe = base.replace(llm=True, llm_layer=int(layer), llm_min_keep=1.0, llm_max_keep=1.0)
+        probe = base.replace(llm=True, llm_layer=int(layer), llm_min_keep=1.0, llm_max_keep=1.0,
+                             llm_lambda=1.0)  # lambda 1 with every token kept: the coverage count never stops early
         _, signals, entering, _ = asker.answer(probe, f"layer {layer}: Stage 3 signal")
         for budget in budgets:
             low = [max(2.0, budget / 4 * n) for n in entering]

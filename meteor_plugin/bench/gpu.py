@@ -165,7 +165,12 @@ def _benches() -> Dict[str, Callable[..., Tuple[Dict[str, Any], str, str]]]:
         install()
         return eagle_prefill.run(eagle_prefill.EagleBench(**s), spec), "unpruned", "meteor"
 
-    return {"llava": llava, "llava-next": llava_next, "eagle": eagle}
+    def qwen_vl(spec, s):
+        from . import qwen_vl_prefill
+
+        return qwen_vl_prefill.run(qwen_vl_prefill.QwenBench(**s), spec), "unpruned", "meteor"
+
+    return {"llava": llava, "llava-next": llava_next, "eagle": eagle, "qwen-vl": qwen_vl}
 
 
 def _free(device: torch.device) -> None:

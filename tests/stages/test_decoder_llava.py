@@ -141,7 +141,8 @@ def test_layers_after_llm_layer_run_on_fewer_tokens(tiny_llava, language):
     assert seen[2] == [full, full - VISUAL + 16]
     assert seen[3] == [full - VISUAL + 16]
     seen.clear()
-    meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=16, llm_max_keep=16, llm_signal_layers="own")
+    meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=16, llm_max_keep=16, llm_signal_layers="own",
+                         llm_score_layers="own")
     handles = [
         layer.self_attn.k_proj.register_forward_hook(
             lambda mod, inp, out, i=i: seen.setdefault(i, []).append(inp[0].shape[1]))
@@ -349,7 +350,8 @@ def test_coverage_budget_is_the_mean_signal_up_to_stage3_and_keeps_the_covering_
 
     model = tiny_llava()
     ids, mask, images = make_batch([(3, 6), (5, 10)], [True, True], seed=17)
-    cfg = dict(STAGE3, llm_layer=2, llm_lambda=0.5, llm_min_keep=3, llm_max_keep=1.0)
+    # The selection on layer 2's attention alone first (llm_score_layers="own"), then on the mean (below)
+    cfg = dict(STAGE3, llm_layer=2, llm_lambda=0.5, llm_min_keep=3, llm_max_keep=1.0, llm_score_layers="own")
     calls, masks = {}, {}
     def grab(mod, args, kwargs):
         calls.setdefault(list(model.model.layers).index(mod), LayerCall(mod, args, kwargs))
@@ -389,7 +391,7 @@ def test_coverage_budget_is_the_mean_signal_up_to_stage3_and_keeps_the_covering_
         assert llm.left == int(budget[i]) and 3 <= llm.left < VISUAL
         assert llm.detail["kept"] == torch.nonzero(kept[i][masks["visual"][i]]).flatten().tolist()
     # llm_score_layers="up_to": the tokens that cover the mean of both layers' attention, each over the image.
-    meteor_plugin.enable(**cfg, llm_score_layers="up_to")
+    meteor_plugin.enable(**{**cfg, "llm_score_layers": "up_to"})
     forward_logits(model, ids, mask, images)
     on_image = [(s * masks["visual"]) / (s * masks["visual"]).sum(dim=1, keepdim=True) for s in scores]
     kept = coverage_keep((on_image[0] + on_image[1]) / 2, budget, masks["visual"], normed)

@@ -49,7 +49,8 @@ def test_convert_stores_the_config_copies_the_model_and_never_touches_the_source
     assert _snapshot(source) == before
     with open(os.path.join(out, "config.json")) as fh:
         stored = json.load(fh)["meteor"]
-    assert stored == MeteorConfig(encoder_keep=20, llm_max_keep=0.25).to_dict()
+    assert stored == MeteorConfig.from_file(str(config)).to_dict()  # version 5's, upgraded as it prunes
+    assert (stored["encoder_keep"], stored["llm_max_keep"], stored["llm_budget_signal"]) == (20, 0.25, "regions")
     assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
     assert not {"checkpoint-5", "trainer_state.json"} & set(os.listdir(out))
     assert save.status(out) == "complete"

@@ -110,7 +110,7 @@ def test_layers_after_llm_layer_run_on_fewer_tokens_and_every_row_separator_stay
     meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=16, llm_max_keep=16)
     seen = layer_lengths(model, lambda: run(model, ids, mask, pixels, sizes))
     width = ids.shape[1]
-    assert seen[0] == [width] and seen[1] == [width]
+    assert seen[0] == [width] and seen[1] == [width, width]  # layer 1 scores too (llm_score_layers='up_to')
     for i, sample in enumerate(meteor_plugin.stats(model).stages):
         images = int((ids[i] == HF_IMAGE_TOKEN).sum())
         anyres = sample["anyres"]

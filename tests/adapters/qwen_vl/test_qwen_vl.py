@@ -169,7 +169,7 @@ def test_layers_after_llm_layer_run_on_fewer_tokens(kind):
     meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=4, llm_max_keep=4)
     seen = layer_lengths(model, lambda: logits(model, batch))
     # left padding: both rows keep 4 of their 16 visual tokens, so the compacted width is the longest row's less 12
-    assert seen[0] == [full] and seen[1] == [full]
+    assert seen[0] == [full] and seen[1] == [full, full]  # layer 1 scores too (llm_score_layers='up_to')
     assert seen[2] == [full, full - 12] and seen[3] == [full - 12]
     stats = meteor_plugin.stats(model).stages
     assert [(s["llm"].entered, s["llm"].left) for s in stats] == [(v, 4) for v in visual]
@@ -433,8 +433,11 @@ def test_enable_patches_the_qwen_classes_this_transformers_has_and_nothing_on_ol
 @kinds
 def test_stage3_under_a_flash_attention_style_kernel_equals_each_sample_alone(kind):
     """A 2-D padding mask and no bias (FlashAttention-2's way, emulated on the CPU as in test_decoder_flash):
-    the Qwen layers keep their M-RoPE tables and text positions through compaction, proportional attention is
-    off with a warning ("auto"), keeping everything equals the unpatched model, and a batch equals each sample."""
+    the Qwen layers keep their M-RoPE tables and text positions through compaction, proportional attention runs
+    there (its sizes in the key column, no warning), keeping everything equals the unpatched model, and a batch
+    equals each sample."""
+    import warnings
+
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
@@ -447,7 +450,8 @@ def test_stage3_under_a_flash_attention_style_kernel_equals_each_sample_alone(ki
     batch = qwen_batch(model, IMAGES, TAIL, seed=6)
     reference = generate(model, batch)
     meteor_plugin.enable(**STAGE3, llm_min_keep=1.0, llm_max_keep=1.0)
-    with pytest.warns(UserWarning, match="proportional attention is off for this model"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*proportional attention is off")
         assert torch.equal(generate(model, batch), reference)
     meteor_plugin.enable(**STAGE3, llm_min_keep=4, llm_max_keep=4)
     together = generate(model, batch)
