@@ -118,8 +118,8 @@ def _curve_rows(rows: List[Dict[str, Any]], method: str) -> List[Dict[str, Any]]
 
 def equal_flops(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> List[Dict[str, Any]]:
     """Each baseline's accuracy read off its accuracy-vs-FLOPs curve (its rows at every budget; FastV's frontier
-    over its layers) at the prefill FLOPs METEOR spent at each of ``budgets`` (``read_at``): the comparison at
-    equal cost."""
+    over its layers and budgets by overall accuracy, every kind read on the runs of that frontier) at the prefill
+    FLOPs METEOR spent at each of ``budgets`` (``read_at``): the comparison at equal cost."""
     series = list(KINDS) + ["overall"]
     meteor = {r["budget"]: r for r in rows if r["method"] == "meteor"}
     out = []
@@ -132,11 +132,15 @@ def equal_flops(rows: List[Dict[str, Any]], budgets: Sequence[int]) -> List[Dict
             if not curve:
                 continue
             read, layers = {}, None
-            for key in series:
+            if any(r["method"] != method for r in curve):  # run at several layers: the runs on its overall frontier,
+                front = mt.frontier([(r["gflops"], r["accuracy"]["overall"], r["method"], i)  # every kind read there
+                                     for i, r in enumerate(curve)])
+                layers = _bracketing(front, m["gflops"])
+                for key in series:
+                    read[key] = read_at([(p[0], curve[p[3]]["accuracy"][key]) for p in front], m["gflops"])
+            for key in series if not read else ():
                 points = mt.frontier([(r["gflops"], r["accuracy"][key], r["method"]) for r in curve])
                 read[key] = read_at([p[:2] for p in points], m["gflops"])
-                if key == "overall" and any(r["method"] != method for r in curve):
-                    layers = _bracketing(points, m["gflops"])
             entry = {"budget": budget, "gflops": m["gflops"], "baseline": method,
                      "accuracy": {key: v[0] for key, v in read.items()}, "read": read["overall"][1],
                      "cheapest_gflops": min(r["gflops"] for r in curve),
@@ -342,7 +346,7 @@ def report(result: Dict[str, Any]) -> str:
     lines += ["", "'per layer': visual tokens each decoder layer ran on (mean); 'kept': after the last stage.", ""]
     if result["equal_flops"]:
         lines.append("At equal prefill FLOPs (each baseline's accuracy-vs-FLOPs curve read at METEOR's FLOPs, FastV's "
-                     "frontier over its layers; a "
+                     "frontier over its layers by overall accuracy, every kind read on the same runs; a "
                      "baseline that never runs that cheaply is read at its cheapest run, which costs more):")
         body, shown = [], set()
         for c in result["equal_flops"]:

@@ -187,6 +187,11 @@ def speed(name: str, settings: GpuBench, device: torch.device, dtype: torch.dtyp
     if name not in shapes.SHAPES:
         return {"shape": name, "skipped": "this version of meteor-plugin has no such shape (bench/shapes.py)"}
     bench, spec = shapes.shape(name)
+    if bench == "qwen-vl":
+        from .qwen_vl_prefill import unavailable
+
+        if unavailable() is not None:
+            return {"shape": name, "skipped": unavailable()}
     if settings.scale is not None:
         spec = shapes.scaled(spec, *settings.scale)
     try:
@@ -208,8 +213,22 @@ def speed(name: str, settings: GpuBench, device: torch.device, dtype: torch.dtyp
             "machine": result["machine"]}
 
 
+def unsupported_stack() -> Optional[str]:
+    """Why this stack cannot run the GPU check (None where it can): the key column it checks runs on transformers 5."""
+    import transformers
+
+    from ..compat.transformers import generation
+
+    if generation() != "5":
+        return (f"bench gpu checks proportional attention's key column, which runs on transformers 5.x (this is "
+                f"{transformers.__version__}): install the current stack, .ci/stacks/current.txt")
+    return None
+
+
 def run(settings: GpuBench = GpuBench(), log: Callable[..., None] = lambda *a: None) -> Dict[str, Any]:
     device = require_gpu(settings.device) if settings.scale is None else torch.device(settings.device)
+    if unsupported_stack() is not None:
+        raise ValueError(unsupported_stack())
     dtype = getattr(torch, settings.dtype)
     out: Dict[str, Any] = {"benchmark": "gpu", "settings": dataclasses.asdict(settings), "shapes": []}
     if settings.exactness:

@@ -47,8 +47,24 @@ QUICK = TinyQwenSpec(kind="qwen2_5_vl", patch_size=14, vision_hidden=32, vision_
 QUICK_GRID = (16, 24)
 
 
+def unavailable() -> Optional[str]:
+    """Why this stack cannot run the bench (None where it can): the class it builds is pruned on transformers 5.x."""
+    import transformers
+
+    from meteor_plugin.compat.transformers import generation
+
+    if generation() != "5":
+        return f"the Qwen-VL classes are pruned on transformers 5.x only, and this is {transformers.__version__}"
+    if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
+        return f"transformers {transformers.__version__} has no Qwen2_5_VLForConditionalGeneration"
+    return None
+
+
 def run(bench: Optional[QwenBench] = None, spec: TinyQwenSpec = QWEN25_SCALED) -> Dict[str, Any]:
     bench = bench or QwenBench()
+    why = unavailable()
+    if why is not None:
+        raise ValueError(f"bench qwen-vl: {why}")
     device = torch.device(bench.device)
     dtype = getattr(torch, bench.dtype)
     model = build_tiny_qwen_vl(spec).to(device=device, dtype=dtype)

@@ -23,6 +23,8 @@ def test_every_full_size_builder_runs_scaled_down_with_the_real_token_geometry(n
     small = shapes.scaled(spec, width=32, depth=8)
     assert small.llm_hidden == 128 and small.llm_layers == 4  # one head of 128 channels (Vicuna's and Qwen's)
     if which == "qwen-vl":
+        if qwen_vl_prefill.unavailable() is not None:
+            pytest.skip(qwen_vl_prefill.unavailable())
         result = qwen_vl_prefill.run(qwen_vl_prefill.QwenBench(repeats=1, warmup=0), small)
         got = (result["variants"]["unpruned"]["visual_tokens"], result["variants"]["meteor"]["visual_tokens"])
         assert result["variants"]["meteor"]["encoder_tokens"] == 192  # half of them kept inside the tower

@@ -52,6 +52,10 @@ def test_small_bench_reports_every_method_with_its_budget_and_cost(tmp_path, cap
             curve = [p[:2] for p in methods.frontier(runs)]
             assert c["accuracy"]["overall"] == fidelity.read_at(curve, m["gflops"])[0]
             assert c["read"] != "cheapest" or c["frontier_runs"] == [methods.frontier(runs)[0][2]]
+            by_name = {(r["method"], r["gflops"]): r for r in result["rows"] if r["method"].startswith("fastv:")}
+            for kind in ("background", "count"):  # every kind read on the same runs as the overall accuracy
+                points = [(x, by_name[(name, x)]["accuracy"][kind]) for x, _, name in methods.frontier(runs)]
+                assert c["accuracy"][kind] == fidelity.read_at(points, m["gflops"])[0]
             continue
         curve = sorted((rows[(c["baseline"], k)]["gflops"], rows[(c["baseline"], k)]["accuracy"]["overall"])
                        for k in (52, 26))
