@@ -108,7 +108,7 @@ def exactness(device: torch.device, dtype: torch.dtype, scale: Optional[Tuple[in
     low = str(dtype).replace("torch.", "")
     precisions = [("float32", torch.float32)] + ([(low, dtype)] if dtype != torch.float32 else [])
     rows: List[Dict[str, Any]] = []
-    meteor_plugin.enable(config)
+    attachment = meteor_plugin.attach(model, config)  # this model prunes; the user's switch is left alone
     try:
         for name, precision in precisions:
             model.to(precision)
@@ -126,7 +126,7 @@ def exactness(device: torch.device, dtype: torch.dtype, scale: Optional[Tuple[in
                 rows.append(row)
     finally:
         model.config._attn_implementation = "sdpa"
-        meteor_plugin.disable()
+        attachment.detach()
     model.to("cpu")
     _free(device)
     return {"flash_attention_2": flash, "head_dim": spec.llm_hidden // spec.llm_heads, "llm_layers": spec.llm_layers,
