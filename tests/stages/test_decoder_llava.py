@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import meteor_plugin
+from meteor_plugin.testing.llm import input_lengths
 from meteor_plugin.testing.llava import IMAGE_TOKEN_INDEX, make_batch
 
 VISUAL = 64  # tokens per image of the default tiny LLaVA
@@ -124,35 +125,16 @@ def test_layers_after_llm_layer_run_on_fewer_tokens(tiny_llava, language):
     ids, mask, images = make_batch([(3, 7)], [True])
     full = ids.shape[1] - 1 + VISUAL
     meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=16, llm_max_keep=16)
-    seen = {}
-    handles = [
-        layer.self_attn.k_proj.register_forward_hook(
-            lambda mod, inp, out, i=i: seen.setdefault(i, []).append(inp[0].shape[1]))
-        for i, layer in enumerate(model.model.layers)
-    ]
-    try:
-        forward_logits(model, ids, mask, images)
-    finally:
-        for h in handles:
-            h.remove()
+    keys = [layer.self_attn.k_proj for layer in model.model.layers]
+    seen = input_lengths(keys, lambda: forward_logits(model, ids, mask, images))
     # Layer 2's own k_proj is called twice: once by the scorer on the full input, once on the compacted one.
     # Layer 1's too (llm_signal_layers="up_to": its budget signal joins the mean); layer 0 never scores.
     assert seen[0] == [full] and seen[1] == [full, full]
     assert seen[2] == [full, full - VISUAL + 16]
     assert seen[3] == [full - VISUAL + 16]
-    seen.clear()
     meteor_plugin.enable(**STAGE3, llm_layer=2, llm_min_keep=16, llm_max_keep=16, llm_signal_layers="own",
                          llm_score_layers="own")
-    handles = [
-        layer.self_attn.k_proj.register_forward_hook(
-            lambda mod, inp, out, i=i: seen.setdefault(i, []).append(inp[0].shape[1]))
-        for i, layer in enumerate(model.model.layers)
-    ]
-    try:
-        forward_logits(model, ids, mask, images)
-    finally:
-        for h in handles:
-            h.remove()
+    seen = input_lengths(keys, lambda: forward_logits(model, ids, mask, images))
     assert seen[1] == [full] and seen[2] == [full, full - VISUAL + 16]  # the signal of Stage 3's layer alone
 
 
